@@ -1,0 +1,71 @@
+"""`triptych generate`: one chat request to a processor, printed as text or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+
+from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.errors import error_info
+from services.common.server import channel_options
+
+_FINISH_NAMES = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def build_messages(prompt: str, images: list[bytes]) -> list[processor_pb2.ChatMessage]:
+    """One user message: the images first (as HF chat templates order them), then the prompt."""
+    parts = [processor_pb2.ContentPart(image=processor_pb2.Media(data=data)) for data in images]
+    parts.append(processor_pb2.ContentPart(text=prompt))
+    return [processor_pb2.ChatMessage(role="user", content=parts)]
+
+
+def completion_json(completion: processor_pb2.Completion) -> dict:
+    return {
+        "text": completion.text,
+        "token_ids": list(completion.token_ids),
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "finish_reason": _FINISH_NAMES.get(completion.finish_reason, "unspecified"),
+    }
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        images = [path.read_bytes() for path in args.image]
+    except OSError as err:
+        print(f"error: cannot read image: {err}", file=sys.stderr)
+        return 2
+    sampling = generation_pb2.SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        stop=args.stop, **({"seed": args.seed} if args.seed is not None else {}))
+    messages = build_messages(args.prompt, images)
+    with grpc.insecure_channel(args.server, options=channel_options()) as channel:
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+        try:
+            if args.stream:
+                completion = None
+                request = processor_pb2.StreamGenerateRequest(messages=messages, sampling=sampling)
+                for event in stub.StreamGenerate(request, timeout=args.timeout_s):
+                    if event.HasField("completion"):
+                        completion = event.completion
+                    elif not args.json:
+                        print(event.text_delta, end="", flush=True)
+                if not args.json:
+                    print()
+            else:
+                request = processor_pb2.GenerateRequest(messages=messages, sampling=sampling)
+                completion = stub.Generate(request, timeout=args.timeout_s).completion
+                if not args.json:
+                    print(completion.text)
+        except grpc.RpcError as err:
+            info = error_info(err)
+            reason = f" [{info.reason}]" if info else ""
+            print(f"error: {err.code().name}{reason}: {err.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(completion_json(completion)))
+    return 0

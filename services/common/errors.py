@@ -1,0 +1,114 @@
+"""Domain exceptions and the one place they become gRPC statuses.
+
+Service code raises `InvalidArgument(...)` etc.; `ErrorInterceptor` (server.py)
+turns them into a status with a `google.rpc.ErrorInfo` detail. Calls to other
+services go through `from_rpc_error`, so a downstream failure reaches the
+caller with the right code and the name of the service that failed.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class TriptychError(Exception):
+    """A failure with a gRPC status code, a stable reason and a message a user can act on."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, reason: str, domain: str = "triptych", metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason  # stable UPPER_SNAKE constant, e.g. "IMAGE_DECODE_FAILED"
+        self.domain = domain
+        self.metadata = metadata or {}
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(TriptychError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(TriptychError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(TriptychError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(TriptychError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(TriptychError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(TriptychError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(TriptychError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(TriptychError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TriptychError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, PermissionDenied, FailedPrecondition, ResourceExhausted,
+                Unavailable, DeadlineExceeded, Internal)
+}
+
+
+def error_info(call: grpc.aio.AioRpcError | grpc.Call) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, if it has one (clients and tests use this)."""
+    status = rpc_status.from_call(call)
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError, service: str, address: str) -> TriptychError:
+    """Converts a failed call to another Triptych service into a domain error for our caller.
+
+    A down service is UNAVAILABLE, a slow one DEADLINE_EXCEEDED; a rejection keeps its code
+    and reason, so a bad embedding is still INVALID_ARGUMENT when it reaches the client.
+    """
+    code = err.code()
+    info = error_info(err)
+    cls = _BY_CODE.get(code, Internal)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        cls = Unavailable
+        message = f"{service} at {address} is unavailable: {err.details()}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = f"deadline exceeded waiting for {service} at {address}"
+    else:
+        message = f"{service}: {err.details()}"
+    return cls(
+        message,
+        reason=info.reason if info else f"{service.upper()}_{code.name}",
+        domain=info.domain if info else f"triptych.{service}",
+        metadata=dict(info.metadata) if info else {},
+    )
+
+
+__all__ = [
+    "TriptychError", "InvalidArgument", "NotFound", "PermissionDenied", "FailedPrecondition",
+    "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal", "error_info",
+    "from_rpc_error",
+]

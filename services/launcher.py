@@ -1,0 +1,108 @@
+"""`triptych up`: encoder, LLM and processor as child processes on loopback.
+
+Each child listens on the port it is given (0 = free port) and prints
+"NAME listening on HOST:PORT"; we read that line, pass the addresses on, wait
+for health SERVING on all three, then print the processor's line. SIGINT or
+SIGTERM stops all three (each finishes its in-flight requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, env=os.environ.copy())
+        self.address: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        """Forwards the child's output to our stderr; notes its listening address."""
+        for line in self.proc.stdout:
+            match = _LISTENING.match(line.strip())
+            if match and match.group(1) == self.name:
+                self.address = match.group(2)
+                self._ready.set()
+            sys.stderr.write(f"[{self.name}] {line}")
+        self._ready.set()  # exited
+
+    def wait_address(self, timeout_s: float) -> str:
+        if not self._ready.wait(timeout_s) or self.address is None:
+            raise RuntimeError(f"{self.name} did not start (exit code {self.proc.poll()}); see its output above")
+        return self.address
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
+def _wait_serving(address: str, timeout_s: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address} is not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    common = ["--model", str(args.model), "--host", args.host, "--dtype", args.dtype,
+              "--max-message-mib", str(args.max_message_mib), "--grace-s", str(args.grace_s)]
+    children: list[Child] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        encoder = Child("encoder", ["serve", "encoder", *common, "--port", "0", "--device", args.device])
+        llm = Child("llm", ["serve", "llm", *common, "--port", "0", "--device", args.device])
+        children += [encoder, llm]
+        encoder_addr, llm_addr = encoder.wait_address(600), llm.wait_address(600)
+        media_dirs = [x for d in args.allowed_media_dir for x in ("--allowed-media-dir", str(d))]
+        processor = Child("processor", ["serve", "processor", *common, "--port", str(args.port),
+                                        "--encoder", encoder_addr, "--llm", llm_addr, *media_dirs])
+        children.append(processor)
+        processor_addr = processor.wait_address(600)
+        for child in children:
+            _wait_serving(child.address, 60)
+        print(f"processor listening on {processor_addr}", flush=True)
+        while not stop.is_set():
+            if any(c.proc.poll() is not None for c in children):
+                dead = [c.name for c in children if c.proc.poll() is not None]
+                print(f"error: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+        return 0
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for child in children:
+            child.stop()
+        for child in children:
+            try:
+                child.proc.wait(timeout=args.grace_s + 10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()

@@ -1,0 +1,227 @@
+"""The LLM engine: one thread owns torch and steps every running request in turn.
+
+The asyncio side submits a request and iterates its events; a request whose
+consumer goes away (cancelled RPC, deadline) is aborted and its cache freed at
+the next step. Requests are prefilled as they arrive and then decoded one
+token per step round-robin, so a long generation does not hold up a short one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from services.common.errors import Internal, ResourceExhausted, TriptychError
+from services.models.base import ModelFamily, PlacedEmbeddings, PrefillInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Validated sampling settings of one request."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request."""
+
+    finish_reason: str  # "stop" | "length"
+    num_generated: int
+
+
+@dataclass
+class _Sequence:
+    request_id: int
+    token_ids: torch.Tensor  # [L] prompt
+    placed: list[PlacedEmbeddings]
+    sampling: SamplingSpec
+    emit: Callable[[object], None]  # thread-safe push of an event to the request's queue
+    generated: list[int] = field(default_factory=list)
+    prefill: PrefillInputs | None = None
+    cache: DynamicCache | None = None
+    generator: torch.Generator | None = None
+    aborted: bool = False
+
+
+class Engine:
+    def __init__(self, family: ModelFamily, model: PreTrainedModel, max_running: int, max_waiting: int):
+        self.family = family
+        self.model = model
+        self.language_model = family.language_model(model)
+        self.lm_head = family.lm_head(model)
+        self.embed_tokens = model.get_input_embeddings()
+        self.text_config = family.text_config
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._waiting: queue.Queue[_Sequence] = queue.Queue()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side -------------------------------------------------------------------
+    async def generate(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings],
+                       sampling: SamplingSpec) -> AsyncIterator[int | Finished]:
+        """Yields generated token ids one by one, then a Finished event."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if len(self._by_id) >= self.max_running + self.max_waiting:
+                raise ResourceExhausted(
+                    f"the LLM has {len(self._by_id)} requests in flight (limit "
+                    f"{self.max_running + self.max_waiting}); retry later",
+                    reason="LLM_QUEUE_FULL")
+            seq = _Sequence(next(self._ids), token_ids, placed, sampling,
+                            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            self._by_id[seq.request_id] = seq
+        self._waiting.put(seq)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            seq.aborted = True  # no-op once finished; frees the cache at the next step otherwise
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._waiting.put(None)  # type: ignore[arg-type]  # wakes the thread
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._by_id)
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopped:
+            self._admit()
+            for seq in list(self._running):
+                self._step(seq)
+
+    def _admit(self) -> None:
+        """Moves waiting requests to running (blocking when idle) and prefills them."""
+        while len(self._running) < self.max_running:
+            try:
+                seq = self._waiting.get(block=not self._running)
+            except queue.Empty:
+                return
+            if seq is None:
+                return
+            if seq.aborted:
+                self._release(seq)
+                continue
+            self._running.append(seq)
+            self._step(seq)
+
+    def _step(self, seq: _Sequence) -> None:
+        if seq.aborted:
+            self._release(seq)
+            return
+        try:
+            logits = self._prefill(seq) if seq.prefill is None else self._decode(seq)
+            token = self._sample(seq, logits)
+        except TriptychError as err:
+            seq.emit(err)
+            self._release(seq)
+            return
+        except Exception as err:  # noqa: BLE001 — a failed request must not stop the engine
+            log.exception("request %d failed", seq.request_id)
+            seq.emit(Internal(f"LLM engine failed: {type(err).__name__}: {err}", reason="ENGINE_ERROR"))
+            self._release(seq)
+            return
+        seq.generated.append(token)
+        seq.emit(token)
+        if token in seq.sampling.stop_token_ids:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= seq.sampling.max_new_tokens:
+            self._finish(seq, "length")
+
+    def _prefill(self, seq: _Sequence) -> torch.Tensor:
+        device = self.model.device
+        seq.prefill = self.family.prefill_inputs(self.model, seq.token_ids.to(device), seq.placed)
+        seq.cache = DynamicCache(config=self.text_config)
+        if seq.sampling.seed is not None:
+            seq.generator = torch.Generator(device=device).manual_seed(seq.sampling.seed)
+        length = seq.token_ids.shape[0]
+        out = self.language_model(
+            inputs_embeds=seq.prefill.inputs_embeds,
+            position_ids=seq.prefill.position_ids,
+            attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+            past_key_values=seq.cache,
+            use_cache=True,
+            **seq.prefill.layer_kwargs,
+        )
+        seq.placed = []  # the embeddings now live in the cache
+        return self.lm_head(out.last_hidden_state[:, -1])  # [1, vocab]
+
+    def _decode(self, seq: _Sequence) -> torch.Tensor:
+        device = self.model.device
+        cache_length = seq.cache.get_seq_length()
+        last = torch.tensor([[seq.generated[-1]]], device=device)
+        out = self.language_model(
+            inputs_embeds=self.embed_tokens(last),
+            position_ids=self.family.decode_position_ids(seq.prefill, cache_length),
+            attention_mask=torch.ones(1, cache_length + 1, dtype=torch.long, device=device),
+            past_key_values=seq.cache,
+            use_cache=True,
+        )
+        return self.lm_head(out.last_hidden_state[:, -1])
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        s = seq.sampling
+        scores = logits[0].float()
+        if s.repetition_penalty != 1.0:  # as transformers' RepetitionPenaltyLogitsProcessor
+            seen = torch.cat([seq.token_ids.to(scores.device), torch.tensor(seq.generated, dtype=torch.long,
+                                                                           device=scores.device)])
+            prior = scores.gather(0, seen)
+            prior = torch.where(prior < 0, prior * s.repetition_penalty, prior / s.repetition_penalty)
+            scores = scores.scatter(0, seen, prior)
+        if s.temperature == 0.0:
+            return int(scores.argmax())
+        scores = scores / s.temperature
+        if s.top_k > 0:
+            kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if 0.0 < s.top_p < 1.0:
+            sorted_scores, order = scores.sort(descending=True)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_scores.softmax(-1) >= s.top_p  # keep the token that crosses top_p
+            scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.emit(Finished(reason, len(seq.generated)))
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.cache = None
+        seq.prefill = None
+        if seq in self._running:
+            self._running.remove(seq)
+        with self._lock:
+            self._by_id.pop(seq.request_id, None)

@@ -1,0 +1,169 @@
+"""LlmService: token ids + placeholder ranges + embeddings in, generated token ids out."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.config import LlmConfig
+from services.common.errors import InvalidArgument
+from services.common.tensors import DataType, from_named, from_proto
+from services.llm.engine import Engine, Finished, SamplingSpec
+from services.models.base import ItemEmbeddings, PlacedEmbeddings
+from services.models.checkpoint import Checkpoint, modality_from_proto
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH}
+
+
+def _eos_token_ids(checkpoint: Checkpoint) -> frozenset[int]:
+    """End-of-sequence ids as transformers' generate() uses them: generation_config first."""
+    try:
+        eos = GenerationConfig.from_pretrained(checkpoint.path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = checkpoint.family.text_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _default_repetition_penalty(checkpoint: Checkpoint) -> float:
+    try:
+        return float(GenerationConfig.from_pretrained(checkpoint.path).repetition_penalty or 1.0)
+    except OSError:
+        return 1.0
+
+
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    def __init__(self, checkpoint: Checkpoint, cfg: LlmConfig):
+        self.checkpoint = checkpoint
+        self.family = checkpoint.family
+        self.cfg = cfg
+        model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
+        self.family.strip_for_llm(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_token_ids = _eos_token_ids(checkpoint)
+        self.default_repetition_penalty = _default_repetition_penalty(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        self.placeholder_ids = {m: self.family.placeholder_token_id(tokenizer, m) for m in self.family.modalities}
+        self.engine = Engine(self.family, model, cfg.max_running_requests, cfg.max_waiting_requests)
+
+    # ---- RPCs ---------------------------------------------------------------------------
+    async def Generate(self, request: llm_pb2.GenerateRequest, context) -> llm_pb2.GenerateResponse:
+        token_ids: list[int] = []
+        async for event in self._generate(request):
+            if isinstance(event, Finished):
+                return llm_pb2.GenerateResponse(token_ids=token_ids, finish_reason=_FINISH[event.finish_reason],
+                                                prompt_tokens=len(request.prompt.token_ids))
+            token_ids.append(event)
+        raise AssertionError("engine ended without a Finished event")
+
+    async def StreamGenerate(self, request: llm_pb2.StreamGenerateRequest, context) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
+        async for event in self._generate(request):
+            if isinstance(event, Finished):
+                yield llm_pb2.StreamGenerateResponse(finish_reason=_FINISH[event.finish_reason],
+                                                     prompt_tokens=len(request.prompt.token_ids))
+            else:
+                yield llm_pb2.StreamGenerateResponse(token_ids=[event])
+
+    async def GetModelInfo(self, request, context) -> llm_pb2.GetModelInfoResponse:
+        return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+
+    # ---- parsing ------------------------------------------------------------------------
+    def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest):
+        self.checkpoint.check_fingerprint(request.model_fingerprint)
+        token_ids = self._parse_token_ids(request.prompt.token_ids)
+        placed = self._parse_multimodal(request.prompt, token_ids)
+        sampling = self._parse_sampling(request.sampling, len(token_ids))
+        return self.engine.generate(token_ids, placed, sampling)
+
+    def _parse_token_ids(self, ids) -> torch.Tensor:
+        if not ids:
+            raise InvalidArgument("prompt.token_ids is empty", reason="PROMPT_EMPTY")
+        token_ids = torch.tensor(list(ids), dtype=torch.long)
+        bad = (token_ids < 0) | (token_ids >= self.vocab_size)
+        if bad.any():
+            raise InvalidArgument(
+                f"token id {int(token_ids[bad][0])} at position {int(bad.nonzero()[0])} is outside the "
+                f"vocabulary [0, {self.vocab_size})", reason="TOKEN_ID_OUT_OF_RANGE")
+        max_ctx = self.family.max_context_tokens
+        if len(token_ids) >= max_ctx:
+            raise InvalidArgument(
+                f"the prompt has {len(token_ids)} tokens; the model's context is {max_ctx} tokens, "
+                "which must leave room for at least one generated token",
+                reason="PROMPT_TOO_LONG", metadata={"promptTokens": str(len(token_ids)), "maxContextTokens": str(max_ctx)})
+        return token_ids
+
+    def _parse_multimodal(self, prompt: llm_pb2.Prompt, token_ids: torch.Tensor) -> list[PlacedEmbeddings]:
+        """Checks every embedding against its range, the model's dtype and hidden size; no silent casts."""
+        placed: list[PlacedEmbeddings] = []
+        covered = torch.zeros_like(token_ids, dtype=torch.bool)
+        hidden, dtype = self.family.hidden_size, self.checkpoint.dtype
+        for index, mm in enumerate(prompt.multimodal_inputs):
+            where = f"multimodal_inputs[{index}]"
+            modality = modality_from_proto(mm.placeholder.modality)
+            if modality not in self.family.modalities:
+                raise InvalidArgument(f"{where}: this model does not take {modality}", reason="MODALITY_UNSUPPORTED")
+            offset, length = mm.placeholder.offset, mm.placeholder.length
+            if length <= 0 or offset < 0 or offset + length > len(token_ids):
+                raise InvalidArgument(f"{where}: range [{offset}, {offset + length}) is outside the "
+                                      f"{len(token_ids)}-token prompt", reason="PLACEHOLDER_RANGE_INVALID")
+            span = slice(offset, offset + length)
+            if covered[span].any():
+                raise InvalidArgument(f"{where}: range [{offset}, {offset + length}) overlaps another",
+                                      reason="PLACEHOLDER_RANGE_INVALID")
+            if not (token_ids[span] == self.placeholder_ids[modality]).all():
+                raise InvalidArgument(f"{where}: range [{offset}, {offset + length}) is not all "
+                                      f"{self.family.placeholder_token(modality)} tokens",
+                                      reason="PLACEHOLDER_RANGE_INVALID")
+            covered[span] = True
+            tensors = [from_proto(mm.embeddings, f"{where}.embeddings")]
+            tensors += [from_proto(t, f"{where}.deepstack_embeddings[{i}]") for i, t in enumerate(mm.deepstack_embeddings)]
+            for t in tensors:
+                if tuple(t.shape) != (length, hidden):
+                    raise InvalidArgument(f"{where}: embeddings of shape {list(t.shape)}, expected [{length}, {hidden}] "
+                                          "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
+                if t.dtype != dtype:
+                    raise InvalidArgument(f"{where}: embeddings are {DataType.Name(mm.embeddings.dtype)}, the model "
+                                          f"runs in {dtype}; send them in the model's dtype",
+                                          reason="EMBEDDING_DTYPE_MISMATCH")
+            placed.append(PlacedEmbeddings(
+                modality=modality, offset=offset, length=length,
+                embeddings=ItemEmbeddings(tensors[0], tuple(tensors[1:])),
+                position_inputs=from_named(mm.position_inputs),
+            ))
+        for modality, token_id in self.placeholder_ids.items():
+            uncovered = int(((token_ids == token_id) & ~covered).sum())
+            if uncovered:
+                raise InvalidArgument(f"{uncovered} {self.family.placeholder_token(modality)} tokens have no embeddings",
+                                      reason="PLACEHOLDER_COUNT_MISMATCH")
+        placed.sort(key=lambda p: p.offset)
+        return placed
+
+    def _parse_sampling(self, s: generation_pb2.SamplingParams, prompt_tokens: int) -> SamplingSpec:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise InvalidArgument(f"sampling.{what}", reason="SAMPLING_PARAM_INVALID")
+
+        check(s.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+        check(math.isfinite(s.temperature) and 0 <= s.temperature <= 100, f"temperature must be in [0, 100], got {s.temperature}")
+        check(math.isfinite(s.top_p) and 0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}")
+        check(s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}")
+        penalty = s.repetition_penalty if s.HasField("repetition_penalty") else self.default_repetition_penalty
+        check(math.isfinite(penalty) and 0.01 <= penalty <= 10, f"repetition_penalty must be in [0.01, 10], got {penalty}")
+        check(all(0 <= t < self.vocab_size for t in s.stop_token_ids), "stop_token_ids must be vocabulary ids")
+        room = self.family.max_context_tokens - prompt_tokens
+        max_new = min(s.max_new_tokens or self.cfg.default_max_new_tokens, room)
+        stop_ids = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)
+        return SamplingSpec(
+            max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None, repetition_penalty=penalty, stop_token_ids=stop_ids,
+        )

@@ -1,0 +1,181 @@
+"""The model-family interface: what each service needs to know about a family.
+
+processor: render the chat, run the HF processor, cut its output into media items
+           (placeholder range, what the encoder needs, what positions need).
+encoder:   run the tower on a list of items, one embedding set per item.
+llm:       merge embeddings at their placeholder ranges, positions (mRoPE), and the
+           per-layer inputs of the language model.
+
+Shared code asks a family; it never tests which family it has (STYLE.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import (AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, ProcessorMixin)
+
+from services.common.errors import InvalidArgument
+
+IMAGE, VIDEO, AUDIO = "image", "video", "audio"
+
+
+@dataclass(frozen=True)
+class ProcessedItem:
+    """One media item after the HF processor, ready for the encoder and the LLM."""
+
+    modality: str
+    offset: int  # first placeholder token in the prompt
+    length: int  # number of placeholder tokens == embedding rows
+    encoder_inputs: dict[str, torch.Tensor]  # this item's slice of the processor output
+    position_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. image_grid_thw [1, 3]
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A rendered chat after the HF processor: expanded token ids and media items in prompt order."""
+
+    token_ids: list[int]
+    items: list[ProcessedItem]
+
+
+@dataclass(frozen=True)
+class ItemEmbeddings:
+    """What the encoder returns for one item."""
+
+    embeddings: torch.Tensor  # [num_tokens, hidden_size]
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one [num_tokens, hidden_size] per layer
+
+
+@dataclass(frozen=True)
+class PlacedEmbeddings:
+    """One item's embeddings with where they go, as the LLM service receives them."""
+
+    modality: str
+    offset: int
+    length: int
+    embeddings: ItemEmbeddings
+    position_inputs: dict[str, torch.Tensor]
+
+
+@dataclass
+class PrefillInputs:
+    """Everything the language model's first forward needs, plus what decode steps reuse."""
+
+    inputs_embeds: torch.Tensor  # [1, L, hidden_size]
+    position_ids: torch.Tensor | None  # None: positions 0..L-1; mRoPE: [3, 1, L]
+    rope_delta: int = 0  # decode position = cache length + rope_delta
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # extra language-model kwargs at prefill
+
+
+class ModelFamily(ABC):
+    """A model family: subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]
+    modalities: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: PretrainedConfig):
+        self.config = config
+
+    # ---- loading -----------------------------------------------------------------------
+    def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        return model.to(device).eval()
+
+    def load_processor(self, path: Path) -> ProcessorMixin:
+        return AutoProcessor.from_pretrained(path)
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.config.get_text_config()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.text_config.max_position_embeddings
+
+    # ---- processor ---------------------------------------------------------------------
+    @abstractmethod
+    def placeholder_token(self, modality: str) -> str:
+        """The token that the processor repeats once per embedding row of an item."""
+
+    def render_chat(self, processor: ProcessorMixin, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for HF-style chat messages, with the model's own chat template."""
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @abstractmethod
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
+        """Runs the HF processor and cuts its output into per-item inputs."""
+
+    # ---- encoder -----------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        """Runs the tower for a batch of items of one modality; one result per item."""
+
+    def strip_for_encoder(self, model: PreTrainedModel) -> None:
+        """Drops the language model so an encoder holds only the towers."""
+        model.model.language_model = None
+        model.lm_head = None
+
+    # ---- llm ---------------------------------------------------------------------------
+    def strip_for_llm(self, model: PreTrainedModel) -> None:
+        """Drops the towers so the LLM service holds only the language model."""
+        model.model.visual = None
+
+    def language_model(self, model: PreTrainedModel) -> torch.nn.Module:
+        return model.model.language_model
+
+    def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
+        return model.lm_head
+
+    def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
+        """Token embeddings with each item's embeddings written over its placeholder range."""
+        embeds = model.get_input_embeddings()(token_ids[None])  # [1, L, H]
+        for item in placed:
+            rows = item.embeddings.embeddings.to(embeds.device, embeds.dtype)
+            embeds[0, item.offset : item.offset + item.length] = rows
+        return PrefillInputs(inputs_embeds=embeds, position_ids=None)
+
+    def decode_position_ids(self, prefill: PrefillInputs, cache_length: int) -> torch.Tensor | None:
+        """Position ids of the next decoded token; None means the model's default (cache length)."""
+        if prefill.position_ids is None:
+            return None
+        position = torch.tensor([[cache_length + prefill.rope_delta]], device=prefill.inputs_embeds.device)
+        return position.expand(prefill.position_ids.shape[0], 1, 1)
+
+    # ---- shared checks -----------------------------------------------------------------
+    def placeholder_token_id(self, tokenizer: PreTrainedTokenizerBase, modality: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(self.placeholder_token(modality))
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.placeholder_token(modality)} token")
+        return token_id
+
+    @staticmethod
+    def placeholder_runs(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
+        """(offset, length) of each maximal run of `token_id` in the prompt."""
+        runs: list[tuple[int, int]] = []
+        start = None
+        for i, tok in enumerate([*token_ids, None]):
+            if tok == token_id and start is None:
+                start = i
+            elif tok != token_id and start is not None:
+                runs.append((start, i - start))
+                start = None
+        return runs
+
+    @staticmethod
+    def check_counts(what: str, expected: list[int], got: list[int]) -> None:
+        if expected != got:
+            raise InvalidArgument(
+                f"{what}: the processor made placeholder runs of {got} tokens, the items need {expected}",
+                reason="PLACEHOLDER_COUNT_MISMATCH",
+            )

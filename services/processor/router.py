@@ -1,0 +1,89 @@
+"""Clients of the encoder and LLM services: connection, fingerprint check, errors, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
+from services.common.server import channel_options
+
+log = logging.getLogger(__name__)
+
+
+class Downstream:
+    """One channel to an encoder or LLM service, checked to serve our model."""
+
+    def __init__(self, service: str, address: str, stub_class, fingerprint: str):
+        self.service = service
+        self.address = address
+        self.fingerprint = fingerprint
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.stub = stub_class(self.channel)
+
+    async def connect(self, timeout_s: float) -> None:
+        """Waits until the service answers, then checks that it serves the same model."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                reply = await self.stub.GetModelInfo(self._info_request(), timeout=max(0.1, deadline - loop.time()),
+                                                     wait_for_ready=True)
+                break
+            except grpc.aio.AioRpcError as err:
+                if loop.time() >= deadline:
+                    raise Unavailable(f"{self.service} at {self.address} did not answer within {timeout_s:.0f} s: "
+                                      f"{err.details()}", reason=f"{self.service.upper()}_UNAVAILABLE") from err
+                await asyncio.sleep(0.2)
+        served = reply.model_info.fingerprint
+        if served != self.fingerprint:
+            raise FailedPrecondition(
+                f"{self.service} at {self.address} serves model {served} ({reply.model_info.model_path}), "
+                f"the processor serves {self.fingerprint}; start all services with the same --model",
+                reason="MODEL_FINGERPRINT_MISMATCH")
+        log.info("%s at %s serves model %s", self.service, self.address, served)
+
+    def _info_request(self):
+        return (encoder_pb2.GetModelInfoRequest() if self.service == "encoder" else llm_pb2.GetModelInfoRequest())
+
+    def translate(self, err: grpc.aio.AioRpcError):
+        return from_rpc_error(err, self.service, self.address)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class EncoderClient(Downstream):
+    def __init__(self, address: str, fingerprint: str):
+        super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint)
+
+    async def encode(self, request: encoder_pb2.EncodeRequest, timeout_s: float) -> encoder_pb2.EncodeResponse:
+        if timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before encoding", reason="DEADLINE_EXCEEDED")
+        try:
+            return await self.stub.Encode(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise self.translate(err) from err
+
+
+class LlmClient(Downstream):
+    def __init__(self, address: str, fingerprint: str):
+        super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint)
+
+    async def stream_generate(self, request: llm_pb2.StreamGenerateRequest,
+                              timeout_s: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
+        if timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before generation", reason="DEADLINE_EXCEEDED")
+        call = self.stub.StreamGenerate(request, timeout=timeout_s)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as err:
+            raise self.translate(err) from err
+        finally:
+            call.cancel()  # a stop string or a gone client ends the LLM's work too

@@ -1,0 +1,216 @@
+"""ProcessorService: chat messages with media in, text out, via the encoder and the LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
+from services.common.api.triptych.encoder.v1 import encoder_pb2
+from services.common.api.triptych.llm.v1 import llm_pb2
+from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.config import ProcessorConfig
+from services.common.errors import Internal, InvalidArgument
+from services.common.tensors import to_named
+from services.models.base import IMAGE, ProcessedPrompt
+from services.models.checkpoint import Checkpoint, modality_to_proto
+from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
+from services.processor.router import EncoderClient, LlmClient
+from services.processor.text import TextStream
+
+log = logging.getLogger(__name__)
+
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request after media decoding and the HF processor: what goes to the encoder and the LLM."""
+
+    prompt_text: str
+    processed: ProcessedPrompt
+    mm_hashes: list[str]
+
+
+class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
+    def __init__(self, checkpoint: Checkpoint, cfg: ProcessorConfig):
+        self.checkpoint = checkpoint
+        self.family = checkpoint.family
+        self.cfg = cfg
+        self.hf_processor = self.family.load_processor(checkpoint.path)
+        self.tokenizer = self.hf_processor.tokenizer
+        self.limits = MediaLimits(
+            allowed_dirs=tuple(p.resolve() for p in cfg.allowed_media_dirs),
+            max_bytes=cfg.max_media_mib << 20,
+            max_image_pixels=cfg.max_image_pixels,
+        )
+        self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
+        # Media decoding and the HF processor are CPU work: never on the event loop.
+        self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
+        self.encoder = EncoderClient(cfg.encoder_addr, checkpoint.fingerprint)
+        self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint)
+
+    async def connect(self) -> None:
+        """Start-up check: both downstream services answer and serve our model."""
+        await asyncio.gather(self.encoder.connect(self.cfg.connect_timeout_s),
+                             self.llm.connect(self.cfg.connect_timeout_s))
+
+    async def close(self) -> None:
+        await asyncio.gather(self.encoder.close(), self.llm.close())
+        self._cpu.shutdown(wait=False)
+
+    # ---- RPCs ---------------------------------------------------------------------------
+    async def Generate(self, request: processor_pb2.GenerateRequest, context) -> processor_pb2.GenerateResponse:
+        async for event in self._generate(request, context):
+            if event.HasField("completion"):
+                return processor_pb2.GenerateResponse(completion=event.completion)
+        raise AssertionError("generation ended without a completion")
+
+    async def StreamGenerate(self, request, context) -> AsyncIterator[processor_pb2.StreamGenerateResponse]:
+        async for event in self._generate(request, context):
+            yield event
+
+    async def Preprocess(self, request: processor_pb2.PreprocessRequest, context) -> processor_pb2.PreprocessResponse:
+        prepared = await self._prepare(request)
+        self._check_sampling(request.sampling)
+        return processor_pb2.PreprocessResponse(
+            prompt_text=prepared.prompt_text,
+            encode_request=self._encode_request(prepared),
+            llm_request=llm_pb2.GenerateRequest(**self._llm_request_fields(prepared, None, request.sampling)),
+        )
+
+    async def GetModelInfo(self, request, context) -> processor_pb2.GetModelInfoResponse:
+        return processor_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+
+    # ---- the pipeline -------------------------------------------------------------------
+    async def _generate(self, request, context) -> AsyncIterator[processor_pb2.StreamGenerateResponse]:
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = loop.time() + (remaining if remaining is not None else self.cfg.default_timeout_s)
+        self._check_sampling(request.sampling)
+        prepared = await self._prepare(request)
+        embeddings = None
+        if prepared.processed.items:
+            reply = await self.encoder.encode(self._encode_request(prepared), deadline - loop.time())
+            embeddings = list(reply.items)
+            if [e.mm_hash for e in embeddings] != prepared.mm_hashes:
+                raise Internal(f"the encoder at {self.encoder.address} answered for other items than asked",
+                               reason="ENCODER_REPLY_MISMATCH")
+        llm_request = llm_pb2.StreamGenerateRequest(**self._llm_request_fields(prepared, embeddings, request.sampling))
+        text = TextStream(self.tokenizer, list(request.sampling.stop))
+        token_ids: list[int] = []
+        finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
+        async for reply in self.llm.stream_generate(llm_request, deadline - loop.time()):
+            if reply.token_ids:
+                token_ids.extend(reply.token_ids)
+                delta = text.push(list(reply.token_ids))
+                yield processor_pb2.StreamGenerateResponse(text_delta=delta, token_ids=reply.token_ids)
+                if text.stopped:
+                    finish_reason = generation_pb2.FINISH_REASON_STOP
+                    break
+            else:
+                finish_reason = reply.finish_reason
+        tail = text.finish()
+        if tail:
+            yield processor_pb2.StreamGenerateResponse(text_delta=tail)
+        yield processor_pb2.StreamGenerateResponse(completion=processor_pb2.Completion(
+            text=text.text, token_ids=token_ids, finish_reason=finish_reason,
+            prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids),
+        ))
+
+    async def _prepare(self, request) -> Prepared:
+        if not request.messages:
+            raise InvalidArgument("messages is empty; send at least one user message", reason="MESSAGES_EMPTY")
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self._cpu, self._prepare_blocking, list(request.messages))
+        num_tokens, max_ctx = len(prepared.processed.token_ids), self.family.max_context_tokens
+        if num_tokens >= max_ctx:
+            raise InvalidArgument(
+                f"the prompt has {num_tokens} tokens (media placeholders included); the model's context is "
+                f"{max_ctx} tokens. Shorten the text or send fewer or smaller images",
+                reason="PROMPT_TOO_LONG", metadata={"promptTokens": str(num_tokens), "maxContextTokens": str(max_ctx)})
+        return prepared
+
+    def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
+        hf_messages: list[dict[str, Any]] = []
+        images, hashes = [], []
+        for m_index, message in enumerate(messages):
+            if message.role not in ROLES:
+                raise InvalidArgument(f"messages[{m_index}].role is {message.role!r}; use one of {sorted(ROLES)}",
+                                      reason="ROLE_INVALID")
+            parts: list[dict[str, Any]] = []
+            for p_index, part in enumerate(message.content):
+                where = f"messages[{m_index}].content[{p_index}]"
+                kind = part.WhichOneof("part")
+                if kind == "text":
+                    self._check_text(part.text, where)
+                    parts.append({"type": "text", "text": part.text})
+                elif kind is None:
+                    raise InvalidArgument(f"{where}: set one of text, image, video, audio", reason="CONTENT_EMPTY")
+                elif kind not in self.family.modalities:
+                    raise InvalidArgument(f"{where}: the {self.family.name} model does not take {kind} input "
+                                          f"(it takes text, {', '.join(self.family.modalities)})",
+                                          reason="MODALITY_UNSUPPORTED")
+                else:  # image; video and audio decoding arrive with their families
+                    if len(images) >= self.cfg.max_images_per_request:
+                        raise InvalidArgument(f"more than {self.cfg.max_images_per_request} images in one request",
+                                              reason="TOO_MANY_IMAGES",
+                                              metadata={"maxImagesPerRequest": str(self.cfg.max_images_per_request)})
+                    media = getattr(part, kind)
+                    image = decode_image(read_media(media, self.limits, where), self.limits, where)
+                    images.append(image)
+                    hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
+                    parts.append({"type": IMAGE})
+            hf_messages.append({"role": message.role, "content": parts})
+        try:
+            prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
+            processed = self.family.preprocess(self.hf_processor, prompt_text, images)
+        except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
+            raise InvalidArgument(f"the model's processor rejected the request: {err}",
+                                  reason="PROCESSOR_REJECTED") from err
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes)
+
+    def _check_text(self, text: str, where: str) -> None:
+        for token in self.reserved_tokens:
+            if token in text:
+                raise InvalidArgument(f"{where}: text contains the reserved token {token}; send media as "
+                                      "image/video/audio parts", reason="RESERVED_TOKEN_IN_TEXT")
+
+    def _check_sampling(self, s: generation_pb2.SamplingParams) -> None:
+        """What only the processor handles (stop strings); the LLM checks the rest."""
+        if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
+            raise InvalidArgument(f"sampling.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                  "characters", reason="SAMPLING_PARAM_INVALID")
+
+    def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
+        return encoder_pb2.EncodeRequest(
+            model_fingerprint=self.checkpoint.fingerprint,
+            items=[
+                encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
+                                      tensors=to_named(item.encoder_inputs))
+                for item, h in zip(prepared.processed.items, prepared.mm_hashes)
+            ],
+        )
+
+    def _llm_request_fields(self, prepared: Prepared, embeddings: list[encoder_pb2.ItemEmbeddings] | None,
+                            sampling: generation_pb2.SamplingParams) -> dict[str, Any]:
+        inputs = []
+        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes)):
+            emb = embeddings[index] if embeddings is not None else None
+            inputs.append(llm_pb2.MultimodalInput(
+                placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality),
+                                                        offset=item.offset, length=item.length, mm_hash=h),
+                embeddings=emb.embeddings if emb else None,
+                deepstack_embeddings=emb.deepstack_embeddings if emb else [],
+                position_inputs=to_named(item.position_inputs),
+            ))
+        return dict(
+            model_fingerprint=self.checkpoint.fingerprint,
+            prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
+            sampling=sampling,
+        )

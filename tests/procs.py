@@ -1,0 +1,120 @@
+"""Starting Triptych services as separate processes, the way a user does."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"(\w+) listening on (\S+)")
+
+
+@dataclass
+class Proc:
+    """One `triptych` child process whose output is kept for failure messages."""
+
+    name: str
+    popen: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    address: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def output(self) -> str:
+        return "".join(self.lines[-60:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def spawn(name: str, *argv: str, listen_name: str | None = None) -> Proc:
+    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = Proc(name, popen)
+    expected = listen_name or name
+
+    def pump() -> None:
+        for line in popen.stdout:
+            proc.lines.append(line)
+            match = _LISTENING.search(line)
+            if match and match.group(1) == expected and not line.startswith("["):
+                proc.address = match.group(2)
+                proc.ready.set()
+        proc.ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc
+
+
+def wait_listening(proc: Proc, timeout_s: float = 300) -> str:
+    if not proc.ready.wait(timeout_s) or proc.address is None:
+        proc.stop(signal.SIGKILL)
+        raise RuntimeError(f"{proc.name} did not start:\n{proc.output()}")
+    return proc.address
+
+
+def wait_serving(address: str, timeout_s: float = 60) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} not SERVING")
+
+
+def start_encoder(model: Path, port: int = 0) -> Proc:
+    return spawn("encoder", "serve", "encoder", "--model", str(model), "--port", str(port))
+
+
+def start_llm(model: Path, port: int = 0) -> Proc:
+    return spawn("llm", "serve", "llm", "--model", str(model), "--port", str(port))
+
+
+def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path | None = None,
+                    connect_timeout_s: float | None = None) -> Proc:
+    extra = ["--allowed-media-dir", str(allowed_media_dir)] if allowed_media_dir else []
+    return spawn("processor", "serve", "processor", "--model", str(model), "--port", "0",
+                 "--encoder", encoder, "--llm", llm, *extra)
+
+
+@dataclass
+class ServiceSet:
+    encoder: Proc
+    llm: Proc
+    processor: Proc
+
+    @property
+    def address(self) -> str:
+        return self.processor.address
+
+    def stop(self) -> None:
+        for proc in (self.processor, self.encoder, self.llm):
+            proc.stop()
+
+
+def start_services(model: Path, allowed_media_dir: Path | None = None) -> ServiceSet:
+    encoder, llm = start_encoder(model), start_llm(model)
+    processor = start_processor(model, wait_listening(encoder), wait_listening(llm), allowed_media_dir)
+    wait_listening(processor)
+    for proc in (encoder, llm, processor):
+        wait_serving(proc.address)
+    return ServiceSet(encoder, llm, processor)

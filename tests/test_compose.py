@@ -1,0 +1,31 @@
+"""docker-compose.yml is not run here (no Docker engine); check that it says what the services need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from services.cli import _parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_describes_the_three_services():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"encoder", "llm", "processor"}
+    ports = {}
+    for name, svc in services.items():
+        command = svc["command"]
+        assert command[:2] == ["serve", name]
+        _parser().parse_args([*command, "--model", "/model"])  # the CLI accepts exactly these flags
+        ports[name] = command[command.index("--port") + 1]
+        assert svc["environment"]["TRIPTYCH_HOST"] == "0.0.0.0"
+        assert svc["environment"]["TRIPTYCH_MODEL"] == "/model"
+        assert svc["healthcheck"]["test"][-1] == ports[name]
+        assert (ROOT / svc["build"]["dockerfile"]).is_file()
+    processor = services["processor"]["command"]
+    assert processor[processor.index("--encoder") + 1] == f"encoder:{ports['encoder']}"
+    assert processor[processor.index("--llm") + 1] == f"llm:{ports['llm']}"
+    assert set(services["processor"]["depends_on"]) == {"encoder", "llm"}
