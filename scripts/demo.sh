@@ -10,7 +10,7 @@ MODEL="${MODEL:-models/tiny-qwen2_vl}"
 IMAGE="${IMAGE:-assets/sample.png}"
 PROMPT="${PROMPT:-What is in this picture?}"
 if [ "$MODEL" = "models/tiny-qwen2_vl" ]; then
-  [ -f "$MODEL/config.json" ] || .venv/bin/triptych make-model --family qwen2_vl --out "$MODEL" >/dev/null
+  [ -f "$MODEL/config.json" ] || .venv/bin/triptych make-model --family qwen2_vl --out "$MODEL" >/dev/null 2>&1
   echo "NOTE: $MODEL has RANDOM weights: the answer is gibberish by design."
   echo "      Serve a real checkpoint folder with: MODEL=/path/to/Qwen2-VL-2B-Instruct scripts/demo.sh"
 fi
