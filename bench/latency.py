@@ -33,6 +33,7 @@ from services.client import build_messages  # noqa: E402
 from services.common.api.triptych.common.v1 import generation_pb2  # noqa: E402
 from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc  # noqa: E402
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc  # noqa: E402
+from services.common.server import channel_options  # noqa: E402
 from services.models.tiny import make_model  # noqa: E402
 
 PROMPT = "Describe this image in detail."
@@ -71,7 +72,8 @@ def bench_services(model_dir: Path, image: bytes, max_new_tokens: int, runs: int
         encoder_addr = re.search(r"\[encoder\] encoder listening on (\S+)", "".join(lines)).group(1)
         sampling = generation_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
         request = processor_pb2.GenerateRequest(messages=build_messages(PROMPT, [image]), sampling=sampling)
-        with grpc.insecure_channel(address) as channel, grpc.insecure_channel(encoder_addr) as enc_channel:
+        with (grpc.insecure_channel(address, options=channel_options()) as channel,
+              grpc.insecure_channel(encoder_addr, options=channel_options()) as enc_channel):
             stub = processor_pb2_grpc.ProcessorServiceStub(channel)
             times = _time(lambda: stub.Generate(request, timeout=120), runs)
             pre = stub.Preprocess(processor_pb2.PreprocessRequest(messages=request.messages), timeout=60)
