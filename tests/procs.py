@@ -89,8 +89,7 @@ def start_llm(model: Path, port: int = 0) -> Proc:
     return spawn("llm", "serve", "llm", "--model", str(model), "--port", str(port))
 
 
-def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path | None = None,
-                    connect_timeout_s: float | None = None) -> Proc:
+def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path | None = None) -> Proc:
     extra = ["--allowed-media-dir", str(allowed_media_dir)] if allowed_media_dir else []
     return spawn("processor", "serve", "processor", "--model", str(model), "--port", "0",
                  "--encoder", encoder, "--llm", llm, *extra)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from services.common.errors import Internal, ResourceExhausted, TriptychError
+from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
 from services.models.base import ModelFamily, PlacedEmbeddings, PrefillInputs
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,14 @@ class Engine:
         finally:
             seq.aborted = True  # no-op once finished; frees the cache at the next step otherwise
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ends the engine thread; requests still in it fail with UNAVAILABLE.
+
+        Joined, not left as a daemon: a thread inside torch at interpreter exit aborts the process.
+        """
         self._stopped = True
         self._waiting.put(None)  # type: ignore[arg-type]  # wakes the thread
+        self._thread.join(timeout_s)
 
     @property
     def num_in_flight(self) -> int:
@@ -121,6 +126,12 @@ class Engine:
             self._admit()
             for seq in list(self._running):
                 self._step(seq)
+        with self._lock:
+            left = list(self._by_id.values())
+        for seq in left:
+            seq.emit(Unavailable("the LLM service is shutting down; retry on another replica",
+                                 reason="LLM_SHUTTING_DOWN"))
+            self._release(seq)
 
     def _admit(self) -> None:
         """Moves waiting requests to running (blocking when idle) and prefills them."""
