@@ -7,20 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoints import tiny_checkpoint
 from tests.procs import ServiceSet, start_services
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tiny models are built once per run (and reused across runs when TRIPTYCH_TEST_MODELS is set).
-MODELS_DIR = Path(os.environ.get("TRIPTYCH_TEST_MODELS", Path(__file__).resolve().parent.parent / "build" / "test-models"))
-
-
-def tiny_checkpoint(family: str, seed: int = 0) -> Path:
-    out = MODELS_DIR / f"{family}-seed{seed}"
-    if not (out / "config.json").exists():
-        from services.models.tiny import make_model
-
-        make_model(family, out, seed=seed)
-    return out
 
 
 @pytest.fixture(scope="session")

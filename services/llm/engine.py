@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
 from services.models.base import ModelFamily, PlacedEmbeddings, PrefillInputs
@@ -55,7 +55,7 @@ class _Sequence:
     emit: Callable[[object], None]  # thread-safe push of an event to the request's queue
     generated: list[int] = field(default_factory=list)
     prefill: PrefillInputs | None = None
-    cache: DynamicCache | None = None
+    cache: Cache | None = None
     generator: torch.Generator | None = None
     aborted: bool = False
 
@@ -67,7 +67,6 @@ class Engine:
         self.language_model = family.language_model(model)
         self.lm_head = family.lm_head(model)
         self.embed_tokens = model.get_input_embeddings()
-        self.text_config = family.text_config
         self.max_running = max_running
         self.max_waiting = max_waiting
         self._waiting: queue.Queue[_Sequence] = queue.Queue()
@@ -174,7 +173,7 @@ class Engine:
     def _prefill(self, seq: _Sequence) -> torch.Tensor:
         device = self.model.device
         seq.prefill = self.family.prefill_inputs(self.model, seq.token_ids.to(device), seq.placed)
-        seq.cache = DynamicCache(config=self.text_config)
+        seq.cache = self.family.new_cache(self.model)
         if seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=device).manual_seed(seq.sampling.seed)
         length = seq.token_ids.shape[0]
@@ -199,6 +198,7 @@ class Engine:
             attention_mask=torch.ones(1, cache_length + 1, dtype=torch.long, device=device),
             past_key_values=seq.cache,
             use_cache=True,
+            **seq.prefill.decode_layer_kwargs,
         )
         return self.lm_head(out.last_hidden_state[:, -1])
 

@@ -6,7 +6,6 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-import grpc
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 

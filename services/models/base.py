@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import (AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase, ProcessorMixin)
+from transformers import (AutoModelForImageTextToText, AutoProcessor, Cache, DynamicCache, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin)
 
 from services.common.errors import InvalidArgument
 
@@ -71,6 +71,7 @@ class PrefillInputs:
     position_ids: torch.Tensor | None  # None: positions 0..L-1; mRoPE: [3, 1, L]
     rope_delta: int = 0  # decode position = cache length + rope_delta
     layer_kwargs: dict[str, Any] = field(default_factory=dict)  # extra language-model kwargs at prefill
+    decode_layer_kwargs: dict[str, Any] = field(default_factory=dict)  # ...and at every decode step
 
 
 class ModelFamily(ABC):
@@ -82,6 +83,11 @@ class ModelFamily(ABC):
 
     def __init__(self, config: PretrainedConfig):
         self.config = config
+
+    @classmethod
+    def can_serve(cls, model_dir: Path) -> bool:
+        """For a family without fixed architectures (generic): whether it can serve this folder."""
+        return False
 
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
@@ -130,6 +136,10 @@ class ModelFamily(ABC):
     def strip_for_llm(self, model: PreTrainedModel) -> None:
         """Drops the towers so the LLM service holds only the language model."""
         model.model.visual = None
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        """A fresh cache for one request: attention KV here; hybrid families also keep SSM state."""
+        return DynamicCache(config=self.text_config)
 
     def language_model(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.model.language_model

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
