@@ -60,6 +60,18 @@ class _Sequence:
     aborted: bool = False
 
 
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[object], None]:
+    """A thread-safe push onto a request's queue; a consumer whose loop has closed is ignored."""
+
+    def emit(event: object) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    return emit
+
+
 class Engine:
     def __init__(self, family: ModelFamily, model: PreTrainedModel, max_running: int, max_waiting: int):
         self.family = family
@@ -90,8 +102,7 @@ class Engine:
                     f"the LLM has {len(self._by_id)} requests in flight (limit "
                     f"{self.max_running + self.max_waiting}); retry later",
                     reason="LLM_QUEUE_FULL")
-            seq = _Sequence(next(self._ids), token_ids, placed, sampling,
-                            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            seq = _Sequence(next(self._ids), token_ids, placed, sampling, emit=_emitter(loop, events))
             self._by_id[seq.request_id] = seq
         self._waiting.put(seq)
         try:
@@ -177,14 +188,14 @@ class Engine:
         if seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=device).manual_seed(seq.sampling.seed)
         length = seq.token_ids.shape[0]
-        out = self.language_model(
+        kwargs = dict(
             inputs_embeds=seq.prefill.inputs_embeds,
             position_ids=seq.prefill.position_ids,
             attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
             past_key_values=seq.cache,
             use_cache=True,
-            **seq.prefill.layer_kwargs,
         )
+        out = self.language_model(**(kwargs | seq.prefill.layer_kwargs))
         seq.placed = []  # the embeddings now live in the cache
         return self.lm_head(out.last_hidden_state[:, -1])  # [1, vocab]
 
@@ -192,14 +203,14 @@ class Engine:
         device = self.model.device
         cache_length = seq.cache.get_seq_length()
         last = torch.tensor([[seq.generated[-1]]], device=device)
-        out = self.language_model(
+        kwargs = dict(
             inputs_embeds=self.embed_tokens(last),
             position_ids=self.family.decode_position_ids(seq.prefill, cache_length),
             attention_mask=torch.ones(1, cache_length + 1, dtype=torch.long, device=device),
             past_key_values=seq.cache,
             use_cache=True,
-            **seq.prefill.decode_layer_kwargs,
         )
+        out = self.language_model(**(kwargs | self.family.decode_kwargs(seq.prefill, cache_length)))
         return self.lm_head(out.last_hidden_state[:, -1])
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:

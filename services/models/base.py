@@ -70,8 +70,9 @@ class PrefillInputs:
     inputs_embeds: torch.Tensor  # [1, L, hidden_size]
     position_ids: torch.Tensor | None  # None: positions 0..L-1; mRoPE: [3, 1, L]
     rope_delta: int = 0  # decode position = cache length + rope_delta
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)  # extra language-model kwargs at prefill
-    decode_layer_kwargs: dict[str, Any] = field(default_factory=dict)  # ...and at every decode step
+    # Extra language-model kwargs at prefill; they override the engine's own (e.g. a family's
+    # attention_mask with bidirectional image blocks).
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelFamily(ABC):
@@ -154,6 +155,10 @@ class ModelFamily(ABC):
             rows = item.embeddings.embeddings.to(embeds.device, embeds.dtype)
             embeds[0, item.offset : item.offset + item.length] = rows
         return PrefillInputs(inputs_embeds=embeds, position_ids=None)
+
+    def decode_kwargs(self, prefill: PrefillInputs, cache_length: int) -> dict[str, Any]:
+        """Extra language-model kwargs for the decode step at `cache_length` (override the engine's)."""
+        return {}
 
     def decode_position_ids(self, prefill: PrefillInputs, cache_length: int) -> torch.Tensor | None:
         """Position ids of the next decoded token; None means the model's default (cache length)."""
