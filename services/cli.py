@@ -1,9 +1,10 @@
-"""The `triptych` command: make-model, serve, up, generate."""
+"""The `triptych` command: models, make-model, serve, up, generate."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triptych", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model families, their modalities and how each is served")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("make-model", help="write a tiny random checkpoint folder (offline)")
     p.add_argument("--family", default="qwen2_vl")
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_model(args.family, args.out, seed=args.seed, size=args.size))
         return 0
+    if args.command == "models":
+        return _list_models(args.json)
     if args.command == "generate":
         from services.client import run_generate
 
@@ -93,6 +99,32 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_up(args)
     return _serve(args)
+
+
+def _list_models(as_json: bool) -> int:
+    from services.models.registry import FAMILIES
+    from services.models.tiny import TINY_FAMILIES
+
+    rows = []
+    for name, family in sorted(FAMILIES.items()):
+        rows.append({
+            "family": name,
+            "modalities": ["text", *family.modalities],
+            "served_by": "generic path (no family file)" if not family.hf_architectures else f"services/models/{name}.py",
+            "architectures": list(family.hf_architectures) or ["any ImageTextToText model with get_image_features"],
+            "tiny_model": name in TINY_FAMILIES,
+        })
+    for name in sorted(set(TINY_FAMILIES) - set(FAMILIES)):  # tiny checkpoints served by the generic path
+        rows.append({"family": name, "modalities": ["text", "image"], "served_by": "generic path (no family file)",
+                     "architectures": [], "tiny_model": True})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'family':<18} {'modalities':<20} {'tiny':<5} served by")
+    for row in rows:
+        print(f"{row['family']:<18} {','.join(row['modalities']):<20} {'yes' if row['tiny_model'] else 'no':<5} "
+              f"{row['served_by']}")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
