@@ -1,0 +1,56 @@
+"""Qwen2.5-VL: the three services (separate processes) give transformers' greedy tokens, and the
+tiny checkpoint's windowed vision tower really windows the test images."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.vision_utils import get_vision_window_index
+
+from tests.checkpoints import tiny_checkpoint
+from tests.parity import CASES, family_services, parity_tests
+
+services = family_services("qwen2_5_vl")
+test_parity = parity_tests("qwen2_5_vl")
+
+
+def _image_inputs(model_dir, images: list[bytes]):
+    processor = AutoProcessor.from_pretrained(model_dir)
+    pil = [Image.open(io.BytesIO(data)) for data in images]
+    return processor.image_processor(images=pil, return_tensors="pt")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["one-image", "one-image-other", "two-images"])
+def test_test_images_span_several_windows(case):
+    """Window attention is only exercised if an image is larger than one window."""
+    model_dir = tiny_checkpoint("qwen2_5_vl")
+    vision = AutoConfig.from_pretrained(model_dir).vision_config
+    assert 0 < len(vision.fullatt_block_indexes) < vision.depth, "some blocks must attend within windows"
+    grids = _image_inputs(model_dir, CASES[case][1])["image_grid_thw"]
+    for grid in grids:
+        _, cu_window_seqlens = get_vision_window_index(grid[None], vision.spatial_merge_size, vision.window_size,
+                                                       vision.patch_size)
+        assert len(cu_window_seqlens) - 1 >= 2, f"grid {grid.tolist()} fits in one window"
+
+
+@pytest.mark.e2e
+def test_window_attention_changes_the_embeddings():
+    """The same weights with full attention in every block give other rows: windows matter."""
+    model_dir = tiny_checkpoint("qwen2_5_vl")
+    inputs = _image_inputs(model_dir, CASES["one-image"][1])
+    rows = {}
+    for name, overrides in (("windowed", {}), ("full", {"fullatt_block_indexes": list(range(64))})):
+        config = AutoConfig.from_pretrained(model_dir)
+        for key, value in overrides.items():
+            setattr(config.vision_config, key, value)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        rows[name] = torch.cat(out.pooler_output)
+    assert rows["windowed"].shape == rows["full"].shape
+    assert (rows["windowed"] - rows["full"]).abs().max() > 1e-2
