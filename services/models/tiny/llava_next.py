@@ -1,0 +1,104 @@
+"""Tiny random LLaVA-NeXT checkpoints (LlavaNextForConditionalGeneration: CLIP tower + Mistral),
+shaped like llava-hf/llava-v1.6-mistral-7b-hf.
+
+"anyres": an image is resized into the best of `image_grid_pinpoints` (real: 336x672, 672x336,
+672x672, 1008x336, 336x1008, i.e. 1x2 .. 3x1 tiles of 336 px), cut into tiles, and a base view of
+the whole image is added in front. The tiny tower keeps patch 14 on 56 px tiles (4x4 = 16 tokens
+per tile) and the same pinpoints scaled by 56/336, so the token count still depends on the image's
+aspect ratio the way the real one does (unpadding, one image_newline row end per row).
+"""
+
+from __future__ import annotations
+
+from services.models.tiny.common import BuildContext, redraw_weights
+from services.models.tiny.llava import (finish_lm_head, llava_std, llava_tokenizer, save_llava_generation_config,
+                                        text_config, vision_config)
+
+FAMILY = "llava_next"
+
+# The chat template of llava-hf/llava-v1.6-mistral-7b-hf: "[INST] " + one "<image>\n" per image (all
+# images first) + the text parts + " [/INST]"; the model answers right after (no generation prompt).
+# The Llama tokenizer adds <s> in front.
+LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' }}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# text (Mistral): hidden, layers, heads, kv heads, intermediate
+# vision (CLIP): width, layers, heads, intermediate, tile size; patch stays 14
+_LLAVA_NEXT_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+        vision_hidden=32, vision_layers=3, vision_heads=2, vision_intermediate=64, image_size=56,
+    ),
+    "bench": dict(
+        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
+        vision_hidden=256, vision_layers=7, vision_heads=4, vision_intermediate=1024, image_size=224,
+    ),
+}  # fmt: skip
+
+# llava-v1.6's pinpoints in tiles (height, width): 1x2, 2x1, 2x2, 3x1, 1x3.
+_GRID_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def build(ctx: BuildContext) -> None:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    p = _LLAVA_NEXT_SIZES[ctx.size]
+    tile = p["image_size"]
+    pinpoints = [[h * tile, w * tile] for h, w in _GRID_TILES]
+    tokenizer = llava_tokenizer(ctx.seed)
+    # Mistral-7B-Instruct-v0.2 under llava-v1.6: full attention (no sliding window), rope theta 1e6.
+    text = text_config(p, tokenizer, "mistral")
+    text.update(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    config = LlavaNextConfig(
+        text_config=text,
+        vision_config=vision_config(p),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(tile // 14) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    redraw_weights(model, ctx.seed, llava_std(p["hidden"]))
+    finish_lm_head(model, tokenizer, config.text_config.vocab_size)
+    model.save_pretrained(ctx.out_dir)
+    save_llava_generation_config(ctx.out_dir, tokenizer)
+
+    image_processor = LlavaNextImageProcessor(  # llava-hf: shortest_edge 336, crop 336x336, bicubic, CLIP mean/std
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+        do_convert_rgb=True,
+        do_pad=True,
+        resample=3,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
+        chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(ctx.out_dir)
+
