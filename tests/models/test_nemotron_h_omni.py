@@ -1,0 +1,261 @@
+"""Nemotron-H Omni in one process: the checkpoint, placeholder runs, encoder rows and the hybrid cache.
+
+The e2e parity test proves the split across processes; these pin what it rests on: the tiny
+checkpoint has the real model's shape (RADIO tower, hybrid Mamba/attention/MoE text model, <img>
+wrapped runs of h*w/4 <image> tokens), the encoder rows are the whole model's bit for bit, and the
+engine's prefill + token-by-token decode through the family's cache is generate()'s, with the Mamba
+state actually carried (dropping it changes the tokens, so the parity test has power there too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
+
+from services.common.errors import InvalidArgument
+from services.llm.engine import Engine, Finished, SamplingSpec
+from services.models.base import IMAGE, PlacedEmbeddings
+from services.models.registry import family_for
+from tests.checkpoints import tiny_checkpoint
+from tests.media import image_bytes
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_NEW_TOKENS = 12
+
+
+@lru_cache(maxsize=1)
+def _loaded():
+    model_dir = tiny_checkpoint("nemotron_h_omni")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return family_for(model_dir), AutoProcessor.from_pretrained(model_dir), model
+
+
+def _image(width: int, height: int, seed: int = 0, kind: str = "noise") -> Image.Image:
+    return Image.open(io.BytesIO(image_bytes(width, height, seed=seed, kind=kind)))
+
+
+def _prompt(family, processor, num_images: int, text: str = "Describe this image.") -> str:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return family.render_chat(processor, [{"role": "user", "content": content}])
+
+
+def _generate(model, processor, text: str, images: list[Image.Image]) -> list[int]:
+    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_checkpoint_has_the_omni_shape():
+    family, processor, model = _loaded()
+    config, tok = model.config, processor.tokenizer
+    assert type(family).__name__ == "NemotronHOmni" and config.architectures == ["NemotronH_Omni_Reasoning_V3"]
+    assert type(processor).__name__ == "NemotronH_Omni_Reasoning_V3Processor"
+    assert type(processor.image_processor).__name__ == "NemotronH_Omni_Reasoning_V3ImageProcessor"
+    assert config.vision_config.model_type == "radio" and config.text_config.model_type == "nemotron_h"
+    assert config.vision_config.video_temporal_patch_size == config.video_temporal_patch_size == 2
+    assert config.vision_config.patch_dim == 768 and config.audio_config is None
+    # hybrid: Mamba, MoE and attention blocks, as hybrid_override_pattern "MEM*E"
+    assert config.text_config.hybrid_override_pattern == "MEM*E"
+    assert config.image_token_id == tok.convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert model.generation_config.eos_token_id == [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "</s>")]
+
+
+def test_chat_template_renders_nemotron_turns():
+    family, processor, _ = _loaded()
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]
+    assert family.render_chat(processor, [{"role": "user", "content": content}]) == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<image><image>hi<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+               {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False, enable_thinking=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>")
+
+
+# (width, height): the harness's images, extreme ratios both ways, tiny and large ones.
+SIZES = [(160, 120), (96, 200), (96, 96), (128, 64), (300, 40), (40, 300), (1, 1), (3, 500), (1000, 999)]
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_run_is_wrapped_and_as_long_as_the_rows(width, height):
+    family, processor, model = _loaded()
+    processed = family.preprocess(processor, _prompt(family, processor, 1), [_image(width, height)])
+    (item,) = processed.items
+    h, w = item.encoder_inputs["image_grid_hw"][0].tolist()
+    assert h % 2 == 0 and w % 2 == 0 and item.length == h * w // 4
+    tokens = processor.tokenizer.convert_ids_to_tokens(processed.token_ids)
+    assert tokens[item.offset - 1] == "<img>" and tokens[item.offset + item.length] == "</img>"
+    assert set(tokens[item.offset : item.offset + item.length]) == {"<image>"}
+    assert tuple(item.encoder_inputs["pixel_values"].shape) == (h * w, 768)
+    (rows,) = family.encode(model, IMAGE, [item.encoder_inputs])
+    assert tuple(rows.embeddings.shape) == (item.length, 64) and rows.embeddings.dtype == torch.float32
+
+
+def test_items_cut_from_one_call_give_the_whole_models_rows_and_prefill():
+    """Three images on three grids, packed by the processor into one pixel_values: the per-item slices,
+    encoded as one batch, are the rows the whole model scatters, and the prefill is its masked_scatter."""
+    family, processor, model = _loaded()
+    images = [_image(96, 96, 5), _image(128, 64, 6, "gradient"), _image(160, 120, 1)]
+    text = _prompt(family, processor, 3, "Compare them.")
+    processed = family.preprocess(processor, text, images)
+    assert [item.encoder_inputs["image_grid_hw"].tolist() for item in processed.items] == [[[6, 6]], [[4, 8]], [[8, 8]]]
+    rows = family.encode(model, IMAGE, [item.encoder_inputs for item in processed.items])
+
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == processed.token_ids
+    with torch.inference_mode():
+        whole = model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"]).pooler_output
+    for mine, theirs in zip(rows, whole, strict=True):
+        torch.testing.assert_close(mine.embeddings, theirs, rtol=0, atol=0)
+
+    placed = [PlacedEmbeddings(IMAGE, item.offset, item.length, r, {}) for item, r in zip(processed.items, rows)]
+    with torch.inference_mode():
+        prefill = family.prefill_inputs(model, torch.tensor(processed.token_ids), placed)
+        ids = inputs["input_ids"]
+        mask = (ids == model.config.image_token_id)[..., None]
+        expected = model.get_input_embeddings()(ids).masked_scatter(mask, torch.cat(whole))
+    torch.testing.assert_close(prefill.inputs_embeds, expected, rtol=0, atol=0)
+    assert prefill.position_ids is None and prefill.layer_kwargs == {}
+
+
+def _engine_tokens(family, model, token_ids: list[int], placed: list[PlacedEmbeddings], eos: frozenset[int]) -> list[int]:
+    """Greedy tokens from the LLM service's engine (prefill, then one token per step), in process."""
+
+    async def run() -> list[int]:
+        engine = Engine(family, model, max_running=2, max_waiting=2)
+        try:
+            out = []
+            async for event in engine.generate(torch.tensor(token_ids), placed,
+                                               SamplingSpec(max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=eos)):
+                if not isinstance(event, Finished):
+                    out.append(event)
+            return out
+        finally:
+            engine.stop()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_engine_with_the_hybrid_cache_decodes_like_generate(num_images):
+    family, processor, model = _loaded()
+    images = [_image(160, 120, 1), _image(96, 200, 2, "gradient")][:num_images]
+    text = _prompt(family, processor, num_images, "Tell me about the sea." if not images else "Describe this.")
+    processed = family.preprocess(processor, text, images)
+    rows = family.encode(model, IMAGE, [item.encoder_inputs for item in processed.items]) if images else []
+    placed = [PlacedEmbeddings(IMAGE, item.offset, item.length, r, {}) for item, r in zip(processed.items, rows)]
+    eos = frozenset(model.generation_config.eos_token_id)
+    assert _engine_tokens(family, model, processed.token_ids, placed, eos) == _generate(model, processor, text, images)
+
+
+def test_cache_holds_mamba_state_and_decoding_needs_it():
+    """The family's cache is the one generate() makes: conv + SSM state for the Mamba blocks, KV for the
+    attention block, nothing for MoE. Resetting the Mamba state after prefill changes the greedy tokens,
+    so token parity does check that the state is carried from prefill into decode."""
+    family, processor, model = _loaded()
+    text = _prompt(family, processor, 1)
+    images = [_image(160, 120, 1)]
+    processed = family.preprocess(processor, text, images)
+    rows = family.encode(model, IMAGE, [processed.items[0].encoder_inputs])
+    placed = [PlacedEmbeddings(IMAGE, processed.items[0].offset, processed.items[0].length, rows[0], {})]
+    token_ids = torch.tensor(processed.token_ids)
+    length = len(processed.token_ids)
+    lm, head = family.language_model(model), family.lm_head(model)
+
+    def greedy(reset_mamba: bool) -> list[int]:
+        with torch.inference_mode():
+            prefill = family.prefill_inputs(model, token_ids, placed)
+            cache = family.new_cache(model)
+            assert [type(layer) for layer in cache.layers] == [
+                LinearAttentionLayer, DummyLayer, LinearAttentionLayer, DynamicLayer, DummyLayer]
+            out = lm(inputs_embeds=prefill.inputs_embeds, attention_mask=torch.ones(1, length, dtype=torch.long),
+                     past_key_values=cache, use_cache=True)
+            assert cache.get_seq_length() == length  # read from the attention block, as the engine does
+            conv, ssm = cache.layers[0].conv_states[0], cache.layers[0].recurrent_states[0]
+            assert tuple(conv.shape) == (1, 64 + 2 * 2 * 16, 4) and tuple(ssm.shape) == (1, 8, 8, 16)
+            if reset_mamba:
+                for layer in cache.layers:
+                    if isinstance(layer, LinearAttentionLayer):
+                        layer.conv_states[0].zero_()
+                        layer.recurrent_states[0].zero_()
+            tokens = [int(head(out.last_hidden_state[:, -1]).argmax())]
+            for _ in range(MAX_NEW_TOKENS - 1):
+                n = cache.get_seq_length()
+                assert family.decode_kwargs(prefill, n) == {} and family.decode_position_ids(prefill, n) is None
+                out = lm(inputs_embeds=model.get_input_embeddings()(torch.tensor([[tokens[-1]]])),
+                         attention_mask=torch.ones(1, n + 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+                tokens.append(int(head(out.last_hidden_state[:, -1]).argmax()))
+            return tokens
+
+    expected = _generate(model, processor, text, images)
+    assert greedy(reset_mamba=False)[: len(expected)] == expected
+    assert greedy(reset_mamba=True)[: len(expected)] != expected
+
+
+def test_outputs_depend_on_prompt_and_image():
+    family, processor, model = _loaded()
+    one = _generate(model, processor, _prompt(family, processor, 1), [_image(160, 120, 1)])
+    other = _generate(model, processor, _prompt(family, processor, 1), [_image(96, 200, 2, "gradient")])
+    text_a = _generate(model, processor, _prompt(family, processor, 0, "Tell me a story."), [])
+    text_b = _generate(model, processor, _prompt(family, processor, 0, "What is two plus two?"), [])
+    assert one != other and text_a != text_b
+    assert all(len(set(o)) > 1 for o in (one, other, text_a, text_b)), "an output is one repeated token"
+
+
+def test_encoder_refuses_inputs_that_would_misplace_rows():
+    family, processor, model = _loaded()
+    (item,) = family.preprocess(processor, _prompt(family, processor, 1), [_image(160, 120)]).items
+    pixel_values, grid = item.encoder_inputs["pixel_values"], item.encoder_inputs["image_grid_hw"]
+    h, w = grid[0].tolist()
+    bad = [
+        {"pixel_values": pixel_values[:-1], "image_grid_hw": grid},  # a patch short: later images would shift
+        {"pixel_values": pixel_values, "image_grid_hw": torch.tensor([[w, h]]) if h != w else grid + 2},
+        {"pixel_values": pixel_values[: (h - 1) * w], "image_grid_hw": torch.tensor([[h - 1, w]])},  # odd grid
+        {"pixel_values": pixel_values, "image_grid_hw": grid.float()},
+        {"pixel_values": pixel_values, "image_grid_hw": grid[0]},
+        {"pixel_values": pixel_values[:, :700], "image_grid_hw": grid},
+        {"pixel_values": pixel_values},
+    ]
+    for inputs in bad:
+        with pytest.raises(InvalidArgument) as err:
+            family.encode(model, IMAGE, [item.encoder_inputs, inputs])
+        assert err.value.reason == "ENCODER_INPUT_INVALID"
+
+
+def test_strip_for_llm_and_encoder_keep_what_each_half_needs():
+    model_dir = tiny_checkpoint("nemotron_h_omni")
+    family, processor, whole = _loaded()
+    llm = family.load_model(model_dir, torch.float32, "cpu")
+    family.strip_for_llm(llm)
+    assert llm.vision_model is None and llm.multi_modal_projector is None
+    assert llm.get_input_embeddings() is family.language_model(llm).embeddings
+    assert sum(p.numel() for p in llm.parameters()) < sum(p.numel() for p in whole.parameters())
+    encoder = family.load_model(model_dir, torch.float32, "cpu")
+    family.strip_for_encoder(encoder)
+    assert encoder.language_model is None
+    (item,) = family.preprocess(processor, _prompt(family, processor, 1), [_image(96, 96)]).items
+    (rows,) = family.encode(encoder, IMAGE, [item.encoder_inputs])
+    (expected,) = family.encode(whole, IMAGE, [item.encoder_inputs])
+    torch.testing.assert_close(rows.embeddings, expected.embeddings, rtol=0, atol=0)
+
+
+def test_build_is_deterministic(tmp_path):
+    # Rebuilt in another process with another hash seed: nothing may depend on set/dict order.
+    code = f"from services.models.tiny import make_model; make_model('nemotron_h_omni', {str(tmp_path / 'again')!r}, seed=0)"
+    env = {**os.environ, "PYTHONHASHSEED": "321", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    for file in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json", "chat_template.jinja"):
+        assert (tmp_path / "again" / file).read_bytes() == (tiny_checkpoint("nemotron_h_omni") / file).read_bytes(), file
