@@ -1,0 +1,205 @@
+"""Tiny random Phi-4-multimodal checkpoints (Phi4MultimodalForCausalLM, loaded with AutoModelForCausalLM).
+
+Phi-4-MM cuts an image into 448x448 crops plus one global 448x448 view and its token count formula in
+the image processor is written for 448 px crops of 14 px patches (32x32 patches, pooled 2x2 to 16x16
+tokens per crop). So the tiny vision tower keeps image_size 448 and patch 14 and is made small in width
+and depth instead; `dynamic_hd` caps the crops per image so a CPU encodes an image in milliseconds.
+The audio tower is always part of the model: it is built small too, ready for when audio is served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
+                                         save_generation_config, train_bpe_tokenizer)
+
+FAMILY = "phi4mm"
+
+# Phi-4-multimodal's special tokens (transformers-format checkpoint: <|image|> and <|audio|> are the
+# renamed <|endoftext10|>/<|endoftext11|>); ids follow the BPE vocabulary in this order.
+_PHI4MM_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|image|>", "<|audio|>",
+    "<|assistant|>", "<|end|>", "<|user|>", "<|system|>",
+    "<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>",
+)  # fmt: skip
+
+# The chat template of the transformers-format microsoft/Phi-4-multimodal-instruct: one <|image|> /
+# <|audio|> per item (the processor expands each to the item's token count), no newlines between turns.
+PHI4MM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'audio' %}{{ '<|audio|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% endif %}"
+    "{{ '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as for Qwen2-VL).
+_EOS_LOGIT_SCALE = 0.9
+
+# text: hidden, layers, heads, kv heads, intermediate (head_dim * 0.75 rotary dims, as the real model)
+# vision: width, depth, heads, mlp; image_size/patch stay 448/14 (the token formula needs them)
+# audio: width, conformer blocks, heads; dynamic_hd: at most this many 448 px crops per image
+_PHI4MM_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+        audio_hidden=32, audio_blocks=1, audio_heads=2, audio_intermediate=64,
+        dynamic_hd=4,
+    ),
+    "bench": dict(
+        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
+        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024,
+        audio_hidden=128, audio_blocks=2, audio_heads=4, audio_intermediate=256,
+        dynamic_hd=9,
+    ),
+}  # fmt: skip
+
+_PARTIAL_ROTARY_FACTOR = 0.75
+_ORIGINAL_MAX_POSITIONS = 4096  # longrope: short factors up to here, long factors beyond
+_MAX_POSITIONS = 131072
+
+
+def _longrope_factors(num: int) -> tuple[list[float], list[float]]:
+    """Per-frequency rescale factors shaped like the real ones: short ~1, long rising to ~30."""
+    short = [round(1.0 + 0.02 * i, 4) for i in range(num)]
+    long = [round(1.0 + 29.0 * (i / max(num - 1, 1)) ** 2, 4) for i in range(num)]
+    return short, long
+
+
+def _phi4mm_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+    """Per-parameter std for Phi-4-MM, chosen so that outputs depend on the prompt and the image.
+
+    As for Qwen2-VL (see qwen2_vl._qwen2_vl_std): token embeddings at std 1, linear layers
+    variance-preserving, attention q/k (the text model's fused qkv, the towers' q/k) twice that so
+    attention is peaked, lm_head for logits of std ~3. The image projection ends at the scale of the
+    token embeddings, and the two learned separators (`*_img_feature_extensor`, zero after HF's init)
+    get unit-scale values so they are not just zeros between the image rows.
+    """
+
+    def std_for(name: str, param: torch.Tensor) -> float | None:
+        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
+            return 0.02 if name.endswith("bias") else None
+        base = 1.0 / math.sqrt(fan_in(param))
+        if name.endswith("embed_tokens.weight"):
+            return 1.0
+        if name == "lm_head.weight":
+            return 3.0 / math.sqrt(hidden)
+        if name.endswith("img_feature_extensor"):
+            return 1.0
+        if name.endswith(("qkv_proj.weight", "q_proj.weight", "k_proj.weight")):
+            return 2.0 * base
+        if name.endswith("img_projection_down.weight"):
+            return 2.0 * base
+        if name.endswith("position_embedding.weight"):
+            return 0.5
+        return base
+
+    return std_for
+
+
+def build(ctx: BuildContext) -> None:
+    from transformers import (
+        Phi4MultimodalConfig,
+        Phi4MultimodalFeatureExtractor,
+        Phi4MultimodalForCausalLM,
+        Phi4MultimodalImageProcessor,
+        Phi4MultimodalProcessor,
+    )
+
+    p = _PHI4MM_SIZES[ctx.size]
+    tokenizer = train_bpe_tokenizer(
+        ctx.seed,
+        _PHI4MM_SPECIAL_TOKENS,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        # Phi4MultimodalProcessor reads tokenizer.image_token(_id) and tokenizer.audio_token(_id).
+        extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"},
+        model_max_length=_MAX_POSITIONS,
+    )
+    tokenizer.chat_template = PHI4MM_CHAT_TEMPLATE  # the processor does not keep it: the tokenizer does
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _PHI4MM_SPECIAL_TOKENS}
+    vocab_size = padded_vocab_size(tokenizer)
+    eos = [ids["<|end|>"], ids["<|endoftext|>"]]
+
+    head_dim = p["hidden"] // p["heads"]
+    short_factor, long_factor = _longrope_factors(int(head_dim * _PARTIAL_ROTARY_FACTOR) // 2)
+    config = Phi4MultimodalConfig(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=_MAX_POSITIONS,
+        original_max_position_embeddings=_ORIGINAL_MAX_POSITIONS,
+        # As the real config.json: rope_scaling of type longrope; transformers 5.23 turns it into
+        # rope_parameters (and warns that original_max_position_embeddings is set, as for the real one).
+        rope_scaling={"type": "longrope", "short_factor": short_factor, "long_factor": long_factor},
+        partial_rotary_factor=_PARTIAL_ROTARY_FACTOR,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        # The real checkpoint ties lm_head to the token embeddings; untied here so that the builder can
+        # silence special tokens in lm_head without zeroing their input embeddings.
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # informative only: weights are re-drawn below
+        vision_config=dict(
+            hidden_size=p["vision_hidden"],
+            intermediate_size=p["vision_intermediate"],
+            num_hidden_layers=p["vision_layers"],
+            num_attention_heads=p["vision_heads"],
+            image_size=448,
+            patch_size=14,
+            crop_size=448,
+            feature_layer=-2,
+            image_token_id=ids["<|image|>"],
+        ),
+        audio_config=dict(
+            hidden_size=p["audio_hidden"],
+            intermediate_size=p["audio_intermediate"],
+            num_blocks=p["audio_blocks"],
+            num_attention_heads=p["audio_heads"],
+            ext_pw_out_channel=p["audio_hidden"],
+            depthwise_separable_out_channel=p["audio_hidden"],
+            nemo_conv_channels=p["audio_hidden"],
+            audio_token_id=ids["<|audio|>"],
+        ),
+        dtype="float32",
+    )
+    model = Phi4MultimodalForCausalLM(config).eval()
+    redraw_weights(model, ctx.seed, _phi4mm_std(p["hidden"]))
+    with torch.no_grad():
+        # Rows the model should never emit: vocab padding and special tokens other than EOS (a
+        # generated <|image|> would confuse a serving engine). A zero row scores 0 while real rows
+        # spread around it, so greedy never picks one in practice.
+        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
+        model.lm_head.weight[never] = 0.0
+        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
+    model.save_pretrained(ctx.out_dir)
+    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                           bos_token_id=ids["<|endoftext|>"])
+
+    processor = Phi4MultimodalProcessor(
+        image_processor=Phi4MultimodalImageProcessor(dynamic_hd=p["dynamic_hd"]),
+        audio_processor=Phi4MultimodalFeatureExtractor(),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(ctx.out_dir)
