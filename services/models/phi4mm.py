@@ -13,9 +13,20 @@ Split here:
              image's token count. Two images in one message give ONE run of placeholders (the
              template puts nothing between them), so items are cut from the runs by their counts.
   encoder    per item: its own crops (the processor pads every image to the batch's largest crop
-             count; the padding crops never reach the output, so they are not sent), its
-             `image_sizes` and crop masks; encoded by the HF image embedding module itself.
+             count; the padding crops are not sent), its `image_sizes` and crop masks. All items of
+             an Encode call (the processor sends a request's images in one) are padded back exactly
+             as the HF processor pads them and run in ONE call of the HF image embedding module.
   llm        the default prefill: rows written over each item's range (HF's index_put, in order).
+
+The batch matters (transformers 5.23): `Phi4MultimodalVisionAttention.is_causal` is True. When no
+patch of any crop in the prompt's padded crop batch is masked (e.g. one image that fits its crop grid
+exactly, like a square one), the tower passes no mask and SDPA/flash attention go causal; with any
+masked patch in the batch they are bidirectional. So transformers' features of an image depend on
+the other images of its request. We reproduce that bug (the request-level batch above), as the
+tokens must be transformers'. Consequence: an embedding cache keyed per item (mm_hash) must not be
+shared across requests for this family until transformers fixes it. A fix makes
+tests/models/test_phi4mm.py::test_transformers_attention_paths_differ fail (and, end to end, the
+last assertion of tests/e2e/test_phi4mm_parity.py::test_unpadded_image_takes_transformers_causal_path).
 
 Modalities: images now. Audio (`<|audio|>`, audio_embed) is to come; note for it that HF projects
 audio with `*_for_vision_speech` layers when the same prompt has images, so an audio item's
@@ -61,9 +72,7 @@ class Phi4Multimodal(ModelFamily):
 
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        _make_vision_attention_bidirectional(model)
-        return model.to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
     # ---- processor ---------------------------------------------------------------------
     def placeholder_token(self, modality: str) -> str:
@@ -181,24 +190,28 @@ class Phi4Multimodal(ModelFamily):
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        """All items in ONE call of HF's image embedding, padded as the HF processor pads a prompt's images.
+
+        The processor sends every image of a request in one Encode call, in prompt order, so this is the
+        batch transformers' whole model builds for the request (see the module docstring: the batch
+        decides the tower's attention in transformers 5.23).
+        """
         if modality != IMAGE:
             raise InvalidArgument(f"the {self.name} encoder takes images, not {modality}", reason="MODALITY_UNSUPPORTED")
-        image_embed = model.model.embed_tokens_extend.image_embed
         lengths = [self._check_item(i, item) for i, item in enumerate(items)]
-        # Items with the same crop count run as one batch of the HF module (no padding crops needed).
-        groups: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(item[_PIXELS].shape[1], []).append(i)
-        results: list[ItemEmbeddings | None] = [None] * len(items)
-        for indexes in groups.values():
-            rows = self._embed_images(model, image_embed, [items[i] for i in indexes], [lengths[i] for i in indexes])
-            for i, embeddings in zip(indexes, rows):
-                results[i] = ItemEmbeddings(embeddings=embeddings)
-        return results  # type: ignore[return-value]
+        if not items:
+            return []
+        image_embed = model.model.embed_tokens_extend.image_embed
+        max_crops = max(item[_PIXELS].shape[1] for item in items)
+        pixels = torch.cat([_pad_crops(item[_PIXELS], max_crops, 0) for item in items])  # [B, C, 3, S, S]
+        masks = torch.cat([_pad_crops(item[_MASK], max_crops, 1) for item in items])  # [B, C, P, P]
+        sizes = torch.cat([item[_SIZES] for item in items])  # [B, 2]: never padded
+        rows = self._embed_images(model, image_embed, pixels, sizes, masks, lengths)
+        return [ItemEmbeddings(embeddings=r) for r in rows]
 
-    def _embed_images(self, model: PreTrainedModel, image_embed: torch.nn.Module, items: list[dict[str, torch.Tensor]],
-                      lengths: list[int]) -> list[torch.Tensor]:
-        """Runs HF's image embedding on images of one crop count; one [rows, hidden] tensor per image.
+    def _embed_images(self, model: PreTrainedModel, image_embed: torch.nn.Module, pixels: torch.Tensor,
+                      sizes: torch.Tensor, masks: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        """Runs HF's image embedding on one padded batch of images; one [rows, hidden] tensor per image.
 
         The module writes its rows over the image-token positions of `input_ids`: given a prompt
         that is nothing but those positions, its output is exactly the rows, in image order.
@@ -207,13 +220,8 @@ class Phi4Multimodal(ModelFamily):
         total = sum(lengths)
         input_ids = torch.full((1, total), self.config.vision_config.image_token_id, dtype=torch.long, device=device)
         canvas = torch.zeros(1, total, self.hidden_size, dtype=dtype, device=device)
-        rows = image_embed(
-            input_ids,
-            canvas,
-            image_pixel_values=torch.cat([it[_PIXELS] for it in items]).to(device),  # [B, C, 3, S, S]
-            image_sizes=torch.cat([it[_SIZES] for it in items]).to(device),  # [B, 2]
-            image_attention_mask=torch.cat([it[_MASK] for it in items]).to(device),  # [B, C, P, P]
-        )  # [1, total, hidden]
+        rows = image_embed(input_ids, canvas, image_pixel_values=pixels.to(device), image_sizes=sizes.to(device),
+                           image_attention_mask=masks.to(device))  # [1, total, hidden]
         return list(rows[0].split(lengths))
 
     # ---- llm ---------------------------------------------------------------------------
@@ -225,18 +233,12 @@ class Phi4Multimodal(ModelFamily):
         return model.model  # Phi4MultimodalModel: the decoder itself
 
 
-def _make_vision_attention_bidirectional(model: PreTrainedModel) -> None:
-    """Works around transformers 5.23 running the vision tower causally when no patch is masked.
 
-    `Phi4MultimodalVisionAttention.is_causal` is True (SigLIP's is False). The tower passes no mask
-    when every patch of every crop in its batch is valid, and then the SDPA and flash paths apply a
-    causal mask; with any masked patch in the batch (an image whose HD canvas has padding) they use
-    the bidirectional mask. So transformers' features for an image depend on the other images of the
-    prompt. Served here: always bidirectional, as the checkpoint was trained (SigLIP) and as
-    transformers' eager path computes; bit-identical to transformers whenever its batch has a mask.
-    """
-    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionAttention
-
-    for module in model.modules():
-        if isinstance(module, Phi4MultimodalVisionAttention):
-            module.is_causal = False
+def _pad_crops(tensor: torch.Tensor, max_crops: int, fill: int) -> torch.Tensor:
+    """[1, C, ...] padded to [1, max_crops, ...] as the HF processor does (`pad_to_max_num_crops`: pixels
+    0, `pad_mask_to_max_num_crops`: masks 1), same dtype."""
+    missing = max_crops - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = torch.full((1, missing, *tensor.shape[2:]), fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, pad], dim=1)

@@ -2,8 +2,8 @@
 
 Beyond the shared cases (one 448 px crop per image), images of several crops, and two images of
 different crop counts in one prompt (the processor pads the smaller to the larger's crop count; the
-encoder gets only each image's own crops). And the one place where Triptych departs from
-transformers on purpose: an image with no padded patch (see phi4mm._make_vision_attention_bidirectional).
+encoder gets only each image's own crops). And prompts where no patch is padded: transformers 5.23
+runs the vision tower causally then (Phi4MultimodalVisionAttention.is_causal), and Triptych matches it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ CROP_CASES = {
     "mixed-crop-counts": ("Compare the two pictures.", [WIDE, image_bytes(160, 120, seed=1)]),
     "small-then-tall": ("What changed?", [image_bytes(120, 90, seed=3, kind="gradient"),
                                           image_bytes(300, 700, seed=4)]),  # 1x2 crops
+    # No padded patch in the prompt's crop batch: transformers' causal vision path.
+    "square-448": ("Describe this image.", [image_bytes(448, 448, seed=5)]),
+    "square-224": ("Describe this image.", [image_bytes(224, 224, seed=6)]),
+    "squares-1-and-4-crops": ("Compare the two pictures.", [image_bytes(448, 448, seed=5),
+                                                            image_bytes(896, 896, seed=8)]),
+    # A square beside a padded image: the masked (bidirectional) path.
+    "square-then-wide": ("Compare the two pictures.", [image_bytes(448, 448, seed=5), WIDE]),
 }
 SQUARE = image_bytes(96, 96, seed=5)  # resized to exactly one crop: no padded patch anywhere
 
@@ -74,13 +81,13 @@ def _hf_generate_bidirectional(prompt: str, images: list[bytes]) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_unpadded_image_is_encoded_bidirectionally(services):
-    """transformers 5.23 runs the tower causally for a prompt without any padded patch; Triptych does not.
+def test_unpadded_image_takes_transformers_causal_path(services):
+    """A square image alone: Triptych gives stock transformers' tokens, causal vision attention included.
 
-    If the second assertion fails, transformers has fixed Phi4MultimodalVisionAttention.is_causal:
-    the workaround in services/models/phi4mm.py can go, and this case joins the plain parity cases.
+    If the second assertion fails, transformers has fixed Phi4MultimodalVisionAttention.is_causal (the
+    case no longer tells the two paths apart); see services/models/phi4mm.py for what that allows.
     """
     prompt = "Describe this image."
-    expected = _hf_generate_bidirectional(prompt, [SQUARE])
+    expected = hf_generate(tiny_checkpoint("phi4mm"), prompt, [SQUARE], MAX_NEW_TOKENS, AUTO_CLASS)
     assert _generate(services.address, prompt, [SQUARE]) == expected
-    assert hf_generate(tiny_checkpoint("phi4mm"), prompt, [SQUARE], MAX_NEW_TOKENS, AUTO_CLASS) != expected
+    assert _hf_generate_bidirectional(prompt, [SQUARE]) != expected

@@ -181,12 +181,46 @@ def test_encode_rejects_malformed_inputs(family, processor, encoder_model, damag
     assert err.value.reason == "ENCODER_INPUT_INVALID"
 
 
-def test_unpadded_image_rows_are_batch_independent(family, processor, encoder_model):
-    """A square image alone (no mask in its batch) encodes as it does beside a padded one."""
-    square, padded = _item(family, processor, (448, 448)), _item(family, processor, (160, 120))
-    alone = family.encode(encoder_model, IMAGE, [square])[0].embeddings
-    together = family.encode(encoder_model, IMAGE, [padded, square])[1].embeddings
-    assert torch.equal(alone, together)
+# transformers 5.23's vision attention is causal when no patch of the prompt's crop batch is masked
+# (see services/models/phi4mm.py). Causal path: every image fits its crop grid exactly; masked path:
+# some image of the prompt has padded patches.
+ATTENTION_PATHS = {
+    "square-448": [(448, 448)],  # causal
+    "square-224": [(224, 224)],  # causal: resized to one crop exactly
+    "squares-1-and-4-crops": [(448, 448), (896, 896)],  # causal, with padding crops (masks all 1)
+    "padded-then-square": [(160, 120), (448, 448)],  # masked
+    "square-then-wide": [(448, 448), (900, 500)],  # masked
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_PATHS))
+def test_encode_matches_stock_transformers_on_both_attention_paths(family, processor, whole, encoder_model, case):
+    """Our encode gives stock transformers' rows on its causal and its masked path, bit for bit."""
+    images = _images(ATTENTION_PATHS[case])
+    text = _prompt(family, processor, len(images))
+    prompt = family.preprocess(processor, text, images)
+    rows = family.encode(encoder_model, IMAGE, [item.encoder_inputs for item in prompt.items])
+    ids, expected = _whole_model_rows(whole, processor, text, images)
+    assert ids.tolist() == prompt.token_ids
+    for item, got in zip(prompt.items, rows):
+        assert torch.equal(got.embeddings, expected[item.offset : item.offset + item.length])
+
+
+def test_transformers_attention_paths_differ(family, processor, whole):
+    """The power of the test above: in transformers 5.23 a square image's rows depend on its prompt.
+
+    If this fails, transformers has fixed Phi4MultimodalVisionAttention.is_causal: features are then
+    per item, and an mm_hash-keyed embedding cache may be shared across requests (see phi4mm.py).
+    """
+    square = Image.open(io.BytesIO(image_bytes(448, 448, seed=0)))
+    padded = Image.open(io.BytesIO(image_bytes(160, 120, seed=1)))
+    alone_ids, alone = _whole_model_rows(whole, processor, _prompt(family, processor, 1), [square])
+    mixed_ids, mixed = _whole_model_rows(whole, processor, _prompt(family, processor, 2), [padded, square])
+    image_id = processor.tokenizer.image_token_id
+    (offset, length), = family.placeholder_runs(alone_ids.tolist(), image_id)
+    (mixed_offset, mixed_length), = family.placeholder_runs(mixed_ids.tolist(), image_id)
+    square_rows = mixed[mixed_offset + mixed_length - length : mixed_offset + mixed_length]  # the second image
+    assert not torch.allclose(alone[offset : offset + length], square_rows, atol=1e-3)
 
 
 def test_rows_fit_the_llm_contract(family, processor, encoder_model):
