@@ -1,0 +1,131 @@
+"""Gemma 3: a SigLIP tower pooled to a fixed number of tokens per image, and a language model whose
+prefill lets the tokens of one image attend to each other both ways.
+
+What transformers 5.23's Gemma3Model.forward does, and where this file does the same:
+- Each image is one square crop (no pan-and-scan) that the tower turns into `mm_tokens_per_image`
+  rows (`get_image_features(...).pooler_output`): `encode`.
+- The prompt holds `\\n\\n<start_of_image>` + N x `<image_soft_token>` + `<end_of_image>\\n\\n` per image;
+  the soft tokens' embeddings are replaced by the image rows *after* the text embedding's
+  sqrt(hidden) scaling (Gemma3TextScaledWordEmbedding scales token embeddings only): `prefill_inputs`.
+- At prefill, `token_type_ids` (1 on soft tokens) turn each maximal run of soft tokens into a block
+  that attends to itself bidirectionally, on top of the causal mask (full-attention layers) and
+  inside the sliding window (sliding layers): `create_masks_for_vision_model`. Decode steps use
+  the plain causal/sliding masks, which the text model builds itself. The masks are built here with
+  the same transformers function, from the token ids (the processor's token_type_ids are exactly
+  `input_ids == image_token_id`), and handed to the engine as the prefill's `attention_mask`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
+
+from services.common.errors import InvalidArgument
+from services.models.base import (
+    IMAGE,
+    ItemEmbeddings,
+    ModelFamily,
+    PlacedEmbeddings,
+    PrefillInputs,
+    ProcessedItem,
+    ProcessedPrompt,
+)
+
+
+class Gemma3(ModelFamily):
+    name = "gemma3"
+    hf_architectures = ("Gemma3ForConditionalGeneration",)
+    modalities = (IMAGE,)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.mm_tokens_per_image
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    def placeholder_token(self, modality: str) -> str:
+        return {IMAGE: "<image_soft_token>"}[modality]
+
+    # ---- processor ---------------------------------------------------------------------
+    def render_chat(self, processor: ProcessorMixin, messages: list[dict[str, Any]]) -> str:
+        try:
+            return super().render_chat(processor, messages)
+        except jinja2.TemplateError as err:  # Gemma's template raises on roles that do not alternate
+            raise InvalidArgument(f"the Gemma 3 chat template rejected the messages: {err}",
+                                  reason="CHAT_TEMPLATE_REJECTED") from err
+
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
+        # As transformers' apply_chat_template(tokenize=True): a rendered prompt that already starts
+        # with <bos> is tokenized without adding another one.
+        bos = processor.tokenizer.bos_token
+        kwargs = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        out = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+        token_ids = out["input_ids"][0].tolist()
+        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE))
+        if not images:
+            self.check_counts("images", [], [n for _, n in runs])
+            return ProcessedPrompt(token_ids=token_ids, items=[])
+        pixel_values = out["pixel_values"]  # [num_crops, 3, S, S]
+        if pixel_values.shape[0] != len(images):
+            # Pan-and-scan adds crops, each with its own <start_of_image> block: one image would
+            # span several placeholder runs, which one item (one range) cannot carry.
+            raise InvalidArgument(
+                f"the processor made {pixel_values.shape[0]} crops for {len(images)} images; pan-and-scan "
+                "(do_pan_and_scan) is not supported, turn it off in the processor config",
+                reason="PAN_AND_SCAN_UNSUPPORTED")
+        self.check_counts("images", [self.tokens_per_image] * len(images), [n for _, n in runs])
+        items = [
+            ProcessedItem(modality=IMAGE, offset=offset, length=length,
+                          encoder_inputs={"pixel_values": pixel_values[i : i + 1]})
+            for i, (offset, length) in enumerate(runs)
+        ]
+        return ProcessedPrompt(token_ids=token_ids, items=items)
+
+    # ---- encoder -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        expected = (1, 3, self.image_size, self.image_size)
+        for index, item in enumerate(items):
+            pixels = item.get("pixel_values")
+            if pixels is None or tuple(pixels.shape) != expected or not pixels.is_floating_point():
+                got = "missing" if pixels is None else f"{pixels.dtype} {list(pixels.shape)}"
+                raise InvalidArgument(f"item {index}: pixel_values must be float {list(expected)}, got {got}",
+                                      reason="ENCODER_INPUT_INVALID")
+        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(model.device)  # [B, 3, S, S]
+        out = model.model.get_image_features(pixel_values=pixel_values)
+        features = out.pooler_output  # [B, mm_tokens_per_image, hidden]
+        return [ItemEmbeddings(embeddings=f) for f in features]
+
+    # ---- llm ---------------------------------------------------------------------------
+    def strip_for_llm(self, model: PreTrainedModel) -> None:
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
+
+    def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
+        image_token_id = self.config.image_token_id
+        is_image = token_ids == image_token_id  # [L]
+        lookup_ids = token_ids
+        if image_token_id >= self.text_config.vocab_size:  # as Gemma3Model: an out-of-vocab placeholder embeds as 0
+            lookup_ids = token_ids.masked_fill(is_image, 0)
+        embeds = model.get_input_embeddings()(lookup_ids[None])  # [1, L, H], scaled by sqrt(H)
+        for item in placed:
+            rows = item.embeddings.embeddings.to(embeds.device, embeds.dtype)
+            embeds[0, item.offset : item.offset + item.length] = rows  # image rows are not scaled
+        # transformers passes the processor's token_type_ids (all zeros without images) at prefill,
+        # so the masks are always built this way; a text-only prompt gets plain causal/sliding masks.
+        length = token_ids.shape[0]
+        masks = create_masks_for_vision_model(
+            config=model.config.get_text_config(),  # the loaded one: it names the attention implementation
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(1, length, dtype=torch.long, device=embeds.device),
+            past_key_values=self.new_cache(model),  # empty, like the engine's: sizes the masks for prefill
+            position_ids=None,
+            block_sequence_ids=get_block_sequence_ids_for_mask(is_image[None].long(), device=embeds.device),
+        )  # {"full_attention": ..., "sliding_attention": ...}
+        return PrefillInputs(inputs_embeds=embeds, position_ids=None, layer_kwargs={"attention_mask": masks})

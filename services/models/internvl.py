@@ -1,0 +1,98 @@
+"""InternVL (transformers' native port, model_type "internvl"): images cut into tiles, each tile
+pixel-shuffled to a fixed number of tokens, and a plain decoder (Qwen2/Qwen3/Llama) language model.
+
+The processor (GotOcr2ImageProcessor with crop_to_patches) picks each image's tile grid from its
+aspect ratio (plus a thumbnail when there is more than one tile) and expands the prompt's
+`<IMG_CONTEXT>` to `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`. It returns all
+tiles of all images stacked in prompt order and no per-image tile count, so each image's count is
+read back from its placeholder run: run length / image_seq_length.
+
+The whole model merges the tower's rows over the `<IMG_CONTEXT>` tokens (masked_scatter, tile by
+tile) and runs the language model with 1-D positions and a causal mask: the base class's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from services.common.errors import InvalidArgument
+from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+
+
+class InternVL(ModelFamily):
+    name = "internvl"
+    hf_architectures = ("InternVLForConditionalGeneration",)
+    modalities = (IMAGE,)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.config.image_seq_length
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        height, width = self.config.vision_config.image_size
+        return height, width
+
+    def placeholder_token(self, modality: str) -> str:
+        return {IMAGE: "<IMG_CONTEXT>"}[modality]
+
+    # ---- processor ---------------------------------------------------------------------
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
+        if processor.image_seq_length != self.tokens_per_tile:
+            raise InvalidArgument(
+                f"the processor expands a tile to {processor.image_seq_length} tokens, the model's "
+                f"image_seq_length is {self.tokens_per_tile}; fix processor_config.json",
+                reason="PROCESSOR_CONFIG_MISMATCH")
+        out = processor(text=[text], images=images or None, return_tensors="pt")
+        token_ids = out["input_ids"][0].tolist()
+        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE))
+        if not images:
+            self.check_counts("images", [], [n for _, n in runs])
+            return ProcessedPrompt(token_ids=token_ids, items=[])
+        if len(runs) != len(images) or any(n % self.tokens_per_tile for _, n in runs):
+            raise InvalidArgument(
+                f"{len(images)} images but placeholder runs of {[n for _, n in runs]} tokens; each image "
+                f"needs one run of a multiple of {self.tokens_per_tile} tokens (one per tile)",
+                reason="PLACEHOLDER_COUNT_MISMATCH")
+        pixel_values = out["pixel_values"]  # [total tiles, 3, H, W], images in prompt order
+        num_tiles = [n // self.tokens_per_tile for _, n in runs]
+        if sum(num_tiles) != pixel_values.shape[0]:
+            raise InvalidArgument(
+                f"the placeholder runs need {num_tiles} tiles ({sum(num_tiles)} in all), the processor "
+                f"made {pixel_values.shape[0]}", reason="PLACEHOLDER_COUNT_MISMATCH")
+        items: list[ProcessedItem] = []
+        first_tile = 0
+        for (offset, length), tiles in zip(runs, num_tiles):
+            items.append(ProcessedItem(
+                modality=IMAGE, offset=offset, length=length,
+                encoder_inputs={"pixel_values": pixel_values[first_tile : first_tile + tiles]},
+            ))
+            first_tile += tiles
+        return ProcessedPrompt(token_ids=token_ids, items=items)
+
+    # ---- encoder -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        height, width = self.tile_size
+        for index, item in enumerate(items):
+            pixels = item.get("pixel_values")
+            if (pixels is None or pixels.ndim != 4 or pixels.shape[0] < 1 or tuple(pixels.shape[1:]) != (3, height, width)
+                    or not pixels.is_floating_point()):
+                got = "missing" if pixels is None else f"{pixels.dtype} {list(pixels.shape)}"
+                raise InvalidArgument(f"item {index}: pixel_values must be float [tiles, 3, {height}, {width}], got {got}",
+                                      reason="ENCODER_INPUT_INVALID")
+        num_tiles = [it["pixel_values"].shape[0] for it in items]
+        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(model.device)  # [T, 3, H, W]
+        # vision_feature_layer / vision_feature_select_strategy default to the config's, as in forward
+        out = model.model.get_image_features(pixel_values=pixel_values)
+        features = out.pooler_output  # [T, image_seq_length, hidden]
+        hidden = features.shape[-1]
+        return [ItemEmbeddings(embeddings=f.reshape(-1, hidden)) for f in features.split(num_tiles)]
+
+    # ---- llm ---------------------------------------------------------------------------
+    def strip_for_llm(self, model: PreTrainedModel) -> None:
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None

@@ -1,0 +1,217 @@
+"""Tiny random InternVL checkpoints (InternVLForConditionalGeneration, the transformers-native port of
+InternVL3: InternViT tower + pixel shuffle + MLP projector + Qwen2 language model).
+
+InternVL cuts an image into square tiles (448 px in OpenGVLab/InternVL3-*-hf): the tile grid is
+the one of at most `max_patches` tiles whose aspect ratio is closest to the image's, plus a
+thumbnail of the whole image when there is more than one tile. Each tile gives
+(tile / patch)^2 x downsample_ratio^2 tokens (256 at 448 px, patch 14, ratio 0.5), so the token
+count varies with the image's aspect ratio. The tiny tower keeps that shape: 64 px tiles, patch 8
+(8x8 patches), pixel-shuffled 2x2 to 16 tokens per tile, at most 6 tiles per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from services.models.tiny.common import (
+    BuildContext,
+    fan_in,
+    padded_vocab_size,
+    redraw_weights,
+    save_generation_config,
+    train_bpe_tokenizer,
+)
+
+FAMILY = "internvl"
+
+# InternVL3-*-hf: Qwen2.5's special tokens, then the added <img> </img> <IMG_CONTEXT> <quad> </quad>
+# <ref> </ref> <box> </box> (the real <IMG_CONTEXT> is 151667), and <video> for the processor's
+# video placeholder. Here the ids follow the BPE vocabulary in this order.
+INTERNVL_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>",
+)  # fmt: skip
+
+# The chat template that transformers' convert_internvl_weights_to_hf.py gives the -hf checkpoints:
+# ChatML without a default system prompt, one "<IMG_CONTEXT>\n" per image (the processor expands it
+# to <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as Qwen2-VL's).
+_EOS_LOGIT_SCALE = 0.9
+
+# text (Qwen2): hidden, layers, heads, kv heads, intermediate
+# vision (InternViT): width, layers, heads, intermediate, tile size, patch; max tiles per image
+_INTERNVL_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, tile=64, patch=8,
+        max_tiles=6,  # 16 tokens per tile
+    ),
+    "bench": dict(
+        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
+        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, tile=224, patch=14,
+        max_tiles=6,  # 64 tokens per tile
+    ),
+}  # fmt: skip
+
+
+def _internvl_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+    """Per-parameter std for InternVL, so that outputs depend on the prompt and the image.
+
+    As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
+    ~1/sqrt(fan_in), q/k doubled for peaked attention, lm_head for logits of std ~3, the projector's
+    output at the scale of the token embeddings. Besides, the tower's CLS token and absolute position
+    embeddings (zeroed by `_init_weights`) are drawn so that patches differ by place; the layer-scale
+    vectors (lambda_1/2) keep ones.
+    """
+
+    def std_for(name: str, param: torch.Tensor) -> float | None:
+        if name.endswith("embeddings.cls_token"):
+            return 1.0
+        if name.endswith("embeddings.position_embeddings"):
+            return 0.5
+        if param.ndim == 1:  # norms and layer scales keep ones; biases get a little noise
+            return 0.02 if name.endswith("bias") else None
+        base = 1.0 / math.sqrt(fan_in(param))
+        if name.endswith("embed_tokens.weight"):
+            return 1.0
+        if name == "lm_head.weight":
+            return 3.0 / math.sqrt(hidden)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return 2.0 * base
+        if name.endswith("multi_modal_projector.linear_2.weight"):
+            return 2.0 * base
+        return base
+
+    return std_for
+
+
+def build(ctx: BuildContext) -> None:
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    p = _INTERNVL_SIZES[ctx.size]
+    tokenizer = train_bpe_tokenizer(
+        ctx.seed,
+        INTERNVL_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        # What InternVLProcessor reads from the tokenizer (as the -hf checkpoints' tokenizer_config.json)
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+        model_max_length=8192,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+    vocab_size = padded_vocab_size(tokenizer)
+    downsample_ratio = 0.5
+    tokens_per_tile = int((p["tile"] // p["patch"]) ** 2 * downsample_ratio**2)
+
+    config = InternVLConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=p["hidden"],
+            intermediate_size=p["intermediate"],
+            num_hidden_layers=p["layers"],
+            num_attention_heads=p["heads"],
+            num_key_value_heads=p["kv_heads"],
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            initializer_range=0.1,  # informative only: weights are re-drawn below
+            dtype="float32",
+        ),
+        vision_config=dict(
+            hidden_size=p["vision_hidden"],
+            intermediate_size=p["vision_intermediate"],
+            num_hidden_layers=p["vision_layers"],
+            num_attention_heads=p["vision_heads"],
+            image_size=[p["tile"], p["tile"]],
+            patch_size=[p["patch"], p["patch"]],
+            use_absolute_position_embeddings=True,  # as the converted checkpoints
+            use_mean_pooling=True,
+            norm_type="layer_norm",
+            initializer_range=0.1,
+        ),
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # drops the CLS token
+        tie_word_embeddings=False,  # InternVL3-2B and up; the 1B ties
+        dtype="float32",
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    redraw_weights(model, ctx.seed, _internvl_std(p["hidden"]))
+    with torch.no_grad():
+        # Rows the model should never emit: padding beyond the tokenizer and the special tokens other
+        # than EOS (a zero row scores 0 while real rows spread around it), as Qwen2-VL's builder.
+        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
+        model.lm_head.weight[never] = 0.0
+        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
+    model.save_pretrained(ctx.out_dir)
+    save_generation_config(
+        ctx.out_dir,
+        eos_token_ids=eos,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+    )
+
+    tile = {"height": p["tile"], "width": p["tile"]}
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet, as InternVL3
+    image_processor = GotOcr2ImageProcessor(  # InternVL3-hf: 448 px tiles, bicubic, 1..12 tiles
+        size=tile,
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=p["max_tiles"],
+        resample=3,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+    )
+    video_processor = InternVLVideoProcessor(size=tile, resample=3, image_mean=mean, image_std=std)
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=tokens_per_tile,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(ctx.out_dir)
