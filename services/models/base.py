@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jinja2
 import torch
 from transformers import (AutoModelForImageTextToText, AutoProcessor, Cache, DynamicCache, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin)
@@ -116,8 +117,16 @@ class ModelFamily(ABC):
         """The token that the processor repeats once per embedding row of an item."""
 
     def render_chat(self, processor: ProcessorMixin, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for HF-style chat messages, with the model's own chat template."""
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The prompt text for HF-style chat messages, with the model's own chat template.
+
+        Some processors (Phi-4-MM) do not keep the checkpoint's template; the tokenizer does.
+        """
+        templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
+        try:
+            return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as err:  # templates raise_exception(), e.g. on roles that do not alternate
+            raise InvalidArgument(f"the model's chat template rejected the messages: {err}",
+                                  reason="CHAT_TEMPLATE_REJECTED") from err
 
     @abstractmethod
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:

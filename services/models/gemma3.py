@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jinja2
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
@@ -53,13 +52,6 @@ class Gemma3(ModelFamily):
         return {IMAGE: "<image_soft_token>"}[modality]
 
     # ---- processor ---------------------------------------------------------------------
-    def render_chat(self, processor: ProcessorMixin, messages: list[dict[str, Any]]) -> str:
-        try:
-            return super().render_chat(processor, messages)
-        except jinja2.TemplateError as err:  # Gemma's template raises on roles that do not alternate
-            raise InvalidArgument(f"the Gemma 3 chat template rejected the messages: {err}",
-                                  reason="CHAT_TEMPLATE_REJECTED") from err
-
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         # As transformers' apply_chat_template(tokenize=True): a rendered prompt that already starts
         # with <bos> is tokenized without adding another one.

@@ -78,12 +78,6 @@ class Phi4Multimodal(ModelFamily):
     def placeholder_token(self, modality: str) -> str:
         return {IMAGE: "<|image|>", AUDIO: "<|audio|>"}[modality]
 
-    def render_chat(self, processor: ProcessorMixin, messages: list[dict[str, Any]]) -> str:
-        # AutoProcessor does not keep chat_template.jinja for this family (Phi4MultimodalProcessor's
-        # __init__ does not take it); the tokenizer does. A processor that has one wins, as in HF.
-        templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
-        return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def num_image_tokens(self, crop_masks: torch.Tensor, image_size: torch.Tensor) -> int:
         """Embedding rows of one image: what the HF image embedding writes, and the processor counts.
 
