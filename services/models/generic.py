@@ -1,0 +1,355 @@
+"""Generic: any transformers image-text-to-text model whose model exposes `get_image_features`.
+
+No architecture is claimed here (`hf_architectures = ()`): registry.family_for falls back to this
+family for a checkpoint no family file claims, when `can_serve` says yes. It reproduces what most
+transformers VLMs do in their whole-model forward, and nothing model-specific:
+
+  processor  the HF processor expands each image's marker into a run of the config's image token
+             (`image_token_id` / `image_token_index`), often between wrapper tokens (Idefics3:
+             `<fake_token_around_image><global-img>` ... `<fake_token_around_image>`; Aya Vision:
+             `<|START_OF_IMG|>TILE_GLOBAL` ... `<|END_OF_IMG|>`). Only image-token positions take
+             tower rows (transformers' `input_ids == image_token_id` mask). When the processor also
+             returns `mm_token_type_ids`, they must mark every such position as image (1); the
+             wrappers they may also mark take no rows. One image is one item and must be ONE run.
+             The item's encoder inputs are the processor outputs `get_image_features` takes, cut per
+             image: a leading dim of one per image ([images, ...]), a batch-of-one layout
+             ([1, images, ...], Idefics3) or flattened patches counted by a per-image integer grid
+             ([sum of patches, ...] beside an [images, k] `*grid*` input).
+  encoder    `model.get_image_features(**inputs)` on the items of a call concatenated along dim 0
+             (items whose tensors have other trailing shapes run separately). Its `pooler_output`
+             (one tensor per image, a [images, tokens, hidden] tensor, or one flat [rows, hidden]
+             tensor; Idefics3 gives one per prompt) is flattened to rows and split per item by its
+             placeholder count, then cast to the model dtype as transformers casts before merging.
+  llm        the default prefill: each item's rows over its range, which with one run per item in
+             prompt order is transformers' masked_scatter; 1-D positions 0..L-1; the decoder
+             (`model.model.get_decoder()`) called as the outer forward calls it; then lm_head.
+
+Not covered, so `can_serve` refuses (FailedPrecondition MODEL_UNSUPPORTED with the reason) rather
+than serve wrong tokens:
+  - positions the outer model computes (`get_rope_index` / `rope_deltas`: Qwen-VL, GLM-4V mRoPE);
+  - masks from token types (`token_type_ids`: Gemma 3's bidirectional image blocks, PaliGemma's
+    prefix-LM) or any mask the outer model builds for the decoder (`create_causal_mask`, ...);
+  - image rows fed to later decoder layers (`deepstack`, `visual_pos_masks`: Qwen3-VL);
+  - logits changed after lm_head (`softcap`, `logit_scale`) or embeddings scaled outside the decoder
+    (`embed_scale`, `normalizer`) -- a positive scale keeps greedy tokens but changes sampling;
+  - encoder-decoder models; a model without `model.model`, a decoder child of it or an lm_head;
+  - processor outputs the outer forward takes that `get_image_features` does not (the generic LLM
+    would drop them);
+  - processors that give one image several placeholder runs: Mistral3/Pixtral (rows of `[IMG]` split
+    by `[IMG_BREAK]`, closed by `[IMG_END]`), Idefics3/SmolVLM with image splitting, Aya Vision with
+    more than one tile. The contract puts one image on one contiguous range (one PlaceholderRange per
+    MultimodalInput, one MultimodalInput per image and mm_hash).
+The model checks read transformers' source of the outer and inner model classes for those markers,
+so they follow the installed version; the processor checks run the processor on a probe chat with a
+small and a large image. A behaviour none of them names is not caught: model types other than the
+verified ones below are served with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig,
+                          PreTrainedModel, ProcessorMixin)
+from transformers.utils import ModelOutput
+
+from services.common.errors import FailedPrecondition, InvalidArgument, TriptychError
+from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+
+log = logging.getLogger(__name__)
+
+# Model types whose parity with transformers is proven by tests/e2e/test_generic_parity.py.
+VERIFIED_MODEL_TYPES = frozenset({"idefics3", "aya_vision"})
+
+# Source markers of the outer and inner model classes, each a behaviour the generic LLM path lacks.
+_REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("get_rope_index", "rope_deltas"),
+     "the model computes its own (multi-axis) position ids; the generic path uses 0..L-1"),
+    (("token_type_ids",),
+     "the forward reads token type ids (bidirectional image attention, prefix-LM masks or mRoPE positions)"),
+    (("create_causal_mask", "create_masks_for_generate", "create_sliding_window_causal_mask",
+      "create_bidirectional_mask"),
+     "the outer model builds the decoder's attention mask itself"),
+    (("deepstack", "visual_pos_masks"), "image features also enter later decoder layers (deepstack)"),
+    (("softcap", "logit_scale"), "the logits are transformed after lm_head"),
+    (("embed_scale", "normalizer"), "embeddings are scaled outside the decoder"),
+)  # fmt: skip
+
+# Processor outputs the generic path handles itself (not tower inputs).
+_TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
+# The encoder-input name carrying an item's placeholder count, beside the tower's own inputs.
+NUM_TOKENS_KEY = "num_placeholder_tokens"
+# mm_token_type_ids value of image tokens (transformers' processors: 0 text, 1 image, 2 video).
+_IMAGE_TOKEN_TYPE = 1
+# Probe images for can_serve: (width, height). The large one makes tiling processors tile.
+_PROBE_SIZES = ((64, 48), (1024, 768))
+
+
+def _model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
+    try:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def _image_token_id(config: PretrainedConfig) -> int | None:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _params(fn: Any) -> set[str]:
+    """Named parameters of a function (no self, *args, **kwargs)."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _model_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
+    """Why the generic path would not reproduce this model's forward; None when it would."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    if _image_token_id(config) is None:
+        return "its config has no image_token_id / image_token_index"
+    try:
+        with torch.device("meta"):  # the module tree only: no weights, no memory
+            skeleton = model_class(config)
+    except Exception as err:  # noqa: BLE001 -- any failure to build is a refusal with its reason
+        return f"building {model_class.__name__} from the config failed: {type(err).__name__}: {err}"
+    inner = getattr(skeleton, "model", None)
+    if not isinstance(inner, PreTrainedModel):
+        return f"{model_class.__name__} has no inner `model` (a PreTrainedModel) holding the towers and the decoder"
+    decoder = inner.get_decoder()
+    if decoder is inner or all(child is not decoder for child in inner.children()):
+        return f"{type(inner).__name__} has no decoder child (language_model / text_model)"
+    if not isinstance(skeleton.get_output_embeddings(), torch.nn.Linear):
+        return f"{model_class.__name__} has no lm_head"
+    source = inspect.getsource(model_class) + inspect.getsource(type(inner))
+    for markers, reason in _REFUSED_MARKERS:
+        found = [m for m in markers if m in source]
+        if found:
+            return f"{reason} ({', '.join(found)} in {model_class.__name__} / {type(inner).__name__})"
+    return None
+
+
+def _probe_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in _PROBE_SIZES]
+
+
+class Generic(ModelFamily):
+    name = "generic"
+    hf_architectures = ()
+    modalities = (IMAGE,)
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        model_class = _model_class(config)
+        if model_class is None or not hasattr(model_class, "get_image_features"):
+            raise FailedPrecondition(f"{config.model_type} is not an image-text-to-text model with get_image_features",
+                                     reason="MODEL_UNSUPPORTED")
+        self.model_class = model_class
+        self.image_token_id = _image_token_id(config)
+        self.tower_inputs = _params(model_class.get_image_features)  # e.g. pixel_values, pixel_attention_mask
+        self.forward_inputs = _params(model_class.forward)
+
+    # ---- which checkpoints -------------------------------------------------------------
+    @classmethod
+    def can_serve(cls, model_dir: Path) -> bool:
+        """Whether the generic path serves this folder exactly.
+
+        False (quietly) for a folder that is not an image-text-to-text model with get_image_features:
+        not this family's to judge. For one that is, but whose forward or processor the generic path
+        would not reproduce (module docstring), raises FailedPrecondition MODEL_UNSUPPORTED with the
+        reason, so that the services refuse to start instead of answering wrong tokens.
+        """
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except (OSError, ValueError, KeyError):
+            return False
+        model_class = _model_class(config)
+        if model_class is None or not hasattr(model_class, "get_image_features"):
+            return False
+        reason = _model_refusal(config, model_class) or cls(config)._processor_refusal(model_dir)
+        if reason is not None:
+            raise FailedPrecondition(
+                f"{model_dir}: no family file claims {model_class.__name__}, and the generic family cannot "
+                f"serve it exactly: {reason}",
+                reason="MODEL_UNSUPPORTED", metadata={"modelType": config.model_type})
+        if config.model_type not in VERIFIED_MODEL_TYPES:
+            log.warning("serving %s (%s) with the generic family; its parity with transformers is verified only "
+                        "for %s", model_dir, config.model_type, ", ".join(sorted(VERIFIED_MODEL_TYPES)))
+        return True
+
+    def _processor_refusal(self, model_dir: Path) -> str | None:
+        """Runs the processor on a chat with a small and a large image, as the processor service will."""
+        try:
+            processor = self.load_processor(model_dir)
+            tokenizer = processor.tokenizer
+            if tokenizer.convert_tokens_to_ids(self.placeholder_token(IMAGE)) != self.image_token_id:
+                return f"the tokenizer does not map image token id {self.image_token_id} back to itself"
+            images = _probe_images()
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
+            text = self.render_chat(processor, [{"role": "user", "content": content}])
+            prompt = self.preprocess(processor, text, images)
+        except TriptychError as err:
+            return err.message
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"the processor probe failed: {type(err).__name__}: {err}"
+        if len(prompt.items) != len(images):
+            return f"the probe's {len(images)} images gave {len(prompt.items)} items"
+        return None
+
+    # ---- processor ---------------------------------------------------------------------
+    @cached_property
+    def _placeholder(self) -> str:
+        tokenizer = AutoTokenizer.from_pretrained(self.config.name_or_path)
+        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    def placeholder_token(self, modality: str) -> str:
+        return self._placeholder
+
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
+        out = processor(text=[text], images=images or None, return_tensors="pt")
+        self._check_forward_inputs(out)
+        token_ids = out["input_ids"][0].tolist()
+        runs = self._placeholder_runs(out, token_ids)
+        if len(runs) != len(images):
+            raise InvalidArgument(
+                f"{len(images)} images but {len(runs)} runs of {self.placeholder_token(IMAGE)} in the processed "
+                f"prompt (run lengths {[n for _, n in runs]}); the generic family needs one contiguous run per "
+                "image (tiled or row-split images, or two images with nothing between them, are not supported)",
+                reason="PLACEHOLDER_LAYOUT_UNSUPPORTED", metadata={"imageCount": str(len(images))})
+        inputs = self._cut_per_image(out, len(images)) if images else []
+        return ProcessedPrompt(token_ids=token_ids, items=[
+            ProcessedItem(modality=IMAGE, offset=offset, length=length,
+                          encoder_inputs={**item_inputs, NUM_TOKENS_KEY: torch.tensor([length])})
+            for (offset, length), item_inputs in zip(runs, inputs)
+        ])
+
+    def _check_forward_inputs(self, out: dict[str, Any]) -> None:
+        dropped = sorted((set(out) & self.forward_inputs) - self.tower_inputs - _TEXT_INPUTS)
+        if dropped:
+            raise FailedPrecondition(
+                f"the processor returns {dropped}, which {self.model_class.__name__}.forward takes and "
+                "get_image_features does not; the generic family would drop them",
+                reason="MODEL_UNSUPPORTED")
+
+    def _placeholder_runs(self, out: dict[str, Any], token_ids: list[int]) -> list[tuple[int, int]]:
+        """(offset, length) of each run of the image token; mm_token_type_ids, if any, must agree."""
+        types = out.get("mm_token_type_ids")
+        if types is not None:
+            is_image = torch.tensor(token_ids) == self.image_token_id
+            if not (types[0][is_image] == _IMAGE_TOKEN_TYPE).all():
+                raise FailedPrecondition(
+                    f"the processor's mm_token_type_ids do not mark every {self.placeholder_token(IMAGE)} as image",
+                    reason="MODEL_UNSUPPORTED")
+        return self.placeholder_runs(token_ids, self.image_token_id)
+
+    def _cut_per_image(self, out: dict[str, Any], num_images: int) -> list[dict[str, torch.Tensor]]:
+        """Each image's slice of the processor outputs that get_image_features takes (module docstring)."""
+        names = sorted(self.tower_inputs & set(out))
+        if not names:
+            raise FailedPrecondition(f"the processor returns none of get_image_features' inputs {sorted(self.tower_inputs)}",
+                                     reason="MODEL_UNSUPPORTED")
+        tensors = {name: out[name] for name in names}
+        for name, value in tensors.items():
+            if not torch.is_tensor(value):
+                raise FailedPrecondition(f"processor output {name!r} is a {type(value).__name__}, not a tensor",
+                                         reason="MODEL_UNSUPPORTED")
+        # Flattened patches: a per-image integer grid ([images, k], e.g. image_grid_thw) counts each image's rows.
+        grids = [v for n, v in tensors.items()
+                 if "grid" in n and v.ndim == 2 and v.shape[0] == num_images and not v.is_floating_point()]
+        counts = [math.prod(row) for row in grids[0].tolist()] if grids else None
+        per_image: list[dict[str, torch.Tensor]] = [{} for _ in range(num_images)]
+        for name, value in tensors.items():
+            if value.shape[0] == num_images:  # [images, ...]
+                pieces = value.split(1)
+            elif value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == num_images:  # [1, images, ...]
+                pieces = value.split(1, dim=1)
+            elif counts is not None and value.shape[0] == sum(counts):  # [sum of patches, ...]
+                pieces = value.split(counts)
+            else:
+                raise FailedPrecondition(
+                    f"cannot cut processor output {name!r} of shape {list(value.shape)} into {num_images} images",
+                    reason="MODEL_UNSUPPORTED")
+            for item, piece in zip(per_image, pieces):
+                item[name] = piece.contiguous()
+        return per_image
+
+    # ---- encoder -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        counts = [self._num_tokens(index, item) for index, item in enumerate(items)]
+        # Items are concatenated along dim 0, as the processor lays out one prompt's images; items
+        # whose tensors differ past dim 0 (another request's padding) run in their own call.
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(items):
+            key = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(item.items()) if name != NUM_TOKENS_KEY)
+            groups.setdefault(key, []).append(index)
+        results: list[ItemEmbeddings | None] = [None] * len(items)
+        for indexes in groups.values():
+            names = [name for name in items[indexes[0]] if name != NUM_TOKENS_KEY]
+            inputs = {name: torch.cat([items[i][name] for i in indexes]).to(model.device) for name in names}
+            out = model.get_image_features(**inputs)
+            rows = self._rows(out, [counts[i] for i in indexes])
+            for i, item_rows in zip(indexes, rows):
+                results[i] = ItemEmbeddings(embeddings=item_rows.to(model.dtype))
+        return results  # type: ignore[return-value]
+
+    def _num_tokens(self, index: int, item: dict[str, torch.Tensor]) -> int:
+        unknown = sorted(set(item) - self.tower_inputs - {NUM_TOKENS_KEY})
+        count = item.get(NUM_TOKENS_KEY)
+        if unknown or count is None or count.numel() != 1 or count.is_floating_point() or int(count) <= 0:
+            raise InvalidArgument(
+                f"item {index}: expected get_image_features inputs {sorted(self.tower_inputs)} and a positive integer "
+                f"{NUM_TOKENS_KEY!r}, got {sorted(item)}", reason="ENCODER_INPUT_INVALID")
+        return int(count)
+
+    def _rows(self, out: Any, counts: list[int]) -> tuple[torch.Tensor, ...]:
+        """The tower output as [rows, hidden], split per item by its placeholder count."""
+        hidden = self.hidden_size
+        features = out.pooler_output if isinstance(out, ModelOutput) else out
+        if features is None:
+            raise FailedPrecondition(f"{self.model_class.__name__}.get_image_features returned no pooler_output",
+                                     reason="MODEL_UNSUPPORTED")
+        parts = list(features) if isinstance(features, (list, tuple)) else [features]
+        if any(p.shape[-1] != hidden for p in parts):
+            raise FailedPrecondition(f"image features of widths {[p.shape[-1] for p in parts]}, the decoder's is {hidden}",
+                                     reason="MODEL_UNSUPPORTED")
+        rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [sum of counts, hidden]
+        if rows.shape[0] != sum(counts):
+            raise InvalidArgument(f"the tower gave {rows.shape[0]} rows for items of {counts} placeholder tokens",
+                                  reason="ENCODER_INPUT_INVALID")
+        return rows.split(counts)
+
+    def strip_for_encoder(self, model: PreTrainedModel) -> None:
+        decoder, head = model.model.get_decoder(), model.get_output_embeddings()
+        _drop_children(model.model, keep=lambda child: child is not decoder)
+        _drop_children(model, keep=lambda child: child is not head)
+
+    # ---- llm ---------------------------------------------------------------------------
+    def strip_for_llm(self, model: PreTrainedModel) -> None:
+        decoder = model.model.get_decoder()
+        _drop_children(model.model, keep=lambda child: child is decoder)
+
+    def language_model(self, model: PreTrainedModel) -> torch.nn.Module:
+        return model.model.get_decoder()
+
+    def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
+        return model.get_output_embeddings()
+
+
+def _drop_children(module: torch.nn.Module, keep) -> None:
+    for name, child in list(module.named_children()):
+        if not keep(child):
+            setattr(module, name, None)

@@ -1,0 +1,190 @@
+"""Tiny random Aya Vision checkpoints (AyaVisionForConditionalGeneration: SigLIP tower + Cohere2).
+
+Served by the generic family (services/models/generic.py): Aya Vision has no family file of its own.
+
+Aya Vision's processor expands each `<image>` in the prompt to `<|START_OF_IMG|>`, then per tile
+`TILE_i` + n x `<|IMG_PATCH|>`, then `TILE_GLOBAL` + n x `<|IMG_PATCH|>` and `<|END_OF_IMG|>`; only the
+`<|IMG_PATCH|>` positions (config `image_token_index`) take tower rows. CohereLabs/aya-vision-8b
+crops big images into up to 12 tiles plus a thumbnail, so one image owns several placeholder runs,
+which the generic family refuses (one image must be one contiguous range). The tiny checkpoint keeps
+`max_patches=1`: every image is one 112 px tile, `TILE_GLOBAL` + one run of `<|IMG_PATCH|>`.
+
+Tiny sizes: patch 14 on a 112 px tile, 8x8 patches, pixel shuffle x2 (`downsample_factor`), a SwiGLU
+projector: 16 `<|IMG_PATCH|>` tokens per image. The language model is Cohere2 (LayerNorm, parallel
+attention + MLP, one sliding-window and one global layer) with tied embeddings, as the real model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
+                                         save_generation_config, train_bpe_tokenizer)
+
+FAMILY = "aya_vision"
+
+# Cohere's control tokens as the Aya Vision tokenizer has them, then its image tokens; ids after the
+# BPE vocabulary in this order.
+AYA_VISION_SPECIAL_TOKENS = (
+    "<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>", "<EOS_TOKEN>", "<EOP_TOKEN>",
+    "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>",
+    "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL",
+)  # fmt: skip
+
+# The turn structure of CohereLabs/aya-vision-8b's chat template: <BOS_TOKEN>, an optional system turn,
+# user turns whose image parts render as "<image>" (the processor expands it), then the chatbot turn.
+# The hub template also inserts Cohere's long default system preamble when there is no system
+# message; it is left out here (no network to copy it byte for byte, and it would make every tiny
+# prompt a few hundred tokens long).
+AYA_VISION_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>' }}"
+    "{% else %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|END_OF_TURN_TOKEN|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+)
+
+# As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
+_EOS_LOGIT_SCALE = 0.9
+# Tied embeddings: special rows other than EOS are shrunk rather than zeroed, so that as inputs
+# (turn tokens) they keep a direction while as outputs they score near 0 and are never picked.
+_SPECIAL_ROW_SCALE = 0.05
+
+# text (Cohere2): hidden, layers, heads, kv heads, intermediate
+# vision (SigLIP): width, layers, heads, intermediate, tile side (patch 14), pixel-shuffle factor
+_AYA_VISION_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=112, downsample=2,
+    ),  # (112 / 14)^2 / 2^2 = 16 tokens per image
+    "bench": dict(
+        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
+        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, image_size=364, downsample=2,
+    ),  # (364 / 14)^2 / 2^2 = 169 tokens per image, as the real model
+}  # fmt: skip
+
+
+def _aya_vision_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+    """Per-parameter std, chosen so that greedy outputs depend on the prompt and the image.
+
+    As Qwen2-VL's (tiny/qwen2_vl.py), linear layers at ~1/sqrt(fan_in) with larger q/k (peaked
+    attention). What the tied embeddings add: the current token's own embedding, still in the
+    residual stream at the last layer, scores itself through the tied lm_head, and greedy decoding
+    falls into repeating one token (seen at std 1 everywhere). Small token embeddings (0.3) against
+    a strong attention output (o_proj x4) let the context outweigh the current token. Chosen by
+    trying a few scales on seed 0 with tests/parity.py's prompts: no case repeats one token.
+    """
+
+    def std_for(name: str, param: torch.Tensor) -> float | None:
+        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
+            return 0.02 if name.endswith("bias") else None
+        base = 1.0 / math.sqrt(fan_in(param))
+        if name.endswith("embed_tokens.weight"):
+            return 0.3
+        if name.endswith("position_embedding.weight"):
+            return 0.5
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return 3.0 * base
+        if name.endswith("o_proj.weight") and "language_model" in name:
+            return 4.0 * base
+        if name.endswith("multi_modal_projector.linear_2.weight"):
+            return 3.0 * base
+        return base
+
+    return std_for
+
+
+def build(ctx: BuildContext) -> None:
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, GotOcr2ImageProcessor
+
+    p = _AYA_VISION_SIZES[ctx.size]
+    tokenizer = train_bpe_tokenizer(
+        ctx.seed,
+        AYA_VISION_SPECIAL_TOKENS,
+        bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>",
+        unk_token="<UNK>",
+        pad_token="<PAD>",
+        model_max_length=16384,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in AYA_VISION_SPECIAL_TOKENS}
+    vocab_size = padded_vocab_size(tokenizer)
+    tile = p["image_size"]
+
+    config = AyaVisionConfig(
+        text_config=dict(
+            model_type="cohere2",
+            vocab_size=vocab_size,
+            hidden_size=p["hidden"],
+            intermediate_size=p["intermediate"],
+            num_hidden_layers=p["layers"],
+            num_attention_heads=p["heads"],
+            num_key_value_heads=p["kv_heads"],
+            max_position_embeddings=16384,
+            layer_types=["sliding_attention"] * (p["layers"] - 1) + ["full_attention"],
+            sliding_window=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+            bos_token_id=ids["<BOS_TOKEN>"],
+            eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
+            pad_token_id=ids["<PAD>"],
+            initializer_range=0.1,  # informative only: weights are re-drawn below
+            tie_word_embeddings=True,
+            dtype="float32",
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=p["vision_hidden"],
+            intermediate_size=p["vision_intermediate"],
+            num_hidden_layers=p["vision_layers"],
+            num_attention_heads=p["vision_heads"],
+            image_size=tile,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        downsample_factor=p["downsample"],
+        image_token_index=ids["<|IMG_PATCH|>"],
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+    model = AyaVisionForConditionalGeneration(config).eval()
+    redraw_weights(model, ctx.seed, _aya_vision_std(p["hidden"]))
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight  # tied: the token embeddings too
+        eos = [ids["<|END_OF_TURN_TOKEN|>"], ids["<EOS_TOKEN>"]]
+        head[len(tokenizer):] = 0.0  # padding rows: never an input, never an output
+        head[[i for i in ids.values() if i not in eos]] *= _SPECIAL_ROW_SCALE
+        head[eos] *= _EOS_LOGIT_SCALE
+    model.save_pretrained(ctx.out_dir)
+    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<PAD>"], bos_token_id=ids["<BOS_TOKEN>"])
+
+    image_processor = GotOcr2ImageProcessor(  # aya-vision-8b: 364 px tiles, up to 12 (see the module docstring)
+        size={"height": tile, "width": tile},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=1,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+    processor = AyaVisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        img_size=tile,
+        downsample_factor=p["downsample"],
+        chat_template=AYA_VISION_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(ctx.out_dir)
