@@ -173,6 +173,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
             raise InvalidArgument(f"the model's processor rejected the request: {err}",
                                   reason="PROCESSOR_REJECTED") from err
+        if len(processed.items) != len(images):
+            raise Internal(f"the {self.family.name} family made {len(processed.items)} media items of "
+                           f"{len(images)} images", reason="PREPROCESS_ITEM_MISMATCH")
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes)
 
     def _check_text(self, text: str, where: str) -> None:
@@ -193,14 +196,14 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             items=[
                 encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
                                       tensors=to_named(item.encoder_inputs))
-                for item, h in zip(prepared.processed.items, prepared.mm_hashes)
+                for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True)
             ],
         )
 
     def _llm_request_fields(self, prepared: Prepared, embeddings: list[encoder_pb2.ItemEmbeddings] | None,
                             sampling: generation_pb2.SamplingParams) -> dict[str, Any]:
         inputs = []
-        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes)):
+        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes, strict=True)):
             emb = embeddings[index] if embeddings is not None else None
             inputs.append(llm_pb2.MultimodalInput(
                 placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality),
