@@ -81,18 +81,18 @@ def wait_serving(address: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{address} not SERVING")
 
 
-def start_encoder(model: Path, port: int = 0) -> Proc:
-    return spawn("encoder", "serve", "encoder", "--model", str(model), "--port", str(port))
+def start_encoder(model: Path, *flags: str) -> Proc:
+    return spawn("encoder", "serve", "encoder", "--model", str(model), "--port", "0", *flags)
 
 
-def start_llm(model: Path, port: int = 0) -> Proc:
-    return spawn("llm", "serve", "llm", "--model", str(model), "--port", str(port))
+def start_llm(model: Path, *flags: str) -> Proc:
+    return spawn("llm", "serve", "llm", "--model", str(model), "--port", "0", *flags)
 
 
-def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path | None = None) -> Proc:
+def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path | None = None, *flags: str) -> Proc:
     extra = ["--allowed-media-dir", str(allowed_media_dir)] if allowed_media_dir else []
     return spawn("processor", "serve", "processor", "--model", str(model), "--port", "0",
-                 "--encoder", encoder, "--llm", llm, *extra)
+                 "--encoder", encoder, "--llm", llm, *extra, *flags)
 
 
 @dataclass
@@ -110,9 +110,10 @@ class ServiceSet:
             proc.stop()
 
 
-def start_services(model: Path, allowed_media_dir: Path | None = None) -> ServiceSet:
-    encoder, llm = start_encoder(model), start_llm(model)
-    processor = start_processor(model, wait_listening(encoder), wait_listening(llm), allowed_media_dir)
+def start_services(model: Path, allowed_media_dir: Path | None = None, *flags: str) -> ServiceSet:
+    """Encoder, LLM and processor as processes; `flags` go to all three (e.g. "--dtype", "bfloat16")."""
+    encoder, llm = start_encoder(model, *flags), start_llm(model, *flags)
+    processor = start_processor(model, wait_listening(encoder), wait_listening(llm), allowed_media_dir, *flags)
     wait_listening(processor)
     for proc in (encoder, llm, processor):
         wait_serving(proc.address)
