@@ -83,6 +83,15 @@ def from_proto(proto: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     return tensor
 
 
+def slice_rows(proto: tensor_pb2.Tensor, rows: slice) -> tensor_pb2.Tensor:
+    """Rows [start, stop) of a wire tensor along its first axis, without decoding it."""
+    if rows.start == 0 and rows.stop == (proto.shape[0] if proto.shape else 0):
+        return proto
+    row_bytes = len(proto.data) // proto.shape[0]
+    return tensor_pb2.Tensor(dtype=proto.dtype, shape=[rows.stop - rows.start, *proto.shape[1:]],
+                             data=proto.data[rows.start * row_bytes : rows.stop * row_bytes])
+
+
 def to_named(tensors: Mapping[str, torch.Tensor]) -> list[tensor_pb2.NamedTensor]:
     """Serialises a name -> tensor mapping, in the mapping's order."""
     return [tensor_pb2.NamedTensor(name=k, tensor=to_proto(v)) for k, v in tensors.items()]

@@ -35,6 +35,14 @@ class ProcessedItem:
     length: int  # number of placeholder tokens == embedding rows
     encoder_inputs: dict[str, torch.Tensor]  # this item's slice of the processor output
     position_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. image_grid_thw [1, 3]
+    # (offset, length) of each placeholder run when the item's tokens are split into several runs
+    # (tiles between row/column tokens); they take consecutive embedding rows and sum to `length`.
+    # Empty: one run, (offset, length).
+    runs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def placeholder_runs(self) -> tuple[tuple[int, int], ...]:
+        return self.runs or ((self.offset, self.length),)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
-from services.common.tensors import to_named
+from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
@@ -205,13 +205,17 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         inputs = []
         for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes, strict=True)):
             emb = embeddings[index] if embeddings is not None else None
-            inputs.append(llm_pb2.MultimodalInput(
-                placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality),
-                                                        offset=item.offset, length=item.length, mm_hash=h),
-                embeddings=emb.embeddings if emb else None,
-                deepstack_embeddings=emb.deepstack_embeddings if emb else [],
-                position_inputs=to_named(item.position_inputs),
-            ))
+            first_row = 0
+            for run_index, (offset, length) in enumerate(item.placeholder_runs):
+                rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
+                inputs.append(llm_pb2.MultimodalInput(
+                    placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality), offset=offset,
+                                                            length=length, mm_hash=h, embedding_offset=first_row),
+                    embeddings=slice_rows(emb.embeddings, rows) if emb else None,
+                    deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
+                    position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
+                ))
+                first_row += length
         return dict(
             model_fingerprint=self.checkpoint.fingerprint,
             prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),

@@ -49,3 +49,12 @@ def test_named_round_trip_and_duplicates():
     assert list(from_named(named)) == ["a", "b"]
     with pytest.raises(InvalidArgument, match="given twice"):
         from_named([*named, named[0]])
+
+
+def test_slice_rows_matches_torch_slicing():
+    from services.common.tensors import slice_rows
+
+    t = torch.randn(7, 5).to(torch.bfloat16)
+    proto = to_proto(t)
+    assert torch.equal(from_proto(slice_rows(proto, slice(2, 6))), t[2:6])
+    assert slice_rows(proto, slice(0, 7)) is proto

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftriptych/common/v1/tensor.proto\x12\x12triptych.common.v1\"R\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"s\n\x10PlaceholderRange\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x0f\n\x07mm_hash\x18\x04 \x01(\t*\xbe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftriptych/common/v1/tensor.proto\x12\x12triptych.common.v1\"R\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"\x8d\x01\n\x10PlaceholderRange\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x0f\n\x07mm_hash\x18\x04 \x01(\t\x12\x18\n\x10\x65mbedding_offset\x18\x05 \x01(\x03*\xbe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.common.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=330
-  _globals['_DATATYPE']._serialized_end=520
-  _globals['_MODALITY']._serialized_start=522
-  _globals['_MODALITY']._serialized_end=618
+  _globals['_DATATYPE']._serialized_start=357
+  _globals['_DATATYPE']._serialized_end=547
+  _globals['_MODALITY']._serialized_start=549
+  _globals['_MODALITY']._serialized_end=645
   _globals['_TENSOR']._serialized_start=55
   _globals['_TENSOR']._serialized_end=137
   _globals['_NAMEDTENSOR']._serialized_start=139
   _globals['_NAMEDTENSOR']._serialized_end=210
-  _globals['_PLACEHOLDERRANGE']._serialized_start=212
-  _globals['_PLACEHOLDERRANGE']._serialized_end=327
+  _globals['_PLACEHOLDERRANGE']._serialized_start=213
+  _globals['_PLACEHOLDERRANGE']._serialized_end=354
 # @@protoc_insertion_point(module_scope)

@@ -166,6 +166,7 @@ class PlaceholderRange(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     MM_HASH_FIELD_NUMBER: _builtins.int
+    EMBEDDING_OFFSET_FIELD_NUMBER: _builtins.int
     modality: Global___Modality.ValueType
     """Modality of the media item."""
     offset: _builtins.int
@@ -177,6 +178,13 @@ class PlaceholderRange(_message.Message):
     arguments that change its encoding and the model fingerprint, or the
     caller's own id. Equal hashes mean equal embeddings.
     """
+    embedding_offset: _builtins.int
+    """First row of the item's embeddings that this range takes. 0 unless the
+    item's placeholders are split into several runs (e.g. image tiles
+    separated by row/column tokens, as Idefics3 and Pixtral prompts have):
+    such an item has one range per run, in prompt order, all with the same
+    mm_hash, taking consecutive rows of its embeddings.
+    """
     def __init__(
         self,
         *,
@@ -184,10 +192,11 @@ class PlaceholderRange(_message.Message):
         offset: _builtins.int = ...,
         length: _builtins.int = ...,
         mm_hash: _builtins.str = ...,
+        embedding_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "mm_hash", b"mm_hash", "modality", b"modality", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_offset", b"embedding_offset", "length", b"length", "mm_hash", b"mm_hash", "modality", b"modality", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
