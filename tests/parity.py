@@ -4,15 +4,21 @@ A family's test file needs only:
 
     services = family_services("gemma3")          # module-scoped fixture, one start-up per family
     test_parity = parity_tests("gemma3")          # single image, two images, text-only + power check
+    test_model_info = model_info_test("gemma3")   # the three services' GetModelInfo agree
 """
 
 from __future__ import annotations
+
+import json
 
 import grpc
 import pytest
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.common.v1 import tensor_pb2
+from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
@@ -64,3 +70,31 @@ def parity_tests(family: str, auto_class: str = "AutoModelForImageTextToText", s
             assert expected != hf_generate(model_dir, *CASES["text-only"], MAX_NEW_TOKENS, auto_class)
 
     return test_parity
+
+
+def model_info_test(family: str, seed: int = 0):
+    """Test: GetModelInfo of the three services agree and match the checkpoint folder."""
+
+    @pytest.mark.e2e
+    def test_model_info_agrees(services):
+        """All three services describe the same model, as its checkpoint folder says."""
+        model_dir = tiny_checkpoint(family, seed)
+        infos = []
+        for proc, stub_class, request in ((services.processor, processor_pb2_grpc.ProcessorServiceStub,
+                                           processor_pb2.GetModelInfoRequest()),
+                                          (services.encoder, encoder_pb2_grpc.EncoderServiceStub,
+                                           encoder_pb2.GetModelInfoRequest()),
+                                          (services.llm, llm_pb2_grpc.LlmServiceStub, llm_pb2.GetModelInfoRequest())):
+            with grpc.insecure_channel(proc.address) as channel:
+                infos.append(stub_class(channel).GetModelInfo(request, timeout=30).model_info)
+        assert infos[0] == infos[1] == infos[2]
+        info = infos[0]
+        config = json.loads((model_dir / "config.json").read_text())
+        text_config = config.get("text_config") or config.get("llm_config") or config
+        assert info.hidden_size == text_config["hidden_size"]
+        assert info.embedding_dtype == tensor_pb2.DATA_TYPE_FLOAT32
+        assert info.architecture == config["architectures"][0]
+        assert tensor_pb2.MODALITY_IMAGE in info.modalities and info.placeholder_tokens["image"]
+        assert len(info.fingerprint) == 16
+
+    return test_model_info_agrees

@@ -24,11 +24,12 @@ from services.common.errors import InvalidArgument, error_info
 from services.models.base import PlacedEmbeddings
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
-from tests.parity import CASES, MAX_NEW_TOKENS, family_services, parity_tests
+from tests.parity import CASES, MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import hf_generate
 
 services = family_services("gemma3")
 test_parity = parity_tests("gemma3")
+test_model_info = model_info_test("gemma3")
 
 IMAGE_CASES = ["one-image", "one-image-other", "two-images"]
 

@@ -14,10 +14,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from services.common.errors import InvalidArgument
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
-from tests.parity import CASES, family_services, parity_tests
+from tests.parity import CASES, family_services, model_info_test, parity_tests
 
 services = family_services("internvl")
 test_parity = parity_tests("internvl")
+test_model_info = model_info_test("internvl")
 
 
 def _prompt(prompt: str, images: list[bytes]):

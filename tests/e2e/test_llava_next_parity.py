@@ -13,11 +13,12 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.parity import MAX_NEW_TOKENS, family_services, parity_tests
+from tests.parity import MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import hf_generate, hf_prompt_tokens
 
 services = family_services("llava_next")
 test_parity = parity_tests("llava_next")
+test_model_info = model_info_test("llava_next")
 
 EXTREME = {
     "wide": ("What colours do you see?", [image_bytes(300, 40, seed=7, kind="gradient")]),

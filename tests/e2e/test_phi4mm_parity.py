@@ -21,13 +21,14 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.parity import MAX_NEW_TOKENS, family_services, parity_tests
+from tests.parity import MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import hf_generate
 
 AUTO_CLASS = "AutoModelForCausalLM"
 
 services = family_services("phi4mm")
 test_parity = parity_tests("phi4mm", auto_class=AUTO_CLASS)
+test_model_info = model_info_test("phi4mm")
 
 WIDE = image_bytes(900, 500, seed=7)  # 2x1 crops + the global view, right columns padded
 CROP_CASES = {

@@ -12,10 +12,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.vision_utils import get_vision_window_index
 
 from tests.checkpoints import tiny_checkpoint
-from tests.parity import CASES, family_services, parity_tests
+from tests.parity import CASES, family_services, model_info_test, parity_tests
 
 services = family_services("qwen2_5_vl")
 test_parity = parity_tests("qwen2_5_vl")
+test_model_info = model_info_test("qwen2_5_vl")
 
 
 def _image_inputs(model_dir, images: list[bytes]):

@@ -26,11 +26,12 @@ from services.common.errors import error_info
 from services.common.tensors import from_proto
 from tests.checkpoints import tiny_checkpoint
 from tests.inproc import InProcessServices
-from tests.parity import CASES, MAX_NEW_TOKENS, family_services, parity_tests
+from tests.parity import CASES, MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import hf_generate
 
 services = family_services("qwen3_vl")
 test_parity = parity_tests("qwen3_vl")
+test_model_info = model_info_test("qwen3_vl")
 
 DEEPSTACK_SCALE = 30.0
 IMAGE_CASES = ["one-image", "one-image-other", "two-images"]
