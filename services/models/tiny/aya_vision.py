@@ -16,13 +16,8 @@ attention + MLP, one sliding-window and one global layer) with tied embeddings, 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
-
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, quiet_tied_rows, redraw_weights,
+                                         save_checkpoint, scaled_std, train_tokenizer_with_ids)
 
 FAMILY = "aya_vision"
 
@@ -75,7 +70,7 @@ _AYA_VISION_SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _aya_vision_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _aya_vision_std(hidden: int) -> StdFor:
     """Per-parameter std, chosen so that greedy outputs depend on the prompt and the image.
 
     As Qwen2-VL's (tiny/qwen2_vl.py), linear layers at ~1/sqrt(fan_in) with larger q/k (peaked
@@ -86,30 +81,23 @@ def _aya_vision_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
     trying a few scales on seed 0 with tests/parity.py's prompts: no case repeats one token.
     """
 
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 0.3
-        if name.endswith("position_embedding.weight"):
-            return 0.5
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            return 3.0 * base
-        if name.endswith("o_proj.weight") and "language_model" in name:
-            return 4.0 * base
-        if name.endswith("multi_modal_projector.linear_2.weight"):
-            return 3.0 * base
-        return base
-
-    return std_for
+    return scaled_std(
+        hidden,
+        fixed={"position_embedding.weight": 0.5},
+        embed_std=0.3,
+        gains={
+            ("q_proj.weight", "k_proj.weight"): 3.0,
+            "o_proj.weight": 4.0,  # Cohere2's layers only: SigLIP's attention output is `out_proj`
+            "multi_modal_projector.linear_2.weight": 3.0,
+        },
+    )
 
 
 def build(ctx: BuildContext) -> None:
     from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, GotOcr2ImageProcessor
 
     p = _AYA_VISION_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         AYA_VISION_SPECIAL_TOKENS,
         bos_token="<BOS_TOKEN>",
@@ -118,14 +106,12 @@ def build(ctx: BuildContext) -> None:
         pad_token="<PAD>",
         model_max_length=16384,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in AYA_VISION_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     tile = p["image_size"]
 
     config = AyaVisionConfig(
         text_config=dict(
             model_type="cohere2",
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             intermediate_size=p["intermediate"],
             num_hidden_layers=p["layers"],
@@ -161,14 +147,9 @@ def build(ctx: BuildContext) -> None:
     )
     model = AyaVisionForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _aya_vision_std(p["hidden"]))
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight  # tied: the token embeddings too
-        eos = [ids["<|END_OF_TURN_TOKEN|>"], ids["<EOS_TOKEN>"]]
-        head[len(tokenizer):] = 0.0  # padding rows: never an input, never an output
-        head[[i for i in ids.values() if i not in eos]] *= _SPECIAL_ROW_SCALE
-        head[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<PAD>"], bos_token_id=ids["<BOS_TOKEN>"])
+    eos = [ids["<|END_OF_TURN_TOKEN|>"], ids["<EOS_TOKEN>"]]
+    head = model.get_output_embeddings().weight  # tied: the token embeddings too
+    quiet_tied_rows(head, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, _EOS_LOGIT_SCALE)
 
     image_processor = GotOcr2ImageProcessor(  # aya-vision-8b: 364 px tiles, up to 12 (see the module docstring)
         size={"height": tile, "width": tile},
@@ -187,4 +168,5 @@ def build(ctx: BuildContext) -> None:
         downsample_factor=p["downsample"],
         chat_template=AYA_VISION_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<PAD>"],
+                    bos_token_id=ids["<BOS_TOKEN>"])

@@ -1,17 +1,17 @@
 """What every tiny-checkpoint builder shares: the build context, a seeded BPE tokenizer,
-seeded weight re-draws and the generation config."""
+seeded weight re-draws, the per-parameter std recipe, the lm_head row shaping and saving."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 SIZES = ("tiny", "bench")
 
@@ -88,6 +88,19 @@ def train_bpe_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_kwargs)
 
 
+def train_tokenizer_with_ids(
+    seed: int, special_tokens: tuple[str, ...], **tokenizer_kwargs: object
+) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """`train_bpe_tokenizer` plus the special tokens' ids, which every builder wires into its config."""
+    tokenizer = train_bpe_tokenizer(seed, special_tokens, **tokenizer_kwargs)
+    return tokenizer, special_token_ids(tokenizer, special_tokens)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerFast, tokens: Iterable[str]) -> dict[str, int]:
+    """Each special token's id, by token: builders wire these into configs and lm_head rows."""
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+
+
 def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) -> int:
     """The model's vocab: the tokenizer's rounded up, as real checkpoints pad theirs."""
     return math.ceil(len(tokenizer) / multiple) * multiple
@@ -98,7 +111,14 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def redraw_weights(model: PreTrainedModel, seed: int, std_for: Callable[[str, torch.Tensor], float | None]) -> None:
+# Maps a parameter's name and tensor to the std to draw it from, or None for its kind of default.
+StdFor = Callable[[str, torch.Tensor], float | None]
+
+# A rule's key: a name suffix, or a tuple of suffixes any of which matches (as str.endswith takes).
+Suffixes = str | tuple[str, ...]
+
+
+def redraw_weights(model: PreTrainedModel, seed: int, std_for: StdFor) -> None:
     """Re-draw every parameter from N(0, std_for(name, param)) with a generator seeded by `seed`.
 
     `std_for` returning None keeps a parameter's kind of default: ones for norm weights, zeros for
@@ -120,8 +140,135 @@ def fan_in(param: torch.Tensor) -> int:
     return math.prod(param.shape[1:]) if param.ndim > 1 else 1
 
 
+def variance_preserving_std(param: torch.Tensor) -> float:
+    """1/sqrt(fan_in), instead of the stock 0.02, so that layers really transform the residual
+    stream rather than passing the embedding through."""
+    return 1.0 / math.sqrt(fan_in(param))
+
+
+def vector_std(name: str) -> float | None:
+    """Norm weights keep ones (None); biases get a little noise so that they break symmetry."""
+    return 0.02 if name.endswith("bias") else None
+
+
+def lm_head_std(hidden: int) -> float:
+    """lm_head std for logits of std ~3 on a normed hidden state: large enough that greedy picks
+    depend on the hidden state."""
+    return 3.0 / math.sqrt(hidden)
+
+
+def scaled_std(
+    hidden: int,
+    *,
+    fixed: Mapping[Suffixes, float] | None = None,
+    gains: Mapping[Suffixes, float] | None = None,
+    embed_std: float = 1.0,
+) -> StdFor:
+    """The per-parameter std that most builders use (first tuned for Qwen2-VL), so that greedy
+    outputs depend on the prompt and the image. Checked in this order, first match wins:
+
+    - `fixed`: absolute stds by name suffix, vectors included (learned CLS tokens, position tables);
+    - other vectors: `vector_std`;
+    - token embeddings (`embed_tokens.weight`) at `embed_std`, lm_head at `lm_head_std(hidden)`;
+    - `gains`: multiples of the variance-preserving std by name suffix (q/k for peaked attention,
+      a projector's output at the token embeddings' scale); every other matrix at 1x.
+
+    Each family passes its own tables, with the reasons, from its module.
+    """
+    fixed_rules = list((fixed or {}).items())
+    gain_rules = list((gains or {}).items())
+
+    def std_for(name: str, param: torch.Tensor) -> float | None:
+        for suffixes, std in fixed_rules:
+            if name.endswith(suffixes):
+                return std
+        if param.ndim == 1:
+            return vector_std(name)
+        if name.endswith("embed_tokens.weight"):
+            return embed_std
+        if name == "lm_head.weight":
+            return lm_head_std(hidden)
+        base = variance_preserving_std(param)
+        for suffixes, gain in gain_rules:
+            if name.endswith(suffixes):
+                return gain * base
+        return base
+
+    return std_for
+
+
+# ---------------------------------------------------------------------------------------------
+# Output rows (shared)
+# ---------------------------------------------------------------------------------------------
+
+
+def _non_eos(special_ids: Iterable[int], eos_ids: Collection[int]) -> list[int]:
+    return [i for i in special_ids if i not in eos_ids]
+
+
+def silence_lm_head_rows(
+    lm_head: torch.Tensor,
+    tokenizer_len: int,
+    special_ids: Iterable[int],
+    eos_ids: list[int],
+    eos_scale: float,
+) -> None:
+    """For an untied lm_head: zero the rows the model should never emit, scale the EOS rows.
+
+    Never: vocab padding beyond the tokenizer and the special tokens other than EOS (placeholders
+    belong to the processor; a generated image token would confuse a serving engine). A zero row
+    scores 0 while real rows spread around it, so greedy never picks one in practice. EOS stays
+    reachable (stop handling needs it); `eos_scale` < 1 makes short greedy runs rarely cut off.
+    """
+    with torch.no_grad():
+        never = [*range(tokenizer_len, lm_head.shape[0])] + _non_eos(special_ids, eos_ids)
+        lm_head[never] = 0.0
+        lm_head[eos_ids] *= eos_scale
+
+
+def quiet_tied_rows(
+    embedding: torch.Tensor,
+    tokenizer_len: int,
+    special_ids: Iterable[int],
+    eos_ids: list[int],
+    special_scale: float,
+    eos_scale: float,
+) -> None:
+    """For token embeddings tied to lm_head: as `silence_lm_head_rows`, but the special rows other
+    than EOS are scaled by `special_scale` instead of zeroed, because they are also the input
+    embeddings of turn tokens and must keep a direction. Padding rows are never input nor output."""
+    with torch.no_grad():
+        embedding[tokenizer_len:] = 0.0
+        embedding[_non_eos(special_ids, eos_ids)] *= special_scale
+        embedding[eos_ids] *= eos_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving (shared)
+# ---------------------------------------------------------------------------------------------
+
+
 def save_generation_config(out_dir: Path, eos_token_ids: list[int], pad_token_id: int, bos_token_id: int) -> None:
     # No do_sample/temperature/top_k/top_p: greedy is the default and nothing warns about it.
     GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_ids, pad_token_id=pad_token_id).save_pretrained(
         out_dir
     )
+
+
+def save_checkpoint(
+    out_dir: Path,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    *,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    bos_token_id: int,
+) -> None:
+    """Write model, generation config and processor (with its tokenizer and chat template).
+
+    The generation config comes after the model: model.save_pretrained may write one derived from
+    the model config, and ours must replace it.
+    """
+    model.save_pretrained(out_dir)
+    save_generation_config(out_dir, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+    processor.save_pretrained(out_dir)

@@ -12,17 +12,17 @@ Word embeddings are tied to lm_head, as the real checkpoints.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 
 from services.models.tiny.common import (
     BuildContext,
-    fan_in,
+    StdFor,
     padded_vocab_size,
+    quiet_tied_rows,
     redraw_weights,
-    save_generation_config,
-    train_bpe_tokenizer,
+    save_checkpoint,
+    train_tokenizer_with_ids,
+    variance_preserving_std,
 )
 
 FAMILY = "gemma3"
@@ -106,7 +106,7 @@ _GEMMA3_SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _gemma3_std(vision_hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _gemma3_std(vision_hidden: int) -> StdFor:
     """Per-parameter std for Gemma 3, chosen so that outputs depend on the prompt and the image.
 
     - Gemma's RMS norms multiply by (1 + w): w = 0 is the identity, so they are drawn at std 0 (the
@@ -132,7 +132,7 @@ def _gemma3_std(vision_hidden: int) -> Callable[[str, torch.Tensor], float | Non
             return 1.0 / math.sqrt(param.shape[1])
         if name.endswith("position_embedding.weight"):
             return 0.5
-        return 1.0 / math.sqrt(fan_in(param))
+        return variance_preserving_std(param)
 
     return std_for
 
@@ -141,7 +141,7 @@ def build(ctx: BuildContext) -> None:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
     p = _GEMMA3_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         GEMMA3_SPECIAL_TOKENS,
         bos_token="<bos>",
@@ -154,15 +154,13 @@ def build(ctx: BuildContext) -> None:
                               "image_token": "<image_soft_token>"},
         model_max_length=32768,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     patches_per_side = p["image_size"] // p["patch"]
     tokens_per_side = math.isqrt(p["tokens_per_image"])
     assert tokens_per_side**2 == p["tokens_per_image"] and patches_per_side % tokens_per_side == 0, p
 
     config = Gemma3Config(
         text_config=dict(
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             intermediate_size=p["intermediate"],
             num_hidden_layers=p["layers"],
@@ -219,18 +217,8 @@ def build(ctx: BuildContext) -> None:
         # Logits = final-normed hidden @ embedding^T (tied): (1 + 2) * sqrt(hidden) * 1/sqrt(hidden)
         # gives logits of std ~3, so greedy picks depend on the hidden state.
         text.norm.weight.fill_(2.0)
-        embed = text.embed_tokens.weight  # tied with lm_head
-        eos = [ids["<eos>"], ids["<end_of_turn>"]]
-        embed[len(tokenizer):] = 0.0  # padding rows beyond the tokenizer: never input, never emitted
-        embed[[i for i in ids.values() if i not in eos]] *= _SPECIAL_ROW_SCALE
-        embed[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(  # gemma-3-*-it: generation stops at <eos> or <end_of_turn>
-        ctx.out_dir,
-        eos_token_ids=[ids["<eos>"], ids["<end_of_turn>"]],
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<bos>"],
-    )
+    eos = [ids["<eos>"], ids["<end_of_turn>"]]  # gemma-3-*-it: generation stops at <eos> or <end_of_turn>
+    quiet_tied_rows(text.embed_tokens.weight, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, _EOS_LOGIT_SCALE)
 
     size = p["image_size"]
     image_processor = Gemma3ImageProcessor(  # gemma-3: 896x896, bilinear, mean/std 0.5, no pan-and-scan
@@ -246,4 +234,5 @@ def build(ctx: BuildContext) -> None:
         chat_template=GEMMA3_CHAT_TEMPLATE,
         image_seq_length=p["tokens_per_image"],
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<pad>"],
+                    bos_token_id=ids["<bos>"])

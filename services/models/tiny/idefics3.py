@@ -16,13 +16,8 @@ Tiny sizes: patch 14 on a 112 px square, 8x8 patches, pixel shuffle x2 (`scale_f
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
-
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
+                                         scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
 
 FAMILY = "idefics3"
 
@@ -61,28 +56,17 @@ _IDEFICS3_SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _idefics3_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _idefics3_std(hidden: int) -> StdFor:
     """Per-parameter std, chosen (as Qwen2-VL's, tiny/qwen2_vl.py) so that outputs depend on the prompt
     and the image: token embeddings at std 1, linear layers at ~1/sqrt(fan_in) with q/k doubled,
-    the connector's output at the scale of the token embeddings, lm_head for logits of std ~3."""
+    the connector's output at the scale of the token embeddings, lm_head for logits of std ~3;
+    the tower's position embeddings at 0.5 so that patches differ by place."""
 
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name.endswith("position_embedding.weight"):
-            return 0.5
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            return 2.0 * base
-        if name.endswith("connector.modality_projection.proj.weight"):
-            return 3.0 * base
-        return base
-
-    return std_for
+    return scaled_std(
+        hidden,
+        fixed={"position_embedding.weight": 0.5},
+        gains={("q_proj.weight", "k_proj.weight"): 2.0, "connector.modality_projection.proj.weight": 3.0},
+    )
 
 
 def build(ctx: BuildContext) -> None:
@@ -90,7 +74,7 @@ def build(ctx: BuildContext) -> None:
                               Idefics3Processor)
 
     p = _IDEFICS3_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         IDEFICS3_SPECIAL_TOKENS,
         bos_token="<|begin_of_text|>",
@@ -98,14 +82,12 @@ def build(ctx: BuildContext) -> None:
         pad_token="<|end_of_text|>",
         model_max_length=8192,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IDEFICS3_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     image_seq_len = (p["image_size"] // 14) ** 2 // p["scale_factor"] ** 2
 
     config = Idefics3Config(
         text_config=dict(
             model_type="llama",
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             intermediate_size=p["intermediate"],
             num_hidden_layers=p["layers"],
@@ -136,17 +118,8 @@ def build(ctx: BuildContext) -> None:
     )
     model = Idefics3ForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _idefics3_std(p["hidden"]))
-    with torch.no_grad():
-        # Rows the model should never emit: padding beyond the tokenizer and the special tokens other
-        # than EOS (a generated <image> would confuse a serving engine). A zero row scores 0 while real
-        # rows spread around it, so greedy never picks one in practice.
-        eos = [ids["<end_of_utterance>"], ids["<|end_of_text|>"]]
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<|end_of_text|>"],
-                           bos_token_id=ids["<|begin_of_text|>"])
+    eos = [ids["<end_of_utterance>"], ids["<|end_of_text|>"]]
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
     side = p["image_size"]
     image_processor = Idefics3ImageProcessor(  # Idefics3-8B-Llama3 keeps splitting on; see the module docstring
@@ -163,4 +136,5 @@ def build(ctx: BuildContext) -> None:
         image_seq_len=image_seq_len,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|end_of_text|>"],
+                    bos_token_id=ids["<|begin_of_text|>"])

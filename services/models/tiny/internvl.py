@@ -11,18 +11,15 @@ count varies with the image's aspect ratio. The tiny tower keeps that shape: 64 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
-
 from services.models.tiny.common import (
     BuildContext,
-    fan_in,
+    StdFor,
     padded_vocab_size,
     redraw_weights,
-    save_generation_config,
-    train_bpe_tokenizer,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
 )
 
 FAMILY = "internvl"
@@ -83,7 +80,7 @@ _INTERNVL_SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _internvl_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _internvl_std(hidden: int) -> StdFor:
     """Per-parameter std for InternVL, so that outputs depend on the prompt and the image.
 
     As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
@@ -93,25 +90,11 @@ def _internvl_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
     vectors (lambda_1/2) keep ones.
     """
 
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if name.endswith("embeddings.cls_token"):
-            return 1.0
-        if name.endswith("embeddings.position_embeddings"):
-            return 0.5
-        if param.ndim == 1:  # norms and layer scales keep ones; biases get a little noise
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            return 2.0 * base
-        if name.endswith("multi_modal_projector.linear_2.weight"):
-            return 2.0 * base
-        return base
-
-    return std_for
+    return scaled_std(
+        hidden,
+        fixed={"embeddings.cls_token": 1.0, "embeddings.position_embeddings": 0.5},
+        gains={("q_proj.weight", "k_proj.weight"): 2.0, "multi_modal_projector.linear_2.weight": 2.0},
+    )
 
 
 def build(ctx: BuildContext) -> None:
@@ -124,7 +107,7 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _INTERNVL_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         INTERNVL_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
@@ -134,15 +117,13 @@ def build(ctx: BuildContext) -> None:
                               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
         model_max_length=8192,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     downsample_ratio = 0.5
     tokens_per_tile = int((p["tile"] // p["patch"]) ** 2 * downsample_ratio**2)
 
     config = InternVLConfig(
         text_config=dict(
             model_type="qwen2",
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             intermediate_size=p["intermediate"],
             num_hidden_layers=p["layers"],
@@ -179,20 +160,8 @@ def build(ctx: BuildContext) -> None:
     )
     model = InternVLForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _internvl_std(p["hidden"]))
-    with torch.no_grad():
-        # Rows the model should never emit: padding beyond the tokenizer and the special tokens other
-        # than EOS (a zero row scores 0 while real rows spread around it), as Qwen2-VL's builder.
-        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(
-        ctx.out_dir,
-        eos_token_ids=eos,
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
     tile = {"height": p["tile"], "width": p["tile"]}
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet, as InternVL3
@@ -214,4 +183,5 @@ def build(ctx: BuildContext) -> None:
         image_seq_length=tokens_per_tile,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                    bos_token_id=ids["<|endoftext|>"])

@@ -6,20 +6,17 @@ so an image always gives (crop / patch)^2 placeholder tokens: the CLIP CLS token
 patch 14 and crops to 84 px: 6x6 = 36 tokens per image. The CLIP tower has 3 layers so that
 `vision_feature_layer=-2` (the second-to-last layer's output, as the real model) still runs two.
 
-The builder pieces (tokenizer, weight scales, lm_head rows) are shared with LLaVA-NeXT.
+The builder pieces (tokenizer, configs, weight scales, lm_head rows, processor, saving) are shared
+with LLaVA-NeXT.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from pathlib import Path
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
+                                         scaled_std, silence_lm_head_rows, special_token_ids, train_bpe_tokenizer)
 
 FAMILY = "llava"
 
@@ -78,7 +75,7 @@ def llava_tokenizer(seed: int) -> PreTrainedTokenizerFast:
     )
 
 
-def llava_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def llava_std(hidden: int) -> StdFor:
     """Per-parameter std for LLaVA checkpoints, so that outputs depend on the prompt and the image.
 
     As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
@@ -87,47 +84,31 @@ def llava_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
       (the default for vectors would make them all ones);
     - the projector's output at the scale of the token embeddings, so image rows are not drowned out.
     """
-
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if name.endswith(("class_embedding", "image_newline")):
-            return 1.0
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            return 2.0 * base
-        if name.endswith("multi_modal_projector.linear_2.weight"):
-            return 2.0 * base
-        return base
-
-    return std_for
+    return scaled_std(
+        hidden,
+        fixed={("class_embedding", "image_newline"): 1.0},
+        gains={("q_proj.weight", "k_proj.weight"): 2.0, "multi_modal_projector.linear_2.weight": 2.0},
+    )
 
 
-def finish_lm_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
-    """Rows the model should never emit get zeros; EOS stays reachable but rarer (as Qwen2-VL's builder).
-
-    Never: padding beyond the tokenizer and the special tokens other than EOS (a generated <image>
-    would confuse a serving engine). A zero row scores 0 while real rows spread around it.
-    """
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
-    with torch.no_grad():
-        never = [*range(len(tokenizer), vocab_size)] + [i for t, i in ids.items() if t != "</s>"]
-        model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[ids["</s>"]] *= _EOS_LOGIT_SCALE
+def llava_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Ids of LLaVA's special tokens, by token."""
+    return special_token_ids(tokenizer, LLAVA_SPECIAL_TOKENS)
 
 
-def save_llava_generation_config(out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> None:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
-    save_generation_config(out_dir, eos_token_ids=[ids["</s>"]], pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"])
+def finish_and_save(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin,
+                    tokenizer: PreTrainedTokenizerFast) -> None:
+    """Silence the lm_head rows the model should never emit, then save model, generation config and
+    processor. Llama's only stop token is </s>; EOS stays reachable but rarer (as Qwen2-VL's builder)."""
+    ids = llava_ids(tokenizer)
+    eos = [ids["</s>"]]
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    save_checkpoint(out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"])
 
 
 def text_config(p: dict, tokenizer: PreTrainedTokenizerFast, model_type: str) -> dict:
     """The language model's config (Llama for LLaVA-1.5, Mistral for LLaVA-NeXT-Mistral)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    ids = llava_ids(tokenizer)
     return dict(
         model_type=model_type,
         vocab_size=padded_vocab_size(tokenizer),
@@ -162,13 +143,11 @@ def vision_config(p: dict) -> dict:
     )
 
 
-def build(ctx: BuildContext) -> None:
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    p = _LLAVA_SIZES[ctx.size]
-    tokenizer = llava_tokenizer(ctx.seed)
-    config = LlavaConfig(
-        text_config=text_config(p, tokenizer, "llama"),
+def llava_config_kwargs(p: dict, tokenizer: PreTrainedTokenizerFast, text_model_type: str) -> dict:
+    """What LlavaConfig and LlavaNextConfig share: the towers, the image token, and the CLIP
+    features (second-to-last layer, CLS dropped) fed through a GELU projector."""
+    return dict(
+        text_config=text_config(p, tokenizer, text_model_type),
         vision_config=vision_config(p),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(p["image_size"] // 14) ** 2,
@@ -178,11 +157,26 @@ def build(ctx: BuildContext) -> None:
         tie_word_embeddings=False,
         dtype="float32",
     )
+
+
+def llava_processor_kwargs(chat_template: str) -> dict:
+    """What LlavaProcessor and LlavaNextProcessor share: CLIP's patch 14 and its CLS token."""
+    return dict(
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
+        chat_template=chat_template,
+    )
+
+
+def build(ctx: BuildContext) -> None:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    p = _LLAVA_SIZES[ctx.size]
+    tokenizer = llava_tokenizer(ctx.seed)
+    config = LlavaConfig(**llava_config_kwargs(p, tokenizer, "llama"))
     model = LlavaForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, llava_std(p["hidden"]))
-    finish_lm_head(model, tokenizer, config.text_config.vocab_size)
-    model.save_pretrained(ctx.out_dir)
-    save_llava_generation_config(ctx.out_dir, tokenizer)
 
     size = p["image_size"]
     image_processor = CLIPImageProcessor(  # llava-hf: shortest_edge 336, crop 336x336, bicubic, CLIP mean/std
@@ -193,11 +187,6 @@ def build(ctx: BuildContext) -> None:
         resample=3,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
-        chat_template=LLAVA_1_5_CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=tokenizer, **llava_processor_kwargs(LLAVA_1_5_CHAT_TEMPLATE)
     )
-    processor.save_pretrained(ctx.out_dir)
+    finish_and_save(ctx.out_dir, model, processor, tokenizer)

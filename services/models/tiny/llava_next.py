@@ -11,8 +11,8 @@ aspect ratio the way the real one does (unpadding, one image_newline row end per
 from __future__ import annotations
 
 from services.models.tiny.common import BuildContext, redraw_weights
-from services.models.tiny.llava import (finish_lm_head, llava_std, llava_tokenizer, save_llava_generation_config,
-                                        text_config, vision_config)
+from services.models.tiny.llava import (finish_and_save, llava_config_kwargs, llava_processor_kwargs, llava_std,
+                                        llava_tokenizer)
 
 FAMILY = "llava_next"
 
@@ -62,26 +62,12 @@ def build(ctx: BuildContext) -> None:
     tile = p["image_size"]
     pinpoints = [[h * tile, w * tile] for h, w in _GRID_TILES]
     tokenizer = llava_tokenizer(ctx.seed)
+    kwargs = llava_config_kwargs(p, tokenizer, "mistral")
     # Mistral-7B-Instruct-v0.2 under llava-v1.6: full attention (no sliding window), rope theta 1e6.
-    text = text_config(p, tokenizer, "mistral")
-    text.update(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    config = LlavaNextConfig(
-        text_config=text,
-        vision_config=vision_config(p),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=(tile // 14) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    kwargs["text_config"].update(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    config = LlavaNextConfig(**kwargs, image_grid_pinpoints=pinpoints)
     model = LlavaNextForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, llava_std(p["hidden"]))
-    finish_lm_head(model, tokenizer, config.text_config.vocab_size)
-    model.save_pretrained(ctx.out_dir)
-    save_llava_generation_config(ctx.out_dir, tokenizer)
 
     image_processor = LlavaNextImageProcessor(  # llava-hf: shortest_edge 336, crop 336x336, bicubic, CLIP mean/std
         size={"shortest_edge": tile},
@@ -93,12 +79,6 @@ def build(ctx: BuildContext) -> None:
         resample=3,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
-        chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=tokenizer, **llava_processor_kwargs(LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE)
     )
-    processor.save_pretrained(ctx.out_dir)
-
+    finish_and_save(ctx.out_dir, model, processor, tokenizer)

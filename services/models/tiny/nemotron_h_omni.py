@@ -8,12 +8,12 @@ state or mis-ordered it would change the tokens. No audio tower (`audio_config=N
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (BuildContext, StdFor, lm_head_std, padded_vocab_size, redraw_weights,
+                                         save_checkpoint, silence_lm_head_rows, train_tokenizer_with_ids,
+                                         variance_preserving_std, vector_std)
 
 FAMILY = "nemotron_h_omni"
 
@@ -91,29 +91,30 @@ _SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _std(hidden: int) -> StdFor:
     """Per-parameter std, chosen (as for qwen2_vl) so that outputs depend on the prompt and the image.
 
     Experts are (experts, out, in) tensors: their fan-in is the last dimension. The Mamba constants
-    (A_log, D, dt_bias) are set after the draw, as the model's own init does.
+    (A_log, D, dt_bias) are set after the draw, as the model's own init does. Not `scaled_std`: the
+    lm_head and token embeddings have other names, and the experts another fan-in.
     """
 
     def std_for(name: str, param: torch.Tensor) -> float | None:
         if name.endswith(("A_log", ".D", "dt_bias")):
             return None  # set by _init_mamba_constants
         if param.ndim == 1:  # norms and layer scales keep ones; biases get a little noise
-            return 0.02 if name.endswith("bias") else None
+            return vector_std(name)
         if name.endswith("embeddings.weight") and "vision_model" not in name:
             return 1.0  # token embeddings, well separated (RMSNorm rescales them anyway)
         if name == "language_model.lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
+            return lm_head_std(hidden)
         if name.endswith("position_embedding"):
             return 0.5  # the image's patch positions matter
         if name.endswith("cls_register_token"):
             return 1.0
         if name.endswith(("experts.up_proj", "experts.down_proj")):
             return 1.0 / math.sqrt(param.shape[-1])
-        base = 1.0 / math.sqrt(fan_in(param))
+        base = variance_preserving_std(param)
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             return 2.0 * base
         if name.endswith("multi_modal_projector.linear_2.weight"):
@@ -147,7 +148,7 @@ def build(ctx: BuildContext) -> None:
                                                      NemotronH_Omni_Reasoning_V3VideoProcessor)
 
     p = _SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         _NEMOTRON_SPECIAL_TOKENS,
         unk_token="<unk>",
@@ -156,13 +157,11 @@ def build(ctx: BuildContext) -> None:
         pad_token="<unk>",
         model_max_length=32768,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _NEMOTRON_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     eos = [ids["<|im_end|>"], ids["</s>"]]
 
     config = NemotronH_Omni_Reasoning_V3_Config(
         text_config=dict(
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             hybrid_override_pattern=p["pattern"],
             num_attention_heads=p["heads"],
@@ -212,15 +211,7 @@ def build(ctx: BuildContext) -> None:
     model = NemotronH_Omni_Reasoning_V3(config).eval()
     redraw_weights(model, ctx.seed, _std(p["hidden"]))
     _init_mamba_constants(model, ctx.seed)
-    with torch.no_grad():
-        lm_head = model.language_model.lm_head.weight
-        # Rows the model should never emit: vocab padding and the special tokens other than EOS
-        # (a generated <image> would confuse a serving engine). Zero rows score 0 amid spread rows.
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        lm_head[never] = 0.0
-        lm_head[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<unk>"], bos_token_id=ids["<s>"])
+    silence_lm_head_rows(model.language_model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
     image_processor = NemotronH_Omni_Reasoning_V3ImageProcessor(
         patch_size=16,
@@ -244,4 +235,5 @@ def build(ctx: BuildContext) -> None:
         chat_template=NEMOTRON_H_OMNI_CHAT_TEMPLATE,
         video_temporal_patch_dim=2,
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<unk>"],
+                    bos_token_id=ids["<s>"])

@@ -9,13 +9,8 @@ The audio tower is always part of the model: it is built small too, ready for wh
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
-
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
+                                         scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
 
 FAMILY = "phi4mm"
 
@@ -82,35 +77,22 @@ def _longrope_factors(num: int) -> tuple[list[float], list[float]]:
     return short, long
 
 
-def _phi4mm_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _phi4mm_std(hidden: int) -> StdFor:
     """Per-parameter std for Phi-4-MM, chosen so that outputs depend on the prompt and the image.
 
-    As for Qwen2-VL (see qwen2_vl._qwen2_vl_std): token embeddings at std 1, linear layers
+    As for Qwen2-VL (see qwen2_vl.qwen2_vl_std): token embeddings at std 1, linear layers
     variance-preserving, attention q/k (the text model's fused qkv, the towers' q/k) twice that so
     attention is peaked, lm_head for logits of std ~3. The image projection ends at the scale of the
     token embeddings, and the two learned separators (`*_img_feature_extensor`, zero after HF's init)
-    get unit-scale values so they are not just zeros between the image rows.
+    get unit-scale values so they are not just zeros between the image rows; the tower's position
+    embeddings at 0.5 so that patches differ by place.
     """
 
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith("img_feature_extensor"):
-            return 1.0
-        if name.endswith(("qkv_proj.weight", "q_proj.weight", "k_proj.weight")):
-            return 2.0 * base
-        if name.endswith("img_projection_down.weight"):
-            return 2.0 * base
-        if name.endswith("position_embedding.weight"):
-            return 0.5
-        return base
-
-    return std_for
+    return scaled_std(
+        hidden,
+        fixed={"img_feature_extensor": 1.0, "position_embedding.weight": 0.5},
+        gains={("qkv_proj.weight", "q_proj.weight", "k_proj.weight"): 2.0, "img_projection_down.weight": 2.0},
+    )
 
 
 def build(ctx: BuildContext) -> None:
@@ -123,7 +105,7 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _PHI4MM_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         _PHI4MM_SPECIAL_TOKENS,
         bos_token="<|endoftext|>",
@@ -135,14 +117,12 @@ def build(ctx: BuildContext) -> None:
         model_max_length=_MAX_POSITIONS,
     )
     tokenizer.chat_template = PHI4MM_CHAT_TEMPLATE  # the processor does not keep it: the tokenizer does
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _PHI4MM_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
     eos = [ids["<|end|>"], ids["<|endoftext|>"]]
 
     head_dim = p["hidden"] // p["heads"]
     short_factor, long_factor = _longrope_factors(int(head_dim * _PARTIAL_ROTARY_FACTOR) // 2)
     config = Phi4MultimodalConfig(
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab_size(tokenizer),
         hidden_size=p["hidden"],
         intermediate_size=p["intermediate"],
         num_hidden_layers=p["layers"],
@@ -186,20 +166,12 @@ def build(ctx: BuildContext) -> None:
     )
     model = Phi4MultimodalForCausalLM(config).eval()
     redraw_weights(model, ctx.seed, _phi4mm_std(p["hidden"]))
-    with torch.no_grad():
-        # Rows the model should never emit: vocab padding and special tokens other than EOS (a
-        # generated <|image|> would confuse a serving engine). A zero row scores 0 while real rows
-        # spread around it, so greedy never picks one in practice.
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(ctx.out_dir, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                           bos_token_id=ids["<|endoftext|>"])
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
     processor = Phi4MultimodalProcessor(
         image_processor=Phi4MultimodalImageProcessor(dynamic_hd=p["dynamic_hd"]),
         audio_processor=Phi4MultimodalFeatureExtractor(),
         tokenizer=tokenizer,
     )
-    processor.save_pretrained(ctx.out_dir)
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                    bos_token_id=ids["<|endoftext|>"])

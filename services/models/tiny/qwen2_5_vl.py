@@ -8,23 +8,18 @@ span several windows, some of them cut short at the image's edge.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
-
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
-from services.models.tiny.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
+from services.models.tiny.common import (SIZES, BuildContext, padded_vocab_size, redraw_weights, save_checkpoint,
+                                         silence_lm_head_rows, train_tokenizer_with_ids)
+from services.models.tiny.qwen2_vl import (QWEN2_TEXT_SIZES, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS,
+                                           qwen2_text_config, qwen2_vl_std, qwen_eos_ids, qwen_vl_processor,
+                                           qwen_vl_token_kwargs)
 
 FAMILY = "qwen2_5_vl"
 
-# Qwen2.5's added tokens, in the order of the real tokenizer (ids follow the BPE vocabulary).
+# Qwen2.5's added tokens, in the order of the real tokenizer (ids follow the BPE vocabulary):
+# Qwen2-VL's, then tool calls and fill-in-the-middle.
 QWEN2_5_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    *QWEN2_VL_SPECIAL_TOKENS,
     "<tool_call>", "</tool_call>",
     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )  # fmt: skip
@@ -35,63 +30,19 @@ QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE
 # Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off.
 _EOS_LOGIT_SCALE = 0.9
 
-# One merged token covers (patch 14 * merge 2)^2 = 28x28 pixels.
-_PIXELS_PER_TOKEN = 28 * 28
-
-# text: hidden, layers, heads, kv heads, intermediate, mrope_section (sums to head_dim/2)
-# vision: depth, embed, heads, intermediate, window (px), full-attention blocks; tokens per image
-_SIZES: dict[str, dict] = {
+# The text model and token budgets are Qwen2-VL's (QWEN2_TEXT_SIZES).
+# vision: depth, embed, heads, intermediate, window (px), full-attention blocks
+_VISION_SIZES: dict[str, dict] = {
     "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=[2, 3, 3],
         vision_depth=4, vision_embed=32, vision_heads=2, vision_intermediate=64,
         window_size=56, fullatt_block_indexes=[1, 3],
-        min_tokens=4, max_tokens=64,  # 64x64 -> 4 tokens, 224x224 and up -> 64
-        video_min_tokens=4, video_max_tokens=16,
     ),
     "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024, mrope_section=[8, 12, 12],
         vision_depth=8, vision_embed=256, vision_heads=4, vision_intermediate=512,
         window_size=112, fullatt_block_indexes=[3, 7],
-        min_tokens=4, max_tokens=256,  # 224x224 -> 64 tokens, 448x448 and up -> 256
-        video_min_tokens=16, video_max_tokens=64,
     ),
 }  # fmt: skip
-
-
-def _std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
-    """Per-parameter std so that greedy outputs depend on the prompt and on the image.
-
-    As for Qwen2-VL: embeddings at std 1, linears variance-preserving, q/k (and the tower's fused
-    qkv) twice that so attention is peaked, the merger's output at the token embeddings' scale,
-    lm_head for logits of std ~3.
-    """
-
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith(("q_proj.weight", "k_proj.weight", "attn.qkv.weight")) or "merger.mlp.2" in name:
-            return 2.0 * base
-        return base
-
-    return std_for
-
-
-def silence_special_rows(model: torch.nn.Module, tokenizer, ids: dict[str, int], vocab_size: int) -> None:
-    """Zeroes lm_head rows the model should never emit and makes EOS a little rarer.
-
-    Padding beyond the tokenizer and the special tokens other than EOS (a generated
-    <|image_pad|> would confuse a serving engine) score 0 while real rows spread around it.
-    """
-    with torch.no_grad():
-        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        model.lm_head.weight[never] = 0.0
-        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
+assert set(_VISION_SIZES) == set(SIZES)
 
 
 def build(ctx: BuildContext) -> None:
@@ -103,34 +54,17 @@ def build(ctx: BuildContext) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    p = _SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    p = {**QWEN2_TEXT_SIZES[ctx.size], **_VISION_SIZES[ctx.size]}
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         QWEN2_5_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_5_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
-            max_position_embeddings=32768,
-            max_window_layers=p["layers"],
-            rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
-        ),
+        text_config=qwen2_text_config(p, ids, padded_vocab_size(tokenizer)),
         vision_config=dict(
             depth=p["vision_depth"],
             hidden_size=p["vision_embed"],
@@ -145,41 +79,17 @@ def build(ctx: BuildContext) -> None:
             fullatt_block_indexes=p["fullatt_block_indexes"],
             initializer_range=0.1,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        dtype="float32",
+        **qwen_vl_token_kwargs(ids),
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _std(p["hidden"]))
-    silence_special_rows(model, tokenizer, ids, vocab_size)
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(
-        ctx.out_dir,
-        eos_token_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
+    # Same parameter names as Qwen2-VL (fused tower qkv, merger.mlp.2), so the same scales.
+    redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
+    eos = qwen_eos_ids(ids)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
-    px = _PIXELS_PER_TOKEN
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": p["min_tokens"] * px, "longest_edge": p["max_tokens"] * px},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": p["video_min_tokens"] * px, "longest_edge": p["video_max_tokens"] * px},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(ctx.out_dir)
+    processor = qwen_vl_processor(
+        Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,
+        patch_size=14, chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )  # fmt: skip
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                    bos_token_id=ids["<|endoftext|>"])

@@ -1,19 +1,22 @@
-"""Tiny random Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration)."""
+"""Tiny random Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration).
+
+Also the Qwen-VL pieces that Qwen2.5-VL and Qwen3-VL reuse: the special tokens, the language
+model's shape and config, the weight scales, EOS ids and the image/video processor set-up.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from typing import Any
 
-import torch
+from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
+from services.models.tiny.common import (SIZES, BuildContext, StdFor, padded_vocab_size, redraw_weights,
+                                         save_checkpoint, scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
 
 FAMILY = "qwen2_vl"
 
 # Qwen2-VL's special tokens, in the order of the real tokenizer (ids follow the BPE vocabulary).
-_QWEN2_VL_SPECIAL_TOKENS = (
+QWEN2_VL_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
     "<|quad_start|>", "<|quad_end|>",
@@ -53,29 +56,32 @@ QWEN2_VL_CHAT_TEMPLATE = (
 # stops within 16 greedy tokens; at 0.9, ~1% within 8 tokens and 7-17% within 128.
 _EOS_LOGIT_SCALE = 0.9
 
-# One merged token covers (patch 14 * merge 2)^2 = 28x28 pixels.
-_QWEN2_VL_PIXELS_PER_TOKEN = 28 * 28
-
 # text: hidden, layers, heads, kv heads, intermediate, mrope_section (sums to head_dim/2)
-# vision: depth, embed_dim, heads, mlp_ratio; tokens: min/max merged tokens per image
-_QWEN2_VL_SIZES: dict[str, dict] = {
+# tokens: min/max merged tokens per image and per video. Qwen2.5-VL keeps both (its LLM is the same).
+QWEN2_TEXT_SIZES: dict[str, dict] = {
     "tiny": dict(
         hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=[2, 3, 3],
-        vision_depth=2, vision_embed=32, vision_heads=2, mlp_ratio=2,
         min_tokens=4, max_tokens=64,  # 64x64 -> 4 tokens, 224x224 and up -> 64
         video_min_tokens=4, video_max_tokens=16,
     ),
     "bench": dict(
         hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024, mrope_section=[8, 12, 12],
-        vision_depth=6, vision_embed=256, vision_heads=4, mlp_ratio=4,
         min_tokens=4, max_tokens=256,  # 224x224 -> 64 tokens, 448x448 and up -> 256
         video_min_tokens=16, video_max_tokens=64,
     ),
 }  # fmt: skip
 
+# vision: depth, embed_dim, heads, mlp_ratio
+_QWEN2_VL_VISION_SIZES: dict[str, dict] = {
+    "tiny": dict(vision_depth=2, vision_embed=32, vision_heads=2, mlp_ratio=2),
+    "bench": dict(vision_depth=6, vision_embed=256, vision_heads=4, mlp_ratio=4),
+}
+assert set(QWEN2_TEXT_SIZES) == set(_QWEN2_VL_VISION_SIZES) == set(SIZES)
 
-def _qwen2_vl_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
-    """Per-parameter std for Qwen2-VL, chosen so that outputs depend on the prompt and the image.
+
+def qwen2_vl_std(hidden: int) -> StdFor:
+    """Per-parameter std for Qwen2-VL (and Qwen2.5-VL), chosen so that outputs depend on the prompt
+    and the image.
 
     - Token embeddings at std 1 (RMSNorm rescales them anyway) so tokens are well separated.
     - Linear layers at ~1/sqrt(fan_in) (variance-preserving) instead of 0.02, so layers actually
@@ -86,22 +92,82 @@ def _qwen2_vl_std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
     - The merger's output at the scale of the token embeddings, so image rows are not drowned out.
     - lm_head large enough for logits of std ~3: greedy picks depend on the hidden state.
     """
+    return scaled_std(
+        hidden,
+        gains={("q_proj.weight", "k_proj.weight", "attn.qkv.weight"): 2.0, "merger.mlp.2.weight": 2.0},
+    )
 
-    def std_for(name: str, param: torch.Tensor) -> float | None:
-        if param.ndim == 1:  # norms keep ones; biases get a little noise so they break symmetry
-            return 0.02 if name.endswith("bias") else None
-        base = 1.0 / math.sqrt(fan_in(param))
-        if name.endswith("embed_tokens.weight"):
-            return 1.0
-        if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
-        if name.endswith(("q_proj.weight", "k_proj.weight")) or name.endswith("attn.qkv.weight"):
-            return 2.0 * base
-        if "merger.mlp.2" in name:
-            return 2.0 * base
-        return base
 
-    return std_for
+def qwen2_text_config(p: dict, ids: dict[str, int], vocab_size: int) -> dict:
+    """The Qwen2 language model of Qwen2-VL and Qwen2.5-VL: mRoPE over (time, height, width)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=32768,
+        max_window_layers=p["layers"],
+        rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 1000000.0},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        initializer_range=0.1,  # informative only: weights are re-drawn
+        dtype="float32",
+    )
+
+
+def qwen_vl_token_kwargs(ids: dict[str, int]) -> dict:
+    """The Qwen-VL config's media token ids; lm_head untied, as the released 2B/3B-and-up models."""
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def qwen_eos_ids(ids: dict[str, int]) -> list[int]:
+    """Qwen chat models stop at the end of a turn (<|im_end|>) or of the text (<|endoftext|>)."""
+    return [ids["<|im_end|>"], ids["<|endoftext|>"]]
+
+
+def qwen_vl_processor(
+    processor_cls: type,
+    image_processor_cls: type,
+    video_processor_cls: type,
+    tokenizer: PreTrainedTokenizerFast,
+    p: dict,
+    *,
+    patch_size: int,
+    chat_template: str,
+    **image_kwargs: Any,
+) -> ProcessorMixin:
+    """A Qwen-VL processor whose pixel budgets are `p`'s token counts: one merged token covers
+    (patch x merge 2)^2 pixels, so min/max tokens become shortest/longest_edge in pixels."""
+    px = (patch_size * 2) ** 2
+    image_processor = image_processor_cls(
+        size={"shortest_edge": p["min_tokens"] * px, "longest_edge": p["max_tokens"] * px},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        **image_kwargs,
+    )
+    video_processor = video_processor_cls(
+        size={"shortest_edge": p["video_min_tokens"] * px, "longest_edge": p["video_max_tokens"] * px},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=chat_template,
+    )
 
 
 def build(ctx: BuildContext) -> None:
@@ -113,34 +179,17 @@ def build(ctx: BuildContext) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    p = _QWEN2_VL_SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    p = {**QWEN2_TEXT_SIZES[ctx.size], **_QWEN2_VL_VISION_SIZES[ctx.size]}
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
-        _QWEN2_VL_SPECIAL_TOKENS,
+        QWEN2_VL_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN2_VL_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
 
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
-            max_position_embeddings=32768,
-            max_window_layers=p["layers"],
-            rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
-        ),
+        text_config=qwen2_text_config(p, ids, padded_vocab_size(tokenizer)),
         vision_config=dict(
             depth=p["vision_depth"],
             embed_dim=p["vision_embed"],
@@ -152,51 +201,16 @@ def build(ctx: BuildContext) -> None:
             temporal_patch_size=2,
             initializer_range=0.1,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        dtype="float32",
+        **qwen_vl_token_kwargs(ids),
     )
     model = Qwen2VLForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _qwen2_vl_std(p["hidden"]))
-    with torch.no_grad():
-        # Rows the model should never emit: padding beyond the tokenizer and the special tokens
-        # other than EOS (placeholders belong to the processor; a generated <|image_pad|> would
-        # confuse a serving engine). A zero row scores 0 while real rows spread around it, so
-        # greedy never picks one in practice.
-        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-        never = [*range(len(tokenizer), vocab_size)] + [i for i in ids.values() if i not in eos]
-        model.lm_head.weight[never] = 0.0
-        # EOS stays reachable (stop handling needs it) but rarer, so that short greedy runs in
-        # tests are rarely cut off after a token or two.
-        model.lm_head.weight[eos] *= _EOS_LOGIT_SCALE
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(
-        ctx.out_dir,
-        eos_token_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
+    redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
+    eos = qwen_eos_ids(ids)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
-    px = _QWEN2_VL_PIXELS_PER_TOKEN
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": p["min_tokens"] * px, "longest_edge": p["max_tokens"] * px},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": p["video_min_tokens"] * px, "longest_edge": p["video_max_tokens"] * px},
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(ctx.out_dir)
+    processor = qwen_vl_processor(
+        Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,
+        patch_size=14, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )  # fmt: skip
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                    bos_token_id=ids["<|endoftext|>"])

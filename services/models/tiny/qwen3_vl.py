@@ -9,14 +9,13 @@ interleaved mRoPE with an explicit `head_dim`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
 
-from services.models.tiny.common import (BuildContext, fan_in, padded_vocab_size, redraw_weights,
-                                         save_generation_config, train_bpe_tokenizer)
-from services.models.tiny.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS, silence_special_rows
+from services.models.tiny.common import (BuildContext, StdFor, lm_head_std, padded_vocab_size, redraw_weights,
+                                         save_checkpoint, silence_lm_head_rows, train_tokenizer_with_ids,
+                                         variance_preserving_std)
+from services.models.tiny.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
+from services.models.tiny.qwen2_vl import qwen_eos_ids, qwen_vl_processor, qwen_vl_token_kwargs
 
 FAMILY = "qwen3_vl"
 
@@ -148,8 +147,8 @@ QWEN3_VL_CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-# One merged token covers (patch 16 * merge 2)^2 = 32x32 pixels.
-_PIXELS_PER_TOKEN = 32 * 32
+# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as Qwen2-VL's).
+_EOS_LOGIT_SCALE = 0.9
 
 # Query/key RMSNorm weights: the norms fix |q| and |k|, so peaked attention (the last position
 # really reading the image) comes from these gains, not from larger q/k projections.
@@ -158,7 +157,8 @@ _QK_NORM_GAIN = 2.0
 # text: hidden, layers, heads, kv heads, head_dim, intermediate, mrope_section (T, H, W; sums to
 # head_dim/2; interleaved, so H and W each need 3 * section <= head_dim/2 as in the released [24, 20, 20])
 # vision: depth, embed, heads, intermediate, learned position grid, deepstack blocks (one per
-# early LLM layer, so at most `layers` of them); tokens per image
+# early LLM layer, so at most `layers` of them); tokens per image (one merged token covers
+# (patch 16 * merge 2)^2 = 32x32 pixels)
 _SIZES: dict[str, dict] = {
     "tiny": dict(
         hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, mrope_section=[4, 2, 2],
@@ -177,23 +177,24 @@ _SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _std(hidden: int) -> Callable[[str, torch.Tensor], float | None]:
+def _std(hidden: int) -> StdFor:
     """Per-parameter std so that greedy outputs depend on the prompt and on the image.
 
     Embeddings at std 1, linears variance-preserving, the tower's fused qkv twice that so its
     attention is peaked, the learned position grid at the scale of the patch embeddings, the
     mergers' outputs (main and deepstack) at the token embeddings' scale, lm_head for logits of
     std ~3. Norm weights keep ones (LayerNorm biases zeros); q/k norms are raised after the draw.
+    Not `scaled_std`: no q/k gain here (q/k are normed), and the deepstack mergers' names differ.
     """
 
     def std_for(name: str, param: torch.Tensor) -> float | None:
         if param.ndim == 1:
             return 0.02 if name.endswith("bias") and "norm" not in name else None
-        base = 1.0 / math.sqrt(fan_in(param))
+        base = variance_preserving_std(param)
         if name.endswith("embed_tokens.weight"):
             return 1.0
         if name == "lm_head.weight":
-            return 3.0 / math.sqrt(hidden)
+            return lm_head_std(hidden)
         if name.endswith("visual.pos_embed.weight"):
             return 0.5
         if name.endswith("attn.qkv.weight") or ("merger" in name and name.endswith("linear_fc2.weight")):
@@ -213,19 +214,17 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _SIZES[ctx.size]
-    tokenizer = train_bpe_tokenizer(
+    tokenizer, ids = train_tokenizer_with_ids(
         ctx.seed,
         QWEN3_VL_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=262144,
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN3_VL_SPECIAL_TOKENS}
-    vocab_size = padded_vocab_size(tokenizer)
 
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=vocab_size,
+            vocab_size=padded_vocab_size(tokenizer),
             hidden_size=p["hidden"],
             intermediate_size=p["intermediate"],
             num_hidden_layers=p["layers"],
@@ -258,12 +257,7 @@ def build(ctx: BuildContext) -> None:
             deepstack_visual_indexes=p["deepstack_visual_indexes"],
             initializer_range=0.1,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        dtype="float32",
+        **qwen_vl_token_kwargs(ids),
     )
     model = Qwen3VLForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _std(p["hidden"]))
@@ -271,34 +265,12 @@ def build(ctx: BuildContext) -> None:
         for layer in model.model.language_model.layers:
             layer.self_attn.q_norm.weight.fill_(_QK_NORM_GAIN)
             layer.self_attn.k_norm.weight.fill_(_QK_NORM_GAIN)
-    silence_special_rows(model, tokenizer, ids, vocab_size)
-    model.save_pretrained(ctx.out_dir)
-    save_generation_config(
-        ctx.out_dir,
-        eos_token_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"],
-    )
+    eos = qwen_eos_ids(ids)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
-    px = _PIXELS_PER_TOKEN
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": p["min_tokens"] * px, "longest_edge": p["max_tokens"] * px},
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    video_processor = Qwen3VLVideoProcessor(
-        size={"shortest_edge": p["video_min_tokens"] * px, "longest_edge": p["video_max_tokens"] * px},
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    processor = Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN3_VL_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(ctx.out_dir)
+    processor = qwen_vl_processor(
+        Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, tokenizer, p,
+        patch_size=16, chat_template=QWEN3_VL_CHAT_TEMPLATE, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
+                    bos_token_id=ids["<|endoftext|>"])
