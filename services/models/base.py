@@ -151,9 +151,17 @@ class ModelFamily(ABC):
         model.lm_head = None
 
     # ---- llm ---------------------------------------------------------------------------
+    # Where transformers' ImageTextToText models keep their towers (Qwen-VL: visual; LLaVA-style: the rest).
+    tower_attributes: ClassVar[tuple[str, ...]] = ("visual", "vision_tower", "multi_modal_projector")
+
     def strip_for_llm(self, model: PreTrainedModel) -> None:
         """Drops the towers so the LLM service holds only the language model."""
-        model.model.visual = None
+        found = [name for name in self.tower_attributes if getattr(model.model, name, None) is not None]
+        if not found:  # a layout this default does not know: the family must say what its towers are
+            raise NotImplementedError(f"{type(self).__name__}: no tower among {self.tower_attributes}; "
+                                      "override strip_for_llm")
+        for name in found:
+            setattr(model.model, name, None)
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         """A fresh cache for one request: attention KV here; hybrid families also keep SSM state."""
