@@ -19,15 +19,16 @@ class TriptychError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, reason: str, domain: str = "triptych", metadata: dict[str, str] | None = None):
+    def __init__(self, message: str, *, reason: str, domain: str | None = None, metadata: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.reason = reason  # stable UPPER_SNAKE constant, e.g. "IMAGE_DECODE_FAILED"
-        self.domain = domain
+        self.domain = domain  # None: the domain of the service that reports it, e.g. "triptych.llm"
         self.metadata = metadata or {}
 
-    def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
+    def to_status(self, default_domain: str = "triptych") -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain or default_domain,
+                                           metadata=self.metadata)
         detail = any_pb2.Any()
         detail.Pack(info)
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])

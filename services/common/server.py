@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """The one place domain exceptions become gRPC statuses (with ErrorInfo details)."""
 
+    def __init__(self, domain: str):
+        self.domain = domain  # ErrorInfo.domain of errors that do not name one, e.g. "triptych.encoder"
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -32,7 +35,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     return await inner_unary(request, context)
                 except Exception as err:  # noqa: BLE001 — every failure becomes a status
-                    await _abort(context, method, err)
+                    await _abort(context, method, err, self.domain)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer)
@@ -44,14 +47,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     async for response in inner_stream(request, context):
                         yield response
                 except Exception as err:  # noqa: BLE001
-                    await _abort(context, method, err)
+                    await _abort(context, method, err, self.domain)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer)
         return handler
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception, domain: str) -> None:
     if isinstance(err, grpc.aio.AbortError):
         raise err
     if not isinstance(err, TriptychError):
@@ -59,7 +62,7 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception)
         err = Internal(f"internal error in {method}: {type(err).__name__}: {err}", reason="INTERNAL")
     else:
         log.info("%s -> %s %s: %s", method, err.code.name, err.reason, err.message)
-    await context.abort_with_status(err.to_status())
+    await context.abort_with_status(err.to_status(domain))
 
 
 class Server:
@@ -69,7 +72,9 @@ class Server:
                  service_names: Sequence[str]):
         self.cfg = cfg
         self.service_names = list(service_names)
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=cfg.options)
+        # "triptych.encoder.v1.EncoderService" -> "triptych.encoder"
+        domain = ".".join(self.service_names[0].split(".")[:2]) if self.service_names else "triptych"
+        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor(domain)], options=cfg.options)
         add_servicers(self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -87,6 +87,7 @@ def test_embedding_dtype_mismatch_is_invalid_argument(stubs, routed):
     request.prompt.multimodal_inputs[0].embeddings.CopyFrom(to_proto(emb.to(torch.bfloat16)))
     err = _llm_error(llm, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "EMBEDDING_DTYPE_MISMATCH"
+    assert error_info(err).domain == "triptych.llm"
 
 
 def test_embedding_shape_mismatch_is_invalid_argument(stubs, routed):

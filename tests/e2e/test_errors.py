@@ -72,6 +72,7 @@ def test_missing_file(stub, media_dir):
     err = _expect(stub, grpc.StatusCode.NOT_FOUND, "MEDIA_FILE_NOT_FOUND",
                   [_image_part(url=f"file://{media_dir}/nope.png"), _text("hi")])
     assert "nope.png" in err.details()
+    assert error_info(err).domain == "triptych.processor"
 
 
 def test_file_outside_allowed_dirs(stub, tmp_path):
