@@ -10,19 +10,30 @@ transformers VLMs do in their whole-model forward, and nothing model-specific:
              `<|START_OF_IMG|>TILE_GLOBAL` ... `<|END_OF_IMG|>`). Only image-token positions take
              tower rows (transformers' `input_ids == image_token_id` mask). When the processor also
              returns `mm_token_type_ids`, they must mark every such position as image (1); the
-             wrappers they may also mark take no rows. One image is one item and must be ONE run.
+             wrappers they may also mark take no rows. One image is one item, which may own SEVERAL
+             runs (Idefics3/SmolVLM tiles, each its own run; Aya Vision tiles; Pixtral's rows of
+             `[IMG]` between `[IMG_BREAK]`s): the processor says which text each image's marker was
+             replaced with (`return_text_replacement_offsets`, mapped to tokens by the tokenizer's
+             `return_offsets_mapping`), and every run must lie inside exactly one image's expansion,
+             every image owning at least one (else PLACEHOLDER_COUNT_MISMATCH). The item's rows are its
+             runs' tokens in prompt order (`ProcessedItem.runs`), as transformers' masked_scatter fills
+             them. A processor that cannot report its replacements must give one run per image.
              The item's encoder inputs are the processor outputs `get_image_features` takes, cut per
              image: a leading dim of one per image ([images, ...]), a batch-of-one layout
-             ([1, images, ...], Idefics3) or flattened patches counted by a per-image integer grid
-             ([sum of patches, ...] beside an [images, k] `*grid*` input).
-  encoder    `model.get_image_features(**inputs)` on the items of a call concatenated along dim 0
-             (items whose tensors have other trailing shapes run separately). Its `pooler_output`
+             ([1, images, ...], Idefics3), flattened patches counted by a per-image integer grid
+             ([sum of patches, ...] beside an [images, k] `*grid*` input) or tiles ([tiles, ...] or
+             [1, tiles, ...]: Aya Vision, Idefics3 with splitting) where every tile gives the same number
+             of rows, so an image's tiles are its rows / rows per tile (which must divide exactly).
+  encoder    `model.get_image_features(**inputs)` on the items of a call concatenated along their image
+             dim (0, or 1 for the batch-of-one layout, as the processor laid out one prompt's images;
+             items whose tensors differ elsewhere run separately). Its `pooler_output`
              (one tensor per image, a [images, tokens, hidden] tensor, or one flat [rows, hidden]
              tensor; Idefics3 gives one per prompt) is flattened to rows and split per item by its
              placeholder count, then cast to the model dtype as transformers casts before merging.
-  llm        the default prefill: each item's rows over its range, which with one run per item in
-             prompt order is transformers' masked_scatter; 1-D positions 0..L-1; the decoder
-             (`model.model.get_decoder()`) called as the outer forward calls it; then lm_head.
+  llm        the default prefill: each run's rows over its range (the processor service sends one
+             input per run), which with the runs in prompt order is transformers' masked_scatter;
+             1-D positions 0..L-1; the decoder (`model.model.get_decoder()`) called as the outer
+             forward calls it; then lm_head.
 
 Not covered, so `can_serve` refuses (FailedPrecondition MODEL_UNSUPPORTED with the reason) rather
 than serve wrong tokens:
@@ -35,10 +46,8 @@ than serve wrong tokens:
   - encoder-decoder models; a model without `model.model`, a decoder child of it or an lm_head;
   - processor outputs the outer forward takes that `get_image_features` does not (the generic LLM
     would drop them);
-  - processors that give one image several placeholder runs: Mistral3/Pixtral (rows of `[IMG]` split
-    by `[IMG_BREAK]`, closed by `[IMG_END]`), Idefics3/SmolVLM with image splitting, Aya Vision with
-    more than one tile. The contract puts one image on one contiguous range (one PlaceholderRange per
-    MultimodalInput, one MultimodalInput per image and mm_hash).
+  - processors whose image runs cannot be assigned to images (a run outside every image's
+    expansion, an image without one) or whose tiles do not give equal rows per tile.
 The model checks read transformers' source of the outer and inner model classes for those markers,
 so they follow the installed version; the processor checks run the processor on a probe chat with a
 small and a large image. A behaviour none of them names is not caught: model types other than the
@@ -67,7 +76,7 @@ from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedIt
 log = logging.getLogger(__name__)
 
 # Model types whose parity with transformers is proven by tests/e2e/test_generic_parity.py.
-VERIFIED_MODEL_TYPES = frozenset({"idefics3", "aya_vision"})
+VERIFIED_MODEL_TYPES = frozenset({"idefics3", "aya_vision", "mistral3"})
 
 # Source markers of the outer and inner model classes, each a behaviour the generic LLM path lacks.
 _REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -87,6 +96,11 @@ _REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
 _TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
 # The encoder-input name carrying an item's placeholder count, beside the tower's own inputs.
 NUM_TOKENS_KEY = "num_placeholder_tokens"
+# The encoder-input name carrying the dim along which the item's tensors hold its images or tiles
+# (0: [images, ...]; 1: the batch-of-one layout [1, images, ...]); items concatenate along it.
+IMAGE_DIM_KEY = "image_dim"
+# Processor outputs the replacement bookkeeping adds (not model inputs).
+_BOOKKEEPING = ("text_replacement_offsets", "offset_mapping")
 # mm_token_type_ids value of image tokens (transformers' processors: 0 text, 1 image, 2 video).
 _IMAGE_TOKEN_TYPE = 1
 # Probe images for can_serve: (width, height). The large one makes tiling processors tile.
@@ -219,22 +233,71 @@ class Generic(ModelFamily):
         return self._placeholder
 
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
-        out = processor(text=[text], images=images or None, return_tensors="pt")
+        out, spans = self._run_processor(processor, text, images)
         self._check_forward_inputs(out)
         token_ids = out["input_ids"][0].tolist()
         runs = self._placeholder_runs(out, token_ids)
-        if len(runs) != len(images):
-            raise InvalidArgument(
-                f"{len(images)} images but {len(runs)} runs of {self.placeholder_token(IMAGE)} in the processed "
-                f"prompt (run lengths {[n for _, n in runs]}); the generic family needs one contiguous run per "
-                "image (tiled or row-split images, or two images with nothing between them, are not supported)",
-                reason="PLACEHOLDER_LAYOUT_UNSUPPORTED", metadata={"imageCount": str(len(images))})
-        inputs = self._cut_per_image(out, len(images)) if images else []
+        per_image = self._runs_per_image(runs, spans, len(images))
+        counts = [sum(n for _, n in image_runs) for image_runs in per_image]
+        inputs = self._cut_per_image(out, counts) if images else []
         return ProcessedPrompt(token_ids=token_ids, items=[
-            ProcessedItem(modality=IMAGE, offset=offset, length=length,
-                          encoder_inputs={**item_inputs, NUM_TOKENS_KEY: torch.tensor([length])})
-            for (offset, length), item_inputs in zip(runs, inputs)
+            ProcessedItem(modality=IMAGE, offset=image_runs[0][0], length=count,
+                          encoder_inputs={**item_inputs, NUM_TOKENS_KEY: torch.tensor([count])},
+                          runs=tuple(image_runs) if len(image_runs) > 1 else ())
+            for image_runs, count, item_inputs in zip(per_image, counts, inputs)
         ])
+
+    @staticmethod
+    def _run_processor(processor: ProcessorMixin, text: str, images: list[Any]
+                       ) -> tuple[dict[str, Any], list[tuple[int, int]] | None]:
+        """The processor's outputs, and each image's token span [first, last] in the prompt when the
+        processor reports what it replaced each image marker with (None when it cannot)."""
+        if not images:
+            return processor(text=[text], return_tensors="pt"), None
+        try:
+            out = processor(text=[text], images=images, return_tensors="pt",
+                            return_text_replacement_offsets=True, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError):  # a tokenizer without offsets, a processor without the kwargs
+            out = processor(text=[text], images=images, return_tensors="pt")
+        replaced, offsets = (out.pop(name, None) for name in _BOOKKEEPING)
+        if not replaced or offsets is None:
+            return out, None
+        char_spans = [r["new_span"] for r in replaced[0] if r.get("type", "image") == "image"]
+        token_chars = offsets[0].tolist()
+        spans = []
+        for start, end in char_spans:
+            inside = [i for i, (a, b) in enumerate(token_chars) if start <= a < b <= end]
+            spans.append((inside[0], inside[-1]) if inside else (-1, -2))
+        return out, spans
+
+    def _runs_per_image(self, runs: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
+                        num_images: int) -> list[list[tuple[int, int]]]:
+        """Each image's placeholder runs, in prompt order: those inside its expansion (module docstring)."""
+        token = self.placeholder_token(IMAGE)
+        if spans is None:  # the processor cannot say which runs are whose: one run per image
+            if len(runs) != num_images:
+                raise InvalidArgument(
+                    f"{num_images} images but {len(runs)} runs of {token} in the processed prompt (run lengths "
+                    f"{[n for _, n in runs]}), and the processor does not report which text replaced each image",
+                    reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
+            return [[run] for run in runs]
+        if len(spans) != num_images:
+            raise InvalidArgument(f"{num_images} images but the processor replaced {len(spans)} image markers",
+                                  reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
+        per_image: list[list[tuple[int, int]]] = [[] for _ in spans]
+        for offset, length in runs:
+            owners = [i for i, (first, last) in enumerate(spans) if first <= offset and offset + length - 1 <= last]
+            if len(owners) != 1:
+                raise InvalidArgument(
+                    f"the run of {length} {token} at token {offset} lies inside {len(owners)} images' expansions "
+                    f"(token spans {spans}); each run must belong to exactly one image",
+                    reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
+            per_image[owners[0]].append((offset, length))
+        empty = [i for i, image_runs in enumerate(per_image) if not image_runs]
+        if empty:
+            raise InvalidArgument(f"images {empty} have no {token} in their expansions (token spans {spans})",
+                                  reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
+        return per_image
 
     def _check_forward_inputs(self, out: dict[str, Any]) -> None:
         dropped = sorted((set(out) & self.forward_inputs) - self.tower_inputs - _TEXT_INPUTS)
@@ -255,8 +318,10 @@ class Generic(ModelFamily):
                     reason="MODEL_UNSUPPORTED")
         return self.placeholder_runs(token_ids, self.image_token_id)
 
-    def _cut_per_image(self, out: dict[str, Any], num_images: int) -> list[dict[str, torch.Tensor]]:
-        """Each image's slice of the processor outputs that get_image_features takes (module docstring)."""
+    def _cut_per_image(self, out: dict[str, Any], counts: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Each image's slice of the processor outputs that get_image_features takes (module docstring);
+        `counts` are the images' placeholder tokens, which cut tiles."""
+        num_images = len(counts)
         names = sorted(self.tower_inputs & set(out))
         if not names:
             raise FailedPrecondition(f"the processor returns none of get_image_features' inputs {sorted(self.tower_inputs)}",
@@ -269,37 +334,56 @@ class Generic(ModelFamily):
         # Flattened patches: a per-image integer grid ([images, k], e.g. image_grid_thw) counts each image's rows.
         grids = [v for n, v in tensors.items()
                  if "grid" in n and v.ndim == 2 and v.shape[0] == num_images and not v.is_floating_point()]
-        counts = [math.prod(row) for row in grids[0].tolist()] if grids else None
+        patches = [math.prod(row) for row in grids[0].tolist()] if grids else None
         per_image: list[dict[str, torch.Tensor]] = [{} for _ in range(num_images)]
+        dims: set[int] = set()
         for name, value in tensors.items():
             if value.shape[0] == num_images:  # [images, ...]
-                pieces = value.split(1)
+                dim, sizes = 0, [1] * num_images
             elif value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == num_images:  # [1, images, ...]
-                pieces = value.split(1, dim=1)
-            elif counts is not None and value.shape[0] == sum(counts):  # [sum of patches, ...]
-                pieces = value.split(counts)
-            else:
-                raise FailedPrecondition(
-                    f"cannot cut processor output {name!r} of shape {list(value.shape)} into {num_images} images",
-                    reason="MODEL_UNSUPPORTED")
-            for item, piece in zip(per_image, pieces):
+                dim, sizes = 1, [1] * num_images
+            elif patches is not None and value.shape[0] == sum(patches):  # [sum of patches, ...]
+                dim, sizes = 0, patches
+            else:  # tiles: [tiles, ...] or [1, tiles, ...], the same rows per tile
+                dim = 1 if value.ndim >= 2 and value.shape[0] == 1 else 0
+                sizes = self._tiles_per_image(name, value.shape[dim], counts)
+            dims.add(dim)
+            for item, piece in zip(per_image, value.split(sizes, dim=dim)):
                 item[name] = piece.contiguous()
-        return per_image
+        if len(dims) != 1:
+            raise FailedPrecondition(f"processor outputs {names} hold their images along different dims",
+                                     reason="MODEL_UNSUPPORTED")
+        dim_tensor = torch.tensor([dims.pop()])
+        return [{**item, IMAGE_DIM_KEY: dim_tensor} for item in per_image]
+
+    @staticmethod
+    def _tiles_per_image(name: str, tiles: int, counts: list[int]) -> list[int]:
+        """Each image's tiles when every tile gives the same rows: its placeholder tokens / rows per tile."""
+        total = sum(counts)
+        if tiles > 0 and total % tiles == 0 and all(count % (total // tiles) == 0 for count in counts):
+            return [count // (total // tiles) for count in counts]
+        raise InvalidArgument(
+            f"cannot cut processor output {name!r} of {tiles} images or tiles into {len(counts)} images of "
+            f"{counts} placeholder tokens (not the same whole number of tokens per tile)",
+            reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(len(counts))})
 
     # ---- encoder -----------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         counts = [self._num_tokens(index, item) for index, item in enumerate(items)]
-        # Items are concatenated along dim 0, as the processor lays out one prompt's images; items
-        # whose tensors differ past dim 0 (another request's padding) run in their own call.
+        dims = [self._image_dim(index, item) for index, item in enumerate(items)]
+        # Items are concatenated along their image dim, as the processor lays out one prompt's images;
+        # items whose tensors differ elsewhere (another request's padding) run in their own call.
         groups: dict[tuple, list[int]] = {}
-        for index, item in enumerate(items):
-            key = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(item.items()) if name != NUM_TOKENS_KEY)
+        for index, (item, dim) in enumerate(zip(items, dims)):
+            key = (dim, *((name, t.shape[:dim] + t.shape[dim + 1:], t.dtype)
+                          for name, t in sorted(item.items()) if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)))
             groups.setdefault(key, []).append(index)
         results: list[ItemEmbeddings | None] = [None] * len(items)
         for indexes in groups.values():
-            names = [name for name in items[indexes[0]] if name != NUM_TOKENS_KEY]
-            inputs = {name: torch.cat([items[i][name] for i in indexes]).to(model.device) for name in names}
+            dim = dims[indexes[0]]
+            names = [name for name in items[indexes[0]] if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)]
+            inputs = {name: torch.cat([items[i][name] for i in indexes], dim=dim).to(model.device) for name in names}
             out = model.get_image_features(**inputs)
             rows = self._rows(out, [counts[i] for i in indexes])
             for i, item_rows in zip(indexes, rows):
@@ -307,13 +391,22 @@ class Generic(ModelFamily):
         return results  # type: ignore[return-value]
 
     def _num_tokens(self, index: int, item: dict[str, torch.Tensor]) -> int:
-        unknown = sorted(set(item) - self.tower_inputs - {NUM_TOKENS_KEY})
+        unknown = sorted(set(item) - self.tower_inputs - {NUM_TOKENS_KEY, IMAGE_DIM_KEY})
         count = item.get(NUM_TOKENS_KEY)
         if unknown or count is None or count.numel() != 1 or count.is_floating_point() or int(count) <= 0:
             raise InvalidArgument(
                 f"item {index}: expected get_image_features inputs {sorted(self.tower_inputs)} and a positive integer "
                 f"{NUM_TOKENS_KEY!r}, got {sorted(item)}", reason="ENCODER_INPUT_INVALID")
         return int(count)
+
+    @staticmethod
+    def _image_dim(index: int, item: dict[str, torch.Tensor]) -> int:
+        dim = item.get(IMAGE_DIM_KEY, torch.tensor([0]))
+        tensors = [t for name, t in item.items() if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)]
+        if dim.numel() != 1 or dim.is_floating_point() or int(dim) not in (0, 1) or any(t.ndim <= int(dim) for t in tensors):
+            raise InvalidArgument(f"item {index}: {IMAGE_DIM_KEY!r} must be 0 or 1 and below every tensor's rank",
+                                  reason="ENCODER_INPUT_INVALID")
+        return int(dim)
 
     def _rows(self, out: Any, counts: list[int]) -> tuple[torch.Tensor, ...]:
         """The tower output as [rows, hidden], split per item by its placeholder count."""

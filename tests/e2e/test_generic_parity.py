@@ -1,11 +1,17 @@
-"""The generic family: two model types without a family file, served token-exact.
+"""The generic family: three model types without a family file, served token-exact.
 
-Idefics3 (Llama decoder; one prompt's images reach the tower as [1, images, ...] with a pixel
-attention mask, and its pooler_output is one tensor per prompt) and Aya Vision (Cohere2 decoder with
-a sliding-window layer and tied embeddings; [images, ...] pixels, one [images, tokens, hidden]
-pooler_output). Both wrap each image's placeholder run in extra tokens that take no tower rows.
+Every one gives an image several placeholder runs (ProcessedItem.runs), so the harness's image
+cases go through the multi-run path (tests/models/test_generic.py checks that they do):
+Idefics3 with image splitting (Llama decoder; one prompt's tiles reach the tower as [1, tiles, ...]
+with a pixel attention mask, its pooler_output is one tensor per prompt; each tile and the global
+image is a run of `<image>` after a `<row_i_col_j>` / `<global-img>` tag), Aya Vision with up to 4
+tiles + a thumbnail (Cohere2 decoder with a sliding-window layer and tied embeddings; [tiles, ...]
+pixels, one [tiles, tokens, hidden] pooler_output; runs after `TILE_i` / `TILE_GLOBAL`) and Mistral3
+(Pixtral tower taking image_sizes, 2 x 2 patch merge, Mistral decoder; one run of `[IMG]` per row,
+between `[IMG_BREAK]`s and closed by `[IMG_END]`). In the two-image case both images own several runs
+(Aya Vision: only the second; the square one fits one tile).
 
-The harness names the tiny checkpoint by the builder's FAMILY ("idefics3", "aya_vision"); the family
+The harness names the tiny checkpoint by the builder's FAMILY ("idefics3", "aya_vision", "mistral3"); the family
 that serves it is "generic", which every service reports. Each model type gets its own class, whose
 `services` fixture (the one the harness's test asks for) is that type's module-scoped service set.
 """
@@ -18,10 +24,11 @@ import pytest
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from tests.parity import family_services, parity_tests
+from tests.parity import family_services, model_info_test, parity_tests
 
 idefics3_services = family_services("idefics3")
 aya_vision_services = family_services("aya_vision")
+mistral3_services = family_services("mistral3")
 
 
 def _model_infos(services) -> list:
@@ -45,6 +52,7 @@ class TestIdefics3:
         return idefics3_services
 
     test_parity = staticmethod(parity_tests("idefics3"))
+    test_model_info = staticmethod(model_info_test("idefics3"))
 
     @staticmethod
     @pytest.mark.e2e
@@ -62,6 +70,7 @@ class TestAyaVision:
         return aya_vision_services
 
     test_parity = staticmethod(parity_tests("aya_vision"))
+    test_model_info = staticmethod(model_info_test("aya_vision"))
 
     @staticmethod
     @pytest.mark.e2e
@@ -70,3 +79,21 @@ class TestAyaVision:
             assert info.family == "generic"
             assert info.architecture == "AyaVisionForConditionalGeneration"
             assert info.placeholder_tokens["image"] == "<|IMG_PATCH|>"
+
+
+class TestMistral3:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def services(cls, mistral3_services):
+        return mistral3_services
+
+    test_parity = staticmethod(parity_tests("mistral3"))
+    test_model_info = staticmethod(model_info_test("mistral3"))
+
+    @staticmethod
+    @pytest.mark.e2e
+    def test_served_by_the_generic_family(services):
+        for info in _model_infos(services):
+            assert info.family == "generic"
+            assert info.architecture == "Mistral3ForConditionalGeneration"
+            assert info.placeholder_tokens["image"] == "[IMG]"

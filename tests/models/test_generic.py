@@ -2,7 +2,8 @@
 
 The parity of what it serves is tests/e2e/test_generic_parity.py. Here: checkpoints it must refuse
 because the generic path would give other tokens than transformers (a refusal names its reason),
-checkpoints that are not its business (quietly not served), and the encoder's input checks.
+checkpoints that are not its business (quietly not served), the encoder's input checks, and how
+images that own several placeholder runs (tiles, rows) are assigned their runs and tower rows.
 Refusals need only config.json (and the processor files for the processor probe): nothing here
 loads weights of a refused model.
 """
@@ -10,22 +11,22 @@ loads weights of a refused model.
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.models.generic import NUM_TOKENS_KEY, Generic
+from services.models.generic import IMAGE_DIM_KEY, NUM_TOKENS_KEY, Generic
 from services.models.registry import family_for
 from services.models.tiny import make_model
-from services.models.tiny.common import train_bpe_tokenizer
 from tests.checkpoints import tiny_checkpoint
+from tests.parity import CASES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SMALL_TEXT = dict(vocab_size=1088, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -45,7 +46,7 @@ def _refusal(model_dir: Path) -> str:
     return caught.value.message
 
 
-@pytest.mark.parametrize("family", ["idefics3", "aya_vision"])
+@pytest.mark.parametrize("family", ["idefics3", "aya_vision", "mistral3"])
 def test_serves_the_verified_tiny_checkpoints(family):
     model_dir = tiny_checkpoint(family)
     assert Generic.can_serve(model_dir)
@@ -87,44 +88,95 @@ def test_refuses_mrope_positions(tmp_path):
     assert "position ids" in message and "get_rope_index" in message
 
 
-def _tiny_mistral3(tmp_path: Path) -> Path:
-    """Config and processor (no weights) of a Mistral3/Pixtral model: rows of [IMG] split by [IMG_BREAK]."""
-    from transformers import Mistral3Config, PixtralImageProcessor, PixtralProcessor
-
-    special = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
-    tokenizer = train_bpe_tokenizer(0, special, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out = tmp_path / "mistral3"
-    Mistral3Config(text_config=dict(model_type="mistral", **_SMALL_TEXT),
-                   vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, image_size=64, patch_size=16),
-                   image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
-                   architectures=["Mistral3ForConditionalGeneration"]).save_pretrained(out)
-    template = ("{{ bos_token }}{% for m in messages %}[INST]{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}[IMG]{% else %}{{ c['text'] }}{% endif %}{% endfor %}[/INST]{% endfor %}")
-    PixtralProcessor(image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=16),
-                     tokenizer=tokenizer, patch_size=16, spatial_merge_size=1, chat_template=template).save_pretrained(out)
-    return out
+def _two_image_prompt(family: str):
+    """The generic family, processor, images and ProcessedPrompt of the parity harness's two-image case."""
+    model_dir = tiny_checkpoint(family)
+    generic = family_for(model_dir)
+    processor = generic.load_processor(model_dir)
+    prompt, images = CASES["two-images"]
+    pil_images = [Image.open(io.BytesIO(data)) for data in images]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = generic.render_chat(processor, [{"role": "user", "content": content}])
+    return generic, processor, text, pil_images, generic.preprocess(processor, text, pil_images)
 
 
-def test_refuses_images_split_into_rows(tmp_path):
-    """Pixtral puts [IMG_BREAK] after every row of [IMG]: one image is several placeholder runs."""
-    message = _refusal(_tiny_mistral3(tmp_path))
-    assert "one contiguous run per image" in message
+@pytest.mark.parametrize("family", ["idefics3", "aya_vision", "mistral3"])
+def test_an_image_owns_several_runs(family):
+    """The parity harness's two-image case really takes the multi-run path: items own several runs,
+    which cover exactly the image tokens, in prompt order, and sum to the item's rows."""
+    generic, _, _, _, prompt = _two_image_prompt(family)
+    token = generic.image_token_id
+    assert len(prompt.items) == 2
+    assert max(len(item.placeholder_runs) for item in prompt.items) > 1
+    if family != "aya_vision":  # Aya Vision's 96 x 96 image fits one tile: one run
+        assert all(len(item.runs) > 1 for item in prompt.items)
+    covered = []
+    for item in prompt.items:
+        runs = item.placeholder_runs
+        assert item.offset == runs[0][0] and item.length == sum(n for _, n in runs)
+        assert int(item.encoder_inputs[NUM_TOKENS_KEY]) == item.length
+        assert list(runs) == sorted(runs)
+        covered += [i for offset, n in runs for i in range(offset, offset + n)]
+    assert covered == [i for i, t in enumerate(prompt.token_ids) if t == token]
+    # The first image's runs all come before the second's (each image is one contiguous expansion).
+    first, second = prompt.items
+    assert sum(first.placeholder_runs[-1]) <= second.offset
 
 
-def test_refuses_image_splitting(tmp_path):
-    """Idefics3 as released splits big images into tiles, each its own run of <image>."""
-    model_dir = tmp_path / "idefics3-splitting"
-    shutil.copytree(tiny_checkpoint("idefics3"), model_dir)
-    config_path = model_dir / "processor_config.json"
-    processor_config = json.loads(config_path.read_text())
-    # As HuggingFaceM4/Idefics3-8B-Llama3: resize to 4 tiles' side, then split into tiles.
-    processor_config["image_processor"].update(do_image_splitting=True, size={"longest_edge": 4 * 112})
-    config_path.write_text(json.dumps(processor_config))
-    message = _refusal(model_dir)
-    assert "2 images but" in message and "one contiguous run per image" in message
-    with pytest.raises(FailedPrecondition):  # the services refuse to start, not answer wrongly
-        family_for(model_dir)
+def test_pixtral_runs_are_rows_between_breaks():
+    """Mistral3: each run is one row of [IMG], followed by [IMG_BREAK], the last by [IMG_END]."""
+    _, processor, text, images, prompt = _two_image_prompt("mistral3")
+    tokenizer = processor.tokenizer
+    breaks, end = tokenizer.convert_tokens_to_ids(["[IMG_BREAK]", "[IMG_END]"])
+    for item, size in zip(prompt.items, processor(text=[text], images=images)["image_sizes"]):
+        rows, cols = (int(side) // 28 for side in size)  # patch 14, spatial merge 2
+        assert [n for _, n in item.runs] == [cols] * rows
+        after = [prompt.token_ids[offset + n] for offset, n in item.runs]
+        assert after == [breaks] * (rows - 1) + [end]
+
+
+def test_idefics3_splits_images_into_tiles():
+    """Idefics3 with splitting: rows * cols tiles plus the global image, each a run of image_seq_len."""
+    _, processor, _, _, prompt = _two_image_prompt("idefics3")
+    for item in prompt.items:
+        tiles = item.encoder_inputs["pixel_values"].shape[1]
+        assert tiles > 1 and [n for _, n in item.runs] == [processor.image_seq_len] * tiles
+
+
+@pytest.mark.parametrize("family", ["idefics3", "aya_vision", "mistral3"])
+def test_encoder_gives_what_get_image_features_gives(family):
+    """The items of one prompt, encoded together, are get_image_features on the processor's whole output."""
+    generic, processor, text, images, prompt = _two_image_prompt(family)
+    model = generic.load_model(tiny_checkpoint(family), torch.float32, "cpu")
+    out = processor(text=[text], images=images, return_tensors="pt")
+    with torch.inference_mode():
+        features = model.get_image_features(**{k: v for k, v in out.items() if k in generic.tower_inputs})
+    pooled = features.pooler_output
+    expected = torch.cat([p.reshape(-1, generic.hidden_size) for p in (pooled if isinstance(pooled, (list, tuple))
+                                                                      else [pooled])])
+    got = generic.encode(model, "image", [item.encoder_inputs for item in prompt.items])
+    assert torch.equal(torch.cat([e.embeddings for e in got]), expected)
+
+
+def test_runs_outside_every_image_are_refused():
+    generic = family_for(tiny_checkpoint("idefics3"))
+    spans = [(4, 20), (30, 50)]
+    with pytest.raises(InvalidArgument) as caught:  # a run straddling the end of the first image
+        generic._runs_per_image([(6, 8), (18, 4), (32, 8)], spans, 2)
+    assert caught.value.reason == "PLACEHOLDER_COUNT_MISMATCH"
+    with pytest.raises(InvalidArgument, match="images \\[1\\] have no"):
+        generic._runs_per_image([(6, 8), (12, 8)], spans, 2)
+    with pytest.raises(InvalidArgument) as caught:  # no replacement offsets: one run per image
+        generic._runs_per_image([(6, 8), (16, 8), (32, 8)], None, 2)
+    assert caught.value.reason == "PLACEHOLDER_COUNT_MISMATCH"
+    assert generic._runs_per_image([(6, 8), (12, 8), (32, 8)], spans, 2) == [[(6, 8), (12, 8)], [(32, 8)]]
+
+
+def test_tiles_must_divide_evenly():
+    assert Generic._tiles_per_image("pixel_values", 8, [80, 48]) == [5, 3]
+    with pytest.raises(InvalidArgument) as caught:
+        Generic._tiles_per_image("pixel_values", 8, [70, 58])
+    assert caught.value.reason == "PLACEHOLDER_COUNT_MISMATCH"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +205,8 @@ def test_encoder_splits_rows_by_placeholder_count(idefics3_encoder):
     {NUM_TOKENS_KEY: None},  # count missing
     {NUM_TOKENS_KEY: torch.tensor([0])},
     {"input_ids": torch.tensor([1])},  # not a tower input
-], ids=["no-count", "zero-count", "unknown-input"])
+    {IMAGE_DIM_KEY: torch.tensor([2])},  # past the images dim of every layout
+], ids=["no-count", "zero-count", "unknown-input", "bad-image-dim"])
 def test_encoder_rejects_malformed_items(idefics3_encoder, bad):
     family, model = idefics3_encoder
     item = {k: v for k, v in {**_item(16), **bad}.items() if v is not None}
@@ -168,7 +221,7 @@ def test_encoder_rejects_a_count_the_tower_does_not_give(idefics3_encoder):
         family.encode(model, "image", [_item(15)])
 
 
-@pytest.mark.parametrize("family", ["idefics3", "aya_vision"])
+@pytest.mark.parametrize("family", ["idefics3", "aya_vision", "mistral3"])
 def test_tiny_builders_are_deterministic(family, tmp_path):
     """Same seed, another process and hash seed: byte-identical files; another seed: other weights."""
 

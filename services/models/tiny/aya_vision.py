@@ -5,12 +5,13 @@ Served by the generic family (services/models/generic.py): Aya Vision has no fam
 Aya Vision's processor expands each `<image>` in the prompt to `<|START_OF_IMG|>`, then per tile
 `TILE_i` + n x `<|IMG_PATCH|>`, then `TILE_GLOBAL` + n x `<|IMG_PATCH|>` and `<|END_OF_IMG|>`; only the
 `<|IMG_PATCH|>` positions (config `image_token_index`) take tower rows. CohereLabs/aya-vision-8b
-crops big images into up to 12 tiles plus a thumbnail, so one image owns several placeholder runs,
-which the generic family refuses (one image must be one contiguous range). The tiny checkpoint keeps
-`max_patches=1`: every image is one 112 px tile, `TILE_GLOBAL` + one run of `<|IMG_PATCH|>`.
+crops an image into up to 12 tiles (`max_patches`) of the best-fitting grid plus a thumbnail, so one
+image owns several placeholder runs, which the generic family assigns to it from the processor's
+replacement offsets (ProcessedItem.runs). The tiny checkpoint keeps that with `max_patches=4`: an
+image gives 1 run (one tile) or 2 to 4 tiles + the thumbnail.
 
 Tiny sizes: patch 14 on a 112 px tile, 8x8 patches, pixel shuffle x2 (`downsample_factor`), a SwiGLU
-projector: 16 `<|IMG_PATCH|>` tokens per image. The language model is Cohere2 (LayerNorm, parallel
+projector: 16 `<|IMG_PATCH|>` tokens per tile, up to 5 tiles (80 rows) per image. The language model is Cohere2 (LayerNorm, parallel
 attention + MLP, one sliding-window and one global layer) with tied embeddings, as the real model.
 """
 
@@ -49,6 +50,9 @@ AYA_VISION_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
 )
+
+# Tiles per image before the thumbnail (aya-vision-8b: 12); kept small so that tests stay fast.
+_MAX_TILES = 4
 
 # As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
 _EOS_LOGIT_SCALE = 0.9
@@ -155,7 +159,7 @@ def build(ctx: BuildContext) -> None:
         size={"height": tile, "width": tile},
         crop_to_patches=True,
         min_patches=1,
-        max_patches=1,
+        max_patches=_MAX_TILES,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         do_convert_rgb=True,

@@ -4,14 +4,16 @@ Served by the generic family (services/models/generic.py): Idefics3 has no famil
 
 Idefics3 expands each `<image>` to `<fake_token_around_image><global-img>` + `image_seq_len` x
 `<image>` + `<fake_token_around_image>`; the tower's output after the pixel-shuffle connector is
-one row per `<image>` token. With `do_image_splitting=True` (HuggingFaceM4/Idefics3-8B-Llama3)
-the processor also cuts big images into tiles, each with its own `<row_i_col_j>` tag and run of
-`<image>` tokens, so one image owns several runs; the generic family refuses such a processor
-(one image must be one contiguous placeholder range). The tiny checkpoint therefore keeps
-splitting off: every image is squared to `max_image_size` and gives one run.
+one row per `<image>` token. As HuggingFaceM4/Idefics3-8B-Llama3 and SmolVLM, `do_image_splitting=True`:
+the processor resizes an image's longest edge to `size` (rounded up to whole tiles of `max_image_size`),
+cuts it into rows x cols tiles, each `<fake_token_around_image><row_i_col_j>` + `image_seq_len` x
+`<image>`, a newline after each row, then the global image (the whole image squared to
+`max_image_size`) as above. One image thus owns rows * cols + 1 runs of `<image>`, which the generic
+family assigns to it from the processor's replacement offsets (ProcessedItem.runs).
 
-Tiny sizes: patch 14 on a 112 px square, 8x8 patches, pixel shuffle x2 (`scale_factor`):
-16 `<image>` tokens per image.
+Tiny sizes: patch 14 on a 112 px tile, 8x8 patches, pixel shuffle x2 (`scale_factor`): 16 `<image>`
+tokens per tile; `size` = 2 tiles' side (224 px; the real 4 x 364), so an image gives at most 2 x 2 tiles
+plus the global one: 2 to 5 runs, 32 to 80 rows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+
+# Tiles along an image's longest edge (size = this many tiles' side); Idefics3-8B-Llama3 has 4.
+_TILES_PER_SIDE = 2
 
 # As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
 _EOS_LOGIT_SCALE = 0.9
@@ -122,9 +127,9 @@ def build(ctx: BuildContext) -> None:
     silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
 
     side = p["image_size"]
-    image_processor = Idefics3ImageProcessor(  # Idefics3-8B-Llama3 keeps splitting on; see the module docstring
-        do_image_splitting=False,
-        size={"longest_edge": side},
+    image_processor = Idefics3ImageProcessor(  # as Idefics3-8B-Llama3: splitting on (module docstring)
+        do_image_splitting=True,
+        size={"longest_edge": _TILES_PER_SIDE * side},
         max_image_size={"longest_edge": side},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
