@@ -45,6 +45,19 @@ def _model_infos(services) -> list:
     return infos
 
 
+def served_by_generic_test(architecture: str, placeholder: str):
+    """Test: all three services serve the checkpoint through the generic family."""
+
+    @pytest.mark.e2e
+    def test_served_by_the_generic_family(services):
+        for info in _model_infos(services):
+            assert info.family == "generic"
+            assert info.architecture == architecture
+            assert info.placeholder_tokens["image"] == placeholder
+
+    return test_served_by_the_generic_family
+
+
 class TestIdefics3:
     @pytest.fixture(scope="class")
     @classmethod
@@ -53,14 +66,7 @@ class TestIdefics3:
 
     test_parity = staticmethod(parity_tests("idefics3"))
     test_model_info = staticmethod(model_info_test("idefics3"))
-
-    @staticmethod
-    @pytest.mark.e2e
-    def test_served_by_the_generic_family(services):
-        for info in _model_infos(services):
-            assert info.family == "generic"
-            assert info.architecture == "Idefics3ForConditionalGeneration"
-            assert info.placeholder_tokens["image"] == "<image>"
+    test_generic = staticmethod(served_by_generic_test("Idefics3ForConditionalGeneration", "<image>"))
 
 
 class TestAyaVision:
@@ -71,14 +77,7 @@ class TestAyaVision:
 
     test_parity = staticmethod(parity_tests("aya_vision"))
     test_model_info = staticmethod(model_info_test("aya_vision"))
-
-    @staticmethod
-    @pytest.mark.e2e
-    def test_served_by_the_generic_family(services):
-        for info in _model_infos(services):
-            assert info.family == "generic"
-            assert info.architecture == "AyaVisionForConditionalGeneration"
-            assert info.placeholder_tokens["image"] == "<|IMG_PATCH|>"
+    test_generic = staticmethod(served_by_generic_test("AyaVisionForConditionalGeneration", "<|IMG_PATCH|>"))
 
 
 class TestMistral3:
@@ -89,11 +88,4 @@ class TestMistral3:
 
     test_parity = staticmethod(parity_tests("mistral3"))
     test_model_info = staticmethod(model_info_test("mistral3"))
-
-    @staticmethod
-    @pytest.mark.e2e
-    def test_served_by_the_generic_family(services):
-        for info in _model_infos(services):
-            assert info.family == "generic"
-            assert info.architecture == "Mistral3ForConditionalGeneration"
-            assert info.placeholder_tokens["image"] == "[IMG]"
+    test_generic = staticmethod(served_by_generic_test("Mistral3ForConditionalGeneration", "[IMG]"))
