@@ -17,8 +17,17 @@ attention + MLP, one sliding-window and one global layer) with tied embeddings, 
 
 from __future__ import annotations
 
-from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, quiet_tied_rows, redraw_weights,
-                                         save_checkpoint, scaled_std, train_tokenizer_with_ids)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    quiet_tied_rows,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    train_tokenizer_with_ids,
+)
 
 FAMILY = "aya_vision"
 
@@ -54,8 +63,6 @@ AYA_VISION_CHAT_TEMPLATE = (
 # Tiles per image before the thumbnail (aya-vision-8b: 12); kept small so that tests stay fast.
 _MAX_TILES = 4
 
-# As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
-_EOS_LOGIT_SCALE = 0.9
 # Tied embeddings: special rows other than EOS are shrunk rather than zeroed, so that as inputs
 # (turn tokens) they keep a direction while as outputs they score near 0 and are never picked.
 _SPECIAL_ROW_SCALE = 0.05
@@ -98,7 +105,12 @@ def _aya_vision_std(hidden: int) -> StdFor:
 
 
 def build(ctx: BuildContext) -> None:
-    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, GotOcr2ImageProcessor
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        GotOcr2ImageProcessor,
+    )
 
     p = _AYA_VISION_SIZES[ctx.size]
     tokenizer, ids = train_tokenizer_with_ids(
@@ -153,7 +165,7 @@ def build(ctx: BuildContext) -> None:
     redraw_weights(model, ctx.seed, _aya_vision_std(p["hidden"]))
     eos = [ids["<|END_OF_TURN_TOKEN|>"], ids["<EOS_TOKEN>"]]
     head = model.get_output_embeddings().weight  # tied: the token embeddings too
-    quiet_tied_rows(head, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, _EOS_LOGIT_SCALE)
+    quiet_tied_rows(head, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, EOS_LOGIT_SCALE)
 
     image_processor = GotOcr2ImageProcessor(  # aya-vision-8b: 364 px tiles, up to 12 (see the module docstring)
         size={"height": tile, "width": tile},

@@ -12,9 +12,11 @@ Word embeddings are tied to lm_head, as the real checkpoints.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,
     padded_vocab_size,
@@ -80,9 +82,6 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 {%- endif -%}
 """
 
-# Scales the EOS rows (<eos>, <end_of_turn>) of the tied embedding so that short greedy runs in tests
-# are rarely cut off (as Qwen2-VL's builder does to its lm_head).
-_EOS_LOGIT_SCALE = 0.9
 # Scales the other special tokens' rows: tied weights cannot zero them (they are also the input
 # embeddings of <start_of_turn> etc.), so they are made small enough that greedy rarely emits them.
 _SPECIAL_ROW_SCALE = 0.3
@@ -218,7 +217,7 @@ def build(ctx: BuildContext) -> None:
         # gives logits of std ~3, so greedy picks depend on the hidden state.
         text.norm.weight.fill_(2.0)
     eos = [ids["<eos>"], ids["<end_of_turn>"]]  # gemma-3-*-it: generation stops at <eos> or <end_of_turn>
-    quiet_tied_rows(text.embed_tokens.weight, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, _EOS_LOGIT_SCALE)
+    quiet_tied_rows(text.embed_tokens.weight, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, EOS_LOGIT_SCALE)
 
     size = p["image_size"]
     image_processor = Gemma3ImageProcessor(  # gemma-3: 896x896, bilinear, mean/std 0.5, no pan-and-scan

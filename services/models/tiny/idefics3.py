@@ -18,8 +18,17 @@ plus the global one: 2 to 5 runs, 32 to 80 rows.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
-                                         scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+)
 
 FAMILY = "idefics3"
 
@@ -44,8 +53,6 @@ IDEFICS3_CHAT_TEMPLATE = (
 # Tiles along an image's longest edge (size = this many tiles' side); Idefics3-8B-Llama3 has 4.
 _TILES_PER_SIDE = 2
 
-# As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
-_EOS_LOGIT_SCALE = 0.9
 
 # text (Llama): hidden, layers, heads, kv heads, intermediate
 # vision: width, layers, heads, intermediate, square image side (patch 14), pixel-shuffle factor
@@ -75,8 +82,7 @@ def _idefics3_std(hidden: int) -> StdFor:
 
 
 def build(ctx: BuildContext) -> None:
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor)
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
     p = _IDEFICS3_SIZES[ctx.size]
     tokenizer, ids = train_tokenizer_with_ids(
@@ -124,7 +130,7 @@ def build(ctx: BuildContext) -> None:
     model = Idefics3ForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _idefics3_std(p["hidden"]))
     eos = [ids["<end_of_utterance>"], ids["<|end_of_text|>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     side = p["image_size"]
     image_processor = Idefics3ImageProcessor(  # as Idefics3-8B-Llama3: splitting on (module docstring)

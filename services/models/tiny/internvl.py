@@ -12,6 +12,7 @@ count varies with the image's aspect ratio. The tiny tower keeps that shape: 64 
 from __future__ import annotations
 
 from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,
     padded_vocab_size,
@@ -61,8 +62,6 @@ INTERNVL_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as Qwen2-VL's).
-_EOS_LOGIT_SCALE = 0.9
 
 # text (Qwen2): hidden, layers, heads, kv heads, intermediate
 # vision (InternViT): width, layers, heads, intermediate, tile size, patch; max tiles per image
@@ -161,7 +160,7 @@ def build(ctx: BuildContext) -> None:
     model = InternVLForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _internvl_std(p["hidden"]))
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     tile = {"height": p["tile"], "width": p["tile"]}
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet, as InternVL3

@@ -13,10 +13,21 @@ with LLaVA-NeXT.
 from __future__ import annotations
 
 from pathlib import Path
+
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
-                                         scaled_std, silence_lm_head_rows, special_token_ids, train_bpe_tokenizer)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    special_token_ids,
+    train_bpe_tokenizer,
+)
 
 FAMILY = "llava"
 
@@ -43,8 +54,6 @@ LLAVA_1_5_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-# Scales the EOS row of lm_head so that short greedy runs in tests are rarely cut off (as Qwen2-VL's).
-_EOS_LOGIT_SCALE = 0.9
 
 # text (Llama): hidden, layers, heads, kv heads, intermediate
 # vision (CLIP): width, layers, heads, intermediate, image (crop) size; patch stays 14
@@ -102,7 +111,7 @@ def finish_and_save(out_dir: Path, model: PreTrainedModel, processor: ProcessorM
     processor. Llama's only stop token is </s>; EOS stays reachable but rarer (as Qwen2-VL's builder)."""
     ids = llava_ids(tokenizer)
     eos = [ids["</s>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
     save_checkpoint(out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"])
 
 

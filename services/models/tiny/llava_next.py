@@ -11,8 +11,13 @@ aspect ratio the way the real one does (unpadding, one image_newline row end per
 from __future__ import annotations
 
 from services.models.tiny.common import BuildContext, redraw_weights
-from services.models.tiny.llava import (finish_and_save, llava_config_kwargs, llava_processor_kwargs, llava_std,
-                                        llava_tokenizer)
+from services.models.tiny.llava import (
+    finish_and_save,
+    llava_config_kwargs,
+    llava_processor_kwargs,
+    llava_std,
+    llava_tokenizer,
+)
 
 FAMILY = "llava_next"
 
@@ -56,7 +61,12 @@ _GRID_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
 def build(ctx: BuildContext) -> None:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     p = _LLAVA_NEXT_SIZES[ctx.size]
     tile = p["image_size"]

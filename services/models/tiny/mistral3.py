@@ -17,8 +17,17 @@ Tiny sizes: patch 14, merge 2 (28 px per row/column token), longest edge 112 px:
 
 from __future__ import annotations
 
-from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
-                                         scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+)
 
 FAMILY = "mistral3"
 
@@ -48,8 +57,6 @@ MISTRAL3_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
-# As the Qwen2-VL builder's: EOS reachable but a little rarer, so short greedy runs are rarely cut.
-_EOS_LOGIT_SCALE = 0.9
 
 # text (Mistral): hidden, layers, heads, kv heads, intermediate
 # vision (Pixtral): width, layers, heads, intermediate, longest image edge (patch 14, merge 2)
@@ -77,8 +84,7 @@ def _mistral3_std(hidden: int) -> StdFor:
 
 
 def build(ctx: BuildContext) -> None:
-    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor,
-                              PixtralProcessor)
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
 
     p = _MISTRAL3_SIZES[ctx.size]
     tokenizer, ids = train_tokenizer_with_ids(
@@ -134,7 +140,7 @@ def build(ctx: BuildContext) -> None:
     model = Mistral3ForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, _mistral3_std(p["hidden"]))
     eos = [ids["</s>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     image_processor = PixtralImageProcessor(  # Mistral-Small-3.1: longest edge 1540, patch 14
         size={"longest_edge": p["longest_edge"]},

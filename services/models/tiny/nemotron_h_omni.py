@@ -11,9 +11,19 @@ import math
 
 import torch
 
-from services.models.tiny.common import (BuildContext, StdFor, lm_head_std, padded_vocab_size, redraw_weights,
-                                         save_checkpoint, silence_lm_head_rows, train_tokenizer_with_ids,
-                                         variance_preserving_std, vector_std)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    lm_head_std,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+    variance_preserving_std,
+    vector_std,
+)
 
 FAMILY = "nemotron_h_omni"
 
@@ -67,8 +77,6 @@ NEMOTRON_H_OMNI_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Scales the EOS rows of lm_head so short greedy runs in tests are rarely cut off (see qwen2_vl).
-_EOS_LOGIT_SCALE = 0.9
 
 # text: hidden, hybrid pattern (M mamba, E moe, * attention, - mlp), attention heads, kv heads,
 # head_dim, mamba heads x head_dim, groups, state, chunk, experts; vision: RADIO width, depth, heads;
@@ -143,9 +151,11 @@ def _init_mamba_constants(model: torch.nn.Module, seed: int) -> None:
 
 def build(ctx: BuildContext) -> None:
     from transformers import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config, ParakeetFeatureExtractor
-    from transformers.models.nemotron_h_omni import (NemotronH_Omni_Reasoning_V3ImageProcessor,
-                                                     NemotronH_Omni_Reasoning_V3Processor,
-                                                     NemotronH_Omni_Reasoning_V3VideoProcessor)
+    from transformers.models.nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3ImageProcessor,
+        NemotronH_Omni_Reasoning_V3Processor,
+        NemotronH_Omni_Reasoning_V3VideoProcessor,
+    )
 
     p = _SIZES[ctx.size]
     tokenizer, ids = train_tokenizer_with_ids(
@@ -211,7 +221,7 @@ def build(ctx: BuildContext) -> None:
     model = NemotronH_Omni_Reasoning_V3(config).eval()
     redraw_weights(model, ctx.seed, _std(p["hidden"]))
     _init_mamba_constants(model, ctx.seed)
-    silence_lm_head_rows(model.language_model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.language_model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     image_processor = NemotronH_Omni_Reasoning_V3ImageProcessor(
         patch_size=16,

@@ -9,8 +9,17 @@ The audio tower is always part of the model: it is built small too, ready for wh
 
 from __future__ import annotations
 
-from services.models.tiny.common import (BuildContext, StdFor, padded_vocab_size, redraw_weights, save_checkpoint,
-                                         scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+)
 
 FAMILY = "phi4mm"
 
@@ -44,8 +53,6 @@ PHI4MM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as for Qwen2-VL).
-_EOS_LOGIT_SCALE = 0.9
 
 # text: hidden, layers, heads, kv heads, intermediate (head_dim * 0.75 rotary dims, as the real model)
 # vision: width, depth, heads, mlp; image_size/patch stay 448/14 (the token formula needs them)
@@ -166,7 +173,7 @@ def build(ctx: BuildContext) -> None:
     )
     model = Phi4MultimodalForCausalLM(config).eval()
     redraw_weights(model, ctx.seed, _phi4mm_std(p["hidden"]))
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     processor = Phi4MultimodalProcessor(
         image_processor=Phi4MultimodalImageProcessor(dynamic_hd=p["dynamic_hd"]),

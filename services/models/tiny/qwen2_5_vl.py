@@ -8,11 +8,26 @@ span several windows, some of them cut short at the image's edge.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (SIZES, BuildContext, padded_vocab_size, redraw_weights, save_checkpoint,
-                                         silence_lm_head_rows, train_tokenizer_with_ids)
-from services.models.tiny.qwen2_vl import (QWEN2_TEXT_SIZES, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS,
-                                           qwen2_text_config, qwen2_vl_std, qwen_eos_ids, qwen_vl_processor,
-                                           qwen_vl_token_kwargs)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    SIZES,
+    BuildContext,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+)
+from services.models.tiny.qwen2_vl import (
+    QWEN2_TEXT_SIZES,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN2_VL_SPECIAL_TOKENS,
+    qwen2_text_config,
+    qwen2_vl_std,
+    qwen_eos_ids,
+    qwen_vl_processor,
+    qwen_vl_token_kwargs,
+)
 
 FAMILY = "qwen2_5_vl"
 
@@ -27,8 +42,6 @@ QWEN2_5_SPECIAL_TOKENS = (
 # Qwen/Qwen2.5-VL-*-Instruct ship Qwen2-VL's chat template unchanged.
 QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE
 
-# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off.
-_EOS_LOGIT_SCALE = 0.9
 
 # The text model and token budgets are Qwen2-VL's (QWEN2_TEXT_SIZES).
 # vision: depth, embed, heads, intermediate, window (px), full-attention blocks
@@ -85,7 +98,7 @@ def build(ctx: BuildContext) -> None:
     # Same parameter names as Qwen2-VL (fused tower qkv, merger.mlp.2), so the same scales.
     redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
     eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     processor = qwen_vl_processor(
         Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,

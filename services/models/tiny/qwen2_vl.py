@@ -10,8 +10,18 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
-from services.models.tiny.common import (SIZES, BuildContext, StdFor, padded_vocab_size, redraw_weights,
-                                         save_checkpoint, scaled_std, silence_lm_head_rows, train_tokenizer_with_ids)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    SIZES,
+    BuildContext,
+    StdFor,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    scaled_std,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+)
 
 FAMILY = "qwen2_vl"
 
@@ -52,9 +62,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Scales the EOS rows of lm_head. Seen on tiny seeds 0/1 (random text prompts): at 1.0, 1 prompt in 8
-# stops within 16 greedy tokens; at 0.9, ~1% within 8 tokens and 7-17% within 128.
-_EOS_LOGIT_SCALE = 0.9
 
 # text: hidden, layers, heads, kv heads, intermediate, mrope_section (sums to head_dim/2)
 # tokens: min/max merged tokens per image and per video. Qwen2.5-VL keeps both (its LLM is the same).
@@ -206,7 +213,7 @@ def build(ctx: BuildContext) -> None:
     model = Qwen2VLForConditionalGeneration(config).eval()
     redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
     eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     processor = qwen_vl_processor(
         Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,

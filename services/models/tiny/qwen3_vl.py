@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from services.models.tiny.common import (BuildContext, StdFor, lm_head_std, padded_vocab_size, redraw_weights,
-                                         save_checkpoint, silence_lm_head_rows, train_tokenizer_with_ids,
-                                         variance_preserving_std)
+from services.models.tiny.common import (
+    EOS_LOGIT_SCALE,
+    BuildContext,
+    StdFor,
+    lm_head_std,
+    padded_vocab_size,
+    redraw_weights,
+    save_checkpoint,
+    silence_lm_head_rows,
+    train_tokenizer_with_ids,
+    variance_preserving_std,
+)
 from services.models.tiny.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
 from services.models.tiny.qwen2_vl import qwen_eos_ids, qwen_vl_processor, qwen_vl_token_kwargs
 
@@ -147,8 +156,6 @@ QWEN3_VL_CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-# Scales the EOS rows of lm_head so that short greedy runs in tests are rarely cut off (as Qwen2-VL's).
-_EOS_LOGIT_SCALE = 0.9
 
 # Query/key RMSNorm weights: the norms fix |q| and |k|, so peaked attention (the last position
 # really reading the image) comes from these gains, not from larger q/k projections.
@@ -266,7 +273,7 @@ def build(ctx: BuildContext) -> None:
             layer.self_attn.q_norm.weight.fill_(_QK_NORM_GAIN)
             layer.self_attn.k_norm.weight.fill_(_QK_NORM_GAIN)
     eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, _EOS_LOGIT_SCALE)
+    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
 
     processor = qwen_vl_processor(
         Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, tokenizer, p,
