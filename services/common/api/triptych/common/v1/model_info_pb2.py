@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from services.common.api.triptych.common.v1 import tensor_pb2 as triptych_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#triptych/common/v1/model_info.proto\x12\x12triptych.common.v1\x1a\x1ftriptych/common/v1/tensor.proto\"\x80\x03\n\tModelInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x30\n\nmodalities\x18\x04 \x03(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x03\x12\x35\n\x0f\x65mbedding_dtype\x18\x06 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12P\n\x12placeholder_tokens\x18\x07 \x03(\x0b\x32\x34.triptych.common.v1.ModelInfo.PlaceholderTokensEntry\x12\x1a\n\x12max_context_tokens\x18\x08 \x01(\x03\x12\x12\n\nmodel_path\x18\t \x01(\t\x1a\x38\n\x16PlaceholderTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#triptych/common/v1/model_info.proto\x12\x12triptych.common.v1\x1a\x1ftriptych/common/v1/tensor.proto\"\x80\x03\n\tModelInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x30\n\nmodalities\x18\x04 \x03(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x03\x12\x35\n\x0f\x65mbedding_dtype\x18\x06 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12P\n\x12placeholder_tokens\x18\x07 \x03(\x0b\x32\x34.triptych.common.v1.ModelInfo.PlaceholderTokensEntry\x12\x1a\n\x12max_context_tokens\x18\x08 \x01(\x03\x12\x12\n\nmodel_path\x18\t \x01(\t\x1a\x38\n\x16PlaceholderTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x9e\x01\n\x16\x63om.triptych.common.v1B\x0eModelInfoProtoP\x01Z+triptych/gen/go/triptych/common/v1;commonv1\xa2\x02\x03TCX\xaa\x02\x12Triptych.Common.V1\xca\x02\x12Triptych\\Common\\V1\xea\x02\x14Triptych::Common::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.common.v1.model_info_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\026com.triptych.common.v1B\016ModelInfoProtoP\001Z+triptych/gen/go/triptych/common/v1;commonv1\242\002\003TCX\252\002\022Triptych.Common.V1\312\002\022Triptych\\Common\\V1\352\002\024Triptych::Common::V1'
   _globals['_MODELINFO_PLACEHOLDERTOKENSENTRY']._loaded_options = None
   _globals['_MODELINFO_PLACEHOLDERTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO']._serialized_start=93
