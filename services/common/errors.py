@@ -4,6 +4,10 @@ Service code raises `InvalidArgument(...)` etc.; `ErrorInterceptor` (server.py)
 turns them into a status with a `google.rpc.ErrorInfo` detail. Calls to other
 services go through `from_rpc_error`, so a downstream failure reaches the
 caller with the right code and the name of the service that failed.
+
+Every `reason` is the name of a value of `triptych.common.v1.ErrorReason`
+(protos/triptych/common/v1/error_reason.proto), where clients read when each
+happens and what to do; tests/common/test_error_reasons.py keeps the two equal.
 """
 
 from __future__ import annotations
@@ -12,6 +16,20 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from services.common.api.triptych.common.v1 import error_reason_pb2
+
+# Every reason a Triptych service reports (the contract's ErrorReason values).
+REASONS: frozenset[str] = frozenset(error_reason_pb2.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED"}
+
+# A downstream status without ErrorInfo comes from gRPC itself (or a server that is not ours):
+# its reason names the service and one of these, e.g. ENCODER_UNAVAILABLE.
+_TRANSPORT_REASONS = {
+    grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
+    grpc.StatusCode.CANCELLED: "UNAVAILABLE",  # the connection went away mid-call
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",  # a message over the size limit
+}
 
 
 class TriptychError(Exception):
@@ -102,14 +120,19 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str, address: str) -> Tri
         message = f"{service}: {err.details()}"
     return cls(
         message,
-        reason=info.reason if info else f"{service.upper()}_{code.name}",
+        reason=info.reason if info else downstream_reason(service, code),
         domain=info.domain if info else f"triptych.{service}",
         metadata=dict(info.metadata) if info else {},
     )
 
 
+def downstream_reason(service: str, code: grpc.StatusCode) -> str:
+    """The reason of a failed call to `service` ("encoder", "llm") whose status has no ErrorInfo."""
+    return f"{service.upper()}_{_TRANSPORT_REASONS.get(code, 'CALL_FAILED')}"
+
+
 __all__ = [
     "TriptychError", "InvalidArgument", "NotFound", "PermissionDenied", "FailedPrecondition",
     "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal", "error_info",
-    "from_rpc_error",
+    "from_rpc_error", "downstream_reason", "REASONS",
 ]
