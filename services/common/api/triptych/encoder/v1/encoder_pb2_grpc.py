@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class EncoderServiceStub:
     """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
     """
 
     def __init__(self, channel):
@@ -49,10 +53,24 @@ class EncoderServiceStub:
 
 class EncoderServiceServicer:
     """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
     """
 
     def Encode(self, request, context):
         """Encodes media items into the embeddings that replace their placeholder tokens.
+
+        Replies carry the embeddings inline and often exceed gRPC's default 4 MiB
+        receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
+        maxInboundMessageSize, grpc-js and Python
+        "grpc.max_receive_message_length"), for example to the server's
+        --max-message-mib (256 MiB by default).
+
+        Cancelling the call (or its deadline passing) stops the work between
+        batches: a batch already on the encoder's torch thread finishes and its
+        result is dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +106,10 @@ def add_EncoderServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class EncoderService:
     """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
     """
 
     @staticmethod

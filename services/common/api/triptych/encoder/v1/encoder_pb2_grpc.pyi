@@ -27,29 +27,66 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EncoderServiceStub:
-    """Runs a model's vision and audio towers: processed media in, embeddings out."""
+    """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EncoderServiceAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_encoder_pb2.EncodeRequest, _encoder_pb2.EncodeResponse]
-    """Encodes media items into the embeddings that replace their placeholder tokens."""
+    """Encodes media items into the embeddings that replace their placeholder tokens.
+
+    Replies carry the embeddings inline and often exceed gRPC's default 4 MiB
+    receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
+    maxInboundMessageSize, grpc-js and Python
+    "grpc.max_receive_message_length"), for example to the server's
+    --max-message-mib (256 MiB by default).
+
+    Cancelling the call (or its deadline passing) stops the work between
+    batches: a batch already on the encoder's torch thread finishes and its
+    result is dropped.
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]
     """Describes the model this encoder serves."""
 
 @_typing.type_check_only
 class EncoderServiceAsyncStub(EncoderServiceStub):
-    """Runs a model's vision and audio towers: processed media in, embeddings out."""
+    """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_encoder_pb2.EncodeRequest, _encoder_pb2.EncodeResponse]  # type: ignore[assignment]
-    """Encodes media items into the embeddings that replace their placeholder tokens."""
+    """Encodes media items into the embeddings that replace their placeholder tokens.
+
+    Replies carry the embeddings inline and often exceed gRPC's default 4 MiB
+    receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
+    maxInboundMessageSize, grpc-js and Python
+    "grpc.max_receive_message_length"), for example to the server's
+    --max-message-mib (256 MiB by default).
+
+    Cancelling the call (or its deadline passing) stops the work between
+    batches: a batch already on the encoder's torch thread finishes and its
+    result is dropped.
+    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this encoder serves."""
 
 class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Runs a model's vision and audio towers: processed media in, embeddings out."""
+    """Runs a model's vision and audio towers: processed media in, embeddings out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name and whose domain is
+    "triptych.encoder".
+    """
 
     @_abc_1.abstractmethod
     def Encode(
@@ -57,7 +94,18 @@ class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _encoder_pb2.EncodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_encoder_pb2.EncodeResponse, _abc.Awaitable[_encoder_pb2.EncodeResponse]]:
-        """Encodes media items into the embeddings that replace their placeholder tokens."""
+        """Encodes media items into the embeddings that replace their placeholder tokens.
+
+        Replies carry the embeddings inline and often exceed gRPC's default 4 MiB
+        receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
+        maxInboundMessageSize, grpc-js and Python
+        "grpc.max_receive_message_length"), for example to the server's
+        --max-message-mib (256 MiB by default).
+
+        Cancelling the call (or its deadline passing) stops the work between
+        batches: a batch already on the encoder's torch thread finishes and its
+        result is dropped.
+        """
 
     @_abc_1.abstractmethod
     def GetModelInfo(

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class LlmServiceStub:
     """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
     """
 
     def __init__(self, channel):
@@ -54,10 +59,19 @@ class LlmServiceStub:
 
 class LlmServiceServicer:
     """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
     """
 
     def Generate(self, request, context):
         """Generates a completion and returns it whole.
+
+        Cancelling the call (or its deadline passing) aborts the request: it
+        leaves the queue, or frees its slot and KV cache at the engine's next
+        decoding step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +79,9 @@ class LlmServiceServicer:
 
     def StreamGenerate(self, request, context):
         """Generates a completion, one message per generated token, then a final message.
+
+        Cancelling the call (or its deadline passing) aborts the request as for
+        Generate; a client that has seen enough tokens cancels to stop.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +122,11 @@ def add_LlmServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class LlmService:
     """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
     """
 
     @staticmethod

@@ -27,33 +27,69 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class LlmServiceStub:
-    """Merges media embeddings into a prompt and generates tokens."""
+    """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LlmServiceAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GenerateRequest, _llm_pb2.GenerateResponse]
-    """Generates a completion and returns it whole."""
+    """Generates a completion and returns it whole.
+
+    Cancelling the call (or its deadline passing) aborts the request: it
+    leaves the queue, or frees its slot and KV cache at the engine's next
+    decoding step.
+    """
     StreamGenerate: _grpc.UnaryStreamMultiCallable[_llm_pb2.StreamGenerateRequest, _llm_pb2.StreamGenerateResponse]
-    """Generates a completion, one message per generated token, then a final message."""
+    """Generates a completion, one message per generated token, then a final message.
+
+    Cancelling the call (or its deadline passing) aborts the request as for
+    Generate; a client that has seen enough tokens cancels to stop.
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.GetModelInfoResponse]
     """Describes the model this service serves."""
 
 @_typing.type_check_only
 class LlmServiceAsyncStub(LlmServiceStub):
-    """Merges media embeddings into a prompt and generates tokens."""
+    """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_llm_pb2.GenerateRequest, _llm_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generates a completion and returns it whole."""
+    """Generates a completion and returns it whole.
+
+    Cancelling the call (or its deadline passing) aborts the request: it
+    leaves the queue, or frees its slot and KV cache at the engine's next
+    decoding step.
+    """
     StreamGenerate: _aio.UnaryStreamMultiCallable[_llm_pb2.StreamGenerateRequest, _llm_pb2.StreamGenerateResponse]  # type: ignore[assignment]
-    """Generates a completion, one message per generated token, then a final message."""
+    """Generates a completion, one message per generated token, then a final message.
+
+    Cancelling the call (or its deadline passing) aborts the request as for
+    Generate; a client that has seen enough tokens cancels to stop.
+    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this service serves."""
 
 class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Merges media embeddings into a prompt and generates tokens."""
+    """Merges media embeddings into a prompt and generates tokens.
+
+    Requests carry embeddings inline; the server accepts messages up to its
+    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    whose reason is a triptych.common.v1.ErrorReason value name and whose domain
+    is "triptych.llm".
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -61,7 +97,12 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llm_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llm_pb2.GenerateResponse, _abc.Awaitable[_llm_pb2.GenerateResponse]]:
-        """Generates a completion and returns it whole."""
+        """Generates a completion and returns it whole.
+
+        Cancelling the call (or its deadline passing) aborts the request: it
+        leaves the queue, or frees its slot and KV cache at the engine's next
+        decoding step.
+        """
 
     @_abc_1.abstractmethod
     def StreamGenerate(
@@ -69,7 +110,11 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llm_pb2.StreamGenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_llm_pb2.StreamGenerateResponse], _abc.AsyncIterator[_llm_pb2.StreamGenerateResponse]]:
-        """Generates a completion, one message per generated token, then a final message."""
+        """Generates a completion, one message per generated token, then a final message.
+
+        Cancelling the call (or its deadline passing) aborts the request as for
+        Generate; a client that has seen enough tokens cancels to stop.
+        """
 
     @_abc_1.abstractmethod
     def GetModelInfo(

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class ProcessorServiceStub:
     """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
     """
 
     def __init__(self, channel):
@@ -59,10 +64,20 @@ class ProcessorServiceStub:
 
 class ProcessorServiceServicer:
     """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
     """
 
     def Generate(self, request, context):
         """Generates a reply and returns it whole.
+
+        Cancelling the call (or its deadline passing) cancels the processor's call
+        to the encoder or the LLM, which aborts the LLM request and frees its slot.
+        Media decoding and the HF processor, already running in a worker thread,
+        finish and their result is dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +85,9 @@ class ProcessorServiceServicer:
 
     def StreamGenerate(self, request, context):
         """Generates a reply as text deltas, then a final message with the result.
+
+        Cancellation works as for Generate; a client that has read enough text
+        cancels to stop generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +96,12 @@ class ProcessorServiceServicer:
     def Preprocess(self, request, context):
         """Returns exactly what Generate would send to the encoder and the LLM,
         without sending it. For debugging and for external routers.
+
+        Replies carry the processed media (pixel tensors) inline and often exceed
+        gRPC's default 4 MiB receive limit: raise the client's (Go
+        grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
+        "grpc.max_receive_message_length"), for example to the server's
+        --max-message-mib (256 MiB by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +147,11 @@ def add_ProcessorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ProcessorService:
     """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
     """
 
     @staticmethod

@@ -27,41 +27,91 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ProcessorServiceStub:
-    """The public entry point: chat messages with media in, generated text out."""
+    """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProcessorServiceAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_processor_pb2.GenerateRequest, _processor_pb2.GenerateResponse]
-    """Generates a reply and returns it whole."""
+    """Generates a reply and returns it whole.
+
+    Cancelling the call (or its deadline passing) cancels the processor's call
+    to the encoder or the LLM, which aborts the LLM request and frees its slot.
+    Media decoding and the HF processor, already running in a worker thread,
+    finish and their result is dropped.
+    """
     StreamGenerate: _grpc.UnaryStreamMultiCallable[_processor_pb2.StreamGenerateRequest, _processor_pb2.StreamGenerateResponse]
-    """Generates a reply as text deltas, then a final message with the result."""
+    """Generates a reply as text deltas, then a final message with the result.
+
+    Cancellation works as for Generate; a client that has read enough text
+    cancels to stop generation.
+    """
     Preprocess: _grpc.UnaryUnaryMultiCallable[_processor_pb2.PreprocessRequest, _processor_pb2.PreprocessResponse]
     """Returns exactly what Generate would send to the encoder and the LLM,
     without sending it. For debugging and for external routers.
+
+    Replies carry the processed media (pixel tensors) inline and often exceed
+    gRPC's default 4 MiB receive limit: raise the client's (Go
+    grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
+    "grpc.max_receive_message_length"), for example to the server's
+    --max-message-mib (256 MiB by default).
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_processor_pb2.GetModelInfoRequest, _processor_pb2.GetModelInfoResponse]
     """Describes the model this deployment serves."""
 
 @_typing.type_check_only
 class ProcessorServiceAsyncStub(ProcessorServiceStub):
-    """The public entry point: chat messages with media in, generated text out."""
+    """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_processor_pb2.GenerateRequest, _processor_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generates a reply and returns it whole."""
+    """Generates a reply and returns it whole.
+
+    Cancelling the call (or its deadline passing) cancels the processor's call
+    to the encoder or the LLM, which aborts the LLM request and frees its slot.
+    Media decoding and the HF processor, already running in a worker thread,
+    finish and their result is dropped.
+    """
     StreamGenerate: _aio.UnaryStreamMultiCallable[_processor_pb2.StreamGenerateRequest, _processor_pb2.StreamGenerateResponse]  # type: ignore[assignment]
-    """Generates a reply as text deltas, then a final message with the result."""
+    """Generates a reply as text deltas, then a final message with the result.
+
+    Cancellation works as for Generate; a client that has read enough text
+    cancels to stop generation.
+    """
     Preprocess: _aio.UnaryUnaryMultiCallable[_processor_pb2.PreprocessRequest, _processor_pb2.PreprocessResponse]  # type: ignore[assignment]
     """Returns exactly what Generate would send to the encoder and the LLM,
     without sending it. For debugging and for external routers.
+
+    Replies carry the processed media (pixel tensors) inline and often exceed
+    gRPC's default 4 MiB receive limit: raise the client's (Go
+    grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
+    "grpc.max_receive_message_length"), for example to the server's
+    --max-message-mib (256 MiB by default).
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_processor_pb2.GetModelInfoRequest, _processor_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this deployment serves."""
 
 class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The public entry point: chat messages with media in, generated text out."""
+    """The public entry point: chat messages with media in, generated text out.
+
+    Errors carry a google.rpc.ErrorInfo whose reason is a
+    triptych.common.v1.ErrorReason value name. Its domain names the service that
+    found the problem: "triptych.processor", or "triptych.encoder" /
+    "triptych.llm" for an error the processor relays from them.
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -69,7 +119,13 @@ class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _processor_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_processor_pb2.GenerateResponse, _abc.Awaitable[_processor_pb2.GenerateResponse]]:
-        """Generates a reply and returns it whole."""
+        """Generates a reply and returns it whole.
+
+        Cancelling the call (or its deadline passing) cancels the processor's call
+        to the encoder or the LLM, which aborts the LLM request and frees its slot.
+        Media decoding and the HF processor, already running in a worker thread,
+        finish and their result is dropped.
+        """
 
     @_abc_1.abstractmethod
     def StreamGenerate(
@@ -77,7 +133,11 @@ class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _processor_pb2.StreamGenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_processor_pb2.StreamGenerateResponse], _abc.AsyncIterator[_processor_pb2.StreamGenerateResponse]]:
-        """Generates a reply as text deltas, then a final message with the result."""
+        """Generates a reply as text deltas, then a final message with the result.
+
+        Cancellation works as for Generate; a client that has read enough text
+        cancels to stop generation.
+        """
 
     @_abc_1.abstractmethod
     def Preprocess(
@@ -87,6 +147,12 @@ class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_processor_pb2.PreprocessResponse, _abc.Awaitable[_processor_pb2.PreprocessResponse]]:
         """Returns exactly what Generate would send to the encoder and the LLM,
         without sending it. For debugging and for external routers.
+
+        Replies carry the processed media (pixel tensors) inline and often exceed
+        gRPC's default 4 MiB receive limit: raise the client's (Go
+        grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
+        "grpc.max_receive_message_length"), for example to the server's
+        --max-message-mib (256 MiB by default).
         """
 
     @_abc_1.abstractmethod
