@@ -127,8 +127,8 @@ def test_go_and_typescript_stubs_for_every_proto(generated):
             expected.append(f"go/{base}_grpc.pb.go")
         missing = [path for path in expected if not (generated / path).is_file()]
         assert not missing, f"{file.name}: no {missing}"
-        go = (generated / f"go/{base}.pb.go").read_text()
-        assert f"package {file.package.split('.')[1]}v1\n" in go
+        _, service_name, version = file.package.split(".")
+        assert f"package {service_name}{version}\n" in (generated / f"go/{base}.pb.go").read_text()
         for service in file.service:
             assert f"type {service.name}Client interface" in (generated / f"go/{base}_grpc.pb.go").read_text()
             assert f"export const {service.name}: GenService<" in (generated / f"ts/{base}_pb.ts").read_text()
