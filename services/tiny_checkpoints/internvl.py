@@ -11,7 +11,7 @@ count varies with the image's aspect ratio. The tiny tower keeps that shape: 64 
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,
@@ -82,7 +82,7 @@ _INTERNVL_SIZES: dict[str, dict] = {
 def _internvl_std(hidden: int) -> StdFor:
     """Per-parameter std for InternVL, so that outputs depend on the prompt and the image.
 
-    As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
+    As Qwen2-VL's (qwen2_vl.py in this package): token embeddings at std 1, linear layers at
     ~1/sqrt(fan_in), q/k doubled for peaked attention, lm_head for logits of std ~3, the projector's
     output at the scale of the token embeddings. Besides, the tower's CLS token and absolute position
     embeddings (zeroed by `_init_weights`) are drawn so that patches differ by place; the layer-scale

@@ -17,7 +17,7 @@ attention + MLP, one sliding-window and one global layer) with tied embeddings, 
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,

@@ -10,8 +10,8 @@ aspect ratio the way the real one does (unpadding, one image_newline row end per
 
 from __future__ import annotations
 
-from services.models.tiny.common import BuildContext, redraw_weights
-from services.models.tiny.llava import (
+from services.tiny_checkpoints.common import BuildContext, redraw_weights
+from services.tiny_checkpoints.llava import (
     finish_and_save,
     llava_config_kwargs,
     llava_processor_kwargs,

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from services.models.tiny.common import SIZES, BuildContext
+from services.tiny_checkpoints.common import SIZES, BuildContext
 
 
 def _builders() -> dict[str, Callable[[BuildContext], None]]:

@@ -9,7 +9,7 @@ The audio tower is always part of the model: it is built small too, ready for wh
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,

@@ -17,7 +17,7 @@ Tiny sizes: patch 14, merge 2 (28 px per row/column token), longest edge 112 px:
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,
@@ -23,8 +23,8 @@ from services.models.tiny.common import (
     train_tokenizer_with_ids,
     variance_preserving_std,
 )
-from services.models.tiny.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
-from services.models.tiny.qwen2_vl import qwen_eos_ids, qwen_vl_processor, qwen_vl_token_kwargs
+from services.tiny_checkpoints.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
+from services.tiny_checkpoints.qwen2_vl import qwen_eos_ids, qwen_vl_processor, qwen_vl_token_kwargs
 
 FAMILY = "qwen3_vl"
 

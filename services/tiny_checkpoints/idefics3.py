@@ -18,7 +18,7 @@ plus the global one: 2 to 5 runs, 32 to 80 rows.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,

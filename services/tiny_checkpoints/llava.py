@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     BuildContext,
     StdFor,
@@ -87,7 +87,7 @@ def llava_tokenizer(seed: int) -> PreTrainedTokenizerFast:
 def llava_std(hidden: int) -> StdFor:
     """Per-parameter std for LLaVA checkpoints, so that outputs depend on the prompt and the image.
 
-    As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
+    As Qwen2-VL's (qwen2_vl.py in this package): token embeddings at std 1, linear layers at
     ~1/sqrt(fan_in), q/k doubled for peaked attention, lm_head for logits of std ~3. Besides:
     - the CLIP class embedding and LLaVA-NeXT's image_newline are vectors that are not norms: std 1
       (the default for vectors would make them all ones);

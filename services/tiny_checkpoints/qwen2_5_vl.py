@@ -8,7 +8,7 @@ span several windows, some of them cut short at the image's edge.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
+from services.tiny_checkpoints.common import (
     EOS_LOGIT_SCALE,
     SIZES,
     BuildContext,
@@ -18,7 +18,7 @@ from services.models.tiny.common import (
     silence_lm_head_rows,
     train_tokenizer_with_ids,
 )
-from services.models.tiny.qwen2_vl import (
+from services.tiny_checkpoints.qwen2_vl import (
     QWEN2_TEXT_SIZES,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN2_VL_SPECIAL_TOKENS,
