@@ -78,13 +78,15 @@ def _import_error(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def load_family(name: str) -> type[ModelFamily]:
+def load_family(name: str, model_dir: Path | None = None) -> type[ModelFamily]:
     """The family class named `name`; FAILED_PRECONDITION MODEL_FAMILY_UNAVAILABLE when its module
-    does not import (any exception: a transformers change can surface as more than ImportError)."""
+    does not import (any exception: a transformers change can surface as more than ImportError).
+    `model_dir`: the checkpoint that needs it, for the message."""
     try:
         return _import(name)
-    except Exception as err:  # noqa: BLE001 - reported with its type; the other families still serve
-        raise FailedPrecondition(f"the {name} model family is unavailable: {_import_error(err)}",
+    except Exception as err:  # reported with its type; the other families still serve
+        needed_by = f"{model_dir}: " if model_dir is not None else ""
+        raise FailedPrecondition(f"{needed_by}the {name} model family is unavailable: {_import_error(err)}",
                                  reason="MODEL_FAMILY_UNAVAILABLE", metadata={"family": name}) from err
 
 
@@ -95,7 +97,7 @@ def family_statuses() -> list[FamilyStatus]:
         architectures = tuple(arch for arch, (module, _) in ARCHITECTURES.items() if module == name)
         try:
             statuses.append(FamilyStatus(name, architectures, _import(name)))
-        except Exception as err:  # noqa: BLE001 - listed as unavailable with the reason
+        except Exception as err:  # listed as unavailable with the reason
             statuses.append(FamilyStatus(name, architectures, None, _import_error(err)))
     return statuses
 
@@ -109,7 +111,7 @@ def family_for(model_dir: Path) -> ModelFamily:
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     for arch in architectures:
         if arch in ARCHITECTURES:
-            family = load_family(ARCHITECTURES[arch][0])
+            family = load_family(ARCHITECTURES[arch][0], model_dir)
             return family(AutoConfig.from_pretrained(model_dir))
     supported = ", ".join(sorted(ARCHITECTURES))
     try:

@@ -99,6 +99,7 @@ def test_broken_family_is_unavailable_and_the_others_serve(broken_family):
     with pytest.raises(FailedPrecondition) as err:
         registry.family_for(tiny_checkpoint("qwen3_vl"))
     assert err.value.reason == "MODEL_FAMILY_UNAVAILABLE"
+    assert err.value.message.startswith(f"{tiny_checkpoint('qwen3_vl')}: the {broken_family} model family is unavailable")
     assert err.value.metadata == {"family": broken_family}
     assert "ImportError: cannot import name 'Qwen3VLModelOfAnotherVersion'" in err.value.message
 
