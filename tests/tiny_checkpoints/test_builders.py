@@ -3,9 +3,10 @@
 digests.json holds, per "family/size/seed", a sha256 over the built folder (sorted relative paths
 and each file's sha256). They were recorded from the builders at commit ff95314 (then in
 services/models/tiny/, before the move to services/tiny_checkpoints/ and the sharing of their
-code), with pyproject's torch and transformers pins: a change to a builder's output fails here and
-must be deliberate. Then rerun `python -m tests.tiny_checkpoints.test_builders > DIGESTS` and say
-why in the commit.
+code), with pyproject's torch and transformers pins. A change to a builder's output fails here and
+must be deliberate: then rewrite the pins with
+`python -m tests.tiny_checkpoints.test_builders > tests/tiny_checkpoints/digests.json`
+and say why in the commit.
 
 The rebuild runs in another process with another hash seed, so nothing may depend on set or dict
 order; seed 1 pins that another seed gives other files.
