@@ -34,7 +34,7 @@ from services.common.api.triptych.common.v1 import generation_pb2  # noqa: E402
 from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc  # noqa: E402
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc  # noqa: E402
 from services.common.server import channel_options  # noqa: E402
-from services.models.tiny import make_model  # noqa: E402
+from services.tiny_checkpoints import make_model  # noqa: E402
 
 PROMPT = "Describe this image in detail."
 

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "make-model":
-        from services.models.tiny import make_model
+        from services.tiny_checkpoints import make_model
 
         print(make_model(args.family, args.out, seed=args.seed, size=args.size))
         return 0
@@ -102,28 +102,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list_models(as_json: bool) -> int:
-    from services.models.registry import FAMILIES
-    from services.models.tiny import TINY_FAMILIES
+    """One row per family in the registry (importing each: a broken one is listed unavailable with
+    its error), then one per tiny builder that no family file claims (the generic family serves it)."""
+    from services.models.registry import GENERIC, FamilyStatus, family_statuses
+    from services.tiny_checkpoints import TINY_FAMILIES
 
-    rows = []
-    for name, family in sorted(FAMILIES.items()):
-        rows.append({
+    def row(name: str, status: FamilyStatus) -> dict[str, object]:
+        """`status` is the family serving `name`: its own, or the generic one."""
+        own_file = bool(status.architectures)  # only the generic family claims no architecture
+        if own_file:
+            architectures = list(status.architectures)
+        else:
+            architectures = ["any ImageTextToText model with get_image_features"] if name == status.name else []
+        return {
             "family": name,
-            "modalities": ["text", *family.modalities],
-            "served_by": "generic path (no family file)" if not family.hf_architectures else f"services/models/{name}.py",
-            "architectures": list(family.hf_architectures) or ["any ImageTextToText model with get_image_features"],
+            "modalities": ["text", *status.family.modalities] if status.family else [],  # unknown if unavailable
+            "served_by": f"services/models/{name}.py" if own_file else "generic path (services/models/generic.py)",
+            "architectures": architectures,
             "tiny_model": name in TINY_FAMILIES,
-        })
-    for name in sorted(set(TINY_FAMILIES) - set(FAMILIES)):  # tiny checkpoints served by the generic path
-        rows.append({"family": name, "modalities": ["text", "image"], "served_by": "generic path (no family file)",
-                     "architectures": [], "tiny_model": True})
+            "available": status.available,
+            "unavailable_reason": status.error or None,
+        }
+
+    statuses = family_statuses()
+    generic = next(status for status in statuses if status.name == GENERIC[0])
+    rows = [row(status.name, status) for status in statuses]
+    rows += [row(name, generic) for name in TINY_FAMILIES if name not in {status.name for status in statuses}]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'family':<18} {'modalities':<20} {'tiny':<5} served by")
-    for row in rows:
-        print(f"{row['family']:<18} {','.join(row['modalities']):<20} {'yes' if row['tiny_model'] else 'no':<5} "
-              f"{row['served_by']}")
+    for r in rows:
+        modalities = ",".join(r["modalities"]) or "?"
+        print(f"{r['family']:<18} {modalities:<20} {'yes' if r['tiny_model'] else 'no':<5} {r['served_by']}")
+        if not r["available"]:
+            print(f"{'':<18} unavailable: {r['unavailable_reason']}")
     return 0
 
 

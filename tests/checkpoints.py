@@ -12,7 +12,7 @@ MODELS_DIR = Path(os.environ.get("TRIPTYCH_TEST_MODELS",
 def tiny_checkpoint(family: str, seed: int = 0) -> Path:
     out = MODELS_DIR / f"{family}-seed{seed}"
     if not (out / "config.json").exists():
-        from services.models.tiny import make_model
+        from services.tiny_checkpoints import make_model
 
         make_model(family, out, seed=seed)
     return out

@@ -1,50 +1,105 @@
 """Model families by Hugging Face architecture, and the family of a checkpoint folder.
 
-Every module in services/models/ that defines a ModelFamily subclass with `hf_architectures`
-is a family: adding one is adding its file (like vLLM's model registry, but found by scanning).
-A checkpoint whose architecture no family claims falls back to the generic family when that can
-serve it.
+A static table maps each architecture to the module and class of its family, as vLLM's
+model_executor/models/registry.py does: a family's module is imported only when a checkpoint of it
+is served (or `triptych models` lists the families). A family whose import fails, say because the
+installed transformers renamed something it imports, is then reported unavailable with the error
+while every other family serves.
+
+Adding a family is adding its file in services/models/ and its rows here;
+tests/models/test_registry.py fails when the two disagree. A checkpoint whose architecture no row
+claims falls back to the generic family when that can serve it.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
-import pkgutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoConfig
 
-import services.models as models_package
 from services.common.errors import FailedPrecondition
-from services.models.base import ModelFamily
 
-_NOT_FAMILIES = frozenset({"base", "registry", "checkpoint", "tiny"})
+if TYPE_CHECKING:
+    from services.models.base import ModelFamily
+
+# Hugging Face architecture -> (module in services/models/, class). The module's name is the
+# family's name (`ModelFamily.name`).
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
+    "InternVLForConditionalGeneration": ("internvl", "InternVL"),
+    "LlavaForConditionalGeneration": ("llava", "Llava"),
+    "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
+    "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
+    "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
+    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
+}
+
+# Claims no architecture: serves a checkpoint no row claims, when its `can_serve` says so.
+GENERIC: tuple[str, str] = ("generic", "Generic")
 
 
-def _discover() -> dict[str, type[ModelFamily]]:
-    families: dict[str, type[ModelFamily]] = {}
-    for info in pkgutil.iter_modules(models_package.__path__):
-        if info.name in _NOT_FAMILIES:
-            continue
-        module = importlib.import_module(f"{models_package.__name__}.{info.name}")
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, ModelFamily) and cls.__module__ == module.__name__ and not inspect.isabstract(cls):
-                if cls.name in families:
-                    raise RuntimeError(f"two families named {cls.name}")
-                families[cls.name] = cls
-    return families
+@dataclass(frozen=True)
+class FamilyStatus:
+    """One family as `triptych models` lists it: its class, or why its module did not import."""
+
+    name: str
+    architectures: tuple[str, ...]  # empty for the generic family
+    family: type[ModelFamily] | None  # None: unavailable
+    error: str = ""  # why it is unavailable, e.g. "ImportError: cannot import name ..."
+
+    @property
+    def available(self) -> bool:
+        return self.family is not None
 
 
-FAMILIES: dict[str, type[ModelFamily]] = _discover()
+def _class_names() -> dict[str, str]:
+    """Family name -> class name, by name, generic last."""
+    return {**dict(sorted(ARCHITECTURES.values())), GENERIC[0]: GENERIC[1]}
 
-_BY_ARCHITECTURE: dict[str, type[ModelFamily]] = {}
-for _family in FAMILIES.values():
-    for _arch in _family.hf_architectures:
-        if _arch in _BY_ARCHITECTURE:
-            raise RuntimeError(f"architecture {_arch} claimed by {_BY_ARCHITECTURE[_arch].name} and {_family.name}")
-        _BY_ARCHITECTURE[_arch] = _family
+
+def family_names() -> list[str]:
+    """Every family in the table, generic last; imports nothing."""
+    return list(_class_names())
+
+
+def _import(name: str) -> type[ModelFamily]:
+    """The family class, importing its module now (Python keeps it in sys.modules after)."""
+    module = importlib.import_module(f"{__package__}.{name}")
+    return getattr(module, _class_names()[name])
+
+
+def _import_error(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def load_family(name: str, model_dir: Path | None = None) -> type[ModelFamily]:
+    """The family class named `name`; FAILED_PRECONDITION MODEL_FAMILY_UNAVAILABLE when its module
+    does not import (any exception: a transformers change can surface as more than ImportError).
+    `model_dir`: the checkpoint that needs it, for the message."""
+    try:
+        return _import(name)
+    except Exception as err:  # reported with its type; the other families still serve
+        needed_by = f"{model_dir}: " if model_dir is not None else ""
+        raise FailedPrecondition(f"{needed_by}the {name} model family is unavailable: {_import_error(err)}",
+                                 reason="MODEL_FAMILY_UNAVAILABLE", metadata={"family": name}) from err
+
+
+def family_statuses() -> list[FamilyStatus]:
+    """Every family with its class or its import error; imports every family module."""
+    statuses = []
+    for name in family_names():
+        architectures = tuple(arch for arch, (module, _) in ARCHITECTURES.items() if module == name)
+        try:
+            statuses.append(FamilyStatus(name, architectures, _import(name)))
+        except Exception as err:  # listed as unavailable with the reason
+            statuses.append(FamilyStatus(name, architectures, None, _import_error(err)))
+    return statuses
 
 
 def family_for(model_dir: Path) -> ModelFamily:
@@ -55,11 +110,18 @@ def family_for(model_dir: Path) -> ModelFamily:
                                  reason="MODEL_NOT_FOUND")
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     for arch in architectures:
-        if arch in _BY_ARCHITECTURE:
-            return _BY_ARCHITECTURE[arch](AutoConfig.from_pretrained(model_dir))
-    fallback = FAMILIES.get("generic")
-    if fallback is not None and fallback.can_serve(model_dir):
-        return fallback(AutoConfig.from_pretrained(model_dir))
-    supported = ", ".join(sorted(_BY_ARCHITECTURE))
+        if arch in ARCHITECTURES:
+            family = load_family(ARCHITECTURES[arch][0], model_dir)
+            return family(AutoConfig.from_pretrained(model_dir))
+    supported = ", ".join(sorted(ARCHITECTURES))
+    try:
+        generic = load_family(GENERIC[0])
+    except FailedPrecondition as err:
+        raise FailedPrecondition(f"{model_dir}: architectures {architectures} are not supported (supported: "
+                                 f"{supported}; {err.message})", reason="MODEL_UNSUPPORTED") from err
+    # The one call into the fallback's own test; it raises FailedPrecondition with its reason for a
+    # model it recognises but cannot serve exactly.
+    if generic.can_serve(model_dir):
+        return generic(AutoConfig.from_pretrained(model_dir))
     raise FailedPrecondition(f"{model_dir}: architectures {architectures} are not supported (supported: {supported})",
                              reason="MODEL_UNSUPPORTED")

@@ -11,19 +11,7 @@ import math
 
 import torch
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    lm_head_std,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-    variance_preserving_std,
-    vector_std,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "nemotron_h_omni"
 
@@ -99,7 +87,7 @@ _SIZES: dict[str, dict] = {
 }  # fmt: skip
 
 
-def _std(hidden: int) -> StdFor:
+def _std(hidden: int) -> common.StdFor:
     """Per-parameter std, chosen (as for qwen2_vl) so that outputs depend on the prompt and the image.
 
     Experts are (experts, out, in) tensors: their fan-in is the last dimension. The Mamba constants
@@ -111,18 +99,18 @@ def _std(hidden: int) -> StdFor:
         if name.endswith(("A_log", ".D", "dt_bias")):
             return None  # set by _init_mamba_constants
         if param.ndim == 1:  # norms and layer scales keep ones; biases get a little noise
-            return vector_std(name)
+            return common.vector_std(name)
         if name.endswith("embeddings.weight") and "vision_model" not in name:
             return 1.0  # token embeddings, well separated (RMSNorm rescales them anyway)
         if name == "language_model.lm_head.weight":
-            return lm_head_std(hidden)
+            return common.lm_head_std(hidden)
         if name.endswith("position_embedding"):
             return 0.5  # the image's patch positions matter
         if name.endswith("cls_register_token"):
             return 1.0
         if name.endswith(("experts.up_proj", "experts.down_proj")):
             return 1.0 / math.sqrt(param.shape[-1])
-        base = variance_preserving_std(param)
+        base = common.variance_preserving_std(param)
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             return 2.0 * base
         if name.endswith("multi_modal_projector.linear_2.weight"):
@@ -149,7 +137,7 @@ def _init_mamba_constants(model: torch.nn.Module, seed: int) -> None:
                 module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config, ParakeetFeatureExtractor
     from transformers.models.nemotron_h_omni import (
         NemotronH_Omni_Reasoning_V3ImageProcessor,
@@ -158,20 +146,20 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         _NEMOTRON_SPECIAL_TOKENS,
+        bos="<s>",
+        pad="<unk>",
+        stop=("<|im_end|>", "</s>"),
         unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<unk>",
         model_max_length=32768,
     )
-    eos = [ids["<|im_end|>"], ids["</s>"]]
 
     config = NemotronH_Omni_Reasoning_V3_Config(
+        # Not common.text_config: the layer count comes from the hybrid pattern.
         text_config=dict(
-            vocab_size=padded_vocab_size(tokenizer),
+            vocab_size=common.padded_vocab_size(vocab.tokenizer),
             hidden_size=p["hidden"],
             hybrid_override_pattern=p["pattern"],
             num_attention_heads=p["heads"],
@@ -189,9 +177,9 @@ def build(ctx: BuildContext) -> None:
             moe_intermediate_size=p["moe_intermediate"],
             moe_shared_expert_intermediate_size=p["shared_intermediate"],
             max_position_embeddings=32768,
-            bos_token_id=ids["<s>"],
-            eos_token_id=eos,
-            pad_token_id=ids["<unk>"],
+            bos_token_id=vocab.bos_id,
+            eos_token_id=vocab.stop_ids,
+            pad_token_id=vocab.pad_id,
             initializer_range=0.1,  # informative only: weights are re-drawn below
             dtype="float32",
         ),
@@ -213,15 +201,14 @@ def build(ctx: BuildContext) -> None:
         projector_hidden_size=p["projector"],
         vision_hidden_size=p["vision_hidden"],
         video_temporal_patch_size=2,
-        image_token_id=ids["<image>"],
-        video_token_id=ids["<video>"],
+        image_token_id=vocab.ids["<image>"],
+        video_token_id=vocab.ids["<video>"],
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = NemotronH_Omni_Reasoning_V3(config).eval()
-    redraw_weights(model, ctx.seed, _std(p["hidden"]))
+    model = common.random_model(NemotronH_Omni_Reasoning_V3, config, ctx.seed, _std(p["hidden"]))
     _init_mamba_constants(model, ctx.seed)
-    silence_lm_head_rows(model.language_model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
+    common.silence_lm_head_rows(model.language_model.lm_head.weight, vocab)
 
     image_processor = NemotronH_Omni_Reasoning_V3ImageProcessor(
         patch_size=16,
@@ -239,11 +226,10 @@ def build(ctx: BuildContext) -> None:
     processor = NemotronH_Omni_Reasoning_V3Processor(
         image_processor=image_processor,
         video_processor=video_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         # The processor requires one although this checkpoint has no audio tower.
         feature_extractor=ParakeetFeatureExtractor(),
         chat_template=NEMOTRON_H_OMNI_CHAT_TEMPLATE,
         video_temporal_patch_dim=2,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<unk>"],
-                    bos_token_id=ids["<s>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

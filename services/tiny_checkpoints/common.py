@@ -1,17 +1,18 @@
-"""What every tiny-checkpoint builder shares: the build context, a seeded BPE tokenizer,
-seeded weight re-draws, the per-parameter std recipe, the lm_head row shaping and saving."""
+"""What every tiny-checkpoint builder shares: the build context and size presets, a seeded BPE
+tokenizer with its special ids, the config keys every family sets alike, seeded weight re-draws,
+the per-parameter std recipe, the lm_head row shaping and saving."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 SIZES = ("tiny", "bench")
 
@@ -28,6 +29,34 @@ class BuildContext:
     out_dir: Path
     seed: int
     size: str
+
+
+# The language model (`text_config`) and vision tower (`vision_tower_config`) shapes most builders
+# share, per size: text hidden, layers, heads, kv heads, intermediate; tower width, layers, heads,
+# intermediate. A builder's own keys go on top (`sizes`).
+TEXT_SIZES: dict[str, dict] = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+    "bench": dict(hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024),
+}
+TOWER_SIZES: dict[str, dict] = {
+    "tiny": dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64),
+    "bench": dict(vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024),
+}
+assert set(TEXT_SIZES) == set(TOWER_SIZES) == set(SIZES)
+
+
+def sizes(
+    tiny: dict, bench: dict, shared: tuple[dict[str, dict], ...] = (TEXT_SIZES, TOWER_SIZES)
+) -> dict[str, dict]:
+    """A builder's size presets: the `shared` shapes, then the family's own keys (which may replace
+    shared ones)."""
+    presets: dict[str, dict] = {}
+    for size, own in (("tiny", tiny), ("bench", bench)):
+        presets[size] = {}
+        for table in shared:
+            presets[size].update(table[size])
+        presets[size].update(own)
+    return presets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +122,36 @@ def train_bpe_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tok, **tokenizer_kwargs)
 
 
-def train_tokenizer_with_ids(
-    seed: int, special_tokens: tuple[str, ...], **tokenizer_kwargs: object
-) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
-    """`train_bpe_tokenizer` plus the special tokens' ids, which every builder wires into its config."""
-    tokenizer = train_bpe_tokenizer(seed, special_tokens, **tokenizer_kwargs)
-    return tokenizer, special_token_ids(tokenizer, special_tokens)
+@dataclass(frozen=True)
+class Vocab:
+    """A builder's tokenizer with the special ids that its model and generation configs name."""
+
+    tokenizer: PreTrainedTokenizerFast
+    ids: dict[str, int]  # every special token's id, by token
+    bos_id: int
+    pad_id: int
+    stop_ids: list[int]  # generation stops at any of these; the first is the text config's eos_token_id
+
+
+def train_vocab(
+    seed: int,
+    special_tokens: tuple[str, ...],
+    *,
+    bos: str,
+    pad: str,
+    stop: Sequence[str],
+    **tokenizer_kwargs: object,
+) -> Vocab:
+    """`train_bpe_tokenizer` with the ids of `special_tokens` and the roles the configs give them.
+
+    The tokenizer takes the same roles (bos_token, pad_token, and eos_token: the first stop token)
+    unless `tokenizer_kwargs` say otherwise; None leaves a role unset (Qwen's tokenizer has no bos
+    token, yet its configs name <|endoftext|>).
+    """
+    roles = {"bos_token": bos, "pad_token": pad, "eos_token": stop[0]} | tokenizer_kwargs
+    tokenizer = train_bpe_tokenizer(seed, special_tokens, **{k: v for k, v in roles.items() if v is not None})
+    ids = special_token_ids(tokenizer, special_tokens)
+    return Vocab(tokenizer, ids, bos_id=ids[bos], pad_id=ids[pad], stop_ids=[ids[t] for t in stop])
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast, tokens: Iterable[str]) -> dict[str, int]:
@@ -109,6 +162,42 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast, tokens: Iterable[str])
 def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) -> int:
     """The model's vocab: the tokenizer's rounded up, as real checkpoints pad theirs."""
     return math.ceil(len(tokenizer) / multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs (shared)
+# ---------------------------------------------------------------------------------------------
+
+
+def text_config(p: Mapping[str, object], vocab: Vocab, **family_keys: object) -> dict[str, object]:
+    """The language model's config keys that every builder sets alike: the TEXT_SIZES shape of
+    preset `p`, the padded vocabulary, the special ids and float32; `family_keys` add to or replace
+    them (model_type, rope, head_dim, ...)."""
+    return {
+        "vocab_size": padded_vocab_size(vocab.tokenizer),
+        "hidden_size": p["hidden"],
+        "intermediate_size": p["intermediate"],
+        "num_hidden_layers": p["layers"],
+        "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv_heads"],
+        "bos_token_id": vocab.bos_id,
+        "eos_token_id": vocab.stop_ids[0],
+        "pad_token_id": vocab.pad_id,
+        "initializer_range": 0.1,  # informative only: weights are re-drawn
+        "dtype": "float32",
+        **family_keys,
+    }
+
+
+def vision_tower_config(p: Mapping[str, object], **family_keys: object) -> dict[str, object]:
+    """A vision tower's config with the TOWER_SIZES shape of preset `p`, plus `family_keys`."""
+    return {
+        "hidden_size": p["vision_hidden"],
+        "intermediate_size": p["vision_intermediate"],
+        "num_hidden_layers": p["vision_layers"],
+        "num_attention_heads": p["vision_heads"],
+        **family_keys,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +227,14 @@ def redraw_weights(model: PreTrainedModel, seed: int, std_for: StdFor) -> None:
                 param.fill_(1.0 if param.ndim == 1 and not name.endswith("bias") else 0.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def random_model(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int,
+                 std_for: StdFor) -> PreTrainedModel:
+    """`model_class(config)` in eval mode, every parameter re-drawn (`redraw_weights`)."""
+    model = model_class(config).eval()
+    redraw_weights(model, seed, std_for)
+    return model
 
 
 def fan_in(param: torch.Tensor) -> int:
@@ -207,45 +304,35 @@ def scaled_std(
 # ---------------------------------------------------------------------------------------------
 
 
-def _non_eos(special_ids: Iterable[int], eos_ids: Collection[int]) -> list[int]:
-    return [i for i in special_ids if i not in eos_ids]
+def _non_stop(special_ids: Iterable[int], stop_ids: Collection[int]) -> list[int]:
+    return [i for i in special_ids if i not in stop_ids]
 
 
-def silence_lm_head_rows(
-    lm_head: torch.Tensor,
-    tokenizer_len: int,
-    special_ids: Iterable[int],
-    eos_ids: list[int],
-    eos_scale: float,
-) -> None:
-    """For an untied lm_head: zero the rows the model should never emit, scale the EOS rows.
+def silence_lm_head_rows(lm_head: torch.Tensor, vocab: Vocab, eos_scale: float = EOS_LOGIT_SCALE) -> None:
+    """For an untied lm_head: zero the rows the model should never emit, scale the stop rows.
 
-    Never: vocab padding beyond the tokenizer and the special tokens other than EOS (placeholders
-    belong to the processor; a generated image token would confuse a serving engine). A zero row
-    scores 0 while real rows spread around it, so greedy never picks one in practice. EOS stays
-    reachable (stop handling needs it); `eos_scale` < 1 makes short greedy runs rarely cut off.
+    Never: vocab padding beyond the tokenizer and the special tokens other than the stop ones
+    (placeholders belong to the processor; a generated image token would confuse a serving engine).
+    A zero row scores 0 while real rows spread around it, so greedy never picks one in practice.
+    The stop tokens stay reachable (stop handling needs them); `eos_scale` < 1 makes short greedy
+    runs rarely cut off.
     """
     with torch.no_grad():
-        never = [*range(tokenizer_len, lm_head.shape[0])] + _non_eos(special_ids, eos_ids)
+        never = [*range(len(vocab.tokenizer), lm_head.shape[0])] + _non_stop(vocab.ids.values(), vocab.stop_ids)
         lm_head[never] = 0.0
-        lm_head[eos_ids] *= eos_scale
+        lm_head[vocab.stop_ids] *= eos_scale
 
 
-def quiet_tied_rows(
-    embedding: torch.Tensor,
-    tokenizer_len: int,
-    special_ids: Iterable[int],
-    eos_ids: list[int],
-    special_scale: float,
-    eos_scale: float,
-) -> None:
+def quiet_tied_rows(embedding: torch.Tensor, vocab: Vocab, special_scale: float,
+                    eos_scale: float = EOS_LOGIT_SCALE) -> None:
     """For token embeddings tied to lm_head: as `silence_lm_head_rows`, but the special rows other
-    than EOS are scaled by `special_scale` instead of zeroed, because they are also the input
-    embeddings of turn tokens and must keep a direction. Padding rows are never input nor output."""
+    than the stop ones are scaled by `special_scale` instead of zeroed, because they are also the
+    input embeddings of turn tokens and must keep a direction. Padding rows are never input nor
+    output."""
     with torch.no_grad():
-        embedding[tokenizer_len:] = 0.0
-        embedding[_non_eos(special_ids, eos_ids)] *= special_scale
-        embedding[eos_ids] *= eos_scale
+        embedding[len(vocab.tokenizer):] = 0.0
+        embedding[_non_stop(vocab.ids.values(), vocab.stop_ids)] *= special_scale
+        embedding[vocab.stop_ids] *= eos_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,20 +347,12 @@ def save_generation_config(out_dir: Path, eos_token_ids: list[int], pad_token_id
     )
 
 
-def save_checkpoint(
-    out_dir: Path,
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    *,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    bos_token_id: int,
-) -> None:
+def save_checkpoint(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, vocab: Vocab) -> None:
     """Write model, generation config and processor (with its tokenizer and chat template).
 
     The generation config comes after the model: model.save_pretrained may write one derived from
     the model config, and ours must replace it.
     """
     model.save_pretrained(out_dir)
-    save_generation_config(out_dir, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+    save_generation_config(out_dir, eos_token_ids=vocab.stop_ids, pad_token_id=vocab.pad_id, bos_token_id=vocab.bos_id)
     processor.save_pretrained(out_dir)

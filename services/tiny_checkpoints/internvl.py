@@ -11,28 +11,16 @@ count varies with the image's aspect ratio. The tiny tower keeps that shape: 64 
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
+from services.tiny_checkpoints.qwen2_vl import QWEN2_VL_SPECIAL_TOKENS
 
 FAMILY = "internvl"
 
-# InternVL3-*-hf: Qwen2.5's special tokens, then the added <img> </img> <IMG_CONTEXT> <quad> </quad>
-# <ref> </ref> <box> </box> (the real <IMG_CONTEXT> is 151667), and <video> for the processor's
-# video placeholder. Here the ids follow the BPE vocabulary in this order.
+# InternVL3-*-hf: Qwen2-VL's special tokens (the first of Qwen2.5's), then the added <img> </img>
+# <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box> (the real <IMG_CONTEXT> is 151667), and
+# <video> for the processor's video placeholder. Here the ids follow the BPE vocabulary in this order.
 INTERNVL_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    *QWEN2_VL_SPECIAL_TOKENS,
     "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>",
 )  # fmt: skip
 
@@ -63,40 +51,32 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 
 
-# text (Qwen2): hidden, layers, heads, kv heads, intermediate
-# vision (InternViT): width, layers, heads, intermediate, tile size, patch; max tiles per image
-_INTERNVL_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, tile=64, patch=8,
-        max_tiles=6,  # 16 tokens per tile
-    ),
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, tile=224, patch=14,
-        max_tiles=6,  # 64 tokens per tile
-    ),
-}  # fmt: skip
+# The shared text (Qwen2) and tower (InternViT) shapes (common.sizes), plus the tile size, the patch
+# and the most tiles per image.
+_INTERNVL_SIZES = common.sizes(
+    tiny=dict(tile=64, patch=8, max_tiles=6),  # 16 tokens per tile
+    bench=dict(tile=224, patch=14, max_tiles=6),  # 64 tokens per tile
+)
 
 
-def _internvl_std(hidden: int) -> StdFor:
+def _internvl_std(hidden: int) -> common.StdFor:
     """Per-parameter std for InternVL, so that outputs depend on the prompt and the image.
 
-    As Qwen2-VL's (services/models/tiny/qwen2_vl.py): token embeddings at std 1, linear layers at
+    As Qwen2-VL's (qwen2_vl.py in this package): token embeddings at std 1, linear layers at
     ~1/sqrt(fan_in), q/k doubled for peaked attention, lm_head for logits of std ~3, the projector's
     output at the scale of the token embeddings. Besides, the tower's CLS token and absolute position
     embeddings (zeroed by `_init_weights`) are drawn so that patches differ by place; the layer-scale
     vectors (lambda_1/2) keep ones.
     """
 
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         fixed={"embeddings.cls_token": 1.0, "embeddings.position_embeddings": 0.5},
         gains={("q_proj.weight", "k_proj.weight"): 2.0, "multi_modal_projector.linear_2.weight": 2.0},
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -106,11 +86,13 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _INTERNVL_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         INTERNVL_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        bos="<|endoftext|>",
+        pad="<|endoftext|>",
+        stop=("<|im_end|>", "<|endoftext|>"),
+        bos_token=None,
         # What InternVLProcessor reads from the tokenizer (as the -hf checkpoints' tokenizer_config.json)
         extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
@@ -120,27 +102,15 @@ def build(ctx: BuildContext) -> None:
     tokens_per_tile = int((p["tile"] // p["patch"]) ** 2 * downsample_ratio**2)
 
     config = InternVLConfig(
-        text_config=dict(
+        text_config=common.text_config(
+            p,
+            vocab,
             model_type="qwen2",
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
             max_position_embeddings=8192,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
         ),
-        vision_config=dict(
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
+        vision_config=common.vision_tower_config(
+            p,
             image_size=[p["tile"], p["tile"]],
             patch_size=[p["patch"], p["patch"]],
             use_absolute_position_embeddings=True,  # as the converted checkpoints
@@ -148,7 +118,7 @@ def build(ctx: BuildContext) -> None:
             norm_type="layer_norm",
             initializer_range=0.1,
         ),
-        image_token_id=ids["<IMG_CONTEXT>"],
+        image_token_id=vocab.ids["<IMG_CONTEXT>"],
         image_seq_length=tokens_per_tile,
         downsample_ratio=downsample_ratio,
         projector_hidden_act="gelu",
@@ -157,10 +127,8 @@ def build(ctx: BuildContext) -> None:
         tie_word_embeddings=False,  # InternVL3-2B and up; the 1B ties
         dtype="float32",
     )
-    model = InternVLForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _internvl_std(p["hidden"]))
-    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
+    model = common.random_model(InternVLForConditionalGeneration, config, ctx.seed, _internvl_std(p["hidden"]))
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
 
     tile = {"height": p["tile"], "width": p["tile"]}
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet, as InternVL3
@@ -177,10 +145,9 @@ def build(ctx: BuildContext) -> None:
     video_processor = InternVLVideoProcessor(size=tile, resample=3, image_mean=mean, image_std=std)
     processor = InternVLProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         video_processor=video_processor,
         image_seq_length=tokens_per_tile,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                    bos_token_id=ids["<|endoftext|>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

@@ -17,17 +17,7 @@ Tiny sizes: patch 14, merge 2 (28 px per row/column token), longest edge 112 px:
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "mistral3"
 
@@ -58,78 +48,62 @@ MISTRAL3_CHAT_TEMPLATE = (
 )
 
 
-# text (Mistral): hidden, layers, heads, kv heads, intermediate
-# vision (Pixtral): width, layers, heads, intermediate, longest image edge (patch 14, merge 2)
-_MISTRAL3_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, longest_edge=112,
-    ),  # at most (112 / 28)^2 = 16 tokens per image
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, longest_edge=364,
-    ),  # at most (364 / 28)^2 = 169 tokens per image
-}  # fmt: skip
+# The shared text (Mistral) and tower (Pixtral) shapes (common.sizes), plus the longest image edge
+# (patch 14, merge 2).
+_MISTRAL3_SIZES = common.sizes(
+    tiny=dict(longest_edge=112),  # at most (112 / 28)^2 = 16 tokens per image
+    bench=dict(longest_edge=364),  # at most (364 / 28)^2 = 169 tokens per image
+)
 
 
-def _mistral3_std(hidden: int) -> StdFor:
-    """Per-parameter std, as the Idefics3 builder's (tiny/idefics3.py): token embeddings at std 1,
+def _mistral3_std(hidden: int) -> common.StdFor:
+    """Per-parameter std, as the Idefics3 builder's (idefics3.py): token embeddings at std 1,
     linear layers at ~1/sqrt(fan_in) with q/k doubled, the projector's output at the scale of the
     token embeddings, lm_head for logits of std ~3. Pixtral has no position table (2-D RoPE)."""
 
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         gains={("q_proj.weight", "k_proj.weight"): 2.0, "multi_modal_projector.linear_2.weight": 3.0},
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
 
     p = _MISTRAL3_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         MISTRAL3_SPECIAL_TOKENS,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos="<s>",
+        pad="<unk>",
+        stop=("</s>",),
+        pad_token=None,  # the tokenizer has none; the configs pad with <unk>
         unk_token="<unk>",
         model_max_length=131072,
     )
     patch, merge = 14, 2
 
     config = Mistral3Config(
-        text_config=dict(
+        text_config=common.text_config(
+            p,
+            vocab,
             model_type="mistral",
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
             head_dim=p["hidden"] // p["heads"],
             max_position_embeddings=131072,
             sliding_window=None,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0},
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<unk>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
             tie_word_embeddings=False,
-            dtype="float32",
         ),
-        vision_config=dict(
+        vision_config=common.vision_tower_config(
+            p,
             model_type="pixtral",
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
             head_dim=p["vision_hidden"] // p["vision_heads"],
             image_size=p["longest_edge"],
             patch_size=patch,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
-        image_token_index=ids["[IMG]"],
+        image_token_index=vocab.ids["[IMG]"],
         spatial_merge_size=merge,
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
@@ -137,10 +111,8 @@ def build(ctx: BuildContext) -> None:
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = Mistral3ForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _mistral3_std(p["hidden"]))
-    eos = [ids["</s>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
+    model = common.random_model(Mistral3ForConditionalGeneration, config, ctx.seed, _mistral3_std(p["hidden"]))
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
 
     image_processor = PixtralImageProcessor(  # Mistral-Small-3.1: longest edge 1540, patch 14
         size={"longest_edge": p["longest_edge"]},
@@ -148,10 +120,9 @@ def build(ctx: BuildContext) -> None:
     )
     processor = PixtralProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         patch_size=patch,
         spatial_merge_size=merge,
         chat_template=MISTRAL3_CHAT_TEMPLATE,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<unk>"],
-                    bos_token_id=ids["<s>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

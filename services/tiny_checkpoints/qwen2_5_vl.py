@@ -8,25 +8,17 @@ span several windows, some of them cut short at the image's edge.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    SIZES,
-    BuildContext,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
-from services.models.tiny.qwen2_vl import (
+from services.tiny_checkpoints import common
+from services.tiny_checkpoints.qwen2_vl import (
     QWEN2_TEXT_SIZES,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN2_VL_SPECIAL_TOKENS,
+    finish_qwen_vl,
     qwen2_text_config,
     qwen2_vl_std,
-    qwen_eos_ids,
     qwen_vl_processor,
     qwen_vl_token_kwargs,
+    qwen_vocab,
 )
 
 FAMILY = "qwen2_5_vl"
@@ -55,10 +47,10 @@ _VISION_SIZES: dict[str, dict] = {
         window_size=112, fullatt_block_indexes=[3, 7],
     ),
 }  # fmt: skip
-assert set(_VISION_SIZES) == set(SIZES)
+assert set(_VISION_SIZES) == set(common.SIZES)
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -68,16 +60,9 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = {**QWEN2_TEXT_SIZES[ctx.size], **_VISION_SIZES[ctx.size]}
-    tokenizer, ids = train_tokenizer_with_ids(
-        ctx.seed,
-        QWEN2_5_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-    )
-
+    vocab = qwen_vocab(ctx.seed, QWEN2_5_SPECIAL_TOKENS, model_max_length=32768)
     config = Qwen2_5_VLConfig(
-        text_config=qwen2_text_config(p, ids, padded_vocab_size(tokenizer)),
+        text_config=qwen2_text_config(p, vocab),
         vision_config=dict(
             depth=p["vision_depth"],
             hidden_size=p["vision_embed"],
@@ -92,17 +77,12 @@ def build(ctx: BuildContext) -> None:
             fullatt_block_indexes=p["fullatt_block_indexes"],
             initializer_range=0.1,
         ),
-        **qwen_vl_token_kwargs(ids),
+        **qwen_vl_token_kwargs(vocab),
     )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
     # Same parameter names as Qwen2-VL (fused tower qkv, merger.mlp.2), so the same scales.
-    redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
-    eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
-
+    model = common.random_model(Qwen2_5_VLForConditionalGeneration, config, ctx.seed, qwen2_vl_std(p["hidden"]))
     processor = qwen_vl_processor(
-        Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,
+        Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, vocab.tokenizer, p,
         patch_size=14, chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )  # fmt: skip
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                    bos_token_id=ids["<|endoftext|>"])
+    finish_qwen_vl(ctx, model, processor, vocab)

@@ -10,14 +10,8 @@ aspect ratio the way the real one does (unpadding, one image_newline row end per
 
 from __future__ import annotations
 
-from services.models.tiny.common import BuildContext, redraw_weights
-from services.models.tiny.llava import (
-    finish_and_save,
-    llava_config_kwargs,
-    llava_processor_kwargs,
-    llava_std,
-    llava_tokenizer,
-)
+from services.tiny_checkpoints import common
+from services.tiny_checkpoints.llava import llava_config_kwargs, llava_processor_kwargs, llava_std, llava_vocab
 
 FAMILY = "llava_next"
 
@@ -43,24 +37,18 @@ LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
-# text (Mistral): hidden, layers, heads, kv heads, intermediate
-# vision (CLIP): width, layers, heads, intermediate, tile size; patch stays 14
-_LLAVA_NEXT_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=3, vision_heads=2, vision_intermediate=64, image_size=56,
-    ),
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=7, vision_heads=4, vision_intermediate=1024, image_size=224,
-    ),
-}  # fmt: skip
+# The shared text (Mistral) and tower (CLIP) shapes (common.sizes) with one tower layer more, as
+# LLaVA-1.5's, plus the tile size; patch stays 14.
+_LLAVA_NEXT_SIZES = common.sizes(
+    tiny=dict(vision_layers=3, image_size=56),
+    bench=dict(vision_layers=7, image_size=224),
+)
 
 # llava-v1.6's pinpoints in tiles (height, width): 1x2, 2x1, 2x2, 3x1, 1x3.
 _GRID_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -71,13 +59,13 @@ def build(ctx: BuildContext) -> None:
     p = _LLAVA_NEXT_SIZES[ctx.size]
     tile = p["image_size"]
     pinpoints = [[h * tile, w * tile] for h, w in _GRID_TILES]
-    tokenizer = llava_tokenizer(ctx.seed)
-    kwargs = llava_config_kwargs(p, tokenizer, "mistral")
+    vocab = llava_vocab(ctx.seed)
+    kwargs = llava_config_kwargs(p, vocab, "mistral")
     # Mistral-7B-Instruct-v0.2 under llava-v1.6: full attention (no sliding window), rope theta 1e6.
     kwargs["text_config"].update(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     config = LlavaNextConfig(**kwargs, image_grid_pinpoints=pinpoints)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, llava_std(p["hidden"]))
+    model = common.random_model(LlavaNextForConditionalGeneration, config, ctx.seed, llava_std(p["hidden"]))
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
 
     image_processor = LlavaNextImageProcessor(  # llava-hf: shortest_edge 336, crop 336x336, bicubic, CLIP mean/std
         size={"shortest_edge": tile},
@@ -89,6 +77,8 @@ def build(ctx: BuildContext) -> None:
         resample=3,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, **llava_processor_kwargs(LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE)
+        image_processor=image_processor,
+        tokenizer=vocab.tokenizer,
+        **llava_processor_kwargs(LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE),
     )
-    finish_and_save(ctx.out_dir, model, processor, tokenizer)
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

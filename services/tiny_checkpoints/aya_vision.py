@@ -17,17 +17,7 @@ attention + MLP, one sliding-window and one global layer) with tied embeddings, 
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    quiet_tied_rows,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "aya_vision"
 
@@ -67,24 +57,18 @@ _MAX_TILES = 4
 # (turn tokens) they keep a direction while as outputs they score near 0 and are never picked.
 _SPECIAL_ROW_SCALE = 0.05
 
-# text (Cohere2): hidden, layers, heads, kv heads, intermediate
-# vision (SigLIP): width, layers, heads, intermediate, tile side (patch 14), pixel-shuffle factor
-_AYA_VISION_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=112, downsample=2,
-    ),  # (112 / 14)^2 / 2^2 = 16 tokens per image
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, image_size=364, downsample=2,
-    ),  # (364 / 14)^2 / 2^2 = 169 tokens per image, as the real model
-}  # fmt: skip
+# The shared text (Cohere2) and tower (SigLIP) shapes (common.sizes), plus the tile side (patch 14)
+# and the pixel-shuffle factor.
+_AYA_VISION_SIZES = common.sizes(
+    tiny=dict(image_size=112, downsample=2),  # (112 / 14)^2 / 2^2 = 16 tokens per tile
+    bench=dict(image_size=364, downsample=2),  # (364 / 14)^2 / 2^2 = 169 tokens per tile, as the real model
+)
 
 
-def _aya_vision_std(hidden: int) -> StdFor:
+def _aya_vision_std(hidden: int) -> common.StdFor:
     """Per-parameter std, chosen so that greedy outputs depend on the prompt and the image.
 
-    As Qwen2-VL's (tiny/qwen2_vl.py), linear layers at ~1/sqrt(fan_in) with larger q/k (peaked
+    As Qwen2-VL's (qwen2_vl.py), linear layers at ~1/sqrt(fan_in) with larger q/k (peaked
     attention). What the tied embeddings add: the current token's own embedding, still in the
     residual stream at the last layer, scores itself through the tied lm_head, and greedy decoding
     falls into repeating one token (seen at std 1 everywhere). Small token embeddings (0.3) against
@@ -92,7 +76,7 @@ def _aya_vision_std(hidden: int) -> StdFor:
     trying a few scales on seed 0 with tests/parity.py's prompts: no case repeats one token.
     """
 
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         fixed={"position_embedding.weight": 0.5},
         embed_std=0.3,
@@ -104,7 +88,7 @@ def _aya_vision_std(hidden: int) -> StdFor:
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         AyaVisionConfig,
         AyaVisionForConditionalGeneration,
@@ -113,59 +97,41 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _AYA_VISION_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         AYA_VISION_SPECIAL_TOKENS,
-        bos_token="<BOS_TOKEN>",
-        eos_token="<|END_OF_TURN_TOKEN|>",
+        bos="<BOS_TOKEN>",
+        pad="<PAD>",
+        stop=("<|END_OF_TURN_TOKEN|>", "<EOS_TOKEN>"),
         unk_token="<UNK>",
-        pad_token="<PAD>",
         model_max_length=16384,
     )
     tile = p["image_size"]
 
     config = AyaVisionConfig(
-        text_config=dict(
+        text_config=common.text_config(
+            p,
+            vocab,
             model_type="cohere2",
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
             max_position_embeddings=16384,
             layer_types=["sliding_attention"] * (p["layers"] - 1) + ["full_attention"],
             sliding_window=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-            bos_token_id=ids["<BOS_TOKEN>"],
-            eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
-            pad_token_id=ids["<PAD>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
             tie_word_embeddings=True,
-            dtype="float32",
         ),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
-            image_size=tile,
-            patch_size=14,
-            vision_use_head=False,
+        vision_config=common.vision_tower_config(
+            p, model_type="siglip_vision_model", image_size=tile, patch_size=14, vision_use_head=False
         ),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         downsample_factor=p["downsample"],
-        image_token_index=ids["<|IMG_PATCH|>"],
+        image_token_index=vocab.ids["<|IMG_PATCH|>"],
         tie_word_embeddings=True,
         dtype="float32",
     )
-    model = AyaVisionForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _aya_vision_std(p["hidden"]))
-    eos = [ids["<|END_OF_TURN_TOKEN|>"], ids["<EOS_TOKEN>"]]
+    model = common.random_model(AyaVisionForConditionalGeneration, config, ctx.seed, _aya_vision_std(p["hidden"]))
     head = model.get_output_embeddings().weight  # tied: the token embeddings too
-    quiet_tied_rows(head, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, EOS_LOGIT_SCALE)
+    common.quiet_tied_rows(head, vocab, _SPECIAL_ROW_SCALE)
 
     image_processor = GotOcr2ImageProcessor(  # aya-vision-8b: 364 px tiles, up to 12 (see the module docstring)
         size={"height": tile, "width": tile},
@@ -178,11 +144,10 @@ def build(ctx: BuildContext) -> None:
     )
     processor = AyaVisionProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         patch_size=14,
         img_size=tile,
         downsample_factor=p["downsample"],
         chat_template=AYA_VISION_CHAT_TEMPLATE,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<PAD>"],
-                    bos_token_id=ids["<BOS_TOKEN>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

@@ -9,17 +9,7 @@ The audio tower is always part of the model: it is built small too, ready for wh
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "phi4mm"
 
@@ -54,23 +44,14 @@ PHI4MM_CHAT_TEMPLATE = (
 )
 
 
-# text: hidden, layers, heads, kv heads, intermediate (head_dim * 0.75 rotary dims, as the real model)
-# vision: width, depth, heads, mlp; image_size/patch stay 448/14 (the token formula needs them)
-# audio: width, conformer blocks, heads; dynamic_hd: at most this many 448 px crops per image
-_PHI4MM_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
-        audio_hidden=32, audio_blocks=1, audio_heads=2, audio_intermediate=64,
-        dynamic_hd=4,
-    ),
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024,
-        audio_hidden=128, audio_blocks=2, audio_heads=4, audio_intermediate=256,
-        dynamic_hd=9,
-    ),
-}  # fmt: skip
+# The shared text and tower shapes (common.sizes; head_dim * 0.75 rotary dims, as the real model;
+# the tower's image_size/patch stay 448/14, the token formula needs them), plus the audio tower's
+# width, conformer blocks, heads and intermediate, and dynamic_hd: at most this many 448 px crops
+# per image.
+_PHI4MM_SIZES = common.sizes(
+    tiny=dict(audio_hidden=32, audio_blocks=1, audio_heads=2, audio_intermediate=64, dynamic_hd=4),
+    bench=dict(audio_hidden=128, audio_blocks=2, audio_heads=4, audio_intermediate=256, dynamic_hd=9),
+)
 
 _PARTIAL_ROTARY_FACTOR = 0.75
 _ORIGINAL_MAX_POSITIONS = 4096  # longrope: short factors up to here, long factors beyond
@@ -84,7 +65,7 @@ def _longrope_factors(num: int) -> tuple[list[float], list[float]]:
     return short, long
 
 
-def _phi4mm_std(hidden: int) -> StdFor:
+def _phi4mm_std(hidden: int) -> common.StdFor:
     """Per-parameter std for Phi-4-MM, chosen so that outputs depend on the prompt and the image.
 
     As for Qwen2-VL (see qwen2_vl.qwen2_vl_std): token embeddings at std 1, linear layers
@@ -95,14 +76,14 @@ def _phi4mm_std(hidden: int) -> StdFor:
     embeddings at 0.5 so that patches differ by place.
     """
 
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         fixed={"img_feature_extensor": 1.0, "position_embedding.weight": 0.5},
         gains={("qkv_proj.weight", "q_proj.weight", "k_proj.weight"): 2.0, "img_projection_down.weight": 2.0},
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         Phi4MultimodalConfig,
         Phi4MultimodalFeatureExtractor,
@@ -112,52 +93,41 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _PHI4MM_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         _PHI4MM_SPECIAL_TOKENS,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        bos="<|endoftext|>",
+        pad="<|endoftext|>",
+        stop=("<|end|>", "<|endoftext|>"),
+        eos_token="<|endoftext|>",  # the tokenizer's; generation stops at <|end|> first
         unk_token="<|endoftext|>",
         # Phi4MultimodalProcessor reads tokenizer.image_token(_id) and tokenizer.audio_token(_id).
         extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"},
         model_max_length=_MAX_POSITIONS,
     )
+    tokenizer, ids = vocab.tokenizer, vocab.ids
     tokenizer.chat_template = PHI4MM_CHAT_TEMPLATE  # the processor does not keep it: the tokenizer does
-    eos = [ids["<|end|>"], ids["<|endoftext|>"]]
 
     head_dim = p["hidden"] // p["heads"]
     short_factor, long_factor = _longrope_factors(int(head_dim * _PARTIAL_ROTARY_FACTOR) // 2)
     config = Phi4MultimodalConfig(
-        vocab_size=padded_vocab_size(tokenizer),
-        hidden_size=p["hidden"],
-        intermediate_size=p["intermediate"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=_MAX_POSITIONS,
-        original_max_position_embeddings=_ORIGINAL_MAX_POSITIONS,
-        # As the real config.json: rope_scaling of type longrope; transformers 5.23 turns it into
-        # rope_parameters (and warns that original_max_position_embeddings is set, as for the real one).
-        rope_scaling={"type": "longrope", "short_factor": short_factor, "long_factor": long_factor},
-        partial_rotary_factor=_PARTIAL_ROTARY_FACTOR,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        # The real checkpoint ties lm_head to the token embeddings; untied here so that the builder can
-        # silence special tokens in lm_head without zeroing their input embeddings.
-        tie_word_embeddings=False,
-        initializer_range=0.1,  # informative only: weights are re-drawn below
-        vision_config=dict(
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
-            image_size=448,
-            patch_size=14,
-            crop_size=448,
-            feature_layer=-2,
-            image_token_id=ids["<|image|>"],
+        # One config for the text model and the towers, as the real config.json.
+        **common.text_config(
+            p,
+            vocab,
+            max_position_embeddings=_MAX_POSITIONS,
+            original_max_position_embeddings=_ORIGINAL_MAX_POSITIONS,
+            # As the real config.json: rope_scaling of type longrope; transformers 5.23 turns it into
+            # rope_parameters (and warns that original_max_position_embeddings is set, as for the real one).
+            rope_scaling={"type": "longrope", "short_factor": short_factor, "long_factor": long_factor},
+            partial_rotary_factor=_PARTIAL_ROTARY_FACTOR,
+            eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
+            # The real checkpoint ties lm_head to the token embeddings; untied here so that the builder
+            # can silence special tokens in lm_head without zeroing their input embeddings.
+            tie_word_embeddings=False,
+        ),
+        vision_config=common.vision_tower_config(
+            p, image_size=448, patch_size=14, crop_size=448, feature_layer=-2, image_token_id=ids["<|image|>"]
         ),
         audio_config=dict(
             hidden_size=p["audio_hidden"],
@@ -169,16 +139,13 @@ def build(ctx: BuildContext) -> None:
             nemo_conv_channels=p["audio_hidden"],
             audio_token_id=ids["<|audio|>"],
         ),
-        dtype="float32",
     )
-    model = Phi4MultimodalForCausalLM(config).eval()
-    redraw_weights(model, ctx.seed, _phi4mm_std(p["hidden"]))
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
+    model = common.random_model(Phi4MultimodalForCausalLM, config, ctx.seed, _phi4mm_std(p["hidden"]))
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
 
     processor = Phi4MultimodalProcessor(
         image_processor=Phi4MultimodalImageProcessor(dynamic_hd=p["dynamic_hd"]),
         audio_processor=Phi4MultimodalFeatureExtractor(),
         tokenizer=tokenizer,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                    bos_token_id=ids["<|endoftext|>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

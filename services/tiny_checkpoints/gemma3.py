@@ -15,17 +15,7 @@ import math
 
 import torch
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    quiet_tied_rows,
-    redraw_weights,
-    save_checkpoint,
-    train_tokenizer_with_ids,
-    variance_preserving_std,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "gemma3"
 
@@ -86,26 +76,24 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 # embeddings of <start_of_turn> etc.), so they are made small enough that greedy rarely emits them.
 _SPECIAL_ROW_SCALE = 0.3
 
-# text: hidden, layers, heads, kv heads, head_dim, intermediate, sliding window (tokens); the (1 + w)
-#   norm weights w set after the draw (see `build`): q/k norms, post-attention/post-MLP norms
-# vision (SigLIP): width, layers, heads, intermediate, image size, patch; tokens: pooled tokens per image
-_GEMMA3_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, sliding_window=16,
-        qk_norm=1.0, post_norm=1.0,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=64, patch=8,
+# The shared text and tower (SigLIP) shapes (common.sizes; six bench layers here), plus the text
+# head_dim and sliding window (tokens), the (1 + w) norm weights w set after the draw (see `build`:
+# q/k norms, post-attention/post-MLP norms), the image size and patch, and the pooled tokens per image.
+_GEMMA3_SIZES = common.sizes(
+    tiny=dict(
+        head_dim=16, sliding_window=16, qk_norm=1.0, post_norm=1.0, image_size=64, patch=8,
         tokens_per_image=16,  # 8x8 patches pooled 2x2
     ),
-    "bench": dict(
-        hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, intermediate=1024, sliding_window=128,
+    bench=dict(
+        layers=6, head_dim=64, sliding_window=128,
         qk_norm=2.0, post_norm=3.0,  # seen: at 1.0/1.0 six layers decode one repeated token
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, image_size=224, patch=14,
+        image_size=224, patch=14,
         tokens_per_image=64,  # 16x16 patches pooled 2x2
     ),
-}  # fmt: skip
+)  # fmt: skip
 
 
-def _gemma3_std(vision_hidden: int) -> StdFor:
+def _gemma3_std(vision_hidden: int) -> common.StdFor:
     """Per-parameter std for Gemma 3, chosen so that outputs depend on the prompt and the image.
 
     - Gemma's RMS norms multiply by (1 + w): w = 0 is the identity, so they are drawn at std 0 (the
@@ -131,22 +119,22 @@ def _gemma3_std(vision_hidden: int) -> StdFor:
             return 1.0 / math.sqrt(param.shape[1])
         if name.endswith("position_embedding.weight"):
             return 0.5
-        return variance_preserving_std(param)
+        return common.variance_preserving_std(param)
 
     return std_for
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
     p = _GEMMA3_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         GEMMA3_SPECIAL_TOKENS,
-        bos_token="<bos>",
-        eos_token="<eos>",
+        bos="<bos>",
+        pad="<pad>",
+        stop=("<eos>", "<end_of_turn>"),  # gemma-3-*-it: generation stops at <eos> or <end_of_turn>
         unk_token="<unk>",
-        pad_token="<pad>",
         mask_token="<mask>",
         # What Gemma3Processor reads from the tokenizer (the real tokenizer_config.json has them too)
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
@@ -158,13 +146,9 @@ def build(ctx: BuildContext) -> None:
     assert tokens_per_side**2 == p["tokens_per_image"] and patches_per_side % tokens_per_side == 0, p
 
     config = Gemma3Config(
-        text_config=dict(
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
+        text_config=common.text_config(
+            p,
+            vocab,
             head_dim=p["head_dim"],
             query_pre_attn_scalar=p["head_dim"],
             sliding_window=p["sliding_window"],
@@ -175,32 +159,23 @@ def build(ctx: BuildContext) -> None:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             },
             max_position_embeddings=32768,
-            bos_token_id=ids["<bos>"],
-            eos_token_id=ids["<eos>"],
-            pad_token_id=ids["<pad>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
         ),
-        vision_config=dict(
+        vision_config=common.vision_tower_config(
+            p,
             model_type="siglip_vision_model",
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
             image_size=p["image_size"],
             patch_size=p["patch"],
             vision_use_head=False,
             layer_norm_eps=1e-6,
         ),
         mm_tokens_per_image=p["tokens_per_image"],
-        boi_token_index=ids["<start_of_image>"],
-        eoi_token_index=ids["<end_of_image>"],
-        image_token_index=ids["<image_soft_token>"],
+        boi_token_index=vocab.ids["<start_of_image>"],
+        eoi_token_index=vocab.ids["<end_of_image>"],
+        image_token_index=vocab.ids["<image_soft_token>"],
         tie_word_embeddings=True,
         dtype="float32",
     )
-    model = Gemma3ForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _gemma3_std(p["vision_hidden"]))
+    model = common.random_model(Gemma3ForConditionalGeneration, config, ctx.seed, _gemma3_std(p["vision_hidden"]))
     text = model.model.language_model
     with torch.no_grad():
         for layer in text.layers:
@@ -216,8 +191,7 @@ def build(ctx: BuildContext) -> None:
         # Logits = final-normed hidden @ embedding^T (tied): (1 + 2) * sqrt(hidden) * 1/sqrt(hidden)
         # gives logits of std ~3, so greedy picks depend on the hidden state.
         text.norm.weight.fill_(2.0)
-    eos = [ids["<eos>"], ids["<end_of_turn>"]]  # gemma-3-*-it: generation stops at <eos> or <end_of_turn>
-    quiet_tied_rows(text.embed_tokens.weight, len(tokenizer), ids.values(), eos, _SPECIAL_ROW_SCALE, EOS_LOGIT_SCALE)
+    common.quiet_tied_rows(text.embed_tokens.weight, vocab, _SPECIAL_ROW_SCALE)
 
     size = p["image_size"]
     image_processor = Gemma3ImageProcessor(  # gemma-3: 896x896, bilinear, mean/std 0.5, no pan-and-scan
@@ -229,9 +203,8 @@ def build(ctx: BuildContext) -> None:
     )
     processor = Gemma3Processor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         chat_template=GEMMA3_CHAT_TEMPLATE,
         image_seq_length=p["tokens_per_image"],
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<pad>"],
-                    bos_token_id=ids["<bos>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)

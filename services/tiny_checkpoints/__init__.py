@@ -11,7 +11,13 @@ proves nothing. Each family's builder scales its layers so that greedy outputs v
 and with the image.
 
 To add a family: a module in this package with `FAMILY = "<name>"` and `build(ctx: BuildContext)`
-that saves model + processor into `ctx.out_dir`. Modules are found by name; nothing to register.
+that saves model + processor into `ctx.out_dir`, from the pieces in common.py (size presets, the
+tokenizer and its special ids, the config keys every family sets alike, weight re-draws, saving).
+Modules are found by name; nothing to register. tests/tiny_checkpoints/digests.json pins what each
+builder writes, so a new one adds its digests there.
+
+Not a model family: services/models/ serves checkpoints, whatever built them; this package only
+writes them (`triptych make-model`, the demo's default model, the tests' checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from services.models.tiny.common import SIZES, BuildContext
+from services.tiny_checkpoints.common import SIZES, BuildContext
 
 
 def _builders() -> dict[str, Callable[[BuildContext], None]]:

@@ -11,20 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    lm_head_std,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-    variance_preserving_std,
-)
-from services.models.tiny.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
-from services.models.tiny.qwen2_vl import qwen_eos_ids, qwen_vl_processor, qwen_vl_token_kwargs
+from services.tiny_checkpoints import common
+from services.tiny_checkpoints.qwen2_5_vl import QWEN2_5_SPECIAL_TOKENS
+from services.tiny_checkpoints.qwen2_vl import finish_qwen_vl, qwen_vl_processor, qwen_vl_token_kwargs, qwen_vocab
 
 FAMILY = "qwen3_vl"
 
@@ -161,30 +150,31 @@ QWEN3_VL_CHAT_TEMPLATE = """\
 # really reading the image) comes from these gains, not from larger q/k projections.
 _QK_NORM_GAIN = 2.0
 
-# text: hidden, layers, heads, kv heads, head_dim, intermediate, mrope_section (T, H, W; sums to
-# head_dim/2; interleaved, so H and W each need 3 * section <= head_dim/2 as in the released [24, 20, 20])
-# vision: depth, embed, heads, intermediate, learned position grid, deepstack blocks (one per
-# early LLM layer, so at most `layers` of them); tokens per image (one merged token covers
+# The shared text shape (common.TEXT_SIZES) plus head_dim and mrope_section (T, H, W; sums to
+# head_dim/2; interleaved, so H and W each need 3 * section <= head_dim/2 as in the released
+# [24, 20, 20]); vision: depth, embed, heads, intermediate, learned position grid, deepstack blocks
+# (one per early LLM layer, so at most `layers` of them); tokens per image (one merged token covers
 # (patch 16 * merge 2)^2 = 32x32 pixels)
-_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, mrope_section=[4, 2, 2],
+_SIZES = common.sizes(
+    tiny=dict(
+        head_dim=16, mrope_section=[4, 2, 2],
         vision_depth=3, vision_embed=32, vision_heads=2, vision_intermediate=64,
         num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
         min_tokens=4, max_tokens=64,  # 64x64 -> 4 tokens, 256x256 and up -> 64
         video_min_tokens=4, video_max_tokens=16,
     ),
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, head_dim=64, intermediate=1024, mrope_section=[12, 10, 10],
+    bench=dict(
+        head_dim=64, mrope_section=[12, 10, 10],
         vision_depth=8, vision_embed=256, vision_heads=4, vision_intermediate=512,
         num_position_embeddings=576, deepstack_visual_indexes=[1, 3, 5],
         min_tokens=4, max_tokens=256,  # 256x256 -> 64 tokens, 512x512 and up -> 256
         video_min_tokens=16, video_max_tokens=64,
     ),
-}  # fmt: skip
+    shared=(common.TEXT_SIZES,),
+)  # fmt: skip
 
 
-def _std(hidden: int) -> StdFor:
+def _std(hidden: int) -> common.StdFor:
     """Per-parameter std so that greedy outputs depend on the prompt and on the image.
 
     Embeddings at std 1, linears variance-preserving, the tower's fused qkv twice that so its
@@ -197,11 +187,11 @@ def _std(hidden: int) -> StdFor:
     def std_for(name: str, param: torch.Tensor) -> float | None:
         if param.ndim == 1:
             return 0.02 if name.endswith("bias") and "norm" not in name else None
-        base = variance_preserving_std(param)
+        base = common.variance_preserving_std(param)
         if name.endswith("embed_tokens.weight"):
             return 1.0
         if name == "lm_head.weight":
-            return lm_head_std(hidden)
+            return common.lm_head_std(hidden)
         if name.endswith("visual.pos_embed.weight"):
             return 0.5
         if name.endswith("attn.qkv.weight") or ("merger" in name and name.endswith("linear_fc2.weight")):
@@ -211,7 +201,7 @@ def _std(hidden: int) -> StdFor:
     return std_for
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -221,22 +211,11 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = _SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
-        ctx.seed,
-        QWEN3_VL_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=262144,
-    )
-
+    vocab = qwen_vocab(ctx.seed, QWEN3_VL_SPECIAL_TOKENS, model_max_length=262144)
     config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
+        text_config=common.text_config(
+            p,
+            vocab,
             head_dim=p["head_dim"],
             max_position_embeddings=262144,
             rope_parameters={
@@ -245,11 +224,6 @@ def build(ctx: BuildContext) -> None:
                 "mrope_interleaved": True,
                 "rope_theta": 5000000.0,
             },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
         ),
         vision_config=dict(
             depth=p["vision_depth"],
@@ -264,20 +238,15 @@ def build(ctx: BuildContext) -> None:
             deepstack_visual_indexes=p["deepstack_visual_indexes"],
             initializer_range=0.1,
         ),
-        **qwen_vl_token_kwargs(ids),
+        **qwen_vl_token_kwargs(vocab),
     )
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _std(p["hidden"]))
+    model = common.random_model(Qwen3VLForConditionalGeneration, config, ctx.seed, _std(p["hidden"]))
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_norm.weight.fill_(_QK_NORM_GAIN)
             layer.self_attn.k_norm.weight.fill_(_QK_NORM_GAIN)
-    eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
-
     processor = qwen_vl_processor(
-        Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, tokenizer, p,
+        Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, vocab.tokenizer, p,
         patch_size=16, chat_template=QWEN3_VL_CHAT_TEMPLATE, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )  # fmt: skip
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                    bos_token_id=ids["<|endoftext|>"])
+    finish_qwen_vl(ctx, model, processor, vocab)

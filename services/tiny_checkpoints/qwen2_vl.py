@@ -1,27 +1,17 @@
 """Tiny random Qwen2-VL checkpoints (Qwen2VLForConditionalGeneration).
 
-Also the Qwen-VL pieces that Qwen2.5-VL and Qwen3-VL reuse: the special tokens, the language
-model's shape and config, the weight scales, EOS ids and the image/video processor set-up.
+Also the Qwen-VL pieces that Qwen2.5-VL and Qwen3-VL reuse: the special tokens and tokenizer, the
+language model's shape and config, the weight scales, the image/video processor set-up and the
+end of the build.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import PreTrainedTokenizerFast, ProcessorMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    SIZES,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "qwen2_vl"
 
@@ -63,30 +53,31 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
-# text: hidden, layers, heads, kv heads, intermediate, mrope_section (sums to head_dim/2)
-# tokens: min/max merged tokens per image and per video. Qwen2.5-VL keeps both (its LLM is the same).
-QWEN2_TEXT_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, mrope_section=[2, 3, 3],
+# The shared text shape (common.TEXT_SIZES) plus mrope_section (sums to head_dim/2) and the min/max
+# merged tokens per image and per video. Qwen2.5-VL keeps both (its LLM is the same).
+QWEN2_TEXT_SIZES = common.sizes(
+    tiny=dict(
+        mrope_section=[2, 3, 3],
         min_tokens=4, max_tokens=64,  # 64x64 -> 4 tokens, 224x224 and up -> 64
         video_min_tokens=4, video_max_tokens=16,
     ),
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024, mrope_section=[8, 12, 12],
+    bench=dict(
+        mrope_section=[8, 12, 12],
         min_tokens=4, max_tokens=256,  # 224x224 -> 64 tokens, 448x448 and up -> 256
         video_min_tokens=16, video_max_tokens=64,
     ),
-}  # fmt: skip
+    shared=(common.TEXT_SIZES,),
+)  # fmt: skip
 
 # vision: depth, embed_dim, heads, mlp_ratio
 _QWEN2_VL_VISION_SIZES: dict[str, dict] = {
     "tiny": dict(vision_depth=2, vision_embed=32, vision_heads=2, mlp_ratio=2),
     "bench": dict(vision_depth=6, vision_embed=256, vision_heads=4, mlp_ratio=4),
 }
-assert set(QWEN2_TEXT_SIZES) == set(_QWEN2_VL_VISION_SIZES) == set(SIZES)
+assert set(_QWEN2_VL_VISION_SIZES) == set(common.SIZES)
 
 
-def qwen2_vl_std(hidden: int) -> StdFor:
+def qwen2_vl_std(hidden: int) -> common.StdFor:
     """Per-parameter std for Qwen2-VL (and Qwen2.5-VL), chosen so that outputs depend on the prompt
     and the image.
 
@@ -99,47 +90,54 @@ def qwen2_vl_std(hidden: int) -> StdFor:
     - The merger's output at the scale of the token embeddings, so image rows are not drowned out.
     - lm_head large enough for logits of std ~3: greedy picks depend on the hidden state.
     """
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         gains={("q_proj.weight", "k_proj.weight", "attn.qkv.weight"): 2.0, "merger.mlp.2.weight": 2.0},
     )
 
 
-def qwen2_text_config(p: dict, ids: dict[str, int], vocab_size: int) -> dict:
-    """The Qwen2 language model of Qwen2-VL and Qwen2.5-VL: mRoPE over (time, height, width)."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=p["hidden"],
-        intermediate_size=p["intermediate"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=32768,
-        max_window_layers=p["layers"],
-        rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 1000000.0},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        initializer_range=0.1,  # informative only: weights are re-drawn
-        dtype="float32",
+def qwen_vocab(seed: int, special_tokens: tuple[str, ...], model_max_length: int) -> common.Vocab:
+    """A Qwen tokenizer: chat models stop at the end of a turn (<|im_end|>) or of the text
+    (<|endoftext|>), which also pads and is the configs' bos (the tokenizer adds none)."""
+    return common.train_vocab(
+        seed,
+        special_tokens,
+        bos="<|endoftext|>",
+        pad="<|endoftext|>",
+        stop=("<|im_end|>", "<|endoftext|>"),
+        bos_token=None,
+        model_max_length=model_max_length,
     )
 
 
-def qwen_vl_token_kwargs(ids: dict[str, int]) -> dict:
+def qwen2_text_config(p: dict, vocab: common.Vocab) -> dict:
+    """The Qwen2 language model of Qwen2-VL and Qwen2.5-VL: mRoPE over (time, height, width)."""
+    return common.text_config(
+        p,
+        vocab,
+        max_position_embeddings=32768,
+        max_window_layers=p["layers"],
+        rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 1000000.0},
+    )
+
+
+def qwen_vl_token_kwargs(vocab: common.Vocab) -> dict:
     """The Qwen-VL config's media token ids; lm_head untied, as the released 2B/3B-and-up models."""
     return dict(
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=vocab.ids["<|image_pad|>"],
+        video_token_id=vocab.ids["<|video_pad|>"],
+        vision_start_token_id=vocab.ids["<|vision_start|>"],
+        vision_end_token_id=vocab.ids["<|vision_end|>"],
         tie_word_embeddings=False,
         dtype="float32",
     )
 
 
-def qwen_eos_ids(ids: dict[str, int]) -> list[int]:
-    """Qwen chat models stop at the end of a turn (<|im_end|>) or of the text (<|endoftext|>)."""
-    return [ids["<|im_end|>"], ids["<|endoftext|>"]]
+def finish_qwen_vl(ctx: common.BuildContext, model: PreTrainedModel, processor: ProcessorMixin,
+                   vocab: common.Vocab) -> None:
+    """Silence the lm_head rows the model should never emit and save: the end of every Qwen-VL build."""
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)
 
 
 def qwen_vl_processor(
@@ -177,7 +175,7 @@ def qwen_vl_processor(
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -187,16 +185,9 @@ def build(ctx: BuildContext) -> None:
     )
 
     p = {**QWEN2_TEXT_SIZES[ctx.size], **_QWEN2_VL_VISION_SIZES[ctx.size]}
-    tokenizer, ids = train_tokenizer_with_ids(
-        ctx.seed,
-        QWEN2_VL_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-    )
-
+    vocab = qwen_vocab(ctx.seed, QWEN2_VL_SPECIAL_TOKENS, model_max_length=32768)
     config = Qwen2VLConfig(
-        text_config=qwen2_text_config(p, ids, padded_vocab_size(tokenizer)),
+        text_config=qwen2_text_config(p, vocab),
         vision_config=dict(
             depth=p["vision_depth"],
             embed_dim=p["vision_embed"],
@@ -208,16 +199,11 @@ def build(ctx: BuildContext) -> None:
             temporal_patch_size=2,
             initializer_range=0.1,
         ),
-        **qwen_vl_token_kwargs(ids),
+        **qwen_vl_token_kwargs(vocab),
     )
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, qwen2_vl_std(p["hidden"]))
-    eos = qwen_eos_ids(ids)
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
-
+    model = common.random_model(Qwen2VLForConditionalGeneration, config, ctx.seed, qwen2_vl_std(p["hidden"]))
     processor = qwen_vl_processor(
-        Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, p,
+        Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, vocab.tokenizer, p,
         patch_size=14, chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )  # fmt: skip
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|endoftext|>"],
-                    bos_token_id=ids["<|endoftext|>"])
+    finish_qwen_vl(ctx, model, processor, vocab)

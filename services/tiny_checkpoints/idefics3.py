@@ -18,17 +18,7 @@ plus the global one: 2 to 5 runs, 32 to 80 rows.
 
 from __future__ import annotations
 
-from services.models.tiny.common import (
-    EOS_LOGIT_SCALE,
-    BuildContext,
-    StdFor,
-    padded_vocab_size,
-    redraw_weights,
-    save_checkpoint,
-    scaled_std,
-    silence_lm_head_rows,
-    train_tokenizer_with_ids,
-)
+from services.tiny_checkpoints import common
 
 FAMILY = "idefics3"
 
@@ -54,83 +44,58 @@ IDEFICS3_CHAT_TEMPLATE = (
 _TILES_PER_SIDE = 2
 
 
-# text (Llama): hidden, layers, heads, kv heads, intermediate
-# vision: width, layers, heads, intermediate, square image side (patch 14), pixel-shuffle factor
-_IDEFICS3_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=112, scale_factor=2,
-    ),  # (112 / 14)^2 / 2^2 = 16 tokens per image
-    "bench": dict(
-        hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024,
-        vision_hidden=256, vision_layers=6, vision_heads=4, vision_intermediate=1024, image_size=364, scale_factor=2,
-    ),  # (364 / 14)^2 / 2^2 = 169 tokens per image, as the real model
-}  # fmt: skip
+# The shared text (Llama) and tower shapes (common.sizes), plus the square image side (patch 14) and
+# the pixel-shuffle factor.
+_IDEFICS3_SIZES = common.sizes(
+    tiny=dict(image_size=112, scale_factor=2),  # (112 / 14)^2 / 2^2 = 16 tokens per image
+    bench=dict(image_size=364, scale_factor=2),  # (364 / 14)^2 / 2^2 = 169 tokens per image, as the real model
+)
 
 
-def _idefics3_std(hidden: int) -> StdFor:
+def _idefics3_std(hidden: int) -> common.StdFor:
     """Per-parameter std, chosen (as Qwen2-VL's, tiny/qwen2_vl.py) so that outputs depend on the prompt
     and the image: token embeddings at std 1, linear layers at ~1/sqrt(fan_in) with q/k doubled,
     the connector's output at the scale of the token embeddings, lm_head for logits of std ~3;
     the tower's position embeddings at 0.5 so that patches differ by place."""
 
-    return scaled_std(
+    return common.scaled_std(
         hidden,
         fixed={"position_embedding.weight": 0.5},
         gains={("q_proj.weight", "k_proj.weight"): 2.0, "connector.modality_projection.proj.weight": 3.0},
     )
 
 
-def build(ctx: BuildContext) -> None:
+def build(ctx: common.BuildContext) -> None:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
     p = _IDEFICS3_SIZES[ctx.size]
-    tokenizer, ids = train_tokenizer_with_ids(
+    vocab = common.train_vocab(
         ctx.seed,
         IDEFICS3_SPECIAL_TOKENS,
-        bos_token="<|begin_of_text|>",
-        eos_token="<end_of_utterance>",
-        pad_token="<|end_of_text|>",
+        bos="<|begin_of_text|>",
+        pad="<|end_of_text|>",
+        stop=("<end_of_utterance>", "<|end_of_text|>"),
         model_max_length=8192,
     )
     image_seq_len = (p["image_size"] // 14) ** 2 // p["scale_factor"] ** 2
 
     config = Idefics3Config(
-        text_config=dict(
+        text_config=common.text_config(
+            p,
+            vocab,
             model_type="llama",
-            vocab_size=padded_vocab_size(tokenizer),
-            hidden_size=p["hidden"],
-            intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"],
-            num_attention_heads=p["heads"],
-            num_key_value_heads=p["kv_heads"],
             max_position_embeddings=8192,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=ids["<end_of_utterance>"],
-            pad_token_id=ids["<|end_of_text|>"],
-            initializer_range=0.1,  # informative only: weights are re-drawn below
-            dtype="float32",
         ),
-        vision_config=dict(
-            hidden_size=p["vision_hidden"],
-            intermediate_size=p["vision_intermediate"],
-            num_hidden_layers=p["vision_layers"],
-            num_attention_heads=p["vision_heads"],
-            image_size=p["image_size"],
-            patch_size=14,
-            initializer_range=0.1,
-        ),
+        vision_config=common.vision_tower_config(p, image_size=p["image_size"], patch_size=14, initializer_range=0.1),
         scale_factor=p["scale_factor"],
-        image_token_id=ids["<image>"],
+        image_token_id=vocab.ids["<image>"],
         tie_word_embeddings=False,
         dtype="float32",
     )
-    model = Idefics3ForConditionalGeneration(config).eval()
-    redraw_weights(model, ctx.seed, _idefics3_std(p["hidden"]))
-    eos = [ids["<end_of_utterance>"], ids["<|end_of_text|>"]]
-    silence_lm_head_rows(model.lm_head.weight, len(tokenizer), ids.values(), eos, EOS_LOGIT_SCALE)
+    model = common.random_model(Idefics3ForConditionalGeneration, config, ctx.seed, _idefics3_std(p["hidden"]))
+    common.silence_lm_head_rows(model.lm_head.weight, vocab)
 
     side = p["image_size"]
     image_processor = Idefics3ImageProcessor(  # as Idefics3-8B-Llama3: splitting on (module docstring)
@@ -143,9 +108,8 @@ def build(ctx: BuildContext) -> None:
     )
     processor = Idefics3Processor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=vocab.tokenizer,
         image_seq_len=image_seq_len,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    save_checkpoint(ctx.out_dir, model, processor, eos_token_ids=eos, pad_token_id=ids["<|end_of_text|>"],
-                    bos_token_id=ids["<|begin_of_text|>"])
+    common.save_checkpoint(ctx.out_dir, model, processor, vocab)
