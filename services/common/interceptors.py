@@ -29,6 +29,11 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 Behavior = Callable  # (request or request iterator, context) -> response or response iterator
 
 
+def bind_request_id(request_id: str) -> None:
+    """Makes `request_id` the current task's id (each gRPC call runs in its own task)."""
+    _request_id.set(request_id)
+
+
 def current_request_id() -> str | None:
     value = _request_id.get()
     return None if value == "-" else value
@@ -87,8 +92,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         level = logging.DEBUG if method.startswith("/grpc.") else logging.INFO
 
         async def begin(context: grpc.aio.ServicerContext) -> float:
-            # Each call runs in its own asyncio task (its own context): no reset needed.
-            _request_id.set(request_id)
+            bind_request_id(request_id)  # the call's own task and context: no reset needed
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             return time.perf_counter()
 
