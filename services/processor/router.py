@@ -113,8 +113,8 @@ def check_embedding_dtypes(processor_dtype: int, encoder: tuple[str, model_info_
     if enc != lm:
         raise FailedPrecondition(
             f"the encoder at {encoder_addr} makes {enc} embeddings but the LLM at {llm_addr} takes {lm}; "
-            "start all services with the same --dtype", reason="EMBEDDING_DTYPE_MISMATCH", metadata=metadata)
+            "start all services with the same --dtype", reason="SERVICE_DTYPE_MISMATCH", metadata=metadata)
     if own != enc:
         raise FailedPrecondition(
             f"the encoder and the LLM use {enc} embeddings but the processor was started with --dtype {own}; "
-            "start all services with the same --dtype", reason="EMBEDDING_DTYPE_MISMATCH", metadata=metadata)
+            "start all services with the same --dtype", reason="SERVICE_DTYPE_MISMATCH", metadata=metadata)

@@ -164,7 +164,7 @@ def test_embedding_dtypes_must_agree():
     with pytest.raises(FailedPrecondition) as caught:
         check_embedding_dtypes(F32, ("e:1", _info(dtype=BF16)), ("l:2", _info()))
     err = caught.value
-    assert err.reason == "EMBEDDING_DTYPE_MISMATCH" and "bfloat16" in err.message and "float32" in err.message
+    assert err.reason == "SERVICE_DTYPE_MISMATCH" and "bfloat16" in err.message and "float32" in err.message
     assert err.metadata == {"encoderDtype": "bfloat16", "llmDtype": "float32", "processorDtype": "float32"}
     with pytest.raises(FailedPrecondition) as caught:
         check_embedding_dtypes(F32, ("e:1", _info(dtype=BF16)), ("l:2", _info(dtype=BF16)))
