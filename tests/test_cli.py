@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,11 @@ def test_no_module_imports_an_entry_module():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             assert not any(n.endswith("__main__") for n in names), f"{path} imports {names}"
+
+
+def test_readme_lists_every_flag_with_its_env_and_default():
+    readme = (ROOT / "README.md").read_text()
+    for cls in SERVICE_CONFIGS.values():
+        for cf in config_flags(cls):
+            default = "required" if cf.required else ("none" if cf.default in ((), None) else str(cf.default))
+            assert re.search(rf"^\| `{cf.flag}` \| `{cf.env}` \| [^|]+ \| {re.escape(default)} \|", readme, re.M), cf.flag
