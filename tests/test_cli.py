@@ -53,7 +53,8 @@ def _other_value(cf: ConfigFlag) -> tuple[str, typing.Any]:
         value = next(c for c in typing.get_args(kind) if c != cf.default)
         return value, value
     if kind in (int, float):
-        value = kind((0 if cf.required else cf.default) + 7)
+        base = cf.default if isinstance(cf.default, (int, float)) else 0  # required, or None by default
+        value = kind(base + 7)
         return str(value), value
     text = "x-" + cf.name if kind is str else "/srv/" + cf.name
     return text, kind(text)
@@ -172,4 +173,5 @@ def test_readme_lists_every_flag_with_its_env_and_default():
     for cls in SERVICE_CONFIGS.values():
         for cf in config_flags(cls):
             default = "required" if cf.required else ("none" if cf.default in ((), None) else str(cf.default))
-            assert re.search(rf"^\| `{cf.flag}` \| `{cf.env}` \| [^|]+ \| {re.escape(default)} \|", readme, re.M), cf.flag
+            assert re.search(rf"^\| `{cf.flag}` \| `{cf.env}` \| [^|]+ \| {re.escape(default)} \|", readme, re.M), (
+                f"README.md's Commands table needs the row: | `{cf.flag}` | `{cf.env}` | SERVICES | {default} | HELP |")

@@ -163,8 +163,11 @@ def child_argv(config_cls: type, args: argparse.Namespace, *, skip: frozenset[st
     """The flags that give a child process the values `args` holds for `config_cls`'s fields."""
     argv: list[str] = []
     for cf in config_flags(config_cls):
-        if cf.name not in skip:
-            argv += cf.format(_value(cf, args))
+        if cf.name in skip:
+            continue
+        value = _value(cf, args)
+        if value is not None:  # None: unset, the child keeps its default
+            argv += cf.format(value)
     return argv
 
 
