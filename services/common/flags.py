@@ -62,11 +62,10 @@ class ConfigFlag:
             return "{" + ",".join(typing.get_args(self.type)) + "}"
         return self.flag.removeprefix("--").replace("-", "_").upper()
 
-    @property
-    def help(self) -> str:
-        text = self.field.metadata.get("help") or self.name.replace("_", " ")
-        default = "" if self.required or self.default in ((), None) else f"; default {self.default}"
-        return f"{text} [env {self.env}{default}]"
+    def help(self, default: Any) -> str:
+        text = self.field.metadata.get("help") or self.name.replace("_", " ")  # a plain field: its name
+        shown = "" if self.required or default in ((), None) else f"; default {default}"
+        return f"{text} [env {self.env}{shown}]"
 
     def parse(self, text: str) -> Any:
         """One value from its text form (a flag argument, or one element of a list)."""
@@ -119,7 +118,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, skip:
         if cf.name in skip or cf.name in existing:
             continue
         env = os.environ.get(cf.env)
-        kwargs: dict[str, Any] = {"dest": cf.name, "help": cf.help, "metavar": cf.metavar}
+        default = overrides.get(cf.name, cf.default) if overrides else cf.default
+        kwargs: dict[str, Any] = {"dest": cf.name, "help": cf.help(default), "metavar": cf.metavar}
         if cf.is_list:
             # Lists append to None, then config_from_args falls back to the env or the default:
             # argparse would append flags to a non-empty default instead of replacing it.
@@ -128,7 +128,6 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, skip:
             kwargs.update(action=argparse.BooleanOptionalAction, metavar=None,
                           default=cf.parse(env) if env is not None else cf.default)
         else:
-            default = overrides.get(cf.name, cf.default) if overrides else cf.default
             # A string default goes through `type`, so a malformed env value is a usage error.
             kwargs.update(type=cf.parse, default=env if env is not None else default,
                           required=cf.required and env is None)
