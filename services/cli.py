@@ -5,29 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
-from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig, ServerConfig, env_default
+from services.common.config import DEFAULT_PROCESSOR_PORT, EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.flags import add_config_flags, config_from_args
 
-DEFAULT_PORT = 50051
-
-
-def _server_args(p: argparse.ArgumentParser, default_port: int) -> None:
-    p.add_argument("--model", type=Path, default=env_default("model", "") or None, required=not env_default("model", ""),
-                   help="local Hugging Face checkpoint folder (env TRIPTYCH_MODEL)")
-    p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address to listen on")
-    p.add_argument("--port", type=int, default=int(env_default("port", str(default_port))), help="0 picks a free port")
-    p.add_argument("--dtype", default=env_default("dtype", "float32"), choices=["float32", "bfloat16", "float16"],
-                   help="weights and embeddings dtype")
-    p.add_argument("--max-message-mib", type=int, default=int(env_default("max_message_mib", "256")))
-    p.add_argument("--grace-s", type=float, default=float(env_default("grace_s", "30")),
-                   help="how long in-flight requests may take to finish after SIGTERM")
-
-
-def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, max_message_mib=args.max_message_mib, grace_s=args.grace_s)
+SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
+# `up` wires the processor to the encoder and LLM it starts itself.
+UP_SKIPS = frozenset({"encoder_addr", "llm_addr"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,28 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
 
     serve = sub.add_parser("serve", help="run one service").add_subparsers(dest="service", required=True)
-    for name in ("encoder", "llm", "processor"):
-        p = serve.add_parser(name)
-        _server_args(p, 0)
-        if name in ("encoder", "llm"):
-            p.add_argument("--device", default=env_default("device", "cpu"), help="torch device, e.g. cuda:0")
-        if name == "processor":
-            p.add_argument("--encoder", required=True, help="encoder address HOST:PORT")
-            p.add_argument("--llm", required=True, help="LLM address HOST:PORT")
-            p.add_argument("--allowed-media-dir", type=Path, action="append", default=[],
-                           help="directory whose files may be named by file:// URLs (repeatable)")
-            p.add_argument("--max-media-mib", type=int, default=int(env_default("max_media_mib", "32")))
-        if name == "llm":
-            p.add_argument("--max-running-requests", type=int, default=8)
-            p.add_argument("--max-waiting-requests", type=int, default=256)
+    for name, config_cls in SERVICE_CONFIGS.items():
+        add_config_flags(serve.add_parser(name, help=f"run the {name} service"), config_cls)
 
     p = sub.add_parser("up", help="start processor, encoder and LLM on loopback")
-    _server_args(p, DEFAULT_PORT)
-    p.add_argument("--device", default=env_default("device", "cpu"))
-    p.add_argument("--allowed-media-dir", type=Path, action="append", default=[])
+    for config_cls in (ProcessorConfig, EncoderConfig, LlmConfig):  # every service's flags; --port is the processor's
+        add_config_flags(p, config_cls, skip=UP_SKIPS, overrides={"port": DEFAULT_PROCESSOR_PORT})
 
     p = sub.add_parser("generate", help="send a request to a processor")
-    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -93,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         from services.client import run_generate
 
         return run_generate(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from services.common.interceptors import setup_logging
+
+    setup_logging()  # every line carries the request id it was logged for
     if args.command == "up":
         from services.launcher import run_up
 
@@ -144,31 +119,22 @@ def _serve(args: argparse.Namespace) -> int:
     from services.common.errors import TriptychError
     from services.models.checkpoint import DTYPES, Checkpoint
 
+    cfg = config_from_args(SERVICE_CONFIGS[args.service], args)
     try:
-        checkpoint = Checkpoint(args.model.resolve(), DTYPES[args.dtype])
+        checkpoint = Checkpoint(cfg.model.resolve(), DTYPES[cfg.dtype])
     except TriptychError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    server = _server_config(args)
+    if args.service == "encoder":
+        from services.encoder.server import serve
+    elif args.service == "llm":
+        from services.llm.server import serve
+    else:
+        from services.processor.server import serve
     try:
-        if args.service == "encoder":
-            from services.encoder.__main__ import serve
-
-            asyncio.run(serve(EncoderConfig(model=args.model, server=server, device=args.device), checkpoint))
-        elif args.service == "llm":
-            from services.llm.__main__ import serve
-
-            asyncio.run(serve(LlmConfig(model=args.model, server=server, device=args.device,
-                                        max_running_requests=args.max_running_requests,
-                                        max_waiting_requests=args.max_waiting_requests), checkpoint))
-        else:
-            from services.processor.__main__ import serve
-
-            asyncio.run(serve(ProcessorConfig(model=args.model, server=server, encoder_addr=args.encoder,
-                                              llm_addr=args.llm, allowed_media_dirs=tuple(args.allowed_media_dir),
-                                              max_media_mib=args.max_media_mib), checkpoint))
-    except TriptychError as err:  # start-up failures: other model, service down
-        print(f"error: {args.service}: {err.message}", file=sys.stderr)
+        asyncio.run(serve(cfg, checkpoint))
+    except TriptychError as err:  # start-up failures: other model or dtype, service down
+        print(f"error: {args.service}: [{err.reason}] {err.message}", file=sys.stderr)
         return 1
     return 0
 

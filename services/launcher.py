@@ -20,6 +20,9 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.flags import child_argv
+
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 
 
@@ -69,20 +72,19 @@ def _wait_serving(address: str, timeout_s: float) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    common = ["--model", str(args.model), "--host", args.host, "--dtype", args.dtype,
-              "--max-message-mib", str(args.max_message_mib), "--grace-s", str(args.grace_s)]
+    # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
+    skip = frozenset({"port", "encoder_addr", "llm_addr"})
     children: list[Child] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        encoder = Child("encoder", ["serve", "encoder", *common, "--port", "0", "--device", args.device])
-        llm = Child("llm", ["serve", "llm", *common, "--port", "0", "--device", args.device])
+        encoder = Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=skip), "--port", "0"])
+        llm = Child("llm", ["serve", "llm", *child_argv(LlmConfig, args, skip=skip), "--port", "0"])
         children += [encoder, llm]
         encoder_addr, llm_addr = encoder.wait_address(600), llm.wait_address(600)
-        media_dirs = [x for d in args.allowed_media_dir for x in ("--allowed-media-dir", str(d))]
-        processor = Child("processor", ["serve", "processor", *common, "--port", str(args.port),
-                                        "--encoder", encoder_addr, "--llm", llm_addr, *media_dirs])
+        processor = Child("processor", ["serve", "processor", *child_argv(ProcessorConfig, args, skip=skip),
+                                        "--port", str(args.port), "--encoder", encoder_addr, "--llm", llm_addr])
         children.append(processor)
         processor_addr = processor.wait_address(600)
         for child in children:

@@ -1,6 +1,7 @@
 """The three services in this process on port-0 servers, on one event loop in a background thread.
 
 Cheaper than processes for tests that vary the checkpoint; tests/e2e/ still starts real processes.
+The servers come from each service's `start_server`, as in production (interceptors, error domain).
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import asyncio
 import threading
 from pathlib import Path
 
-from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
-from services.common.api.triptych.llm.v1 import llm_pb2_grpc
-from services.common.api.triptych.processor.v1 import processor_pb2_grpc
 from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig, ServerConfig
-from services.common.server import Server
+from services.encoder import server as encoder_server
 from services.encoder.servicer import EncoderServicer
+from services.llm import server as llm_server
 from services.llm.servicer import LlmServicer
 from services.models.checkpoint import Checkpoint
+from services.processor import server as processor_server
 from services.processor.servicer import ProcessorServicer
 
 
@@ -36,19 +36,15 @@ class InProcessServices:
         server_cfg = ServerConfig(port=0)
         self.encoder = EncoderServicer(checkpoint, EncoderConfig(model=self.model))
         self.llm = LlmServicer(checkpoint, LlmConfig(model=self.model))
-        self.servers = [
-            Server(server_cfg, lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(self.encoder, s), []),
-            Server(server_cfg, lambda s: llm_pb2_grpc.add_LlmServiceServicer_to_server(self.llm, s), []),
-        ]
-        for server in self.servers:
-            await server.start()
+        encoder, _ = await encoder_server.start_server(self.encoder, server_cfg)
+        llm, _ = await llm_server.start_server(self.llm, server_cfg)
+        self.servers = [encoder, llm]
         self.processor = ProcessorServicer(checkpoint, ProcessorConfig(
-            model=self.model, encoder_addr=self.servers[0].address, llm_addr=self.servers[1].address))
+            model=self.model, encoder_addr=encoder.address, llm_addr=llm.address))
         await self.processor.connect()
-        front = Server(server_cfg, lambda s: processor_pb2_grpc.add_ProcessorServiceServicer_to_server(
-            self.processor, s), [])
-        await front.start()
+        front, _ = await processor_server.start_server(self.processor, server_cfg)
         self.servers.append(front)
+        self.encoder_address, self.llm_address = encoder.address, llm.address
         return front.address
 
     def stop(self) -> None:

@@ -1,27 +1,40 @@
-"""One typed config per service, built by cli.py from flags (defaults from TRIPTYCH_* env)."""
+"""One typed config per service, and the one place their defaults live.
+
+cli.py makes a flag and a TRIPTYCH_* environment variable for every field below
+(`flags.py` reads the fields), so a default written here is the default everywhere.
+A field's help text is `doc(...)` metadata; a plain field still gets a flag, with
+its name as help. Flag `--foo-bar` <-> env `TRIPTYCH_FOO_BAR`; a field may rename
+its flag with `flag=` (e.g. `--encoder` for encoder_addr).
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+# `triptych up` and `triptych generate` meet on this port by default.
+DEFAULT_PROCESSOR_PORT = 50051
 
 
-def env_default(name: str, fallback: str) -> str:
-    """The value of TRIPTYCH_<NAME>, or `fallback`: every flag can come from the environment."""
-    return os.environ.get(f"TRIPTYCH_{name.upper()}", fallback)
+def doc(text: str, flag: str | None = None) -> dict[str, Any]:
+    """Field metadata: the flag's help text, and optionally another flag name than the field's."""
+    return {"help": text, **({"flag": flag} if flag else {})}
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """What every gRPC server shares: address, message limits, keepalive, shutdown grace."""
 
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 picks a free port (tests)
-    max_message_mib: int = 256  # a request carrying embeddings of many large images needs far more than 4 MB
-    keepalive_time_s: int = 30
-    keepalive_timeout_s: int = 10
-    grace_s: float = 30.0  # in-flight requests get this long to finish after SIGTERM
+    host: str = field(default="127.0.0.1", metadata=doc("address to listen on (0.0.0.0: all interfaces)"))
+    port: int = field(default=0, metadata=doc("port to listen on; 0 picks a free one"))
+    # A request carrying embeddings of many large images needs far more than gRPC's 4 MB.
+    max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
+    keepalive_time_s: int = field(default=30, metadata=doc("seconds between keepalive pings"))
+    keepalive_timeout_s: int = field(default=10, metadata=doc("seconds to wait for a keepalive ack"))
+    grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
 
     @property
     def listen_addr(self) -> str:
@@ -40,34 +53,45 @@ class ServerConfig:
         ]
 
 
+_MODEL_HELP = doc("local Hugging Face checkpoint folder")
+_DTYPE_HELP = doc("weights and embeddings dtype; all three services must agree")
+_DEVICE_HELP = doc("torch device, e.g. cpu or cuda:0")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    model: Path
+    model: Path = field(metadata=_MODEL_HELP)
     server: ServerConfig = field(default_factory=ServerConfig)
-    device: str = "cpu"
-    max_items_per_request: int = 64
+    dtype: DType = field(default="float32", metadata=_DTYPE_HELP)
+    device: str = field(default="cpu", metadata=_DEVICE_HELP)
+    max_items_per_request: int = field(default=64, metadata=doc("media items in one Encode request"))
 
 
 @dataclass(frozen=True)
 class LlmConfig:
-    model: Path
+    model: Path = field(metadata=_MODEL_HELP)
     server: ServerConfig = field(default_factory=ServerConfig)
-    device: str = "cpu"
-    max_running_requests: int = 8  # requests decoded in turn; more wait in the queue
-    max_waiting_requests: int = 256  # beyond this a request is RESOURCE_EXHAUSTED
-    default_max_new_tokens: int = 256
+    dtype: DType = field(default="float32", metadata=_DTYPE_HELP)
+    device: str = field(default="cpu", metadata=_DEVICE_HELP)
+    max_running_requests: int = field(default=8, metadata=doc("requests decoded in turn; more wait in the queue"))
+    max_waiting_requests: int = field(default=256, metadata=doc("queued requests; beyond this RESOURCE_EXHAUSTED"))
+    default_max_new_tokens: int = field(default=256, metadata=doc("max_new_tokens of a request that sets none"))
 
 
 @dataclass(frozen=True)
 class ProcessorConfig:
-    model: Path
-    encoder_addr: str
-    llm_addr: str
+    model: Path = field(metadata=_MODEL_HELP)
+    encoder_addr: str = field(metadata=doc("encoder address HOST:PORT", flag="--encoder"))
+    llm_addr: str = field(metadata=doc("LLM address HOST:PORT", flag="--llm"))
     server: ServerConfig = field(default_factory=ServerConfig)
-    allowed_media_dirs: tuple[Path, ...] = ()  # file:// URLs must resolve inside one of these
-    max_media_mib: int = 32  # encoded bytes of one media item
-    max_image_pixels: int = 50_000_000  # decompression-bomb cap (width * height)
-    max_images_per_request: int = 32
-    connect_timeout_s: float = 60.0  # how long start-up waits for the encoder and the LLM
-    default_timeout_s: float = 600.0  # deadline for a request whose client set none
-    preprocess_threads: int = 2
+    # The processor loads no weights, but reports (and checks) the dtype embeddings travel in.
+    dtype: DType = field(default="float32", metadata=_DTYPE_HELP)
+    allowed_media_dirs: tuple[Path, ...] = field(default=(), metadata=doc(
+        "directory whose files file:// URLs may name (repeatable; env: a list separated by ':')",
+        flag="--allowed-media-dir"))
+    max_media_mib: int = field(default=32, metadata=doc("encoded bytes of one media item, MiB"))
+    max_image_pixels: int = field(default=50_000_000, metadata=doc("decompression-bomb cap, width * height"))
+    max_images_per_request: int = field(default=32, metadata=doc("images in one request"))
+    connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
+    default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
+    preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))

@@ -1,86 +1,48 @@
-"""grpc.aio bootstrap shared by the three services: health, reflection, errors, limits, SIGTERM."""
+"""grpc.aio bootstrap shared by the three services: interceptors, health, reflection, limits, SIGTERM.
+
+Each service's own `services/<service>/server.py` calls `start_server` with its servicer;
+the CLI, `python -m services.<service>` and the tests all go through it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ServerConfig
-from services.common.errors import Internal, TriptychError
+from services.common.interceptors import ErrorInterceptor, RequestIdInterceptor
+from services.common.reflection import add_reflection
 
 log = logging.getLogger(__name__)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place domain exceptions become gRPC statuses (with ErrorInfo details)."""
-
-    def __init__(self, domain: str):
-        self.domain = domain  # ErrorInfo.domain of errors that do not name one, e.g. "triptych.encoder"
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
-
-            async def unary_unary(request, context):
-                try:
-                    return await inner_unary(request, context)
-                except Exception as err:  # noqa: BLE001 — every failure becomes a status
-                    await _abort(context, method, err, self.domain)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                try:
-                    async for response in inner_stream(request, context):
-                        yield response
-                except Exception as err:  # noqa: BLE001
-                    await _abort(context, method, err, self.domain)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
-        return handler
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception, domain: str) -> None:
-    if isinstance(err, grpc.aio.AbortError):
-        raise err
-    if not isinstance(err, TriptychError):
-        log.exception("unexpected error in %s", method)
-        err = Internal(f"internal error in {method}: {type(err).__name__}: {err}", reason="INTERNAL")
-    else:
-        log.info("%s -> %s %s: %s", method, err.code.name, err.reason, err.message)
-    await context.abort_with_status(err.to_status(domain))
+def error_domain(service: ServiceDescriptor) -> str:
+    """ErrorInfo.domain of a service: "triptych.encoder.v1.EncoderService" -> "triptych.encoder"."""
+    return ".".join(service.full_name.split(".")[:2])
 
 
 class Server:
-    """A started grpc.aio server with health and reflection for the given services."""
+    """One service's grpc.aio server: production interceptors, health and reflection."""
 
-    def __init__(self, cfg: ServerConfig, add_servicers: Callable[[grpc.aio.Server], None],
-                 service_names: Sequence[str]):
+    def __init__(self, cfg: ServerConfig, service: ServiceDescriptor,
+                 add_servicer: Callable[[grpc.aio.Server], None]):
         self.cfg = cfg
-        self.service_names = list(service_names)
-        # "triptych.encoder.v1.EncoderService" -> "triptych.encoder"
-        domain = ".".join(self.service_names[0].split(".")[:2]) if self.service_names else "triptych"
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor(domain)], options=cfg.options)
-        add_servicers(self.grpc)
+        self.service_names = [service.full_name]
+        self.grpc = grpc.aio.server(interceptors=[RequestIdInterceptor(), ErrorInterceptor(error_domain(service))],
+                                    options=cfg.options)
+        add_servicer(self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.grpc)
+        add_reflection(self.grpc, [*self.service_names, HEALTH_SERVICE])
         self.port = self.grpc.add_insecure_port(cfg.listen_addr)
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen_addr}")
@@ -114,6 +76,14 @@ class Server:
             log.info("%s: signal received, finishing in-flight requests (grace %.0f s)", name, self.cfg.grace_s)
             await self.stop()
         waiter.cancel()
+
+
+async def start_server(cfg: ServerConfig, service: ServiceDescriptor,
+                       add_servicer: Callable[[grpc.aio.Server], None]) -> tuple[Server, int]:
+    """Builds, starts and marks SERVING one service's server; returns it and its port."""
+    server = Server(cfg, service, add_servicer)
+    await server.start()
+    return server, server.port
 
 
 def channel_options(max_message_mib: int = ServerConfig.max_message_mib) -> list[tuple[str, int]]:

@@ -1,4 +1,7 @@
-"""Clients of the encoder and LLM services: connection, fingerprint check, errors, deadlines."""
+"""Clients of the encoder and LLM services: connection, model and dtype checks, errors, deadlines.
+
+Every call carries the current request's x-request-id, so the three services' logs join on it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
+from services.common.interceptors import outgoing_metadata
 from services.common.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -26,8 +31,8 @@ class Downstream:
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = stub_class(self.channel)
 
-    async def connect(self, timeout_s: float) -> None:
-        """Waits until the service answers, then checks that it serves the same model."""
+    async def connect(self, timeout_s: float) -> model_info_pb2.ModelInfo:
+        """Waits until the service answers, checks that it serves the same model, returns its ModelInfo."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -47,6 +52,7 @@ class Downstream:
                 f"the processor serves {self.fingerprint}; start all services with the same --model",
                 reason="MODEL_FINGERPRINT_MISMATCH")
         log.info("%s at %s serves model %s", self.service, self.address, served)
+        return reply.model_info
 
     def _info_request(self):
         return (encoder_pb2.GetModelInfoRequest() if self.service == "encoder" else llm_pb2.GetModelInfoRequest())
@@ -66,7 +72,7 @@ class EncoderClient(Downstream):
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before encoding", reason="DEADLINE_EXCEEDED")
         try:
-            return await self.stub.Encode(request, timeout=timeout_s)
+            return await self.stub.Encode(request, timeout=timeout_s, metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as err:
             raise self.translate(err) from err
 
@@ -79,7 +85,7 @@ class LlmClient(Downstream):
                               timeout_s: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before generation", reason="DEADLINE_EXCEEDED")
-        call = self.stub.StreamGenerate(request, timeout=timeout_s)
+        call = self.stub.StreamGenerate(request, timeout=timeout_s, metadata=outgoing_metadata())
         try:
             async for response in call:
                 yield response
@@ -87,3 +93,28 @@ class LlmClient(Downstream):
             raise self.translate(err) from err
         finally:
             call.cancel()  # a stop string or a gone client ends the LLM's work too
+
+
+def dtype_name(wire: int) -> str:
+    """tensor_pb2.DATA_TYPE_BFLOAT16 -> "bfloat16", as the --dtype flag spells it."""
+    return tensor_pb2.DataType.Name(wire).removeprefix("DATA_TYPE_").lower()
+
+
+def check_embedding_dtypes(processor_dtype: int, encoder: tuple[str, model_info_pb2.ModelInfo],
+                           llm: tuple[str, model_info_pb2.ModelInfo]) -> None:
+    """The encoder must send embeddings in the dtype the LLM takes (and the processor reports).
+
+    The LLM refuses embeddings of another dtype rather than casting them, so a mismatch
+    would fail every media request: refuse at start-up instead.
+    """
+    (encoder_addr, encoder_info), (llm_addr, llm_info) = encoder, llm
+    enc, lm, own = (dtype_name(d) for d in (encoder_info.embedding_dtype, llm_info.embedding_dtype, processor_dtype))
+    metadata = {"encoderDtype": enc, "llmDtype": lm, "processorDtype": own}
+    if enc != lm:
+        raise FailedPrecondition(
+            f"the encoder at {encoder_addr} makes {enc} embeddings but the LLM at {llm_addr} takes {lm}; "
+            "start all services with the same --dtype", reason="SERVICE_DTYPE_MISMATCH", metadata=metadata)
+    if own != enc:
+        raise FailedPrecondition(
+            f"the encoder and the LLM use {enc} embeddings but the processor was started with --dtype {own}; "
+            "start all services with the same --dtype", reason="SERVICE_DTYPE_MISMATCH", metadata=metadata)

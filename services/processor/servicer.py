@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
@@ -16,16 +17,17 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
 from services.common.tensors import slice_rows, to_named
-from services.models.base import IMAGE, ProcessedPrompt
+from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
-from services.processor.router import EncoderClient, LlmClient
+from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
 
 log = logging.getLogger(__name__)
 
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,15 @@ class Prepared:
 
     prompt_text: str
     processed: ProcessedPrompt
-    mm_hashes: list[str]
+    mm_hashes: list[str]  # one per item, in prompt order; the same image twice has the same hash
+
+    @property
+    def unique_items(self) -> dict[str, ProcessedItem]:
+        """mm_hash -> the first item with it: what the encoder is asked for, each hash once."""
+        unique: dict[str, ProcessedItem] = {}
+        for item, h in zip(self.processed.items, self.mm_hashes, strict=True):
+            unique.setdefault(h, item)
+        return unique
 
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
@@ -50,15 +60,17 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             max_image_pixels=cfg.max_image_pixels,
         )
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
-        # Media decoding and the HF processor are CPU work: never on the event loop.
+        # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
         self.encoder = EncoderClient(cfg.encoder_addr, checkpoint.fingerprint)
         self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint)
 
     async def connect(self) -> None:
-        """Start-up check: both downstream services answer and serve our model."""
-        await asyncio.gather(self.encoder.connect(self.cfg.connect_timeout_s),
-                             self.llm.connect(self.cfg.connect_timeout_s))
+        """Start-up check: both downstream services answer, serve our model and agree on the dtype."""
+        encoder_info, llm_info = await asyncio.gather(self.encoder.connect(self.cfg.connect_timeout_s),
+                                                      self.llm.connect(self.cfg.connect_timeout_s))
+        check_embedding_dtypes(self.checkpoint.model_info().embedding_dtype,
+                               (self.encoder.address, encoder_info), (self.llm.address, llm_info))
 
     async def close(self) -> None:
         await asyncio.gather(self.encoder.close(), self.llm.close())
@@ -78,11 +90,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     async def Preprocess(self, request: processor_pb2.PreprocessRequest, context) -> processor_pb2.PreprocessResponse:
         prepared = await self._prepare(request)
         self._check_sampling(request.sampling)
-        return processor_pb2.PreprocessResponse(
+        return await self._offload(lambda: processor_pb2.PreprocessResponse(
             prompt_text=prepared.prompt_text,
             encode_request=self._encode_request(prepared),
-            llm_request=llm_pb2.GenerateRequest(**self._llm_request_fields(prepared, None, request.sampling)),
-        )
+            llm_request=self._llm_request(llm_pb2.GenerateRequest, prepared, None, request.sampling),
+        ))
 
     async def GetModelInfo(self, request, context) -> processor_pb2.GetModelInfoResponse:
         return processor_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
@@ -94,14 +106,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         deadline = loop.time() + (remaining if remaining is not None else self.cfg.default_timeout_s)
         self._check_sampling(request.sampling)
         prepared = await self._prepare(request)
-        embeddings = None
+        encoded = None
         if prepared.processed.items:
-            reply = await self.encoder.encode(self._encode_request(prepared), deadline - loop.time())
-            embeddings = list(reply.items)
-            if [e.mm_hash for e in embeddings] != prepared.mm_hashes:
-                raise Internal(f"the encoder at {self.encoder.address} answered for other items than asked",
-                               reason="ENCODER_REPLY_MISMATCH")
-        llm_request = llm_pb2.StreamGenerateRequest(**self._llm_request_fields(prepared, embeddings, request.sampling))
+            encode_request = await self._offload(self._encode_request, prepared)
+            encoded = await self.encoder.encode(encode_request, deadline - loop.time())
+        llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded,
+                                          request.sampling)
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
         finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
@@ -126,8 +136,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     async def _prepare(self, request) -> Prepared:
         if not request.messages:
             raise InvalidArgument("messages is empty; send at least one user message", reason="MESSAGES_EMPTY")
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._cpu, self._prepare_blocking, list(request.messages))
+        prepared = await self._offload(self._prepare_blocking, list(request.messages))
         num_tokens, max_ctx = len(prepared.processed.token_ids), self.family.max_context_tokens
         if num_tokens >= max_ctx:
             raise InvalidArgument(
@@ -135,6 +144,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 f"{max_ctx} tokens. Shorten the text or send fewer or smaller images",
                 reason="PROMPT_TOO_LONG", metadata={"promptTokens": str(num_tokens), "maxContextTokens": str(max_ctx)})
         return prepared
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs `fn` on the worker threads, in this call's context (its log lines keep the request id)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, context.run, fn, *args)
 
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
@@ -191,20 +205,28 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                   "characters", reason="SAMPLING_PARAM_INVALID")
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
+        """Each distinct mm_hash once: the same image twice in a request is encoded once."""
         return encoder_pb2.EncodeRequest(
             model_fingerprint=self.checkpoint.fingerprint,
             items=[
                 encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
                                       tensors=to_named(item.encoder_inputs))
-                for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True)
+                for h, item in prepared.unique_items.items()
             ],
         )
 
-    def _llm_request_fields(self, prepared: Prepared, embeddings: list[encoder_pb2.ItemEmbeddings] | None,
-                            sampling: generation_pb2.SamplingParams) -> dict[str, Any]:
+    def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
+                     sampling: generation_pb2.SamplingParams) -> T:
+        """The LLM request: every item (repeats included) with the embeddings of its mm_hash, if encoded."""
+        by_hash: dict[str, encoder_pb2.ItemEmbeddings] = {}
+        if reply is not None:
+            if [e.mm_hash for e in reply.items] != list(prepared.unique_items):
+                raise Internal(f"the encoder at {self.encoder.address} answered for other items than asked",
+                               reason="ENCODER_REPLY_MISMATCH")
+            by_hash = {e.mm_hash: e for e in reply.items}
         inputs = []
-        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes, strict=True)):
-            emb = embeddings[index] if embeddings is not None else None
+        for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True):
+            emb = by_hash.get(h)
             first_row = 0
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
                 rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
@@ -216,7 +238,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
                 ))
                 first_row += length
-        return dict(
+        return request_cls(
             model_fingerprint=self.checkpoint.fingerprint,
             prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
             sampling=sampling,

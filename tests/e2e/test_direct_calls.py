@@ -69,8 +69,9 @@ def test_same_image_same_hash(stubs):
     processor = stubs[0]
     pre = processor.Preprocess(processor_pb2.PreprocessRequest(messages=build_messages("x", [IMAGES[0], IMAGES[0]])),
                                timeout=60)
-    hashes = [item.mm_hash for item in pre.encode_request.items]
+    hashes = [mm.placeholder.mm_hash for mm in pre.llm_request.prompt.multimodal_inputs]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 64
+    assert [item.mm_hash for item in pre.encode_request.items] == hashes[:1]  # encoded once
 
 
 def _llm_error(llm, request) -> grpc.RpcError:

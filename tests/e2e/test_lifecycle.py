@@ -121,3 +121,23 @@ def test_another_model_is_failed_precondition(qwen2_vl_dir, qwen2_vl_other_dir):
     finally:
         encoder.stop()
         llm.stop()
+
+
+def test_embedding_dtypes_that_differ_refuse_to_start(qwen2_vl_dir):
+    """A bf16 encoder with a float32 LLM used to start and then fail every image request."""
+    encoder, llm_f32 = start_encoder(qwen2_vl_dir, "--dtype", "bfloat16"), start_llm(qwen2_vl_dir)
+    llm_bf16 = start_llm(qwen2_vl_dir, "--dtype", "bfloat16")
+    try:
+        encoder_addr, f32_addr, bf16_addr = (wait_listening(p) for p in (encoder, llm_f32, llm_bf16))
+        mixed = start_processor(qwen2_vl_dir, encoder_addr, f32_addr, None, "--dtype", "bfloat16")
+        assert mixed.popen.wait(120) == 1
+        assert "SERVICE_DTYPE_MISMATCH" in mixed.output(), mixed.output()
+        assert "makes bfloat16 embeddings but the LLM" in mixed.output() and "takes float32" in mixed.output()
+
+        # Encoder and LLM agree, but the processor (which reports the dtype to callers) says otherwise.
+        own = start_processor(qwen2_vl_dir, encoder_addr, bf16_addr)
+        assert own.popen.wait(120) == 1
+        assert "SERVICE_DTYPE_MISMATCH" in own.output() and "--dtype float32" in own.output(), own.output()
+    finally:
+        for proc in (encoder, llm_f32, llm_bf16):
+            proc.stop()

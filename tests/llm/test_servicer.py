@@ -11,7 +11,7 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, ServerConfig
 from services.common.errors import error_info
-from services.common.server import Server
+from services.llm.server import start_server
 from services.llm.servicer import LlmServicer
 from services.models.checkpoint import Checkpoint
 
@@ -27,9 +27,7 @@ def servicer(qwen2_vl_dir):
 
 
 async def _with_server(servicer, body):
-    server = Server(ServerConfig(port=0), lambda s: llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, s),
-                    ["triptych.llm.v1.LlmService"])
-    await server.start()
+    server, _ = await start_server(servicer, ServerConfig(port=0))
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             await body(llm_pb2_grpc.LlmServiceStub(channel))

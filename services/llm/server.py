@@ -1,0 +1,25 @@
+"""The LLM's server: LlmService with the production interceptors, health and reflection."""
+
+from __future__ import annotations
+
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.config import LlmConfig, ServerConfig
+from services.common.server import Server, start_server as start_common
+from services.llm.servicer import LlmServicer
+from services.models.checkpoint import Checkpoint
+
+SERVICE = llm_pb2.DESCRIPTOR.services_by_name["LlmService"]
+
+
+async def start_server(servicer: LlmServicer, cfg: ServerConfig) -> tuple[Server, int]:
+    return await start_common(cfg, SERVICE, lambda s: llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, s))
+
+
+async def serve(cfg: LlmConfig, checkpoint: Checkpoint) -> None:
+    """Loads the model, serves until SIGTERM, finishes in-flight requests, then stops the engine."""
+    servicer = LlmServicer(checkpoint, cfg)
+    try:
+        server, _ = await start_server(servicer, cfg.server)
+        await server.serve_until_signal("llm")
+    finally:
+        servicer.engine.stop()
