@@ -13,4 +13,3 @@ if ! .venv/bin/python -c "import services, torch, torchvision, transformers, grp
   .venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
   .venv/bin/pip install --quiet -e ".[dev]"
 fi
-scripts/setup_codegen.sh  # Go and TypeScript generators for buf.gen.yaml

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/setup_codegen.sh  # Go and TypeScript generators for buf.gen.yaml (tests/test_protos.py)
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest "$@"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import filecmp
-import os
 import shutil
 import subprocess
 import sys
@@ -109,10 +108,8 @@ def generated(tmp_path_factory) -> Path:
     """`buf generate` with buf.gen.yaml's local plugins (scripts/setup_codegen.sh installs them)."""
     missing = _missing_generators()
     if missing:
-        message = f"code generators not installed (run scripts/setup_codegen.sh): {missing}"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # setup installs them in CI: a skip there would hide a broken setup
-        pytest.skip(message)
+        # scripts/test.sh installs them: a skip would hide a broken setup.
+        pytest.fail(f"code generators not installed (run scripts/setup_codegen.sh): {missing}")
     out = tmp_path_factory.mktemp("gen")
     result = _run_buf("generate", "-o", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -141,20 +138,4 @@ def test_typescript_stubs_compile(generated):
         '{"compilerOptions": {"strict": true, "noEmit": true, "target": "es2020", "module": "esnext",'
         ' "moduleResolution": "bundler"}, "include": ["triptych/**/*.ts"]}')
     result = subprocess.run([str(CODEGEN_BIN / "tsc"), "-p", str(ts)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-GO_SOURCES = Path("/usr/share/gocode")  # Debian's golang-google-grpc-dev puts grpc-go's sources here
-
-
-@pytest.mark.skipif(not (shutil.which("go") and (GO_SOURCES / "src" / "google.golang.org" / "grpc").is_dir()),
-                    reason="compiling the Go stubs needs Debian's golang-go and golang-google-grpc-dev "
-                           "(not installed by setup: 400 MB)")
-def test_go_stubs_compile(generated, tmp_path):
-    # GOPATH mode against Debian's sources: no module download (no Go proxy is reachable here).
-    package_dir = tmp_path / "src" / "triptych" / "gen"
-    package_dir.mkdir(parents=True)
-    (package_dir / "go").symlink_to(generated / "go")
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{tmp_path}:{GO_SOURCES}", "GOFLAGS": ""}
-    result = subprocess.run(["go", "vet", "./..."], cwd=package_dir / "go", env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -209,6 +209,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     layout. Code: FAILED_PRECONDITION. `triptych models` lists what is
     served.
     """
+    MODEL_FAMILY_UNAVAILABLE: _ErrorReason.ValueType  # 57
+    """At start: the checkpoint's model family failed to import (e.g. its
+    transformers classes are missing from the installed version); `triptych
+    models` lists it as unavailable with the reason. Code: FAILED_PRECONDITION.
+    Metadata: family.
+    """
+    SERVICE_DTYPE_MISMATCH: _ErrorReason.ValueType  # 58
+    """At processor start: the encoder's, the LLM's and the processor's
+    embedding dtypes differ (e.g. a bfloat16 encoder beside a float32 LLM).
+    Code: FAILED_PRECONDITION. Start all three with the same --dtype.
+    Metadata: encoderDtype, llmDtype, processorDtype.
+    """
     DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 43
     """---- The processor's calls to the encoder and the LLM --------------------
 
@@ -477,6 +489,18 @@ MODEL_UNSUPPORTED: ErrorReason.ValueType  # 42
 """At start: no model family serves the checkpoint's architecture or
 layout. Code: FAILED_PRECONDITION. `triptych models` lists what is
 served.
+"""
+MODEL_FAMILY_UNAVAILABLE: ErrorReason.ValueType  # 57
+"""At start: the checkpoint's model family failed to import (e.g. its
+transformers classes are missing from the installed version); `triptych
+models` lists it as unavailable with the reason. Code: FAILED_PRECONDITION.
+Metadata: family.
+"""
+SERVICE_DTYPE_MISMATCH: ErrorReason.ValueType  # 58
+"""At processor start: the encoder's, the LLM's and the processor's
+embedding dtypes differ (e.g. a bfloat16 encoder beside a float32 LLM).
+Code: FAILED_PRECONDITION. Start all three with the same --dtype.
+Metadata: encoderDtype, llmDtype, processorDtype.
 """
 DEADLINE_EXCEEDED: ErrorReason.ValueType  # 43
 """---- The processor's calls to the encoder and the LLM --------------------
