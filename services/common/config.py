@@ -46,6 +46,7 @@ class EncoderConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     device: str = "cpu"
     max_items_per_request: int = 64
+    max_item_patches: int = 65536  # patches (tower input rows) one media item may have; Qwen2-VL max_pixels default
 
 
 @dataclass(frozen=True)
