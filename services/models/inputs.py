@@ -32,6 +32,7 @@ import torch
 from services.common.errors import InvalidArgument
 
 FLOAT, INT = "float", "int"  # dtype kinds: any floating dtype / any integer dtype (bool excluded)
+_KIND_NAMES = {FLOAT: "a floating-point", INT: "an integer"}
 
 Dim = int | str
 Bindings = dict[str, int]
@@ -93,7 +94,7 @@ def validate(schema: ItemSchema, item: Mapping[str, torch.Tensor], *, where: str
     def check(spec: TensorSpec) -> None:
         tensor = item[spec.name]
         if not _kind_ok(tensor, spec.kind):
-            raise fail(f"{spec.name} is {tensor.dtype}, expected an {spec.kind} tensor")
+            raise fail(f"{spec.name} is {tensor.dtype}, expected {_KIND_NAMES[spec.kind]} tensor")
         if tensor.ndim != len(spec.dims):
             raise fail(f"{spec.name} has shape {list(tensor.shape)}, expected {len(spec.dims)} dims {list(spec.dims)}")
         for index, (size, dim) in enumerate(zip(tensor.shape, spec.dims)):

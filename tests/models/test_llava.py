@@ -160,13 +160,14 @@ def test_encoder_refuses_inputs_that_would_misplace_rows():
         {"pixel_values": pixel_values[None], "image_sizes": image_sizes},  # still padded [1, tiles, ...]
         {"pixel_values": pixel_values},
     ]
+    family.check_encoder_item(IMAGE, item.encoder_inputs, where="item 0")
     for inputs in bad:
         with pytest.raises(InvalidArgument) as err:
-            family.encode(model, IMAGE, [item.encoder_inputs, inputs])
+            family.check_encoder_item(IMAGE, inputs, where="item 1")
         assert err.value.reason == "ENCODER_INPUT_INVALID"
     family, processor, model = _loaded("llava")
-    with pytest.raises(InvalidArgument, match=r"expected a float tensor \[1, 3, 84, 84\]"):
-        family.encode(model, IMAGE, [{"pixel_values": torch.zeros(1, 3, 56, 56)}])
+    with pytest.raises(InvalidArgument, match=r"item 0: pixel_values dim 2 is 56, expected 84"):
+        family.check_encoder_item(IMAGE, {"pixel_values": torch.zeros(1, 3, 56, 56)}, where="item 0")
 
 
 def test_strip_for_llm_and_encoder_keep_what_each_half_needs():

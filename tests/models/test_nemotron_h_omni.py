@@ -229,9 +229,10 @@ def test_encoder_refuses_inputs_that_would_misplace_rows():
         {"pixel_values": pixel_values[:, :700], "image_grid_hw": grid},
         {"pixel_values": pixel_values},
     ]
+    family.check_encoder_item(IMAGE, item.encoder_inputs, where="item 0")
     for inputs in bad:
         with pytest.raises(InvalidArgument) as err:
-            family.encode(model, IMAGE, [item.encoder_inputs, inputs])
+            family.check_encoder_item(IMAGE, inputs, where="item 1")
         assert err.value.reason == "ENCODER_INPUT_INVALID"
 
 
