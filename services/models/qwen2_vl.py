@@ -42,7 +42,8 @@ class Qwen2VL(ModelFamily):
         merge = self.spatial_merge_size
         t, h, w = bindings["t"], bindings["h"], bindings["w"]
         if h % merge or w % merge:
-            raise ValueError(f"grid_thw {[t, h, w]}: h and w must be multiples of the {merge}x{merge} merge")
+            name = next(name for name in item if name.endswith("_grid_thw"))
+            raise ValueError(f"{name} {[t, h, w]}: h and w must be multiples of the {merge}x{merge} merge")
         return {"tokens": t * h * w // merge**2}
 
     def encoder_schema(self, modality: str) -> ItemSchema:
