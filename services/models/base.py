@@ -174,7 +174,8 @@ class ModelFamily(ABC):
         return validate(self.encoder_schema(modality), item, where=where, reason="ENCODER_INPUT_INVALID",
                         max_patches=max_patches)
 
-    def check_position_inputs(self, modality: str, tensors: dict[str, torch.Tensor], length: int, *, where: str) -> None:
+    def check_position_inputs(self, modality: str, tensors: dict[str, torch.Tensor], length: int, *,
+                              where: str) -> None:
         """The LLM's check of an item's position inputs: the schema, and the tokens they imply against
         its placeholder length (so a claimed grid never sizes an allocation)."""
         bindings = validate(self.position_schema(modality), tensors, where=where, reason="POSITION_INPUT_INVALID")

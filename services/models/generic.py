@@ -75,7 +75,7 @@ from transformers import (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, Auto
                           PreTrainedModel, ProcessorMixin)
 from transformers.utils import ModelOutput
 
-from services.common.errors import FailedPrecondition, InvalidArgument, TriptychError
+from services.common.errors import FailedPrecondition, Internal, InvalidArgument, TriptychError
 from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
 from services.models.inputs import FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
 
@@ -230,7 +230,8 @@ class Generic(ModelFamily):
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
         text = self.render_chat(processor, [{"role": "user", "content": content}])
         out, _, _, counts = self._process(processor, text, images)
-        splits, _, grid = self._splits(out, counts)
+        splits, sizes, grid = self._splits(out, counts)
+        split_items(out, splits, len(images), sizes)  # raises ValueError if the outputs do not split so
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
             value = out[name]
@@ -353,7 +354,8 @@ class Generic(ModelFamily):
                     reason="MODEL_UNSUPPORTED")
         return self.placeholder_runs(token_ids, self.image_token_id)
 
-    def _splits(self, out: dict[str, Any], counts: list[int]) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
+    def _splits(self, out: dict[str, Any], counts: list[int]
+                ) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
         """How each processor output that get_image_features takes holds its images (module docstring),
         the per-image sizes the splits name, and the name of the grid that counts patches (if any).
         `counts` are the images' placeholder tokens, which cut tiles."""
@@ -449,12 +451,13 @@ class Generic(ModelFamily):
             bounds = [sum(units[:i]) for i in range(len(units) + 1)]
             return [torch.cat(per_unit[a:b]) for a, b in zip(bounds, bounds[1:])]
         rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [all rows, hidden]
-        if rows.shape[0] % total:
-            raise FailedPrecondition(f"the tower gave {rows.shape[0]} rows for {total} images, tiles or patches "
-                                     f"({units} per item): not the same rows for each", reason="MODEL_UNSUPPORTED")
+        if rows.shape[0] % total:  # the schema admitted the items: the model is not laid out as the probe said
+            raise Internal(f"the tower gave {rows.shape[0]} rows for {total} images, tiles or patches ({units} per "
+                           "item): not the same rows for each", reason="ENCODER_OUTPUT_MISMATCH")
         return list(rows.split([n * (rows.shape[0] // total) for n in units]))
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
+        _ = self._layout  # the encoder's schema: probe the processor at start, not on the first request
         decoder, head = model.model.get_decoder(), model.get_output_embeddings()
         _drop_children(model.model, keep=lambda child: child is not decoder)
         _drop_children(model, keep=lambda child: child is not head)

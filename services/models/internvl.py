@@ -72,7 +72,8 @@ class InternVL(ModelFamily):
     # ---- encoder -----------------------------------------------------------------------
     def encoder_schema(self, modality: str) -> ItemSchema:
         height, width = self.tile_size
-        patches_per_tile = (height // self.config.vision_config.patch_size[0]) * (width // self.config.vision_config.patch_size[1])
+        patch_height, patch_width = self.config.vision_config.patch_size
+        patches_per_tile = (height // patch_height) * (width // patch_width)
         return ItemSchema(tensors=(TensorSpec("pixel_values", ("tiles", 3, height, width)),),
                           patches=f"tiles*{patches_per_tile}",
                           derive=lambda item, bindings: {"tokens": bindings["tiles"] * self.tokens_per_tile})

@@ -70,7 +70,8 @@ class LlavaNext(Llava):
         # pixel_values is [num_images, max tiles, 3, S, S], zero-padded to the most tiles of the batch:
         # each item keeps its own tiles only ([tiles, 3, S, S]), as get_image_features does.
         splits = {"pixel_values": Split.padded("tiles", keepdim=False), "image_sizes": Split.batched()}
-        inputs = split_items(out, splits, len(images), sizes={"tiles": [self.num_tiles(h, w) for h, w in sizes]}) if images else []
+        tiles = [self.num_tiles(h, w) for h, w in sizes]
+        inputs = split_items(out, splits, len(images), sizes={"tiles": tiles}) if images else []
         items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
                  for offset, length, item_inputs in zip(offsets, lengths, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)

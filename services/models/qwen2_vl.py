@@ -35,7 +35,8 @@ class Qwen2VL(ModelFamily):
 
     # ---- typed inputs ------------------------------------------------------------------
     def _grid(self, modality: str) -> TensorSpec:
-        return TensorSpec(f"{modality}_grid_thw", (1, 3), INT, values=("t", "h", "w"))  # patches along time, height, width
+        """[[t, h, w]]: the item's patches along time, height, width."""
+        return TensorSpec(f"{modality}_grid_thw", (1, 3), INT, values=("t", "h", "w"))
 
     def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
         """The merger joins merge x merge patches: the grid's sides must be multiples of it."""

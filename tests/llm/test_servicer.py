@@ -85,10 +85,11 @@ def test_out_of_vocabulary_token_is_invalid_argument(servicer):
 def _image_prompt(servicer, embeddings: torch.Tensor, grid=((1, 4, 4),), deepstack=()) -> llm_pb2.Prompt:
     """Two text tokens, four image placeholders (a 4x4 patch grid merged 2x2), one text token."""
     image = servicer.placeholder_ids["image"]
-    return llm_pb2.Prompt(token_ids=[10, 11, image, image, image, image, 12], multimodal_inputs=[llm_pb2.MultimodalInput(
+    mm = llm_pb2.MultimodalInput(
         placeholder=tensor_pb2.PlaceholderRange(modality=tensor_pb2.MODALITY_IMAGE, offset=2, length=4),
         embeddings=to_proto(embeddings), deepstack_embeddings=[to_proto(d) for d in deepstack],
-        position_inputs=to_named({"image_grid_thw": torch.tensor(grid)}))])
+        position_inputs=to_named({"image_grid_thw": torch.tensor(grid)}))
+    return llm_pb2.Prompt(token_ids=[10, 11, image, image, image, image, 12], multimodal_inputs=[mm])
 
 
 def _rows(servicer, fill: float = 0.0) -> torch.Tensor:
@@ -105,8 +106,8 @@ def _generate_error(servicer, request) -> grpc.aio.AioRpcError:
                 await stub.Generate(request)
         errors.append(caught.value)
         # still serving, image included
-        ok = await stub.Generate(llm_pb2.GenerateRequest(prompt=_image_prompt(servicer, _rows(servicer)), sampling=SHORT))
-        assert len(ok.token_ids) == 2
+        ok = llm_pb2.GenerateRequest(prompt=_image_prompt(servicer, _rows(servicer)), sampling=SHORT)
+        assert len((await stub.Generate(ok)).token_ids) == 2
 
     errors: list[grpc.aio.AioRpcError] = []
     asyncio.run(_with_server(servicer, body))
