@@ -26,12 +26,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from services.common.errors import InvalidArgument
 
-FLOAT, INT = "float", "int"  # dtype kinds: any floating dtype / any integer dtype (bool excluded)
+Kind = Literal["float", "int"]
+FLOAT: Kind = "float"  # any floating dtype
+INT: Kind = "int"  # any integer dtype (bool excluded)
 _KIND_NAMES = {FLOAT: "a floating-point", INT: "an integer"}
 
 Dim = int | str
@@ -44,8 +47,13 @@ class TensorSpec:
 
     name: str
     dims: tuple[Dim, ...]
-    kind: str = FLOAT
-    values: tuple[str, ...] = ()  # a [1, k] integer tensor whose k values (each >= 1) bind these symbols
+    kind: Kind = FLOAT
+    values: tuple[str, ...] = ()  # a small integer tensor whose values (each >= 1) bind these symbols
+
+    def __post_init__(self) -> None:
+        if self.values and (self.kind != INT or not all(isinstance(d, int) for d in self.dims)
+                            or math.prod(self.dims) != len(self.values)):  # type: ignore[arg-type]
+            raise TypeError(f"{self.name}: values need an integer tensor of fixed dims holding {len(self.values)}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,7 @@ class Split:
     `sizes` names the per-item size list given to `split_items`.
     """
 
-    how: str
+    how: Literal["batched", "flat", "padded"]
     dim: int = 0
     sizes: str = ""
     keepdim: bool = True
@@ -177,11 +185,11 @@ def split_items(outputs: Mapping[str, torch.Tensor], splits: Mapping[str, Split]
             lengths = [1] * num_items
         else:
             lengths = list((sizes or {})[split.sizes])
-        along = split.dim if split.how != "padded" else 0
+        along = 0 if split.how == "padded" else split.dim
         total = num_items if split.how == "padded" else sum(lengths)
         if value.shape[along] != total or split.how == "padded" and lengths and value.shape[1] < max(lengths):
             raise ValueError(f"processor output {name} of shape {list(value.shape)} does not hold {num_items} "
-                             f"items of {lengths} entries along dim {split.dim if split.how == 'flat' else along}")
+                             f"items of {lengths} entries ({split.how} along dim {along})")
         if split.how == "padded":
             pieces = [value[i : i + 1, :n] if split.keepdim else value[i, :n] for i, n in enumerate(lengths)]
         else:

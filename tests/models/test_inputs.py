@@ -192,3 +192,11 @@ def test_bool_is_not_an_integer_kind():
     bools = ItemSchema(tensors=(TensorSpec("mask", (2,), INT), TensorSpec("x", (2,), FLOAT)))
     with pytest.raises(InvalidArgument, match="mask is torch.bool"):
         validate(bools, {"mask": torch.ones(2, dtype=torch.bool), "x": torch.zeros(2)}, where="x", reason="R")
+
+
+def test_value_specs_must_be_small_fixed_integer_tensors():
+    """Values are read with .tolist(): a spec whose size a caller chooses could make that large."""
+    with pytest.raises(TypeError):
+        TensorSpec("grid", ("n", 3), INT, values=("t", "h", "w"))
+    with pytest.raises(TypeError):
+        TensorSpec("grid", (1, 3), FLOAT, values=("t", "h", "w"))
