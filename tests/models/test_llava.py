@@ -150,7 +150,7 @@ def test_cut_placeholders_tells_touching_runs_apart_and_refuses_bad_counts():
 
 
 def test_encoder_refuses_inputs_that_would_misplace_rows():
-    family, processor, model = _loaded("llava_next")
+    family, processor, _ = _loaded("llava_next")
     (item,) = family.preprocess(processor, _prompt(family, processor, 1), [_image(160, 120)]).items
     pixel_values, image_sizes = item.encoder_inputs["pixel_values"], item.encoder_inputs["image_sizes"]
     bad = [
@@ -165,7 +165,7 @@ def test_encoder_refuses_inputs_that_would_misplace_rows():
         with pytest.raises(InvalidArgument) as err:
             family.check_encoder_item(IMAGE, inputs, where="item 1")
         assert err.value.reason == "ENCODER_INPUT_INVALID"
-    family, processor, model = _loaded("llava")
+    family, _, _ = _loaded("llava")
     with pytest.raises(InvalidArgument, match=r"item 0: pixel_values dim 2 is 56, expected 84"):
         family.check_encoder_item(IMAGE, {"pixel_values": torch.zeros(1, 3, 56, 56)}, where="item 0")
 

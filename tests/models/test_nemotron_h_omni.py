@@ -216,7 +216,7 @@ def test_outputs_depend_on_prompt_and_image():
 
 
 def test_encoder_refuses_inputs_that_would_misplace_rows():
-    family, processor, model = _loaded()
+    family, processor, _ = _loaded()
     (item,) = family.preprocess(processor, _prompt(family, processor, 1), [_image(160, 120)]).items
     pixel_values, grid = item.encoder_inputs["pixel_values"], item.encoder_inputs["image_grid_hw"]
     h, w = grid[0].tolist()
