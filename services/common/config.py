@@ -65,6 +65,8 @@ class EncoderConfig:
     dtype: DType = field(default="float32", metadata=_DTYPE_HELP)
     device: str = field(default="cpu", metadata=_DEVICE_HELP)
     max_items_per_request: int = field(default=64, metadata=doc("media items in one Encode request"))
+    # Checked before anything is allocated; 65536 is Qwen2-VL's max_pixels default, far above the others'.
+    max_item_patches: int = field(default=65536, metadata=doc("patches (tower input rows) one media item may have"))
 
 
 @dataclass(frozen=True)

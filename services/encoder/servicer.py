@@ -1,17 +1,24 @@
-"""EncoderService: processed media items in, one embedding set per item out."""
+"""EncoderService: processed media items in, one embedding set per item out.
+
+An Encode runs in three steps, none on the event loop: parse and check every item against the
+family's schema (a parse thread: proto -> tensors, shapes and per-item budget; a bad item fails the
+request before torch sees any), run the towers (the one torch thread), build the reply (the torch
+thread, tensors -> proto).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig
-from services.common.errors import InvalidArgument
+from services.common.errors import Internal, InvalidArgument, ResourceExhausted, TriptychError
 from services.common.tensors import from_named, to_proto
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
@@ -19,37 +26,64 @@ from services.models.checkpoint import Checkpoint, modality_from_proto
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """An EncodeRequest whose items all fit the family's schema: item indexes by modality, tensors per item."""
+
+    by_modality: dict[str, list[int]]
+    inputs: list[dict[str, torch.Tensor]]
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err))
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.checkpoint = checkpoint
         self.family = checkpoint.family
         self.cfg = cfg
-        # One thread owns torch: the event loop only parses and serialises.
+        # One thread owns torch; parsing (the bulk of a large request's bytes) runs beside it.
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-torch")
+        self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
         self.model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
         self.family.strip_for_encoder(self.model)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
+        loop = asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(self._parse_pool, self._parse, request)
+        return await loop.run_in_executor(self._torch, self._encode, request, parsed)
+
+    async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
+        return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+
+    def _parse(self, request: encoder_pb2.EncodeRequest) -> ParsedRequest:
+        """Tensors of every item, each checked against the schema and the per-item budget (no torch)."""
         self.checkpoint.check_fingerprint(request.model_fingerprint)
         if len(request.items) > self.cfg.max_items_per_request:
             raise InvalidArgument(
                 f"{len(request.items)} items in one request; at most {self.cfg.max_items_per_request}",
                 reason="TOO_MANY_ITEMS", metadata={"maxItemsPerRequest": str(self.cfg.max_items_per_request)})
-        # Parse everything before touching torch: a bad item fails the request cleanly.
         by_modality: dict[str, list[int]] = {}
         inputs: list[dict[str, torch.Tensor]] = []
         for index, item in enumerate(request.items):
+            where = f"items[{index}]"
             modality = modality_from_proto(item.modality)
             if modality not in self.family.modalities:
-                raise InvalidArgument(f"item {index}: this model does not take {modality}",
-                                      reason="MODALITY_UNSUPPORTED")
-            inputs.append(from_named(item.tensors))
+                raise InvalidArgument(f"{where}: this model does not take {modality}", reason="MODALITY_UNSUPPORTED")
+            tensors = from_named(item.tensors)
+            self.family.check_encoder_item(modality, tensors, where=f"{where}.tensors",
+                                           max_patches=self.cfg.max_item_patches)
+            inputs.append(tensors)
             by_modality.setdefault(modality, []).append(index)
-        loop = asyncio.get_running_loop()
-        results: list[ItemEmbeddings | None] = [None] * len(inputs)
-        for modality, indexes in by_modality.items():
-            batch = [inputs[i] for i in indexes]
-            out = await loop.run_in_executor(self._torch, self._encode, modality, batch)
+        return ParsedRequest(by_modality, inputs)
+
+    def _encode(self, request: encoder_pb2.EncodeRequest, parsed: ParsedRequest) -> encoder_pb2.EncodeResponse:
+        """Runs the towers, one call per modality, and builds the reply (torch thread)."""
+        results: list[ItemEmbeddings | None] = [None] * len(parsed.inputs)
+        for modality, indexes in parsed.by_modality.items():
+            out = self._run_tower(modality, [parsed.inputs[i] for i in indexes])
             for i, emb in zip(indexes, out):
                 results[i] = emb
         return encoder_pb2.EncodeResponse(items=[
@@ -61,13 +95,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             for item, emb in zip(request.items, results)
         ])
 
-    def _encode(self, modality: str, batch: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+    def _run_tower(self, modality: str, batch: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
+        """The family's encode; the caller's inputs were checked, so what fails now is ours or the machine's."""
         try:
             return self.family.encode(self.model, modality, batch)
-        except (KeyError, ValueError, RuntimeError, IndexError) as err:
-            # Malformed processor outputs (missing names, wrong shapes) surface here from torch.
-            raise InvalidArgument(f"cannot encode {modality} items: {type(err).__name__}: {err}",
-                                  reason="ENCODER_INPUT_INVALID") from err
-
-    async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
-        return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+        except TriptychError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- sorted into out-of-memory and internal
+            if _is_out_of_memory(err):
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give the failed batch's blocks back before the next request
+                raise ResourceExhausted(f"the encoder ran out of memory encoding {len(batch)} {modality} items; "
+                                        "retry later or send fewer or smaller items",
+                                        reason="ENCODER_OUT_OF_MEMORY") from err
+            log.exception("encoding %d %s items failed", len(batch), modality)
+            raise Internal(f"encoding {len(batch)} {modality} items failed: {type(err).__name__}: {err}",
+                           reason="ENCODER_FAILED") from err

@@ -1,10 +1,17 @@
-"""LlmService: token ids + placeholder ranges + embeddings in, generated token ids out."""
+"""LlmService: token ids + placeholder ranges + embeddings in, generated token ids out.
+
+A request is parsed and checked in a worker thread (proto -> tensors, ranges, finite embeddings,
+position inputs against the family's schema), never on the event loop; the engine's thread runs torch.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -41,6 +48,15 @@ def _default_repetition_penalty(checkpoint: Checkpoint) -> float:
         return 1.0
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A Generate request checked against the model: what the engine takes."""
+
+    token_ids: torch.Tensor  # [L]
+    placed: list[PlacedEmbeddings]
+    sampling: SamplingSpec
+
+
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: LlmConfig):
         self.checkpoint = checkpoint
@@ -54,6 +70,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         self.placeholder_ids = {m: self.family.placeholder_token_id(tokenizer, m) for m in self.family.modalities}
         self.engine = Engine(self.family, model, cfg.max_running_requests, cfg.max_waiting_requests)
+        self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-parse")
 
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> llm_pb2.GenerateResponse:
@@ -77,12 +94,16 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
 
     # ---- parsing ------------------------------------------------------------------------
-    def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest):
+    async def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest):
+        parsed = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, request)
+        async for event in self.engine.generate(parsed.token_ids, parsed.placed, parsed.sampling):
+            yield event
+
+    def _parse(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest) -> ParsedRequest:
         self.checkpoint.check_fingerprint(request.model_fingerprint)
         token_ids = self._parse_token_ids(request.prompt.token_ids)
         placed = self._parse_multimodal(request.prompt, token_ids)
-        sampling = self._parse_sampling(request.sampling, len(token_ids))
-        return self.engine.generate(token_ids, placed, sampling)
+        return ParsedRequest(token_ids, placed, self._parse_sampling(request.sampling, len(token_ids)))
 
     def _parse_token_ids(self, ids) -> torch.Tensor:
         if not ids:
@@ -105,7 +126,6 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         """Checks every embedding against its range, the model's dtype and hidden size; no silent casts."""
         placed: list[PlacedEmbeddings] = []
         covered = torch.zeros_like(token_ids, dtype=torch.bool)
-        hidden, dtype = self.family.hidden_size, self.checkpoint.dtype
         for index, mm in enumerate(prompt.multimodal_inputs):
             where = f"multimodal_inputs[{index}]"
             modality = modality_from_proto(mm.placeholder.modality)
@@ -124,20 +144,15 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       f"{self.family.placeholder_token(modality)} tokens",
                                       reason="PLACEHOLDER_RANGE_INVALID")
             covered[span] = True
-            tensors = [from_proto(mm.embeddings, f"{where}.embeddings")]
-            tensors += [from_proto(t, f"{where}.deepstack_embeddings[{i}]") for i, t in enumerate(mm.deepstack_embeddings)]
-            for t in tensors:
-                if tuple(t.shape) != (length, hidden):
-                    raise InvalidArgument(f"{where}: embeddings of shape {list(t.shape)}, expected [{length}, {hidden}] "
-                                          "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
-                if t.dtype != dtype:
-                    raise InvalidArgument(f"{where}: embeddings are {DataType.Name(mm.embeddings.dtype)}, the model "
-                                          f"runs in {dtype}; send them in the model's dtype",
-                                          reason="EMBEDDING_DTYPE_MISMATCH")
+            named = [(f"{where}.embeddings", mm.embeddings)]
+            named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
+            tensors = [self._parse_embeddings(name, proto, length) for name, proto in named]
+            position_inputs = from_named(mm.position_inputs)
+            self.family.check_position_inputs(modality, position_inputs, length, where=f"{where}.position_inputs")
             placed.append(PlacedEmbeddings(
                 modality=modality, offset=offset, length=length,
                 embeddings=ItemEmbeddings(tensors[0], tuple(tensors[1:])),
-                position_inputs=from_named(mm.position_inputs),
+                position_inputs=position_inputs,
             ))
         for modality, token_id in self.placeholder_ids.items():
             uncovered = int(((token_ids == token_id) & ~covered).sum())
@@ -147,12 +162,32 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         placed.sort(key=lambda p: p.offset)
         return placed
 
+    def _parse_embeddings(self, name: str, proto, length: int) -> torch.Tensor:
+        """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite."""
+        hidden, dtype = self.family.hidden_size, self.checkpoint.dtype
+        if tuple(proto.shape) != (length, hidden):  # before decoding: the shape alone says no
+            raise InvalidArgument(f"{name} of shape {list(proto.shape)}, expected [{length}, {hidden}] "
+                                  "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
+        tensor = from_proto(proto, name)
+        if tensor.dtype != dtype:
+            raise InvalidArgument(f"{name} are {DataType.Name(proto.dtype)}, the model runs in {dtype}; send them "
+                                  "in the model's dtype", reason="EMBEDDING_DTYPE_MISMATCH")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            raise InvalidArgument(f"{name} holds NaN or Inf (first at row {bad[0]}, column {bad[1]}); embeddings "
+                                  "must be finite", reason="EMBEDDING_NOT_FINITE", metadata={"input": name})
+        return tensor
+
     def _parse_sampling(self, s: generation_pb2.SamplingParams, prompt_tokens: int) -> SamplingSpec:
         def check(ok: bool, what: str) -> None:
             if not ok:
                 raise InvalidArgument(f"sampling.{what}", reason="SAMPLING_PARAM_INVALID")
 
         check(s.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+        if s.stop:
+            raise InvalidArgument(
+                f"sampling.stop has {len(s.stop)} strings; the LLM service does not apply stop strings (the processor "
+                "does, on the text). Send stop_token_ids", reason="STOP_STRINGS_UNSUPPORTED")
         check(math.isfinite(s.temperature) and 0 <= s.temperature <= 100, f"temperature must be in [0, 100], got {s.temperature}")
         check(math.isfinite(s.top_p) and 0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}")
         check(s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}")

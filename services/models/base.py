@@ -22,6 +22,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, Cache, Dyn
                           PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin)
 
 from services.common.errors import InvalidArgument
+from services.models.inputs import Bindings, ItemSchema, validate
 
 IMAGE, VIDEO, AUDIO = "image", "video", "audio"
 
@@ -62,6 +63,19 @@ class ItemEmbeddings:
 
 
 @dataclass(frozen=True)
+class ServeVerdict:
+    """A family's answer for a checkpoint folder that no family claims by architecture.
+
+    `serves`: the family serves it exactly. `refusal`: the folder is of the family's kind, but it
+    would not reproduce the model's outputs; why (the services refuse to start with this reason).
+    Neither: not the family's business.
+    """
+
+    serves: bool
+    refusal: str | None = None
+
+
+@dataclass(frozen=True)
 class PlacedEmbeddings:
     """One item's embeddings with where they go, as the LLM service receives them."""
 
@@ -95,9 +109,9 @@ class ModelFamily(ABC):
         self.config = config
 
     @classmethod
-    def can_serve(cls, model_dir: Path) -> bool:
-        """For a family without fixed architectures (generic): whether it can serve this folder."""
-        return False
+    def can_serve(cls, model_dir: Path) -> ServeVerdict:
+        """For a family without fixed architectures (generic): whether it serves this folder, or why not."""
+        return ServeVerdict(serves=False)
 
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
@@ -140,10 +154,39 @@ class ModelFamily(ABC):
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         """Runs the HF processor and cuts its output into per-item inputs."""
 
+    # ---- typed inputs (services/models/inputs.py) ----------------------------------------
+    @abstractmethod
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        """The tensors one item of this modality carries to the encoder, and how their dims tie."""
+
+    def position_schema(self, modality: str) -> ItemSchema:
+        """The tensors the LLM needs for an item's positions (binding `tokens` to its placeholder
+        length when they imply one); none by default."""
+        return ItemSchema(tensors=())
+
+    def check_encoder_item(self, modality: str, item: dict[str, torch.Tensor], *, where: str,
+                           max_patches: int | None = None) -> Bindings:
+        """INVALID_ARGUMENT (ENCODER_INPUT_INVALID, or ITEM_TOO_LARGE over `max_patches`) naming the
+        tensor and the dim, unless the item fits the schema. Reads shapes and small value tensors only."""
+        return validate(self.encoder_schema(modality), item, where=where, reason="ENCODER_INPUT_INVALID",
+                        max_patches=max_patches)
+
+    def check_position_inputs(self, modality: str, tensors: dict[str, torch.Tensor], length: int, *,
+                              where: str) -> None:
+        """The LLM's check of an item's position inputs: the schema, and the tokens they imply against
+        its placeholder length (so a claimed grid never sizes an allocation)."""
+        bindings = validate(self.position_schema(modality), tensors, where=where, reason="POSITION_INPUT_INVALID")
+        tokens = bindings.get("tokens")
+        if tokens is not None and tokens != length:
+            names = ", ".join(spec.name for spec in self.position_schema(modality).tensors)
+            raise InvalidArgument(f"{where}: {names} mean {tokens} tokens, the placeholder range has {length}",
+                                  reason="POSITION_INPUT_INVALID")
+
     # ---- encoder -----------------------------------------------------------------------
     @abstractmethod
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        """Runs the tower for a batch of items of one modality; one result per item."""
+        """Runs the tower for a batch of items of one modality, each checked by check_encoder_item;
+        one result per item."""
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
         """Drops the language model so an encoder holds only the towers."""

@@ -33,6 +33,7 @@ from services.models.base import (
     ProcessedItem,
     ProcessedPrompt,
 )
+from services.models.inputs import ItemSchema, Split, TensorSpec, split_items
 
 
 class Gemma3(ModelFamily):
@@ -72,33 +73,26 @@ class Gemma3(ModelFamily):
                 "(do_pan_and_scan) is not supported, turn it off in the processor config",
                 reason="PAN_AND_SCAN_UNSUPPORTED")
         self.check_counts("images", [self.tokens_per_image] * len(images), [n for _, n in runs])
-        items = [
-            ProcessedItem(modality=IMAGE, offset=offset, length=length,
-                          encoder_inputs={"pixel_values": pixel_values[i : i + 1]})
-            for i, (offset, length) in enumerate(runs)
-        ]
+        inputs = split_items(out, {"pixel_values": Split.batched()}, len(images))  # [1, 3, S, S] each
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
+                 for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     # ---- encoder -----------------------------------------------------------------------
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        size = self.image_size
+        return ItemSchema(tensors=(TensorSpec("pixel_values", (1, 3, size, size)),),
+                          patches=str((size // self.config.vision_config.patch_size) ** 2),
+                          derive=lambda item, bindings: {"tokens": self.tokens_per_image})
+
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        expected = (1, 3, self.image_size, self.image_size)
-        for index, item in enumerate(items):
-            pixels = item.get("pixel_values")
-            if pixels is None or tuple(pixels.shape) != expected or not pixels.is_floating_point():
-                got = "missing" if pixels is None else f"{pixels.dtype} {list(pixels.shape)}"
-                raise InvalidArgument(f"item {index}: pixel_values must be float {list(expected)}, got {got}",
-                                      reason="ENCODER_INPUT_INVALID")
         pixel_values = torch.cat([it["pixel_values"] for it in items]).to(model.device)  # [B, 3, S, S]
         out = model.model.get_image_features(pixel_values=pixel_values)
         features = out.pooler_output  # [B, mm_tokens_per_image, hidden]
         return [ItemEmbeddings(embeddings=f) for f in features]
 
     # ---- llm ---------------------------------------------------------------------------
-    def strip_for_llm(self, model: PreTrainedModel) -> None:
-        model.model.vision_tower = None
-        model.model.multi_modal_projector = None
-
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         image_token_id = self.config.image_token_id
         is_image = token_ids == image_token_id  # [L]

@@ -19,24 +19,28 @@ transformers VLMs do in their whole-model forward, and nothing model-specific:
              runs' tokens in prompt order (`ProcessedItem.runs`), as transformers' masked_scatter fills
              them. A processor that cannot report its replacements must give one run per image.
              The item's encoder inputs are the processor outputs `get_image_features` takes, cut per
-             image: a leading dim of one per image ([images, ...]), a batch-of-one layout
-             ([1, images, ...], Idefics3), flattened patches counted by a per-image integer grid
+             image (`inputs.Split`): a leading dim of one per image ([images, ...]), a batch-of-one
+             layout ([1, images, ...]), flattened patches counted by a per-image integer grid
              ([sum of patches, ...] beside an [images, k] `*grid*` input) or tiles ([tiles, ...] or
              [1, tiles, ...]: Aya Vision, Idefics3 with splitting) where every tile gives the same number
              of rows, so an image's tiles are its rows / rows per tile (which must divide exactly).
-  encoder    `model.get_image_features(**inputs)` on the items of a call concatenated along their image
-             dim (0, or 1 for the batch-of-one layout, as the processor laid out one prompt's images;
-             items whose tensors differ elsewhere run separately). Its `pooler_output`
-             (one tensor per image, a [images, tokens, hidden] tensor, or one flat [rows, hidden]
-             tensor; Idefics3 gives one per prompt) is flattened to rows and split per item by its
-             placeholder count, then cast to the model dtype as transformers casts before merging.
+             Nothing else rides along: the encoder knows the layout from the same probe (below).
+  encoder    The layout (which dim holds an output's images, patches or tiles, its rank and dtype)
+             comes from running the processor on the probe chat once; it is the encoder's schema.
+             `model.get_image_features(**inputs)` runs on the items of a call concatenated along that
+             dim (items whose tensors differ elsewhere run separately). Its `pooler_output` (one
+             tensor per image or tile, a [units, tokens, hidden] tensor, or flat rows; Idefics3 gives
+             one per prompt) is split per item: by that structure when it has one entry per unit, else
+             in proportion to the item's units (images, tiles or patches), which must divide exactly;
+             then cast to the model dtype as transformers casts before merging. The LLM checks the
+             rows against the placeholder ranges.
   llm        the default prefill: each run's rows over its range (the processor service sends one
              input per run), which with the runs in prompt order is transformers' masked_scatter;
              1-D positions 0..L-1; the decoder (`model.model.get_decoder()`) called as the outer
              forward calls it; then lm_head.
 
-Not covered, so `can_serve` refuses (FailedPrecondition MODEL_UNSUPPORTED with the reason) rather
-than serve wrong tokens:
+Not covered, so `can_serve` answers a refusal with the reason (the services do not start:
+FailedPrecondition MODEL_UNSUPPORTED) rather than serve wrong tokens:
   - positions the outer model computes (`get_rope_index` / `rope_deltas`: Qwen-VL, GLM-4V mRoPE);
   - masks from token types (`token_type_ids`: Gemma 3's bidirectional image blocks, PaliGemma's
     prefix-LM) or any mask the outer model builds for the decoder (`create_causal_mask`, ...);
@@ -59,6 +63,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -70,8 +75,9 @@ from transformers import (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, Auto
                           PreTrainedModel, ProcessorMixin)
 from transformers.utils import ModelOutput
 
-from services.common.errors import FailedPrecondition, InvalidArgument, TriptychError
-from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+from services.common.errors import FailedPrecondition, Internal, InvalidArgument, TriptychError
+from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
+from services.models.inputs import FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +100,6 @@ _REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 # Processor outputs the generic path handles itself (not tower inputs).
 _TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
-# The encoder-input name carrying an item's placeholder count, beside the tower's own inputs.
-NUM_TOKENS_KEY = "num_placeholder_tokens"
-# The encoder-input name carrying the dim along which the item's tensors hold its images or tiles
-# (0: [images, ...]; 1: the batch-of-one layout [1, images, ...]); items concatenate along it.
-IMAGE_DIM_KEY = "image_dim"
 # Processor outputs the replacement bookkeeping adds (not model inputs).
 _BOOKKEEPING = ("text_replacement_offsets", "offset_mapping")
 # mm_token_type_ids value of image tokens (transformers' processors: 0 text, 1 image, 2 video).
@@ -155,6 +156,14 @@ def _model_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel])
     return None
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """One tower input as the processor lays it out: an item's spec, and the dim items concatenate along."""
+
+    spec: TensorSpec
+    dim: int
+
+
 def _probe_images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in _PROBE_SIZES]
@@ -178,50 +187,71 @@ class Generic(ModelFamily):
 
     # ---- which checkpoints -------------------------------------------------------------
     @classmethod
-    def can_serve(cls, model_dir: Path) -> bool:
+    def can_serve(cls, model_dir: Path) -> ServeVerdict:
         """Whether the generic path serves this folder exactly.
 
-        False (quietly) for a folder that is not an image-text-to-text model with get_image_features:
-        not this family's to judge. For one that is, but whose forward or processor the generic path
-        would not reproduce (module docstring), raises FailedPrecondition MODEL_UNSUPPORTED with the
-        reason, so that the services refuse to start instead of answering wrong tokens.
+        Not served and no refusal: not an image-text-to-text model with get_image_features, not this
+        family's to judge. A refusal: one that is, but whose forward or processor the generic path
+        would not reproduce (module docstring); the services refuse to start with it rather than
+        answer wrong tokens.
         """
         try:
             config = AutoConfig.from_pretrained(model_dir)
         except (OSError, ValueError, KeyError):
-            return False
+            return ServeVerdict(serves=False)
         model_class = _model_class(config)
         if model_class is None or not hasattr(model_class, "get_image_features"):
-            return False
+            return ServeVerdict(serves=False)
         reason = _model_refusal(config, model_class) or cls(config)._processor_refusal(model_dir)
         if reason is not None:
-            raise FailedPrecondition(
-                f"{model_dir}: no family file claims {model_class.__name__}, and the generic family cannot "
-                f"serve it exactly: {reason}",
-                reason="MODEL_UNSUPPORTED", metadata={"modelType": config.model_type})
+            return ServeVerdict(serves=False, refusal=f"{model_dir}: no family file claims {model_class.__name__}, and "
+                                                      f"the generic family cannot serve it exactly: {reason}")
         if config.model_type not in VERIFIED_MODEL_TYPES:
             log.warning("serving %s (%s) with the generic family; its parity with transformers is verified only "
                         "for %s", model_dir, config.model_type, ", ".join(sorted(VERIFIED_MODEL_TYPES)))
-        return True
+        return ServeVerdict(serves=True)
 
     def _processor_refusal(self, model_dir: Path) -> str | None:
         """Runs the processor on a chat with a small and a large image, as the processor service will."""
         try:
             processor = self.load_processor(model_dir)
-            tokenizer = processor.tokenizer
-            if tokenizer.convert_tokens_to_ids(self.placeholder_token(IMAGE)) != self.image_token_id:
+            if processor.tokenizer.convert_tokens_to_ids(self.placeholder_token(IMAGE)) != self.image_token_id:
                 return f"the tokenizer does not map image token id {self.image_token_id} back to itself"
-            images = _probe_images()
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
-            text = self.render_chat(processor, [{"role": "user", "content": content}])
-            prompt = self.preprocess(processor, text, images)
+            self._probe_layout(processor)
         except TriptychError as err:
             return err.message
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"the processor probe failed: {type(err).__name__}: {err}"
-        if len(prompt.items) != len(images):
-            return f"the probe's {len(images)} images gave {len(prompt.items)} items"
         return None
+
+    def _probe_layout(self, processor: ProcessorMixin) -> dict[str, _Layout]:
+        """What one item's tower inputs look like, read from the processor's outputs for the probe chat."""
+        images = _probe_images()
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
+        text = self.render_chat(processor, [{"role": "user", "content": content}])
+        out, _, _, counts = self._process(processor, text, images)
+        splits, sizes, grid = self._splits(out, counts)
+        split_items(out, splits, len(images), sizes)  # raises ValueError if the outputs do not split so
+        layout: dict[str, _Layout] = {}
+        for name, split in splits.items():
+            value = out[name]
+            dims: list[Dim] = [f"{name}_{i}" for i in range(value.ndim)]  # free: not tied to other tensors
+            if split.dim == 1:
+                dims[0] = 1  # the batch-of-one layout
+            dims[split.dim] = 1 if split.how == "batched" else "units"  # images, or this item's tiles
+            values: tuple[str, ...] = ()
+            if name == grid:
+                values = tuple(f"g{i}" for i in range(value.shape[1]))
+                dims[1] = len(values)
+            elif split.sizes == "patches":
+                dims[0] = "*".join(f"g{i}" for i in range(out[grid].shape[1]))
+            spec = TensorSpec(name, tuple(dims), FLOAT if value.is_floating_point() else INT, values)
+            layout[name] = _Layout(spec, split.dim)
+        return layout
+
+    @cached_property
+    def _layout(self) -> dict[str, _Layout]:
+        return self._probe_layout(self.load_processor(Path(self.config.name_or_path)))
 
     # ---- processor ---------------------------------------------------------------------
     @cached_property
@@ -233,19 +263,25 @@ class Generic(ModelFamily):
         return self._placeholder
 
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
-        out, spans = self._run_processor(processor, text, images)
-        self._check_forward_inputs(out)
-        token_ids = out["input_ids"][0].tolist()
-        runs = self._placeholder_runs(out, token_ids)
-        per_image = self._runs_per_image(runs, spans, len(images))
-        counts = [sum(n for _, n in image_runs) for image_runs in per_image]
-        inputs = self._cut_per_image(out, counts) if images else []
+        out, token_ids, per_image, counts = self._process(processor, text, images)
+        if not images:
+            return ProcessedPrompt(token_ids=token_ids, items=[])
+        splits, sizes, _ = self._splits(out, counts)
+        inputs = split_items(out, splits, len(images), sizes)
         return ProcessedPrompt(token_ids=token_ids, items=[
-            ProcessedItem(modality=IMAGE, offset=image_runs[0][0], length=count,
-                          encoder_inputs={**item_inputs, NUM_TOKENS_KEY: torch.tensor([count])},
+            ProcessedItem(modality=IMAGE, offset=image_runs[0][0], length=count, encoder_inputs=item_inputs,
                           runs=tuple(image_runs) if len(image_runs) > 1 else ())
             for image_runs, count, item_inputs in zip(per_image, counts, inputs)
         ])
+
+    def _process(self, processor: ProcessorMixin, text: str, images: list[Any]
+                 ) -> tuple[dict[str, Any], list[int], list[list[tuple[int, int]]], list[int]]:
+        """The processor's outputs, the token ids, each image's placeholder runs and its placeholder count."""
+        out, spans = self._run_processor(processor, text, images)
+        self._check_forward_inputs(out)
+        token_ids = out["input_ids"][0].tolist()
+        per_image = self._runs_per_image(self._placeholder_runs(out, token_ids), spans, len(images))
+        return out, token_ids, per_image, [sum(n for _, n in image_runs) for image_runs in per_image]
 
     @staticmethod
     def _run_processor(processor: ProcessorMixin, text: str, images: list[Any]
@@ -318,43 +354,41 @@ class Generic(ModelFamily):
                     reason="MODEL_UNSUPPORTED")
         return self.placeholder_runs(token_ids, self.image_token_id)
 
-    def _cut_per_image(self, out: dict[str, Any], counts: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Each image's slice of the processor outputs that get_image_features takes (module docstring);
+    def _splits(self, out: dict[str, Any], counts: list[int]
+                ) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
+        """How each processor output that get_image_features takes holds its images (module docstring),
+        the per-image sizes the splits name, and the name of the grid that counts patches (if any).
         `counts` are the images' placeholder tokens, which cut tiles."""
         num_images = len(counts)
         names = sorted(self.tower_inputs & set(out))
         if not names:
             raise FailedPrecondition(f"the processor returns none of get_image_features' inputs {sorted(self.tower_inputs)}",
                                      reason="MODEL_UNSUPPORTED")
-        tensors = {name: out[name] for name in names}
-        for name, value in tensors.items():
-            if not torch.is_tensor(value):
-                raise FailedPrecondition(f"processor output {name!r} is a {type(value).__name__}, not a tensor",
+        for name in names:
+            if not torch.is_tensor(out[name]):
+                raise FailedPrecondition(f"processor output {name!r} is a {type(out[name]).__name__}, not a tensor",
                                          reason="MODEL_UNSUPPORTED")
         # Flattened patches: a per-image integer grid ([images, k], e.g. image_grid_thw) counts each image's rows.
-        grids = [v for n, v in tensors.items()
-                 if "grid" in n and v.ndim == 2 and v.shape[0] == num_images and not v.is_floating_point()]
-        patches = [math.prod(row) for row in grids[0].tolist()] if grids else None
-        per_image: list[dict[str, torch.Tensor]] = [{} for _ in range(num_images)]
-        dims: set[int] = set()
-        for name, value in tensors.items():
+        grids = [n for n in names if "grid" in n and out[n].ndim == 2 and out[n].shape[0] == num_images
+                 and not out[n].is_floating_point()]
+        sizes = {"patches": [math.prod(row) for row in out[grids[0]].tolist()]} if grids else {}
+        splits: dict[str, Split] = {}
+        for name in names:
+            value = out[name]
             if value.shape[0] == num_images:  # [images, ...]
-                dim, sizes = 0, [1] * num_images
+                splits[name] = Split.batched(0)
             elif value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == num_images:  # [1, images, ...]
-                dim, sizes = 1, [1] * num_images
-            elif patches is not None and value.shape[0] == sum(patches):  # [sum of patches, ...]
-                dim, sizes = 0, patches
+                splits[name] = Split.batched(1)
+            elif grids and value.shape[0] == sum(sizes["patches"]):  # [sum of patches, ...]
+                splits[name] = Split.flat("patches")
             else:  # tiles: [tiles, ...] or [1, tiles, ...], the same rows per tile
                 dim = 1 if value.ndim >= 2 and value.shape[0] == 1 else 0
-                sizes = self._tiles_per_image(name, value.shape[dim], counts)
-            dims.add(dim)
-            for item, piece in zip(per_image, value.split(sizes, dim=dim)):
-                item[name] = piece.contiguous()
-        if len(dims) != 1:
+                sizes[f"{name}_tiles"] = self._tiles_per_image(name, value.shape[dim], counts)
+                splits[name] = Split.flat(f"{name}_tiles", dim)
+        if len({split.dim for split in splits.values()}) != 1:
             raise FailedPrecondition(f"processor outputs {names} hold their images along different dims",
                                      reason="MODEL_UNSUPPORTED")
-        dim_tensor = torch.tensor([dims.pop()])
-        return [{**item, IMAGE_DIM_KEY: dim_tensor} for item in per_image]
+        return splits, sizes, grids[0] if grids else None
 
     @staticmethod
     def _tiles_per_image(name: str, tiles: int, counts: list[int]) -> list[int]:
@@ -368,48 +402,38 @@ class Generic(ModelFamily):
             reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(len(counts))})
 
     # ---- encoder -----------------------------------------------------------------------
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        """The probe's layout. The budget caps patches a grid claims; without a grid every dim is a
+        received tensor's, bounded by the message size."""
+        specs = tuple(layout.spec for layout in self._layout.values())
+        grid = next((spec for spec in specs if spec.values), None)
+        return ItemSchema(tensors=specs, patches="*".join(grid.values) if grid else "")
+
+    def _units(self, item: dict[str, torch.Tensor]) -> int:
+        """The item's images, tiles or patches: the most entries any of its tensors has along its image dim."""
+        return max(t.shape[self._layout[name].dim] for name, t in item.items())
+
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        counts = [self._num_tokens(index, item) for index, item in enumerate(items)]
-        dims = [self._image_dim(index, item) for index, item in enumerate(items)]
         # Items are concatenated along their image dim, as the processor lays out one prompt's images;
         # items whose tensors differ elsewhere (another request's padding) run in their own call.
         groups: dict[tuple, list[int]] = {}
-        for index, (item, dim) in enumerate(zip(items, dims)):
-            key = (dim, *((name, t.shape[:dim] + t.shape[dim + 1:], t.dtype)
-                          for name, t in sorted(item.items()) if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)))
+        for index, item in enumerate(items):
+            key = tuple((name, _without(t.shape, self._layout[name].dim), t.dtype) for name, t in sorted(item.items()))
             groups.setdefault(key, []).append(index)
         results: list[ItemEmbeddings | None] = [None] * len(items)
         for indexes in groups.values():
-            dim = dims[indexes[0]]
-            names = [name for name in items[indexes[0]] if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)]
-            inputs = {name: torch.cat([items[i][name] for i in indexes], dim=dim).to(model.device) for name in names}
+            inputs = {name: torch.cat([items[i][name] for i in indexes], dim=self._layout[name].dim).to(model.device)
+                      for name in items[indexes[0]]}
             out = model.get_image_features(**inputs)
-            rows = self._rows(out, [counts[i] for i in indexes])
+            rows = self._rows(out, [self._units(items[i]) for i in indexes])
             for i, item_rows in zip(indexes, rows):
                 results[i] = ItemEmbeddings(embeddings=item_rows.to(model.dtype))
         return results  # type: ignore[return-value]
 
-    def _num_tokens(self, index: int, item: dict[str, torch.Tensor]) -> int:
-        unknown = sorted(set(item) - self.tower_inputs - {NUM_TOKENS_KEY, IMAGE_DIM_KEY})
-        count = item.get(NUM_TOKENS_KEY)
-        if unknown or count is None or count.numel() != 1 or count.is_floating_point() or int(count) <= 0:
-            raise InvalidArgument(
-                f"item {index}: expected get_image_features inputs {sorted(self.tower_inputs)} and a positive integer "
-                f"{NUM_TOKENS_KEY!r}, got {sorted(item)}", reason="ENCODER_INPUT_INVALID")
-        return int(count)
-
-    @staticmethod
-    def _image_dim(index: int, item: dict[str, torch.Tensor]) -> int:
-        dim = item.get(IMAGE_DIM_KEY, torch.tensor([0]))
-        tensors = [t for name, t in item.items() if name not in (NUM_TOKENS_KEY, IMAGE_DIM_KEY)]
-        if dim.numel() != 1 or dim.is_floating_point() or int(dim) not in (0, 1) or any(t.ndim <= int(dim) for t in tensors):
-            raise InvalidArgument(f"item {index}: {IMAGE_DIM_KEY!r} must be 0 or 1 and below every tensor's rank",
-                                  reason="ENCODER_INPUT_INVALID")
-        return int(dim)
-
-    def _rows(self, out: Any, counts: list[int]) -> tuple[torch.Tensor, ...]:
-        """The tower output as [rows, hidden], split per item by its placeholder count."""
+    def _rows(self, out: Any, units: list[int]) -> list[torch.Tensor]:
+        """The tower output as [rows, hidden] per item: by its structure when it has one entry per unit
+        (image, tile or patch), else in proportion to each item's units."""
         hidden = self.hidden_size
         features = out.pooler_output if isinstance(out, ModelOutput) else out
         if features is None:
@@ -419,13 +443,21 @@ class Generic(ModelFamily):
         if any(p.shape[-1] != hidden for p in parts):
             raise FailedPrecondition(f"image features of widths {[p.shape[-1] for p in parts]}, the decoder's is {hidden}",
                                      reason="MODEL_UNSUPPORTED")
-        rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [sum of counts, hidden]
-        if rows.shape[0] != sum(counts):
-            raise InvalidArgument(f"the tower gave {rows.shape[0]} rows for items of {counts} placeholder tokens",
-                                  reason="ENCODER_INPUT_INVALID")
-        return rows.split(counts)
+        total = sum(units)
+        if len(parts) == 1 and parts[0].ndim == 3 and parts[0].shape[0] == total:
+            parts = list(parts[0])  # [units, tokens, hidden]
+        if len(parts) == total:  # one entry per unit: an item's rows are its units' rows
+            per_unit = [p.reshape(-1, hidden) for p in parts]
+            bounds = [sum(units[:i]) for i in range(len(units) + 1)]
+            return [torch.cat(per_unit[a:b]) for a, b in zip(bounds, bounds[1:])]
+        rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [all rows, hidden]
+        if rows.shape[0] % total:  # the schema admitted the items: the model is not laid out as the probe said
+            raise Internal(f"the tower gave {rows.shape[0]} rows for {total} images, tiles or patches ({units} per "
+                           "item): not the same rows for each", reason="ENCODER_OUTPUT_MISMATCH")
+        return list(rows.split([n * (rows.shape[0] // total) for n in units]))
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
+        _ = self._layout  # the encoder's schema: probe the processor at start, not on the first request
         decoder, head = model.model.get_decoder(), model.get_output_embeddings()
         _drop_children(model.model, keep=lambda child: child is not decoder)
         _drop_children(model, keep=lambda child: child is not head)
@@ -440,6 +472,10 @@ class Generic(ModelFamily):
 
     def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.get_output_embeddings()
+
+
+def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    return (*shape[:dim], *shape[dim + 1:])
 
 
 def _drop_children(module: torch.nn.Module, keep) -> None:

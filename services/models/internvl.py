@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from services.common.errors import InvalidArgument
 from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+from services.models.inputs import ItemSchema, Split, TensorSpec, split_items
 
 
 class InternVL(ModelFamily):
@@ -63,27 +64,22 @@ class InternVL(ModelFamily):
             raise InvalidArgument(
                 f"the placeholder runs need {num_tiles} tiles ({sum(num_tiles)} in all), the processor "
                 f"made {pixel_values.shape[0]}", reason="PLACEHOLDER_COUNT_MISMATCH")
-        items: list[ProcessedItem] = []
-        first_tile = 0
-        for (offset, length), tiles in zip(runs, num_tiles):
-            items.append(ProcessedItem(
-                modality=IMAGE, offset=offset, length=length,
-                encoder_inputs={"pixel_values": pixel_values[first_tile : first_tile + tiles]},
-            ))
-            first_tile += tiles
+        inputs = split_items(out, {"pixel_values": Split.flat("tiles")}, len(images), sizes={"tiles": num_tiles})
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
+                 for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     # ---- encoder -----------------------------------------------------------------------
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        height, width = self.tile_size
+        patch_height, patch_width = self.config.vision_config.patch_size
+        patches_per_tile = (height // patch_height) * (width // patch_width)
+        return ItemSchema(tensors=(TensorSpec("pixel_values", ("tiles", 3, height, width)),),
+                          patches=f"tiles*{patches_per_tile}",
+                          derive=lambda item, bindings: {"tokens": bindings["tiles"] * self.tokens_per_tile})
+
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        height, width = self.tile_size
-        for index, item in enumerate(items):
-            pixels = item.get("pixel_values")
-            if (pixels is None or pixels.ndim != 4 or pixels.shape[0] < 1 or tuple(pixels.shape[1:]) != (3, height, width)
-                    or not pixels.is_floating_point()):
-                got = "missing" if pixels is None else f"{pixels.dtype} {list(pixels.shape)}"
-                raise InvalidArgument(f"item {index}: pixel_values must be float [tiles, 3, {height}, {width}], got {got}",
-                                      reason="ENCODER_INPUT_INVALID")
         num_tiles = [it["pixel_values"].shape[0] for it in items]
         pixel_values = torch.cat([it["pixel_values"] for it in items]).to(model.device)  # [T, 3, H, W]
         # vision_feature_layer / vision_feature_select_strategy default to the config's, as in forward
@@ -91,8 +87,3 @@ class InternVL(ModelFamily):
         features = out.pooler_output  # [T, image_seq_length, hidden]
         hidden = features.shape[-1]
         return [ItemEmbeddings(embeddings=f.reshape(-1, hidden)) for f in features.split(num_tiles)]
-
-    # ---- llm ---------------------------------------------------------------------------
-    def strip_for_llm(self, model: PreTrainedModel) -> None:
-        model.model.vision_tower = None
-        model.model.multi_modal_projector = None

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+from services.models.inputs import ItemSchema, Split, TensorSpec, split_items
 
 # Vision towers whose token count the family knows: tokens per image before the select strategy is
 # (image_size / patch_size)^2 + this many extra tokens (CLIP's CLS). Others (Pixtral, with its own
@@ -59,11 +60,9 @@ class Llava(ModelFamily):
         token_ids = out["input_ids"][0].tolist()
         lengths = [self.tokens_per_tile] * len(images)
         offsets = self.cut_placeholders(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE), lengths)
-        items = [
-            ProcessedItem(modality=IMAGE, offset=offset, length=length,
-                          encoder_inputs={"pixel_values": out["pixel_values"][i : i + 1]})  # [1, 3, S, S]
-            for i, (offset, length) in enumerate(zip(offsets, lengths))
-        ]
+        inputs = split_items(out, {"pixel_values": Split.batched()}, len(images)) if images else []  # [1, 3, S, S]
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
+                 for offset, length, item_inputs in zip(offsets, lengths, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     @staticmethod
@@ -94,30 +93,18 @@ class Llava(ModelFamily):
         return offsets
 
     # ---- encoder -----------------------------------------------------------------------
-    def check_pixel_values(self, index: int, pixel_values: Any, num_tiles: int | None) -> None:
-        """pixel_values of one item: [num_tiles, 3, S, S] floats (num_tiles None: any count >= 1)."""
+    @property
+    def patches_per_tile(self) -> int:
+        return (self.tile_size // self.config.vision_config.patch_size) ** 2
+
+    def encoder_schema(self, modality: str) -> ItemSchema:
         size = self.tile_size
-        ok = (isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point() and pixel_values.ndim == 4
-              and tuple(pixel_values.shape[1:]) == (3, size, size) and pixel_values.shape[0] >= 1
-              and (num_tiles is None or pixel_values.shape[0] == num_tiles))
-        if not ok:
-            shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            tiles = "N" if num_tiles is None else str(num_tiles)
-            raise InvalidArgument(
-                f"item {index}: pixel_values {shape}, expected a float tensor [{tiles}, 3, {size}, {size}]",
-                reason="ENCODER_INPUT_INVALID",
-            )
+        return ItemSchema(tensors=(TensorSpec("pixel_values", (1, 3, size, size)),), patches=str(self.patches_per_tile),
+                          derive=lambda item, bindings: {"tokens": self.tokens_per_tile})
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        for index, item in enumerate(items):
-            self.check_pixel_values(index, item.get("pixel_values"), num_tiles=1)
         pixel_values = torch.cat([it["pixel_values"] for it in items]).to(model.device)  # [B, 3, S, S]
         # vision_feature_layer / select strategy default to the config's, as in the model's forward.
         out = model.model.get_image_features(pixel_values=pixel_values)
         return [ItemEmbeddings(embeddings=e) for e in out.pooler_output]  # B x [tokens_per_tile, hidden]
-
-    # ---- llm ---------------------------------------------------------------------------
-    def strip_for_llm(self, model: PreTrainedModel) -> None:
-        model.model.vision_tower = None
-        model.model.multi_modal_projector = None

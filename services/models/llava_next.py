@@ -22,8 +22,9 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.image_processing_utils import select_best_resolution
 
-from services.common.errors import Internal, InvalidArgument
+from services.common.errors import Internal
 from services.models.base import IMAGE, ItemEmbeddings, ProcessedItem, ProcessedPrompt
+from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 from services.models.llava import Llava
 
 
@@ -66,41 +67,35 @@ class LlavaNext(Llava):
         sizes = out["image_sizes"].tolist() if images else []  # [num_images] x (height, width)
         lengths = [self.num_image_tokens(h, w) for h, w in sizes]
         offsets = self.cut_placeholders(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE), lengths)
-        items: list[ProcessedItem] = []
-        for i, (offset, length, (h, w)) in enumerate(zip(offsets, lengths, sizes)):
-            # pixel_values is [num_images, max tiles, 3, S, S], zero-padded to the most tiles of the
-            # batch: keep this image's own tiles only, as get_image_features does.
-            items.append(ProcessedItem(
-                modality=IMAGE, offset=offset, length=length,
-                encoder_inputs={
-                    "pixel_values": out["pixel_values"][i, : self.num_tiles(h, w)],  # [tiles, 3, S, S]
-                    "image_sizes": out["image_sizes"][i : i + 1],  # [1, 2] original (height, width)
-                },
-            ))
+        # pixel_values is [num_images, max tiles, 3, S, S], zero-padded to the most tiles of the batch:
+        # each item keeps its own tiles only ([tiles, 3, S, S]), as get_image_features does.
+        splits = {"pixel_values": Split.padded("tiles", keepdim=False), "image_sizes": Split.batched()}
+        tiles = [self.num_tiles(h, w) for h, w in sizes]
+        inputs = split_items(out, splits, len(images), sizes={"tiles": tiles}) if images else []
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
+                 for offset, length, item_inputs in zip(offsets, lengths, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     # ---- encoder -----------------------------------------------------------------------
-    def _image_size(self, index: int, image_sizes: Any) -> tuple[int, int]:
-        ok = (isinstance(image_sizes, torch.Tensor) and not image_sizes.is_floating_point()
-              and tuple(image_sizes.shape) == (1, 2) and bool((image_sizes > 0).all()))
-        if not ok:
-            shape = list(image_sizes.shape) if isinstance(image_sizes, torch.Tensor) else type(image_sizes).__name__
-            raise InvalidArgument(
-                f"item {index}: image_sizes {shape}, expected a positive integer tensor [1, 2] (height, width)",
-                reason="ENCODER_INPUT_INVALID",
-            )
-        height, width = image_sizes[0].tolist()
-        return height, width
+    def _tiles(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
+        """The model splits the concatenated tiles by the count image_sizes implies: a wrong count would
+        shift every later item's tiles, so it is refused."""
+        height, width = bindings["height"], bindings["width"]
+        if bindings["tiles"] != self.num_tiles(height, width):
+            raise ValueError(f"pixel_values has {bindings['tiles']} tiles, image_sizes {[height, width]} needs "
+                             f"{self.num_tiles(height, width)}")
+        return {"tokens": self.num_image_tokens(height, width)}
+
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        size = self.tile_size
+        return ItemSchema(tensors=(
+            TensorSpec("pixel_values", ("tiles", 3, size, size)),
+            TensorSpec("image_sizes", (1, 2), INT, values=("height", "width")),  # the original image, in pixels
+        ), patches=f"tiles*{self.patches_per_tile}", derive=self._tiles)
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        sizes = []
-        for index, item in enumerate(items):
-            height, width = self._image_size(index, item.get("image_sizes"))
-            # The model splits the concatenated tiles by the count image_sizes implies: a wrong
-            # count would shift every later item's tiles, so it is refused here.
-            self.check_pixel_values(index, item.get("pixel_values"), num_tiles=self.num_tiles(height, width))
-            sizes.append((height, width))
+        sizes = [tuple(item["image_sizes"][0].tolist()) for item in items]  # (height, width) each
         device = model.device
         pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)  # [all tiles, 3, S, S]
         image_sizes = torch.cat([it["image_sizes"] for it in items]).to(device)  # [B, 2]

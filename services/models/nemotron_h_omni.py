@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, ProcessorMixin
 
-from services.common.errors import InvalidArgument
 from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
 
 class NemotronHOmni(ModelFamily):
@@ -39,63 +39,36 @@ class NemotronHOmni(ModelFamily):
     def placeholder_token(self, modality: str) -> str:
         return {IMAGE: "<image>"}[modality]
 
-    def num_placeholder_tokens(self, grid_hw: torch.Tensor) -> int:
-        h, w = (int(x) for x in grid_hw)  # patches along height, width
-        return h * w // self.merge_size**2
+    # ---- typed inputs ------------------------------------------------------------------
+    def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
+        """The pixel shuffle merges merge x merge patches: both sides must be multiples of it."""
+        h, w, merge = bindings["h"], bindings["w"], self.merge_size
+        if h % merge or w % merge:
+            raise ValueError(f"image_grid_hw {[h, w]} is not a multiple of the {merge}x{merge} pixel shuffle")
+        return {"tokens": h * w // merge**2}
+
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        return ItemSchema(tensors=(
+            TensorSpec("pixel_values", ("h*w", self.patch_dim)),  # [patches, patch values]
+            TensorSpec("image_grid_hw", (1, 2), INT, values=("h", "w")),  # patches along height, width
+        ), patches="h*w", derive=self._tokens)
 
     # ---- processor ---------------------------------------------------------------------
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         out = processor(text=[text], images=images or None, return_tensors="pt")
         token_ids = out["input_ids"][0].tolist()
         runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE))
-        items: list[ProcessedItem] = []
-        if not images:
-            self.check_counts("images", [], [n for _, n in runs])
-            return ProcessedPrompt(token_ids=token_ids, items=items)
-        grids = out["image_grid_hw"]  # [num_images, 2]
-        self.check_counts("images", [self.num_placeholder_tokens(g) for g in grids], [n for _, n in runs])
-        pixel_values = out["pixel_values"]  # [total_patches, patch_dim], images one after another
-        patch_start = 0
-        for (offset, length), grid in zip(runs, grids):
-            num_patches = int(grid.prod())
-            items.append(ProcessedItem(
-                modality=IMAGE, offset=offset, length=length,
-                encoder_inputs={
-                    "pixel_values": pixel_values[patch_start : patch_start + num_patches],
-                    "image_grid_hw": grid[None],
-                },
-            ))
-            patch_start += num_patches
-        if patch_start != pixel_values.shape[0]:
-            raise InvalidArgument(
-                f"the image grids cover {patch_start} patches, the processor made {pixel_values.shape[0]}",
-                reason="PLACEHOLDER_COUNT_MISMATCH",
-            )
+        grids = out["image_grid_hw"].tolist() if images else []  # [num_images] x (h, w) in patches
+        self.check_counts("images", [h * w // self.merge_size**2 for h, w in grids], [n for _, n in runs])
+        inputs = split_items(out, {"pixel_values": Split.flat("patches"), "image_grid_hw": Split.batched()},
+                             len(images), sizes={"patches": [h * w for h, w in grids]}) if images else []
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs)
+                 for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     # ---- encoder -----------------------------------------------------------------------
-    def _check_item(self, index: int, item: dict[str, torch.Tensor]) -> None:
-        """Shapes the tower would otherwise mis-split or reshape silently (pixel shuffle needs even grids)."""
-        pixel_values, grid = item.get("pixel_values"), item.get("image_grid_hw")
-        if pixel_values is None or grid is None:
-            raise InvalidArgument(f"image {index} needs tensors 'pixel_values' and 'image_grid_hw'",
-                                  reason="ENCODER_INPUT_INVALID")
-        if tuple(grid.shape) != (1, 2) or grid.is_floating_point() or bool((grid <= 0).any()):
-            raise InvalidArgument(f"image {index}: image_grid_hw must be positive integers of shape [1, 2], "
-                                  f"got {list(grid.shape)} {grid.dtype}", reason="ENCODER_INPUT_INVALID")
-        h, w = (int(x) for x in grid[0])
-        if h % self.merge_size or w % self.merge_size:
-            raise InvalidArgument(f"image {index}: grid {h}x{w} is not a multiple of the {self.merge_size}x"
-                                  f"{self.merge_size} pixel shuffle", reason="ENCODER_INPUT_INVALID")
-        if tuple(pixel_values.shape) != (h * w, self.patch_dim) or not pixel_values.is_floating_point():
-            raise InvalidArgument(f"image {index}: pixel_values of shape {list(pixel_values.shape)}, expected "
-                                  f"[{h * w}, {self.patch_dim}] (grid {h}x{w} patches x patch values)",
-                                  reason="ENCODER_INPUT_INVALID")
-
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        for index, item in enumerate(items):
-            self._check_item(index, item)
         device = model.device
         pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)  # [total_patches, patch_dim]
         grid_hw = torch.cat([it["image_grid_hw"] for it in items]).to(device).long()  # [num_images, 2]

@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin
 
 from services.common.errors import InvalidArgument
 from services.models.base import AUDIO, IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
+from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
 # The per-item encoder inputs, as the HF processor names them.
 _PIXELS, _SIZES, _MASK = "image_pixel_values", "image_sizes", "image_attention_mask"
@@ -85,25 +86,23 @@ class Phi4Multimodal(ModelFamily):
         (P patches a side); `image_size` [2] the HD canvas (height, width) in pixels, a whole number of
         crops a side. Laid out as one grid, the crops' valid patches must be one rectangle from the
         top-left corner (the processor pads only right and bottom, in whole patches); its size after
-        the 2x2 pool gives the rows. Raises InvalidArgument otherwise.
+        the 2x2 pool gives the rows. Raises ValueError otherwise (the schema reports it).
         """
         t, s, p = self.tokens_per_crop_side, self.crop_size, self.patches_per_crop_side
         height, width = (int(x) for x in image_size)
         if height <= 0 or width <= 0 or height % s or width % s:
-            raise InvalidArgument(f"image_sizes {[height, width]} is not a positive multiple of the {s} px crop",
-                                  reason="ENCODER_INPUT_INVALID")
+            raise ValueError(f"image_sizes {[height, width]} is not a positive multiple of the {s} px crop")
         rows, cols = height // s, width // s  # crops down and across
         if tuple(crop_masks.shape) != (1 + rows * cols, p, p):
-            raise InvalidArgument(f"image_attention_mask of shape {list(crop_masks.shape)}; image_sizes "
-                                  f"{[height, width]} needs [{1 + rows * cols}, {p}, {p}]",
-                                  reason="ENCODER_INPUT_INVALID")
+            raise ValueError(f"image_attention_mask of shape {list(crop_masks.shape)}; image_sizes "
+                             f"{[height, width]} needs [{1 + rows * cols}, {p}, {p}]")
         grid = crop_masks[1:].reshape(rows, cols, p, p).transpose(1, 2).reshape(rows * p, cols * p)
         valid_h, valid_w = int(grid[:, 0].sum()), int(grid[0, :].sum())  # in patches
         rectangle = torch.zeros_like(grid)
         rectangle[:valid_h, :valid_w] = 1
         if not (crop_masks[0] == 1).all() or not torch.equal(grid, rectangle) or valid_h == 0 or valid_w == 0:
-            raise InvalidArgument("image_attention_mask: the global view must be all valid and the crops' valid "
-                                  "patches one rectangle from the top-left corner", reason="ENCODER_INPUT_INVALID")
+            raise ValueError("image_attention_mask: the global view must be all valid and the crops' valid "
+                             "patches one rectangle from the top-left corner")
         useful_h, useful_w = (valid_h + 1) // 2, (valid_w + 1) // 2  # the model keeps every second patch
         global_rows = t * t + t  # the global view, a separator after each of its t rows
         return useful_h * useful_w + useful_h + 1 + global_rows  # crops, their row separators, 1 separator
@@ -116,17 +115,13 @@ class Phi4Multimodal(ModelFamily):
         if not images:
             self.check_counts("images", [], [n for _, n in runs])
             return ProcessedPrompt(token_ids=token_ids, items=items)
-        pixels, sizes, masks = out[_PIXELS], out[_SIZES], out[_MASK]  # [N, C, 3, S, S], [N, 2], [N, C, P, P]
-        inputs, lengths = [], []
-        for i in range(len(images)):
-            height, width = (int(x) for x in sizes[i])
-            num_crops = 1 + (height // self.crop_size) * (width // self.crop_size)  # the global view first
-            inputs.append({
-                _PIXELS: pixels[i : i + 1, :num_crops],  # [1, C_i, 3, S, S]: the batch's padding crops dropped
-                _SIZES: sizes[i : i + 1],  # [1, 2]
-                _MASK: masks[i : i + 1, :num_crops],  # [1, C_i, P, P]
-            })
-            lengths.append(self.num_image_tokens(masks[i, :num_crops], sizes[i]))
+        sizes = out[_SIZES]  # [N, 2] HD canvas (height, width) in pixels
+        crops = [1 + (int(h) // self.crop_size) * (int(w) // self.crop_size) for h, w in sizes]  # the global view first
+        # The processor pads every image to the batch's most crops (pixels [N, C, 3, S, S], masks [N, C, P, P]):
+        # each item keeps its own crops, [1, C_i, ...].
+        splits = {_PIXELS: Split.padded("crops"), _SIZES: Split.batched(), _MASK: Split.padded("crops")}
+        inputs = split_items(out, splits, len(images), sizes={"crops": crops})
+        lengths = [self.num_image_tokens(item[_MASK][0], item[_SIZES][0]) for item in inputs]
         for (offset, length), encoder_inputs in zip(self.cut_runs("images", runs, lengths), inputs):
             items.append(ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=encoder_inputs))
         return ProcessedPrompt(token_ids=token_ids, items=items)
@@ -164,23 +159,16 @@ class Phi4Multimodal(ModelFamily):
         if AUDIO not in self.modalities:
             model.model.embed_tokens_extend.audio_embed = None
 
-    def _check_item(self, index: int, item: dict[str, torch.Tensor]) -> int:
-        """Validates one item's encoder inputs; returns its number of embedding rows."""
-        missing = [k for k in (_PIXELS, _SIZES, _MASK) if k not in item]
-        if missing:
-            raise InvalidArgument(f"image item {index} lacks {missing}", reason="ENCODER_INPUT_INVALID")
-        pixels, sizes, masks = item[_PIXELS], item[_SIZES], item[_MASK]
-        s = self.crop_size
-        if pixels.ndim != 5 or pixels.shape[0] != 1 or tuple(pixels.shape[2:]) != (3, s, s) or not pixels.is_floating_point():
-            raise InvalidArgument(f"image item {index}: {_PIXELS} of shape {list(pixels.shape)}, expected float "
-                                  f"[1, crops, 3, {s}, {s}]", reason="ENCODER_INPUT_INVALID")
-        if tuple(sizes.shape) != (1, 2) or sizes.is_floating_point():
-            raise InvalidArgument(f"image item {index}: {_SIZES} of shape {list(sizes.shape)}, expected integer [1, 2]",
-                                  reason="ENCODER_INPUT_INVALID")
-        if masks.ndim != 4 or masks.shape[:2] != pixels.shape[:2]:
-            raise InvalidArgument(f"image item {index}: {_MASK} of shape {list(masks.shape)} does not match "
-                                  f"{_PIXELS} {list(pixels.shape)}", reason="ENCODER_INPUT_INVALID")
-        return self.num_image_tokens(masks[0], sizes[0])
+    def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
+        return {"tokens": self.num_image_tokens(item[_MASK][0], item[_SIZES][0])}  # checks sizes against crops too
+
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        s, p = self.crop_size, self.patches_per_crop_side
+        return ItemSchema(tensors=(
+            TensorSpec(_PIXELS, (1, "crops", 3, s, s)),  # the global view, then the HD crops
+            TensorSpec(_SIZES, (1, 2), INT, values=("height", "width")),  # the HD canvas in pixels
+            TensorSpec(_MASK, (1, "crops", p, p)),  # 1.0 on the valid patches of each crop
+        ), patches=f"crops*{p * p}", derive=self._tokens)
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
@@ -190,9 +178,7 @@ class Phi4Multimodal(ModelFamily):
         batch transformers' whole model builds for the request (see the module docstring: the batch
         decides the tower's attention in transformers 5.23).
         """
-        if modality != IMAGE:
-            raise InvalidArgument(f"the {self.name} encoder takes images, not {modality}", reason="MODALITY_UNSUPPORTED")
-        lengths = [self._check_item(i, item) for i, item in enumerate(items)]
+        lengths = [self.num_image_tokens(item[_MASK][0], item[_SIZES][0]) for item in items]
         if not items:
             return []
         image_embed = model.model.embed_tokens_extend.image_embed

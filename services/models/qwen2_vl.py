@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from services.common.errors import InvalidArgument
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, PlacedEmbeddings, PrefillInputs, ProcessedItem, ProcessedPrompt
+from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
 # mm_token_type_ids values that get_rope_index expects
 _TOKEN_TYPE = {IMAGE: 1, VIDEO: 2}
@@ -26,32 +26,46 @@ class Qwen2VL(ModelFamily):
     def placeholder_token(self, modality: str) -> str:
         return {IMAGE: "<|image_pad|>", VIDEO: "<|video_pad|>"}[modality]
 
-    def num_placeholder_tokens(self, grid_thw: torch.Tensor) -> int:
-        t, h, w = (int(x) for x in grid_thw)  # patches along time, height, width
-        return t * h * w // self.spatial_merge_size**2
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: channels x temporal patch x patch x patch (1176 for 14 px RGB)."""
+        vision = self.config.vision_config
+        channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans", 3)
+        return channels * vision.temporal_patch_size * vision.patch_size**2
 
+    # ---- typed inputs ------------------------------------------------------------------
+    def _grid(self, modality: str) -> TensorSpec:
+        """[[t, h, w]]: the item's patches along time, height, width."""
+        return TensorSpec(f"{modality}_grid_thw", (1, 3), INT, values=("t", "h", "w"))
+
+    def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
+        """The merger joins merge x merge patches: the grid's sides must be multiples of it."""
+        merge = self.spatial_merge_size
+        t, h, w = bindings["t"], bindings["h"], bindings["w"]
+        if h % merge or w % merge:
+            name = next(name for name in item if name.endswith("_grid_thw"))
+            raise ValueError(f"{name} {[t, h, w]}: h and w must be multiples of the {merge}x{merge} merge")
+        return {"tokens": t * h * w // merge**2}
+
+    def encoder_schema(self, modality: str) -> ItemSchema:
+        pixels = TensorSpec("pixel_values", ("t*h*w", self.patch_dim))  # [patches, patch values]
+        return ItemSchema(tensors=(pixels, self._grid(modality)), patches="t*h*w", derive=self._tokens)
+
+    def position_schema(self, modality: str) -> ItemSchema:
+        return ItemSchema(tensors=(self._grid(modality),), derive=self._tokens)
+
+    # ---- processor ---------------------------------------------------------------------
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         out = processor(text=[text], images=images or None, return_tensors="pt")
         token_ids = out["input_ids"][0].tolist()
         runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE))
-        items: list[ProcessedItem] = []
-        if images:
-            grids = out["image_grid_thw"]  # [num_images, 3]
-            self.check_counts("images", [self.num_placeholder_tokens(g) for g in grids], [n for _, n in runs])
-            patch_start = 0
-            for (offset, length), grid in zip(runs, grids):
-                num_patches = int(grid.prod())
-                items.append(ProcessedItem(
-                    modality=IMAGE, offset=offset, length=length,
-                    encoder_inputs={
-                        "pixel_values": out["pixel_values"][patch_start : patch_start + num_patches],
-                        "image_grid_thw": grid[None],
-                    },
-                    position_inputs={"image_grid_thw": grid[None]},
-                ))
-                patch_start += num_patches
-        else:
-            self.check_counts("images", [], [n for _, n in runs])
+        grids = out["image_grid_thw"] if images else torch.zeros(0, 3, dtype=torch.long)  # [num_images, 3]
+        self.check_counts("images", [int(g.prod()) // self.spatial_merge_size**2 for g in grids], [n for _, n in runs])
+        inputs = split_items(out, {"pixel_values": Split.flat("patches"), "image_grid_thw": Split.batched()},
+                             len(images), sizes={"patches": [int(g.prod()) for g in grids]}) if images else []
+        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs,
+                               position_inputs={"image_grid_thw": item_inputs["image_grid_thw"]})
+                 for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     @torch.inference_mode()
@@ -62,23 +76,6 @@ class Qwen2VL(ModelFamily):
         out = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
         return [ItemEmbeddings(embeddings=e) for e in out.pooler_output]
 
-    def _grid_of(self, item: PlacedEmbeddings) -> torch.Tensor:
-        """The item's grid_thw, checked against its placeholder length (positions depend on it)."""
-        name = f"{item.modality}_grid_thw"
-        grid = item.position_inputs.get(name)
-        if grid is None or tuple(grid.shape) != (1, 3) or grid.is_floating_point():
-            raise InvalidArgument(
-                f"{item.modality} at offset {item.offset} needs position input {name!r}, integer shape [1, 3]",
-                reason="POSITION_INPUT_INVALID",
-            )
-        if self.num_placeholder_tokens(grid[0]) != item.length:
-            raise InvalidArgument(
-                f"{name} {grid[0].tolist()} means {self.num_placeholder_tokens(grid[0])} tokens, "
-                f"the placeholder range has {item.length}",
-                reason="POSITION_INPUT_INVALID",
-            )
-        return grid.long()
-
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         prefill = super().prefill_inputs(model, token_ids, placed)
         if not placed:
@@ -87,7 +84,7 @@ class Qwen2VL(ModelFamily):
         grids: dict[str, list[torch.Tensor]] = {IMAGE: [], VIDEO: []}
         for item in placed:
             token_types[item.offset : item.offset + item.length] = _TOKEN_TYPE[item.modality]
-            grids[item.modality].append(self._grid_of(item))
+            grids[item.modality].append(item.position_inputs[f"{item.modality}_grid_thw"].long())  # checked by the LLM
         position_ids, rope_deltas = model.model.get_rope_index(
             token_ids[None],
             mm_token_type_ids=token_types[None],

@@ -119,9 +119,12 @@ def family_for(model_dir: Path) -> ModelFamily:
     except FailedPrecondition as err:
         raise FailedPrecondition(f"{model_dir}: architectures {architectures} are not supported (supported: "
                                  f"{supported}; {err.message})", reason="MODEL_UNSUPPORTED") from err
-    # The one call into the fallback's own test; it raises FailedPrecondition with its reason for a
-    # model it recognises but cannot serve exactly.
-    if generic.can_serve(model_dir):
+    # The one call into the fallback's own test: a model it recognises but cannot serve exactly is
+    # refused with its reason, never served with wrong tokens.
+    verdict = generic.can_serve(model_dir)
+    if verdict.serves:
         return generic(AutoConfig.from_pretrained(model_dir))
+    if verdict.refusal:
+        raise FailedPrecondition(verdict.refusal, reason="MODEL_UNSUPPORTED")
     raise FailedPrecondition(f"{model_dir}: architectures {architectures} are not supported (supported: {supported})",
                              reason="MODEL_UNSUPPORTED")

@@ -241,5 +241,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         return request_cls(
             model_fingerprint=self.checkpoint.fingerprint,
             prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
-            sampling=sampling,
+            # Stop strings are applied here, on the text; the LLM refuses them.
+            sampling=generation_pb2.SamplingParams(**{f.name: v for f, v in sampling.ListFields() if f.name != "stop"}),
         )

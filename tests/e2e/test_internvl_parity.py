@@ -73,9 +73,8 @@ def test_encode_matches_the_whole_model_features():
 def test_encode_rejects_malformed_tiles(bad):
     model_dir = tiny_checkpoint("internvl")
     family = family_for(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     h, w = family.tile_size
     shape = {"half-size": (1, 3, h // 2, w // 2), "no-tiles": (0, 3, h, w), "3-d": (2, h, w)}[bad]
     with pytest.raises(InvalidArgument) as caught:
-        family.encode(model, "image", [{"pixel_values": torch.zeros(shape)}])
+        family.check_encoder_item("image", {"pixel_values": torch.zeros(shape)}, where="item 0")
     assert caught.value.reason == "ENCODER_INPUT_INVALID"

@@ -1,16 +1,20 @@
-"""The LLM service in process (port 0): admission limits and cancellation freeing the work."""
+"""The LLM service in process (port 0): admission limits, cancellation freeing the work, and what it
+refuses before using it (non-finite embeddings, stop strings, position inputs the range contradicts)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
+import torch
 
-from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, ServerConfig
 from services.common.errors import error_info
+from services.common.tensors import to_named, to_proto
 from services.llm.server import start_server
 from services.llm.servicer import LlmServicer
 from services.models.checkpoint import Checkpoint
@@ -73,3 +77,105 @@ def test_out_of_vocabulary_token_is_invalid_argument(servicer):
         assert "10000" in caught.value.details() or "vocabulary" in caught.value.details()
 
     asyncio.run(_with_server(servicer, body))
+
+
+# ---- what the LLM refuses before using it --------------------------------------------------------
+def _image_prompt(servicer, embeddings: torch.Tensor, grid=((1, 4, 4),), deepstack=()) -> llm_pb2.Prompt:
+    """Two text tokens, four image placeholders (a 4x4 patch grid merged 2x2), one text token."""
+    image = servicer.placeholder_ids["image"]
+    mm = llm_pb2.MultimodalInput(
+        placeholder=tensor_pb2.PlaceholderRange(modality=tensor_pb2.MODALITY_IMAGE, offset=2, length=4),
+        embeddings=to_proto(embeddings), deepstack_embeddings=[to_proto(d) for d in deepstack],
+        position_inputs=to_named({"image_grid_thw": torch.tensor(grid)}))
+    return llm_pb2.Prompt(token_ids=[10, 11, image, image, image, image, 12], multimodal_inputs=[mm])
+
+
+def _rows(servicer, fill: float = 0.0) -> torch.Tensor:
+    return torch.full((4, servicer.family.hidden_size), fill)
+
+
+def _generate_error(servicer, request) -> grpc.aio.AioRpcError:
+    async def body(stub):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if isinstance(request, llm_pb2.StreamGenerateRequest):
+                async for _ in stub.StreamGenerate(request):
+                    pass
+            else:
+                await stub.Generate(request)
+        errors.append(caught.value)
+        # still serving, image included
+        ok = llm_pb2.GenerateRequest(prompt=_image_prompt(servicer, _rows(servicer)), sampling=SHORT)
+        assert len((await stub.Generate(ok)).token_ids) == 2
+
+    errors: list[grpc.aio.AioRpcError] = []
+    asyncio.run(_with_server(servicer, body))
+    return errors[0]
+
+
+SHORT = generation_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True)
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    (float("nan"), "multimodal_inputs[0].embeddings"),
+    (float("inf"), "multimodal_inputs[0].embeddings"),
+    (-float("inf"), "multimodal_inputs[0].deepstack_embeddings[0]"),
+], ids=["nan", "inf", "deepstack-inf"])
+def test_non_finite_embeddings_are_invalid_argument(servicer, bad, where):
+    rows = _rows(servicer)
+    poisoned = rows.clone()
+    poisoned[1, 3] = bad
+    if "deepstack" in where:
+        prompt = _image_prompt(servicer, rows, deepstack=[poisoned])
+    else:
+        prompt = _image_prompt(servicer, poisoned)
+    err = _generate_error(servicer, llm_pb2.GenerateRequest(prompt=prompt, sampling=SHORT))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(err)
+    assert info.reason == "EMBEDDING_NOT_FINITE" and info.metadata["input"] == where
+    assert err.details().startswith(f"{where} holds NaN or Inf (first at row 1, column 3)")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["Generate", "StreamGenerate"])
+def test_stop_strings_are_refused_not_ignored(servicer, stream):
+    sampling = generation_pb2.SamplingParams(max_new_tokens=2, stop=["\n"])
+    prompt = llm_pb2.Prompt(token_ids=[10, 11, 12])
+    request = (llm_pb2.StreamGenerateRequest if stream else llm_pb2.GenerateRequest)(prompt=prompt, sampling=sampling)
+    err = _generate_error(servicer, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "STOP_STRINGS_UNSUPPORTED"
+    assert "stop_token_ids" in err.details()
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    (((1, 10000, 10000),), "image_grid_thw mean 25000000 tokens, the placeholder range has 4"),
+    (((1, 2, 8),), None),  # 4 tokens too, but not the processor's [1, 4, 4]: positions differ, still valid
+    (((1, 4, 4), (1, 4, 4)), "image_grid_thw dim 0 is 2, expected 1"),
+    (((0, 4, 4),), "image_grid_thw value t is 0, expected at least 1"),
+], ids=["claimed-grid", "other-valid-grid", "two-grids", "zero"])
+def test_position_inputs_are_checked_against_the_range(servicer, grid, message):
+    request = llm_pb2.GenerateRequest(prompt=_image_prompt(servicer, _rows(servicer), grid=grid), sampling=SHORT)
+    if message is None:
+        async def body(stub):
+            assert len((await stub.Generate(request)).token_ids) == 2
+
+        asyncio.run(_with_server(servicer, body))
+        return
+    err = _generate_error(servicer, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "POSITION_INPUT_INVALID"
+    assert err.details() == f"multimodal_inputs[0].position_inputs: {message}"
+
+
+def test_requests_are_parsed_off_the_event_loop(servicer, monkeypatch):
+    names: list[str] = []
+    parse = servicer._parse_multimodal
+
+    def recording(*args):
+        names.append(threading.current_thread().name)
+        return parse(*args)
+
+    monkeypatch.setattr(servicer, "_parse_multimodal", recording)
+
+    async def body(stub):
+        await stub.Generate(llm_pb2.GenerateRequest(prompt=_image_prompt(servicer, _rows(servicer)), sampling=SHORT))
+
+    asyncio.run(_with_server(servicer, body))
+    assert names and all(name.startswith("llm-parse") for name in names), names

@@ -176,8 +176,9 @@ def test_encode_rejects_malformed_inputs(family, processor, encoder_model, damag
         item["image_attention_mask"] = mask
     else:
         item["image_pixel_values"] = item["image_pixel_values"][..., :224]
+    family.check_encoder_item(IMAGE, _item(family, processor, (900, 500)), where="item 0")  # the undamaged one fits
     with pytest.raises(InvalidArgument) as err:
-        family.encode(encoder_model, IMAGE, [item])
+        family.check_encoder_item(IMAGE, item, where="item 0")
     assert err.value.reason == "ENCODER_INPUT_INVALID"
 
 

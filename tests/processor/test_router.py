@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2

@@ -74,6 +74,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A SamplingParams field is out of its range (the message names the field
     and the range). Code: INVALID_ARGUMENT.
     """
+    STOP_STRINGS_UNSUPPORTED: _ErrorReason.ValueType  # 62
+    """SamplingParams.stop was sent to LlmService, which works on token ids
+    and does not apply stop strings. Code: INVALID_ARGUMENT. Apply them in
+    the caller (the processor does), or send stop_token_ids.
+    """
     MEDIA_MISSING: _ErrorReason.ValueType  # 12
     """---- Media (ProcessorService) -------------------------------------------
 
@@ -137,6 +142,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     name, a wrong shape or dtype; the message says which). Code:
     INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
     """
+    ITEM_TOO_LARGE: _ErrorReason.ValueType  # 59
+    """An item's tensors claim more patches (tower input rows) than the
+    encoder's --max-item-patches allows; refused before anything is
+    allocated. Code: INVALID_ARGUMENT. Metadata: maxItemPatches. Send a
+    smaller image (the processor's max_pixels) or raise the limit.
+    """
     PAN_AND_SCAN_UNSUPPORTED: _ErrorReason.ValueType  # 28
     """The checkpoint's Gemma 3 processor config turns on pan-and-scan, which
     Triptych does not support. Code: INVALID_ARGUMENT. The operator turns
@@ -168,6 +179,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     EMBEDDING_SHAPE_MISMATCH: _ErrorReason.ValueType  # 34
     """Embeddings are not [placeholder length, hidden_size]. Code:
     INVALID_ARGUMENT.
+    """
+    EMBEDDING_NOT_FINITE: _ErrorReason.ValueType  # 63
+    """Embeddings hold NaN or infinity. Code: INVALID_ARGUMENT. Metadata:
+    input (e.g. multimodal_inputs[0].embeddings). Check the encoder that
+    made them (e.g. a float16 overflow).
     """
     EMBEDDING_DTYPE_MISMATCH: _ErrorReason.ValueType  # 35
     """Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts.
@@ -267,6 +283,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The LLM engine failed on this request; it goes on serving the others.
     Code: INTERNAL.
     """
+    ENCODER_OUT_OF_MEMORY: _ErrorReason.ValueType  # 60
+    """The encoder ran out of memory on this request (device or host); it goes
+    on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
+    smaller images.
+    """
+    ENCODER_FAILED: _ErrorReason.ValueType  # 61
+    """The encoder failed on valid inputs (a bug in the tower or its family
+    file); it goes on serving. Code: INTERNAL.
+    """
     ENCODER_REPLY_MISMATCH: _ErrorReason.ValueType  # 54
     """The encoder answered for other items than the processor asked for. Code:
     INTERNAL.
@@ -355,6 +380,11 @@ SAMPLING_PARAM_INVALID: ErrorReason.ValueType  # 11
 """A SamplingParams field is out of its range (the message names the field
 and the range). Code: INVALID_ARGUMENT.
 """
+STOP_STRINGS_UNSUPPORTED: ErrorReason.ValueType  # 62
+"""SamplingParams.stop was sent to LlmService, which works on token ids
+and does not apply stop strings. Code: INVALID_ARGUMENT. Apply them in
+the caller (the processor does), or send stop_token_ids.
+"""
 MEDIA_MISSING: ErrorReason.ValueType  # 12
 """---- Media (ProcessorService) -------------------------------------------
 
@@ -418,6 +448,12 @@ ENCODER_INPUT_INVALID: ErrorReason.ValueType  # 27
 name, a wrong shape or dtype; the message says which). Code:
 INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
 """
+ITEM_TOO_LARGE: ErrorReason.ValueType  # 59
+"""An item's tensors claim more patches (tower input rows) than the
+encoder's --max-item-patches allows; refused before anything is
+allocated. Code: INVALID_ARGUMENT. Metadata: maxItemPatches. Send a
+smaller image (the processor's max_pixels) or raise the limit.
+"""
 PAN_AND_SCAN_UNSUPPORTED: ErrorReason.ValueType  # 28
 """The checkpoint's Gemma 3 processor config turns on pan-and-scan, which
 Triptych does not support. Code: INVALID_ARGUMENT. The operator turns
@@ -449,6 +485,11 @@ media items need (the processor's model family). Code: INVALID_ARGUMENT.
 EMBEDDING_SHAPE_MISMATCH: ErrorReason.ValueType  # 34
 """Embeddings are not [placeholder length, hidden_size]. Code:
 INVALID_ARGUMENT.
+"""
+EMBEDDING_NOT_FINITE: ErrorReason.ValueType  # 63
+"""Embeddings hold NaN or infinity. Code: INVALID_ARGUMENT. Metadata:
+input (e.g. multimodal_inputs[0].embeddings). Check the encoder that
+made them (e.g. a float16 overflow).
 """
 EMBEDDING_DTYPE_MISMATCH: ErrorReason.ValueType  # 35
 """Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts.
@@ -547,6 +588,15 @@ An unexpected error in a service. Code: INTERNAL.
 ENGINE_ERROR: ErrorReason.ValueType  # 53
 """The LLM engine failed on this request; it goes on serving the others.
 Code: INTERNAL.
+"""
+ENCODER_OUT_OF_MEMORY: ErrorReason.ValueType  # 60
+"""The encoder ran out of memory on this request (device or host); it goes
+on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
+smaller images.
+"""
+ENCODER_FAILED: ErrorReason.ValueType  # 61
+"""The encoder failed on valid inputs (a bug in the tower or its family
+file); it goes on serving. Code: INTERNAL.
 """
 ENCODER_REPLY_MISMATCH: ErrorReason.ValueType  # 54
 """The encoder answered for other items than the processor asked for. Code:
