@@ -20,22 +20,10 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
+from services.llm.sampling import RowSampler, SamplingSpec
 from services.models.base import ModelFamily, PlacedEmbeddings, PrefillInputs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Validated sampling settings of one request."""
-
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    stop_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -56,7 +44,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     prefill: PrefillInputs | None = None
     cache: Cache | None = None
-    generator: torch.Generator | None = None
+    sampler: RowSampler | None = None
     aborted: bool = False
 
 
@@ -164,7 +152,7 @@ class Engine:
             return
         try:
             logits = self._prefill(seq) if seq.prefill is None else self._decode(seq)
-            token = self._sample(seq, logits)
+            token = seq.sampler.sample(logits[0])
         except TriptychError as err:
             seq.emit(err)
             self._release(seq)
@@ -185,8 +173,7 @@ class Engine:
         device = self.model.device
         seq.prefill = self.family.prefill_inputs(self.model, seq.token_ids.to(device), seq.placed)
         seq.cache = self.family.new_cache(self.model)
-        if seq.sampling.seed is not None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.sampling.seed)
+        seq.sampler = RowSampler(seq.sampling, seq.token_ids, device)
         length = seq.token_ids.shape[0]
         kwargs = dict(
             inputs_embeds=seq.prefill.inputs_embeds,
@@ -213,29 +200,6 @@ class Engine:
         out = self.language_model(**(kwargs | self.family.decode_kwargs(seq.prefill, cache_length)))
         return self.lm_head(out.last_hidden_state[:, -1])
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        s = seq.sampling
-        scores = logits[0].float()
-        if s.repetition_penalty != 1.0:  # as transformers' RepetitionPenaltyLogitsProcessor
-            seen = torch.cat([seq.token_ids.to(scores.device), torch.tensor(seq.generated, dtype=torch.long,
-                                                                           device=scores.device)])
-            prior = scores.gather(0, seen)
-            prior = torch.where(prior < 0, prior * s.repetition_penalty, prior / s.repetition_penalty)
-            scores = scores.scatter(0, seen, prior)
-        if s.temperature == 0.0:
-            return int(scores.argmax())
-        scores = scores / s.temperature
-        if s.top_k > 0:
-            kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if 0.0 < s.top_p < 1.0:
-            sorted_scores, order = scores.sort(descending=True)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_scores.softmax(-1) >= s.top_p  # keep the token that crosses top_p
-            scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-        probs = scores.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
-
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.emit(Finished(reason, len(seq.generated)))
         self._release(seq)
@@ -243,6 +207,7 @@ class Engine:
     def _release(self, seq: _Sequence) -> None:
         seq.cache = None
         seq.prefill = None
+        seq.sampler = None
         if seq in self._running:
             self._running.remove(seq)
         with self._lock:

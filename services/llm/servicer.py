@@ -21,7 +21,8 @@ from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig
 from services.common.errors import InvalidArgument
 from services.common.tensors import DataType, from_named, from_proto
-from services.llm.engine import Engine, Finished, SamplingSpec
+from services.llm.engine import Engine, Finished
+from services.llm.sampling import SamplingSpec
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 

@@ -15,7 +15,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from services.llm.engine import Engine, Finished, SamplingSpec, _Sequence
+from services.llm.engine import Engine, Finished
+from services.llm.sampling import RowSampler, SamplingSpec
 from services.models.checkpoint import Checkpoint
 
 # Eight tokens with distinct probabilities, none negligible, one negative logit.
@@ -38,9 +39,10 @@ def engine(qwen2_vl_dir):
 def sample(engine: Engine, spec: SamplingSpec, generator: torch.Generator | None = None,
            generated: list[int] | None = None) -> int:
     """One draw of the engine's sampler for the next token after PROMPT + generated."""
-    seq = _Sequence(request_id=0, token_ids=PROMPT, placed=[], sampling=spec, emit=lambda event: None,
-                    generated=list(generated or []), generator=generator)
-    return engine._sample(seq, LOGITS[None])
+    sampler = RowSampler(spec, torch.cat([PROMPT, torch.tensor(generated or [], dtype=torch.long)]))
+    if generator is not None:
+        sampler.generator = generator  # many draws from one stream, as a request's steps draw
+    return sampler.choose(LOGITS)
 
 
 def frequencies(engine: Engine, spec: SamplingSpec, seed: int = 0) -> torch.Tensor:
@@ -74,8 +76,7 @@ def test_greedy_after_the_repetition_penalty(engine):
     # Token 0 leads by 0.5; seen in the prompt, a penalty of 2 halves it to 1.0, below token 1's 1.5.
     seen = torch.tensor([0, 6])
     spec = SamplingSpec(max_new_tokens=1, repetition_penalty=2.0)
-    seq = _Sequence(0, seen, [], spec, emit=lambda event: None)
-    assert engine._sample(seq, LOGITS[None]) == 1
+    assert RowSampler(spec, seen).choose(LOGITS) == 1
     # A generated token counts as seen too.
     assert sample(engine, spec, generated=[0]) == 1
 

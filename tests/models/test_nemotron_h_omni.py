@@ -20,7 +20,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
 
 from services.common.errors import InvalidArgument
-from services.llm.engine import Engine, Finished, SamplingSpec
+from services.llm.engine import Engine, Finished
+from services.llm.sampling import SamplingSpec
 from services.models.base import IMAGE, PlacedEmbeddings
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
