@@ -20,7 +20,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
-from services.llm.sampling import RowSampler, SamplingSpec
+from services.llm.sampling import RowSampler, SampledToken, SamplingSpec
 from services.models.base import ModelFamily, PlacedEmbeddings, PrefillInputs
 
 log = logging.getLogger(__name__)
@@ -78,21 +78,35 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
-    # ---- asyncio side -------------------------------------------------------------------
-    async def generate(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings],
-                       sampling: SamplingSpec) -> AsyncIterator[int | Finished]:
-        """Yields generated token ids one by one, then a Finished event."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+    # ---- any thread ---------------------------------------------------------------------
+    def submit(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings], sampling: SamplingSpec,
+               emit: Callable[[object], None]) -> int:
+        """Queues a request and returns its id. `emit`, called on the engine thread, receives its
+        SampledToken events, then Finished, or a TriptychError. Full: RESOURCE_EXHAUSTED at once."""
         with self._lock:
             if len(self._by_id) >= self.max_running + self.max_waiting:
                 raise ResourceExhausted(
                     f"the LLM has {len(self._by_id)} requests in flight (limit "
                     f"{self.max_running + self.max_waiting}); retry later",
                     reason="LLM_QUEUE_FULL")
-            seq = _Sequence(next(self._ids), token_ids, placed, sampling, emit=_emitter(loop, events))
+            seq = _Sequence(next(self._ids), token_ids, placed, sampling, emit=emit)
             self._by_id[seq.request_id] = seq
         self._waiting.put(seq)
+        return seq.request_id
+
+    def abort(self, request_id: int) -> None:
+        """Frees the request's rows and cache at the next step; a no-op once it has finished."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.aborted = True
+
+    # ---- asyncio side -------------------------------------------------------------------
+    async def generate(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings],
+                       sampling: SamplingSpec) -> AsyncIterator[SampledToken | Finished]:
+        """Yields the generated tokens one by one, then a Finished event."""
+        events: asyncio.Queue = asyncio.Queue()
+        request_id = self.submit(token_ids, placed, sampling, _emitter(asyncio.get_running_loop(), events))
         try:
             while True:
                 event = await events.get()
@@ -102,7 +116,7 @@ class Engine:
                 if isinstance(event, Finished):
                     return
         finally:
-            seq.aborted = True  # no-op once finished; frees the cache at the next step otherwise
+            self.abort(request_id)  # a consumer that went away (cancelled RPC, deadline)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Ends the engine thread; requests still in it fail with UNAVAILABLE.
@@ -162,9 +176,9 @@ class Engine:
             seq.emit(Internal(f"LLM engine failed: {type(err).__name__}: {err}", reason="ENGINE_ERROR"))
             self._release(seq)
             return
-        seq.generated.append(token)
+        seq.generated.append(token.token_id)
         seq.emit(token)
-        if token in seq.sampling.stop_token_ids:
+        if token.token_id in seq.sampling.stop_token_ids:
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.sampling.max_new_tokens:
             self._finish(seq, "length")

@@ -26,6 +26,15 @@ class SamplingSpec:
     stop_token_ids: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True)
+class SampledToken:
+    """One generated token, as the engine emits it."""
+
+    token_id: int
+    logprob: float | None = None  # log-probability under the row's distribution, when asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely, when asked for
+
+
 class RowSampler:
     """One request's sampling state: its settings, the tokens seen so far, its seeded generator."""
 
@@ -35,11 +44,11 @@ class RowSampler:
         self.generator = (torch.Generator(device=device).manual_seed(spec.seed)
                           if spec.seed is not None else None)
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor) -> SampledToken:
         """The next token from one row's logits [vocab]; records it as seen."""
         token = self.choose(logits)
         self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
-        return token
+        return SampledToken(token)
 
     def choose(self, logits: torch.Tensor) -> int:
         """One draw from the row's distribution over `logits` [vocab], recording nothing."""

@@ -80,7 +80,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             if isinstance(event, Finished):
                 return llm_pb2.GenerateResponse(token_ids=token_ids, finish_reason=_FINISH[event.finish_reason],
                                                 prompt_tokens=len(request.prompt.token_ids))
-            token_ids.append(event)
+            token_ids.append(event.token_id)
         raise AssertionError("engine ended without a Finished event")
 
     async def StreamGenerate(self, request: llm_pb2.StreamGenerateRequest, context) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
@@ -89,7 +89,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 yield llm_pb2.StreamGenerateResponse(finish_reason=_FINISH[event.finish_reason],
                                                      prompt_tokens=len(request.prompt.token_ids))
             else:
-                yield llm_pb2.StreamGenerateResponse(token_ids=[event])
+                yield llm_pb2.StreamGenerateResponse(token_ids=[event.token_id])
 
     async def GetModelInfo(self, request, context) -> llm_pb2.GetModelInfoResponse:
         return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())

@@ -122,7 +122,7 @@ async def _generate(engine: Engine, spec: SamplingSpec, prompt: list[int]) -> tu
     async for event in engine.generate(torch.tensor(prompt), [], spec):
         if isinstance(event, Finished):
             return tokens, event
-        tokens.append(event)
+        tokens.append(event.token_id)
     raise AssertionError("no Finished event")
 
 

@@ -137,7 +137,7 @@ def _engine_tokens(family, model, token_ids: list[int], placed: list[PlacedEmbed
             async for event in engine.generate(torch.tensor(token_ids), placed,
                                                SamplingSpec(max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=eos)):
                 if not isinstance(event, Finished):
-                    out.append(event)
+                    out.append(event.token_id)
             return out
         finally:
             engine.stop()
