@@ -9,6 +9,7 @@ its flag with `flag=` (e.g. `--encoder` for encoder_addr).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,15 @@ class ServerConfig:
 _MODEL_HELP = doc("local Hugging Face checkpoint folder")
 _DTYPE_HELP = doc("weights and embeddings dtype; all three services must agree")
 _DEVICE_HELP = doc("torch device, e.g. cpu or cuda:0")
+# The encoder and the LLM engine are the two torch processes of a host; torch's default (every core
+# each) oversubscribes the CPU as soon as both work at once. `triptych up` splits the cores itself.
+_TORCH_THREADS_HELP = doc("torch CPU threads of this service's torch process; 0: half the machine's cores "
+                          "(at least 1), the share of one of the two torch services on a shared host")
+
+
+def torch_threads(configured: int) -> int:
+    """A torch_threads field's value, 0 resolved to half of os.cpu_count() (at least 1)."""
+    return configured if configured > 0 else max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class EncoderConfig:
     max_items_per_request: int = field(default=64, metadata=doc("media items in one Encode request"))
     # Checked before anything is allocated; 65536 is Qwen2-VL's max_pixels default, far above the others'.
     max_item_patches: int = field(default=65536, metadata=doc("patches (tower input rows) one media item may have"))
+    torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class LlmConfig:
     max_running_requests: int = field(default=8, metadata=doc("requests decoded in turn; more wait in the queue"))
     max_waiting_requests: int = field(default=256, metadata=doc("queued requests; beyond this RESOURCE_EXHAUSTED"))
     default_max_new_tokens: int = field(default=256, metadata=doc("max_new_tokens of a request that sets none"))
+    torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
-from services.common.config import EncoderConfig
+from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import Internal, InvalidArgument, ResourceExhausted, TriptychError
 from services.common.tensors import from_named, to_proto
 from services.models.base import ItemEmbeddings
@@ -44,6 +44,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.checkpoint = checkpoint
         self.family = checkpoint.family
         self.cfg = cfg
+        # The process's share of the cores (the LLM's engine process has its own): not torch's all-cores default.
+        torch.set_num_threads(torch_threads(cfg.torch_threads))
         # One thread owns torch; parsing (the bulk of a large request's bytes) runs beside it.
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-torch")
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")

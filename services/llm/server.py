@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, ServerConfig
 from services.common.server import Server, start_server as start_common
@@ -16,10 +18,12 @@ async def start_server(servicer: LlmServicer, cfg: ServerConfig) -> tuple[Server
 
 
 async def serve(cfg: LlmConfig, checkpoint: Checkpoint) -> None:
-    """Loads the model, serves until SIGTERM, finishes in-flight requests, then stops the engine."""
+    """Starts the engine process (SERVING only once it has loaded the model), serves until SIGTERM,
+    finishes in-flight requests, then stops the engine process."""
+    torch.set_num_threads(1)  # this process only parses requests; the engine process has the cores
     servicer = LlmServicer(checkpoint, cfg)
     try:
         server, _ = await start_server(servicer, cfg.server)
         await server.serve_until_signal("llm")
     finally:
-        servicer.engine.stop()
+        servicer.stop()

@@ -1,7 +1,10 @@
 """LlmService: token ids + placeholder ranges + embeddings in, generated token ids out.
 
 A request is parsed and checked in a worker thread (proto -> tensors, ranges, finite embeddings,
-position inputs against the family's schema), never on the event loop; the engine's thread runs torch.
+position inputs against the family's schema), never on the event loop. The model and every torch
+step live in the engine's own process (engine_process.py); this process holds no model, so the
+gRPC loop never waits on a torch step's GIL. What parsing needs of the model (vocabulary size)
+comes from the engine's hello, the rest from the checkpoint's config files.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.common.config import LlmConfig
+from services.common.config import LlmConfig, torch_threads
 from services.common.errors import InvalidArgument
 from services.common.tensors import DataType, from_named, from_proto
-from services.llm.engine import Engine, Finished
+from services.llm.engine import Finished
+from services.llm.engine_client import EngineClient
+from services.llm.engine_process import EngineSpec
 from services.llm.sampling import SamplingSpec
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
@@ -63,15 +68,22 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self.checkpoint = checkpoint
         self.family = checkpoint.family
         self.cfg = cfg
-        model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
-        self.family.strip_for_llm(model)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(checkpoint)
         self.default_repetition_penalty = _default_repetition_penalty(checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
         self.placeholder_ids = {m: self.family.placeholder_token_id(tokenizer, m) for m in self.family.modalities}
-        self.engine = Engine(self.family, model, cfg.max_running_requests, cfg.max_waiting_requests)
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llm-parse")
+        self.engine = EngineClient(EngineSpec(
+            model=checkpoint.path, dtype=str(checkpoint.dtype).removeprefix("torch."), device=cfg.device,
+            max_running=cfg.max_running_requests, max_waiting=cfg.max_waiting_requests,
+            torch_threads=torch_threads(cfg.torch_threads)))
+        self.engine.start()  # returns once the engine process has loaded the model
+        self.vocab_size = self.engine.vocab_size  # the embedding table's rows (may exceed the tokenizer's)
+
+    def stop(self) -> None:
+        """Stops the engine process (requests still in it fail with UNAVAILABLE) and joins our threads."""
+        self.engine.stop()
+        self._parse_pool.shutdown(wait=True)
 
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> llm_pb2.GenerateResponse:

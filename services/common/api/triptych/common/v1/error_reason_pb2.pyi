@@ -208,6 +208,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The LLM service is stopping; requests still in it end. Code: UNAVAILABLE.
     Retry on another replica.
     """
+    LLM_ENGINE_CRASHED: _ErrorReason.ValueType  # 80
+    """The LLM's engine process exited (crashed, or was killed) while the
+    request was in flight. Code: UNAVAILABLE. Metadata: exitCode. The service
+    restarts the engine at once; retry after the RetryInfo delay.
+    """
+    LLM_ENGINE_RESTARTING: _ErrorReason.ValueType  # 81
+    """The LLM's engine process is restarting after a crash and not yet loaded.
+    Code: UNAVAILABLE. Metadata: retryDelayMs. Retry after the RetryInfo
+    delay, or on another replica.
+    """
+    LLM_ENGINE_START_FAILED: _ErrorReason.ValueType  # 82
+    """The LLM's engine process could not load the model (at start-up or on a
+    restart); the message says why. Code: UNAVAILABLE. Check --model,
+    --device and the memory available.
+    """
     MODEL_FINGERPRINT_MISMATCH: _ErrorReason.ValueType  # 40
     """---- Deployment ---------------------------------------------------------
 
@@ -513,6 +528,21 @@ backoff, or on another replica.
 LLM_SHUTTING_DOWN: ErrorReason.ValueType  # 39
 """The LLM service is stopping; requests still in it end. Code: UNAVAILABLE.
 Retry on another replica.
+"""
+LLM_ENGINE_CRASHED: ErrorReason.ValueType  # 80
+"""The LLM's engine process exited (crashed, or was killed) while the
+request was in flight. Code: UNAVAILABLE. Metadata: exitCode. The service
+restarts the engine at once; retry after the RetryInfo delay.
+"""
+LLM_ENGINE_RESTARTING: ErrorReason.ValueType  # 81
+"""The LLM's engine process is restarting after a crash and not yet loaded.
+Code: UNAVAILABLE. Metadata: retryDelayMs. Retry after the RetryInfo
+delay, or on another replica.
+"""
+LLM_ENGINE_START_FAILED: ErrorReason.ValueType  # 82
+"""The LLM's engine process could not load the model (at start-up or on a
+restart); the message says why. Code: UNAVAILABLE. Check --model,
+--device and the memory available.
 """
 MODEL_FINGERPRINT_MISMATCH: ErrorReason.ValueType  # 40
 """---- Deployment ---------------------------------------------------------
