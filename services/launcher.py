@@ -4,6 +4,10 @@ Each child listens on the port it is given (0 = free port) and prints
 "NAME listening on HOST:PORT"; we read that line, pass the addresses on, wait
 for health SERVING on all three, then print the processor's line. SIGINT or
 SIGTERM stops all three (each finishes its in-flight requests).
+
+The machine's cores are split between the two torch processes (the encoder and the LLM's engine
+process) unless --torch-threads says otherwise; the processor's torch (image resizing in its
+preprocess threads) runs single-threaded, so three torch processes never each take every core.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1, env=os.environ.copy())
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, env={**os.environ, **(env or {})})
         self.address: str | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -71,6 +75,15 @@ def _wait_serving(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
+def torch_shares(torch_threads: int, cores: int) -> tuple[int, int]:
+    """(encoder, LLM) torch threads: the user's --torch-threads for both, or the cores split in two
+    (the LLM gets the odd one: it decodes every request's every token; at least one each)."""
+    if torch_threads > 0:
+        return torch_threads, torch_threads
+    encoder = max(1, cores // 2)
+    return encoder, max(1, cores - encoder)
+
+
 def run_up(args: argparse.Namespace) -> int:
     # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
     skip = frozenset({"port", "encoder_addr", "llm_addr"})
@@ -78,13 +91,18 @@ def run_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    encoder_threads, llm_threads = torch_shares(args.torch_threads, os.cpu_count() or 2)
+    torch_skip = skip | {"torch_threads"}  # each gets its own share below
     try:
-        encoder = Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=skip), "--port", "0"])
-        llm = Child("llm", ["serve", "llm", *child_argv(LlmConfig, args, skip=skip), "--port", "0"])
+        encoder = Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=torch_skip), "--port", "0",
+                                    "--torch-threads", str(encoder_threads)])
+        llm = Child("llm", ["serve", "llm", *child_argv(LlmConfig, args, skip=torch_skip), "--port", "0",
+                            "--torch-threads", str(llm_threads)])
         children += [encoder, llm]
         encoder_addr, llm_addr = encoder.wait_address(600), llm.wait_address(600)
         processor = Child("processor", ["serve", "processor", *child_argv(ProcessorConfig, args, skip=skip),
-                                        "--port", str(args.port), "--encoder", encoder_addr, "--llm", llm_addr])
+                                        "--port", str(args.port), "--encoder", encoder_addr, "--llm", llm_addr],
+                          env={"OMP_NUM_THREADS": "1"})
         children.append(processor)
         processor_addr = processor.wait_address(600)
         for child in children:

@@ -4,11 +4,14 @@ refuses before using it (non-finite embeddings, stop strings, position inputs th
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import grpc
 import pytest
 import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -27,7 +30,7 @@ def servicer(qwen2_vl_dir):
     cfg = LlmConfig(model=qwen2_vl_dir, max_running_requests=1, max_waiting_requests=0)
     servicer = LlmServicer(Checkpoint(qwen2_vl_dir), cfg)
     yield servicer
-    servicer.engine.stop()
+    servicer.stop()
 
 
 async def _with_server(servicer, body):
@@ -41,6 +44,14 @@ async def _with_server(servicer, body):
 
 def _request(sampling=LONG) -> llm_pb2.StreamGenerateRequest:
     return llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(token_ids=[10, 11, 12, 13]), sampling=sampling)
+
+
+def _retry_delay_s(err: grpc.aio.AioRpcError) -> float | None:
+    for detail in rpc_status.from_call(err).details:
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return retry.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 async def _until(predicate, timeout_s=30.0):
@@ -60,6 +71,7 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_work(servicer):
             await stub.Generate(llm_pb2.GenerateRequest(prompt=_request().prompt, sampling=LONG))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_info(caught.value).reason == "LLM_QUEUE_FULL"
+        assert _retry_delay_s(caught.value) == 1.0  # a retry hint, not a bare refusal
         running.cancel()
         await _until(lambda: servicer.engine.num_in_flight == 0)  # cancelled requests leave the engine
         short = await stub.Generate(llm_pb2.GenerateRequest(
@@ -67,6 +79,13 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_work(servicer):
         assert len(short.token_ids) == 3 and short.finish_reason == generation_pb2.FINISH_REASON_LENGTH
 
     asyncio.run(_with_server(servicer, body))
+
+
+def test_the_service_process_holds_no_model(servicer):
+    """The model and torch steps live in the engine process; the servicer knows the vocabulary from it."""
+    assert servicer.engine.pid not in (None, os.getpid())
+    assert not any(isinstance(value, torch.nn.Module) for value in vars(servicer).values())
+    assert servicer.vocab_size == 1024  # the tiny checkpoint's embedding rows, from the engine's hello
 
 
 def test_out_of_vocabulary_token_is_invalid_argument(servicer):
