@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -32,6 +34,15 @@ def _request(prompt: str, images: list[bytes], max_new_tokens: int = 4, **sampli
     return processor_pb2.GenerateRequest(
         messages=build_messages(prompt, images),
         sampling=generation_pb2.SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+
+
+def _engine_pid(service_pid: int) -> int:
+    """The LLM service's engine process (its child running services.llm.engine_process)."""
+    for task in Path(f"/proc/{service_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"services.llm.engine_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"no engine process under {service_pid}")
 
 
 def test_up_serves_health_reflection_and_generate(qwen2_vl_dir, tmp_path):
@@ -78,10 +89,15 @@ def test_graceful_sigterm_then_downstream_down(qwen2_vl_dir):
             worker = threading.Thread(target=lambda: result.update(reply=stub.Generate(long_request, timeout=120)))
             worker.start()
             time.sleep(1.0)
+            # As a signal to the process group does (Ctrl-C, systemd): the service and its engine
+            # process both get it; the service finishes the request, then stops the engine.
+            engine_pid = _engine_pid(services.llm.popen.pid)
             services.llm.popen.send_signal(signal.SIGTERM)
+            os.kill(engine_pid, signal.SIGTERM)
             worker.join(120)
             assert result["reply"].completion.completion_tokens == 1500
             assert services.llm.popen.wait(60) == 0
+            assert not Path(f"/proc/{engine_pid}").exists()  # stopped with the service, not left behind
 
             # LLM down: UNAVAILABLE naming the LLM, promptly.
             started = time.monotonic()

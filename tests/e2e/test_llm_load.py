@@ -1,0 +1,107 @@
+"""The LLM service as its own process, under load: cancelled and timed-out streams leave its engine.
+
+Seen from outside, as an operator would: after 50 streams are cancelled mid-way the engine process
+goes idle (it no longer decodes them), a fresh request is served, and its resident memory does not
+grow from one round to the next (each round's caches, ~1 MiB per request here, are freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from tests.procs import start_llm, wait_listening, wait_serving
+
+pytestmark = pytest.mark.e2e
+
+NUM_STREAMS = 50
+PROMPT = [10 + i % 490 for i in range(2000)]  # 2000 text tokens: ~1 MiB of KV cache per request here
+LONG = generation_pb2.SamplingParams(max_new_tokens=5000, ignore_eos=True)
+MAX_RSS_GROWTH_MIB = 16  # one round's caches, if kept, would be ~50 MiB
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_vl_dir):
+    proc = start_llm(qwen2_vl_dir, "--max-running-requests", "64", "--max-waiting-requests", "8")
+    wait_serving(wait_listening(proc))
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+def _engine_pid(service_pid: int) -> int:
+    """The LLM's engine process: the service's child running services.llm.engine_process."""
+    for task in Path(f"/proc/{service_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"services.llm.engine_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"no engine process under {service_pid}")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _wait_idle(pid: int, timeout_s: float = 60) -> None:
+    """Until the engine burns under 10 % of a core over half a second: it decodes nothing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = _cpu_s(pid)
+        time.sleep(0.5)
+        if _cpu_s(pid) - before < 0.05:
+            return
+        assert time.monotonic() < deadline, "the engine is still decoding after its streams were cancelled"
+
+
+async def _round(address: str, *, deadline_s: float | None = None) -> None:
+    """NUM_STREAMS streams, each read until its first token (admitted, prefilled, decoding), then
+    cancelled by the client, or (deadline_s) left to run into their deadline."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        request = llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(token_ids=PROMPT), sampling=LONG)
+        calls = [stub.StreamGenerate(request, timeout=deadline_s) for _ in range(NUM_STREAMS)]
+        for call in calls:
+            await call.read()
+        if deadline_s is None:
+            for call in calls:
+                call.cancel()
+            return
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _fresh_request_succeeds(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        reply = llm_pb2_grpc.LlmServiceStub(channel).Generate(llm_pb2.GenerateRequest(
+            prompt=llm_pb2.Prompt(token_ids=PROMPT[:8]),
+            sampling=generation_pb2.SamplingParams(max_new_tokens=3, ignore_eos=True)), timeout=60)
+    assert len(reply.token_ids) == 3
+
+
+def test_cancelled_streams_free_the_engine_and_memory_stays_flat(llm):
+    engine = _engine_pid(llm.popen.pid)
+    rss_mib = []
+    for round_kind in ("cancel", "cancel", "deadline"):
+        asyncio.run(_round(llm.address, deadline_s=20.0 if round_kind == "deadline" else None))
+        _wait_idle(engine)
+        _fresh_request_succeeds(llm.address)
+        rss_mib.append(_rss_mib(engine))
+    assert _engine_pid(llm.popen.pid) == engine  # the same engine all along: nothing crashed
+    assert max(rss_mib[1:]) - rss_mib[0] < MAX_RSS_GROWTH_MIB, f"engine RSS per round (MiB): {rss_mib}"
