@@ -115,9 +115,12 @@ class EngineClient:
         self._conn, self._proc, hello = self._spawn()
         self.vocab_size = hello.vocab_size
         self._ready = True
-        self._reader = threading.Thread(target=self._supervise, name="llm-engine-client")
+        # A daemon only so that an owner who forgets stop() does not hang interpreter exit (joining
+        # it would wait on the engine, which waits on us); the atexit hook then stops the engine.
+        # stop() joins it; it never runs torch.
+        self._reader = threading.Thread(target=self._supervise, name="llm-engine-client", daemon=True)
         self._reader.start()
-        atexit.register(self.stop)  # a caller that forgets stop() still leaves no engine behind
+        atexit.register(self.stop)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Ends the engine (requests still in it fail with LLM_SHUTTING_DOWN) and joins our threads."""
@@ -127,7 +130,10 @@ class EngineClient:
             self._stopping.set()
             conn = self._conn
         atexit.unregister(self.stop)
-        self._sender.submit(self._send, conn, Stop())  # after the requests already on their way
+        try:
+            self._sender.submit(self._send, conn, Stop())  # after the requests already on their way
+        except RuntimeError:  # at interpreter exit the executor takes no more work
+            self._send(conn, Stop())
         if self._reader is not None:
             self._reader.join(timeout_s)
             if self._reader.is_alive():  # the engine did not stop in time
@@ -162,7 +168,11 @@ class EngineClient:
         """Yields the generated tokens one by one, then a Finished event; errors are raised."""
         events: asyncio.Queue = asyncio.Queue()
         request_id, conn = self._admit(asyncio.get_running_loop(), events)
-        self._sender.submit(self._send_submit, conn, request_id, token_ids, placed, sampling)
+        try:
+            self._sender.submit(self._send_submit, conn, request_id, token_ids, placed, sampling)
+        except RuntimeError:  # stop() shut the sender down since admission
+            raise Unavailable("the LLM service is shutting down; retry on another replica",
+                              reason="LLM_SHUTTING_DOWN") from None
         try:
             while True:
                 event = await events.get()
@@ -378,7 +388,7 @@ def _event(output: Output) -> object:
     event = output.event
     if isinstance(event, Error):
         if event.reason == "LLM_QUEUE_FULL":  # the engine's own bound (a race with aborts): retryable
-            return QueueFull(event.message, reason=event.reason, metadata=event.metadata)
+            return QueueFull(event.message, reason="LLM_QUEUE_FULL", metadata=event.metadata)
         return event.exception()
     return event
 
