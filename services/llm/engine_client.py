@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -108,6 +108,9 @@ class EngineClient:
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine-send")
         self._reader: threading.Thread | None = None
         self.restarts = 0
+        # Called on the reader thread with False when the engine dies and True once a new one has
+        # loaded the model (the server turns it into health NOT_SERVING / SERVING).
+        self.on_ready: Callable[[bool], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,6 +265,7 @@ class EngineClient:
             log.error("the LLM engine process %d %s; failing its requests and restarting it", proc.pid, why)
             with self._lock:
                 self._ready = False
+            self._notify(False)
             self._fail_all(EngineUnavailable(
                 f"the LLM engine process {why} while this request was in flight; it is restarting, retry",
                 reason="LLM_ENGINE_CRASHED", metadata={"exitCode": str(proc.returncode)}))
@@ -309,6 +313,7 @@ class EngineClient:
                 self._send(conn, Stop())
                 continue  # the loop above reads the new engine to its end, then joins it
             log.info("the LLM engine process restarted (pid %d)", proc.pid)
+            self._notify(True)
             return True
         return self._proc.poll() is None
 
@@ -346,6 +351,13 @@ class EngineClient:
             raise Unavailable(f"the LLM engine could not load {self.spec.model}: {hello.message}",
                               reason="LLM_ENGINE_START_FAILED")
         return conn, proc, hello
+
+    def _notify(self, ready: bool) -> None:
+        if self.on_ready is not None:
+            try:
+                self.on_ready(ready)
+            except Exception:  # noqa: BLE001 — a failing observer must not stop the restart
+                log.exception("on_ready(%s) failed", ready)
 
     def _kill(self) -> None:
         if self._proc is not None:

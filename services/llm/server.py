@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import torch
+from grpc_health.v1 import health_pb2
 
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, ServerConfig
@@ -17,6 +21,21 @@ async def start_server(servicer: LlmServicer, cfg: ServerConfig) -> tuple[Server
     return await start_common(cfg, SERVICE, lambda s: llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, s))
 
 
+def _health_follows_engine(server: Server, loop: asyncio.AbstractEventLoop) -> Callable[[bool], None]:
+    """Health NOT_SERVING while a crashed engine restarts, SERVING again once it has loaded the model
+    (a no-op once graceful shutdown has begun)."""
+    def on_ready(ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def update() -> None:
+            for name in ["", *server.service_names]:
+                await server.health.set(name, status)
+
+        asyncio.run_coroutine_threadsafe(update(), loop)
+
+    return on_ready
+
+
 async def serve(cfg: LlmConfig, checkpoint: Checkpoint) -> None:
     """Starts the engine process (SERVING only once it has loaded the model), serves until SIGTERM,
     finishes in-flight requests, then stops the engine process."""
@@ -24,6 +43,7 @@ async def serve(cfg: LlmConfig, checkpoint: Checkpoint) -> None:
     servicer = LlmServicer(checkpoint, cfg)
     try:
         server, _ = await start_server(servicer, cfg.server)
+        servicer.engine.on_ready = _health_follows_engine(server, asyncio.get_running_loop())
         await server.serve_until_signal("llm")
     finally:
         servicer.stop()

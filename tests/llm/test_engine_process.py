@@ -152,6 +152,8 @@ def test_crash_is_unavailable_then_restart_serves_and_stop_leaves_nothing(qwen2_
     client = EngineClient(_spec(qwen2_vl_dir, max_running=2, max_waiting=2))
     client.start()
     first_pid = client.pid
+    ready_changes: list[bool] = []
+    client.on_ready = ready_changes.append
     prompt = torch.tensor([10, 11, 12, 13])
 
     async def crash():
@@ -176,7 +178,7 @@ def test_crash_is_unavailable_then_restart_serves_and_stop_leaves_nothing(qwen2_
                 await asyncio.sleep(0.2)
 
     assert len(asyncio.run(asyncio.wait_for(after_restart(), 120))) == 4
-    assert client.restarts == 1 and client.pid != first_pid
+    assert client.restarts == 1 and client.pid != first_pid and ready_changes == [False, True]
 
     async def stopped_mid_request():
         stream = client.generate(prompt, [], LONG)
