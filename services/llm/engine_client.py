@@ -40,7 +40,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.errors import ResourceExhausted, TriptychError, Unavailable
+from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
 from services.llm.engine import Finished
 from services.llm.engine_process import (Abort, EngineSpec, Error, Hello, Output, PlacedRef, Probe, ProbeReply,
                                          StartFailed, Stop, Submit, TensorRef)
@@ -241,8 +241,8 @@ class EngineClient:
             fd, inline = block.write()
         except Exception as err:  # noqa: BLE001 — this request fails, the others go on
             log.exception("request %d: packing its tensors failed", request_id)
-            self._deliver_to(request_id, EngineUnavailable(f"could not hand the request to the engine: {err}",
-                                                           reason="LLM_ENGINE_RESTARTING"))
+            self._deliver_to(request_id, Internal(f"could not hand the request to the engine: {err}",
+                                                  reason="ENGINE_ERROR"))
             return
         try:
             self._send(conn, Submit(request_id, ids_ref, refs, sampling, block.size if fd is not None else 0,
