@@ -32,8 +32,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from multiprocessing.reduction import send_handle
+from pathlib import Path
 
 import torch
 from google.protobuf import any_pb2, duration_pb2
@@ -42,8 +42,20 @@ from grpc_status import rpc_status
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
 from services.llm.engine import Finished
-from services.llm.engine_process import (Abort, EngineSpec, Error, Hello, Output, PlacedRef, Probe, ProbeReply,
-                                         StartFailed, Stop, Submit, TensorRef)
+from services.llm.engine_process import (
+    Abort,
+    EngineSpec,
+    Error,
+    Hello,
+    Output,
+    PlacedRef,
+    Probe,
+    ProbeReply,
+    StartFailed,
+    Stop,
+    Submit,
+    TensorRef,
+)
 from services.llm.sampling import SampledToken, SamplingSpec
 from services.models.base import PlacedEmbeddings
 
@@ -239,7 +251,7 @@ class EngineClient:
                 position_inputs={name: block.add(t) for name, t in p.position_inputs.items()},
             ) for p in placed)
             fd, inline = block.write()
-        except Exception as err:  # noqa: BLE001 — this request fails, the others go on
+        except Exception as err:
             log.exception("request %d: packing its tensors failed", request_id)
             self._deliver_to(request_id, Internal(f"could not hand the request to the engine: {err}",
                                                   reason="ENGINE_ERROR"))
@@ -356,7 +368,7 @@ class EngineClient:
         if self.on_ready is not None:
             try:
                 self.on_ready(ready)
-            except Exception:  # noqa: BLE001 — a failing observer must not stop the restart
+            except Exception:
                 log.exception("on_ready(%s) failed", ready)
 
     def _kill(self) -> None:

@@ -168,7 +168,7 @@ def main(conn: Connection) -> None:
     torch.set_num_interop_threads(1)  # eager decode forks no inter-op work; one idle pool thread, not N
     try:
         engine = _load(spec)
-    except Exception as err:  # noqa: BLE001 — the service reports it and refuses to start
+    except Exception as err:
         log.exception("engine process: loading %s failed", spec.model)
         conn.send(StartFailed(f"{type(err).__name__}: {err}"))
         return
@@ -289,6 +289,6 @@ def _placed(block, ref: PlacedRef):
 
 if __name__ == "__main__":
     # Run the module's importable copy: messages pickle by module name, `__main__.Hello` would not load.
-    from services.llm import engine_process
+    from services.llm import engine_process  # noqa: PLW0406
 
     engine_process.main(Connection(int(sys.argv[1])))
