@@ -96,7 +96,7 @@ class _Pending:
 
 def _exit_description(code: int | None) -> str:
     if code is None:
-        return "is not answering"
+        return "did not exit"
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
@@ -270,10 +270,11 @@ class EngineClient:
             self._read(self._conn)
             proc = self._proc
             _wait(proc, 10 if self._stopping.is_set() else 2)
+            hung = proc.poll() is None  # it closed the pipe but does not exit
+            _kill(proc)
             if self._stopping.is_set():
-                self._kill()
                 return
-            why = _exit_description(proc.returncode)
+            why = "stopped answering" if hung else _exit_description(proc.returncode)
             log.error("the LLM engine process %d %s; failing its requests and restarting it", proc.pid, why)
             with self._lock:
                 self._ready = False
@@ -289,6 +290,10 @@ class EngineClient:
             try:
                 batch = conn.recv()
             except (EOFError, OSError):
+                return
+            except Exception:  # a message we cannot read: the stream is lost, so is the engine
+                log.exception("unreadable message from the LLM engine process; restarting it")
+                self._kill()
                 return
             deliveries: list[tuple[_Pending, object]] = []
             with self._lock:
