@@ -2,7 +2,7 @@
 
 Seen from outside, as an operator would: after 50 streams are cancelled mid-way the engine process
 goes idle (it no longer decodes them), a fresh request is served, and its resident memory does not
-grow from one round to the next (each round's caches, ~1 MiB per request here, are freed).
+grow round after round (each round's caches, ~1 MiB per request here, are freed).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.e2e
 NUM_STREAMS = 50
 PROMPT = [10 + i % 490 for i in range(2000)]  # 2000 text tokens: ~1 MiB of KV cache per request here
 LONG = generation_pb2.SamplingParams(max_new_tokens=5000, ignore_eos=True)
-MAX_RSS_GROWTH_MIB = 16  # one round's caches, if kept, would be ~50 MiB
+# Kept caches would add ~50 MiB per round, 150 MiB by the last; the allocator's high-water mark
+# moves by up to ~35 MiB between rounds here (transient prefill buffers), which is no leak.
+MAX_RSS_GROWTH_MIB = 64
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +74,15 @@ def _wait_idle(pid: int, timeout_s: float = 60) -> None:
 
 async def _round(address: str, *, deadline_s: float | None = None) -> None:
     """NUM_STREAMS streams, each read until its first token (admitted, prefilled, decoding), then
-    cancelled by the client, or (deadline_s) left to run into their deadline."""
+    cancelled by the client; or (deadline_s) read until their deadline ends them (on a loaded
+    machine some may end before their first token)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = llm_pb2_grpc.LlmServiceStub(channel)
         request = llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(token_ids=PROMPT), sampling=LONG)
         calls = [stub.StreamGenerate(request, timeout=deadline_s) for _ in range(NUM_STREAMS)]
-        for call in calls:
-            await call.read()
         if deadline_s is None:
+            for call in calls:
+                await call.read()
             for call in calls:
                 call.cancel()
             return
@@ -101,8 +104,8 @@ def _fresh_request_succeeds(address: str) -> None:
 def test_cancelled_streams_free_the_engine_and_memory_stays_flat(llm):
     engine = _engine_pid(llm.popen.pid)
     rss_mib = []
-    for round_kind in ("cancel", "cancel", "deadline"):
-        asyncio.run(_round(llm.address, deadline_s=20.0 if round_kind == "deadline" else None))
+    for round_kind in ("cancel", "cancel", "cancel", "deadline"):
+        asyncio.run(_round(llm.address, deadline_s=10.0 if round_kind == "deadline" else None))
         _wait_idle(engine)
         _fresh_request_succeeds(llm.address)
         rss_mib.append(_rss_mib(engine))
