@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from services.common.errors import TriptychError
-from services.llm.engine import Finished
+from services.llm.engine import Engine, Finished
 from services.llm.sampling import SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -167,18 +167,18 @@ def main(conn: Connection) -> None:
     torch.set_num_threads(spec.torch_threads)
     torch.set_num_interop_threads(1)  # eager decode forks no inter-op work; one idle pool thread, not N
     try:
-        engine = _load(spec)
+        engine, vocab_size = _load(spec)
     except Exception as err:
         log.exception("engine process: loading %s failed", spec.model)
         conn.send(StartFailed(f"{type(err).__name__}: {err}"))
         return
-    conn.send(Hello(os.getpid(), engine.embed_tokens.num_embeddings))
+    conn.send(Hello(os.getpid(), vocab_size))
     log.info("engine process %d: %s loaded, %d torch threads", os.getpid(), spec.model.name, spec.torch_threads)
     _Serve(engine, conn).run()
 
 
-def _load(spec: EngineSpec):
-    from services.llm.engine import Engine
+def _load(spec: EngineSpec) -> tuple[Engine, int]:
+    """The engine over the family's language model, and the model's vocabulary size."""
     from services.models.registry import family_for
 
     family = family_for(spec.model)
@@ -186,14 +186,15 @@ def _load(spec: EngineSpec):
     family.strip_for_llm(model)
     # The service admits at most max_running + max_waiting. A request it aborted still counts here
     # until the engine's next step drops it, so the engine's own bound leaves room for as many again.
-    return Engine(family, model, spec.max_running, spec.max_running + 2 * spec.max_waiting)
+    engine = Engine(family, model, spec.max_running, spec.max_running + 2 * spec.max_waiting)
+    return engine, model.get_input_embeddings().num_embeddings
 
 
 class _Serve:
     """Reads the service's messages on this thread; one sender thread writes the engine's events
     back in batches (one pipe write per engine step, not per token)."""
 
-    def __init__(self, engine, conn: Connection):
+    def __init__(self, engine: Engine, conn: Connection):
         self.engine = engine
         self.conn = conn
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
