@@ -114,24 +114,40 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                           request.sampling)
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
+        logprobs: list[generation_pb2.TokenLogprobs] = []
         finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
         async for reply in self.llm.stream_generate(llm_request, deadline - loop.time()):
             if reply.token_ids:
                 token_ids.extend(reply.token_ids)
                 delta = text.push(list(reply.token_ids))
-                yield processor_pb2.StreamGenerateResponse(text_delta=delta, token_ids=reply.token_ids)
+                step_logprobs = self._with_token_text(reply.logprobs)
+                logprobs.extend(step_logprobs)
+                yield processor_pb2.StreamGenerateResponse(text_delta=delta, token_ids=reply.token_ids,
+                                                           logprobs=step_logprobs)
                 if text.stopped:
-                    finish_reason = generation_pb2.FINISH_REASON_STOP
                     break
             else:
                 finish_reason = reply.finish_reason
         tail = text.finish()
         if tail:
             yield processor_pb2.StreamGenerateResponse(text_delta=tail)
+        if text.stopped:  # at a push, or in the text the last tokens completed
+            finish_reason = generation_pb2.FINISH_REASON_STOP
         yield processor_pb2.StreamGenerateResponse(completion=processor_pb2.Completion(
             text=text.text, token_ids=token_ids, finish_reason=finish_reason,
-            prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids),
+            prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids), logprobs=logprobs,
         ))
+
+    def _with_token_text(self, logprobs) -> list[generation_pb2.TokenLogprobs]:
+        """The LLM's logprobs with each token's text, as the tokenizer decodes it alone (special tokens kept)."""
+        if not logprobs:
+            return []
+        steps = [generation_pb2.TokenLogprobs(token=step.token, top_logprobs=step.top_logprobs) for step in logprobs]
+        entries = [entry for step in steps for entry in (step.token, *step.top_logprobs)]
+        texts = self.tokenizer.batch_decode([[entry.token_id] for entry in entries], skip_special_tokens=False)
+        for entry, piece in zip(entries, texts, strict=True):
+            entry.text = piece
+        return steps
 
     async def _prepare(self, request) -> Prepared:
         if not request.messages:
