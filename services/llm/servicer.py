@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from services.common.config import LlmConfig
 from services.common.errors import InvalidArgument
 from services.common.tensors import DataType, from_named, from_proto
 from services.llm.engine import Engine, Finished
-from services.llm.sampling import MAX_TOP_LOGPROBS, SampledToken, SamplingSpec
+from services.llm.sampling import SampledToken, SamplingSpec, check_params, check_range, invalid_param
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 
@@ -192,31 +191,15 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return tensor
 
     def _parse_sampling(self, s: generation_pb2.SamplingParams, prompt_tokens: int) -> SamplingSpec:
-        def check(ok: bool, field: str, message: str) -> None:
-            if not ok:
-                raise InvalidArgument(f"sampling.{field} {message}", reason="SAMPLING_PARAM_INVALID",
-                                      metadata={"field": f"sampling.{field}"})
-
-        def check_range(field: str, value: float, low: float, high: float) -> None:
-            check(math.isfinite(value) and low <= value <= high, field, f"must be in [{low:g}, {high:g}], got {value}")
-
-        check(s.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {s.max_new_tokens}")
         if s.stop:
             raise InvalidArgument(
                 f"sampling.stop has {len(s.stop)} strings; the LLM service does not apply stop strings (the processor "
                 "does, on the text). Send stop_token_ids", reason="STOP_STRINGS_UNSUPPORTED")
-        check_range("temperature", s.temperature, 0, 100)
-        check_range("top_p", s.top_p, 0, 1)
-        check(s.top_k >= 0, "top_k", f"must be >= 0, got {s.top_k}")
-        check_range("min_p", s.min_p, 0, 1)
+        check_params(s)
         penalty = s.repetition_penalty if s.HasField("repetition_penalty") else self.default_repetition_penalty
-        check_range("repetition_penalty", penalty, 0.01, 10)
-        check_range("presence_penalty", s.presence_penalty, -2, 2)
-        check_range("frequency_penalty", s.frequency_penalty, -2, 2)
-        check(0 <= s.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
-              f"must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
-        check(s.logprobs or not s.top_logprobs, "top_logprobs", "needs sampling.logprobs set")
-        check(all(0 <= t < self.vocab_size for t in s.stop_token_ids), "stop_token_ids", "must be vocabulary ids")
+        check_range("repetition_penalty", penalty, 0.01, 10)  # the checkpoint's default too
+        if not all(0 <= t < self.vocab_size for t in s.stop_token_ids):
+            raise invalid_param("stop_token_ids", f"must be vocabulary ids in [0, {self.vocab_size})")
         room = self.family.max_context_tokens - prompt_tokens
         max_new = min(s.max_new_tokens or self.cfg.default_max_new_tokens, room)
         stop_ids = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)

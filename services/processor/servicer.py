@@ -17,6 +17,7 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
 from services.common.tensors import slice_rows, to_named
+from services.llm.sampling import check_params, invalid_param
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
@@ -215,10 +216,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                       "image/video/audio parts", reason="RESERVED_TOKEN_IN_TEXT")
 
     def _check_sampling(self, s: generation_pb2.SamplingParams) -> None:
-        """What only the processor handles (stop strings); the LLM checks the rest."""
+        """Stop strings (only the processor applies them) and every range, before any media work; the LLM
+        checks what depends on the model (stop token ids, the checkpoint's default repetition penalty)."""
         if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
-            raise InvalidArgument(f"sampling.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
-                                  "characters", reason="SAMPLING_PARAM_INVALID")
+            raise invalid_param("stop", f"must be at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                "characters")
+        check_params(s)
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
         """Each distinct mm_hash once: the same image twice in a request is encoded once."""

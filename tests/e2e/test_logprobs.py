@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.errors import error_info
 from tests.media import image_bytes
 from tests.reference import _inputs
 
@@ -91,7 +92,7 @@ def test_cli_prints_logprobs_as_json(qwen2_vl_services):
         [sys.executable, "-m", "services.cli", "generate", "--server", qwen2_vl_services.address, "--prompt",
          "Hi there", "--max-new-tokens", "3", "--logprobs", "2", "--min-p", "0.1", "--presence-penalty", "0.5",
          "--frequency-penalty", "0.2", "--json"],
-        capture_output=True, text=True, timeout=120)
+        check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert len(answer["logprobs"]) == len(answer["token_ids"]) > 0
@@ -103,7 +104,10 @@ def test_cli_prints_logprobs_as_json(qwen2_vl_services):
 @pytest.mark.e2e
 def test_invalid_sampling_value_reaches_the_client_naming_the_field(stub):
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Generate(processor_pb2.GenerateRequest(messages=build_messages("hi", []),
+        stub.Generate(processor_pb2.GenerateRequest(messages=build_messages("hi", [image_bytes(64, 64, seed=1)]),
                                                     sampling=generation_pb2.SamplingParams(min_p=2.0)), timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["field"]) == ("SAMPLING_PARAM_INVALID", "sampling.min_p")
+    assert info.domain == "triptych.processor"  # refused before any media work, not relayed from the LLM
     assert "sampling.min_p" in caught.value.details()

@@ -1,10 +1,16 @@
+"""Detokenization: deltas join to decode() exactly (random tokens over tokenizers of every kind),
+stop strings and partial characters are held back, and a push costs O(1) decode work."""
+
 from __future__ import annotations
 
+import random
+
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from services.processor.text import TextStream
+from tests.checkpoints import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +59,6 @@ def test_earliest_of_several_stop_strings(tokenizer):
 
 
 # ---- incremental detokenization: exact against decode(), O(1) work per token -------------------------
-
-import random  # noqa: E402
-
-from tokenizers import normalizers, trainers  # noqa: E402
-
-from tests.checkpoints import tiny_checkpoint  # noqa: E402
 
 CORPUS = ["héllo wörld ✓ done", "中文字符 and naïve café 🙂 déjà vu", "don't stop. it's fine, isn't it? yes!",
           "we're here , they've gone ' quoted ' text ."] * 20
