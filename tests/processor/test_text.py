@@ -203,3 +203,15 @@ def test_work_per_token_is_constant_not_the_whole_output(tokenizer, stop):
     assert counting.decoded_lengths[-1] == len(ids)  # finish(): one whole decode, once
     assert max(per_token) <= 8, f"a push decoded {max(per_token)} tokens"  # a 4-byte character and its prefix
     assert sum(per_token) <= 8 * len(ids)
+
+
+def test_stop_string_in_text_only_the_last_tokens_settle_is_found_at_finish():
+    # A byte-fallback token may be the start of a longer run: its text waits until the run ends,
+    # here at the end of generation. The stop string in it still ends the text (and the processor
+    # reports FINISH_REASON_STOP).
+    tokenizer = TOKENIZERS["sentencepiece-strip"]()
+    ids = [tokenizer.convert_tokens_to_ids("▁hello"), tokenizer.convert_tokens_to_ids("<0x41>")]  # " A"
+    stream = TextStream(tokenizer, ["A"])
+    assert [stream.push([i]) for i in ids] == ["hello", ""]
+    assert not stream.stopped
+    assert stream.finish() == "" and stream.stopped and stream.text == "hello"
