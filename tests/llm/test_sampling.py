@@ -210,7 +210,7 @@ def test_penalties_distribution_matches_vllms_formula(engine, penalties):
     assert torch.allclose(got, expected, atol=0.03), f"sampled {got.tolist()}, vLLM's formula {expected.tolist()}"
 
 
-def test_presence_and_frequency_ignore_the_prompt(engine):
+def test_presence_and_frequency_ignore_the_prompt():
     # Token 0 leads by 0.5. In the prompt only, neither penalty touches it; generated once, a
     # presence or frequency penalty of 0.6 takes it below token 1.
     prompt_has_0 = torch.tensor([0, 0, 0, 4])
@@ -228,7 +228,7 @@ def test_frequency_counts_repeats_presence_does_not(engine):
     assert sample(engine, SamplingSpec(max_new_tokens=1, presence_penalty=0.2), generated=GENERATED) == 0
 
 
-def test_penalties_apply_to_tokens_recorded_by_sample(engine):
+def test_penalties_apply_to_tokens_recorded_by_sample():
     # sample() records its token: the next step's penalties count it, as the engine's steps do.
     sampler = RowSampler(SamplingSpec(max_new_tokens=2, presence_penalty=0.6), torch.tensor([7]))
     assert sampler.sample(LOGITS).token_id == 0
