@@ -116,7 +116,9 @@ class SamplingParams(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop when the generated text contains one of these strings; the string is
         not part of the returned text. At most 16, each at most 256 characters.
-        Handled by the processor (the LLM service works on token ids only).
+        Handled by the processor (the LLM service works on token ids only and
+        refuses a request that sets them with STOP_STRINGS_UNSUPPORTED: a router
+        that calls LlmService itself applies stop strings to the text it decodes).
         """
 
     @_builtins.property

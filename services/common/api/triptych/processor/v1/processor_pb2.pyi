@@ -350,13 +350,17 @@ class PreprocessResponse(_message.Message):
     """The prompt as the chat template rendered it, before placeholder expansion."""
     @_builtins.property
     def encode_request(self) -> _encoder_pb2.EncodeRequest:
-        """The request Generate would send to an encoder. Has no items for a text-only chat."""
+        """The request Generate would send to an encoder. Has no items for a text-only
+        chat, and each mm_hash once: the same image twice in a chat is encoded once.
+        """
 
     @_builtins.property
     def llm_request(self) -> _llm_pb2.GenerateRequest:
         """The request Generate would send to the LLM, with each multimodal input's
         embeddings left empty: they are the encoder's answer for the item with
-        the same mm_hash.
+        the same mm_hash. Several inputs may share one mm_hash (a repeated image,
+        or one image's several placeholder runs): match embeddings to inputs by
+        mm_hash, never by position.
         """
 
     def __init__(
