@@ -45,7 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this times as likely as the top one")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, over generated tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, per repeat in generated tokens")
+    p.add_argument("--repetition-penalty", type=float, help="transformers' (1 = none); default: the checkpoint's")
     p.add_argument("--seed", type=int)
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="return each token's logprob and the N (0-20) most likely alternatives (shown with --json)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, ...")

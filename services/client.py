@@ -23,14 +23,31 @@ def build_messages(prompt: str, images: list[bytes]) -> list[processor_pb2.ChatM
     return [processor_pb2.ChatMessage(role="user", content=parts)]
 
 
+def _logprob_json(entry: generation_pb2.TokenLogprob) -> dict:
+    return {"token_id": entry.token_id, "text": entry.text, "logprob": entry.logprob}
+
+
 def completion_json(completion: processor_pb2.Completion) -> dict:
-    return {
+    result = {
         "text": completion.text,
         "token_ids": list(completion.token_ids),
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "finish_reason": _FINISH_NAMES.get(completion.finish_reason, "unspecified"),
     }
+    if completion.logprobs:  # as the OpenAI API lays them out: one entry per token, its alternatives inside
+        result["logprobs"] = [_logprob_json(step.token) | {"top_logprobs": [_logprob_json(t) for t in step.top_logprobs]}
+                              for step in completion.logprobs]
+    return result
+
+
+def sampling_params(args: argparse.Namespace) -> generation_pb2.SamplingParams:
+    """The request's SamplingParams from `triptych generate`'s flags; unset flags leave the server's defaults."""
+    optional = {name: getattr(args, name) for name in ("seed", "repetition_penalty") if getattr(args, name) is not None}
+    return generation_pb2.SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        stop=args.stop, logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, **optional)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -39,9 +56,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"error: cannot read image: {err}", file=sys.stderr)
         return 2
-    sampling = generation_pb2.SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        stop=args.stop, **({"seed": args.seed} if args.seed is not None else {}))
+    sampling = sampling_params(args)
     messages = build_messages(args.prompt, images)
     with grpc.insecure_channel(args.server, options=channel_options()) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)

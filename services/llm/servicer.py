@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from services.common.tensors import DataType, from_named, from_proto
 from services.llm.engine import Finished
 from services.llm.engine_client import EngineClient
 from services.llm.engine_process import EngineSpec
-from services.llm.sampling import SamplingSpec
+from services.llm.sampling import SampledToken, SamplingSpec, check_params, check_range, invalid_param
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 
@@ -52,6 +51,16 @@ def _default_repetition_penalty(checkpoint: Checkpoint) -> float:
         return float(GenerationConfig.from_pretrained(checkpoint.path).repetition_penalty or 1.0)
     except OSError:
         return 1.0
+
+
+def _logprobs(token: SampledToken) -> list[generation_pb2.TokenLogprobs]:
+    """The token's logprobs as the contract carries them: one entry when asked for, none otherwise."""
+    if token.logprob is None:
+        return []
+    return [generation_pb2.TokenLogprobs(
+        token=generation_pb2.TokenLogprob(token_id=token.token_id, logprob=token.logprob),
+        top_logprobs=[generation_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs],
+    )]
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,13 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: llm_pb2.GenerateRequest, context) -> llm_pb2.GenerateResponse:
         token_ids: list[int] = []
+        logprobs: list[generation_pb2.TokenLogprobs] = []
         async for event in self._generate(request):
             if isinstance(event, Finished):
                 return llm_pb2.GenerateResponse(token_ids=token_ids, finish_reason=_FINISH[event.finish_reason],
-                                                prompt_tokens=len(request.prompt.token_ids))
+                                                prompt_tokens=len(request.prompt.token_ids), logprobs=logprobs)
             token_ids.append(event.token_id)
+            logprobs.extend(_logprobs(event))
         raise AssertionError("engine ended without a Finished event")
 
     async def StreamGenerate(self, request: llm_pb2.StreamGenerateRequest, context) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
@@ -101,7 +112,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 yield llm_pb2.StreamGenerateResponse(finish_reason=_FINISH[event.finish_reason],
                                                      prompt_tokens=len(request.prompt.token_ids))
             else:
-                yield llm_pb2.StreamGenerateResponse(token_ids=[event.token_id])
+                yield llm_pb2.StreamGenerateResponse(token_ids=[event.token_id], logprobs=_logprobs(event))
 
     async def GetModelInfo(self, request, context) -> llm_pb2.GetModelInfoResponse:
         return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
@@ -192,25 +203,21 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return tensor
 
     def _parse_sampling(self, s: generation_pb2.SamplingParams, prompt_tokens: int) -> SamplingSpec:
-        def check(ok: bool, what: str) -> None:
-            if not ok:
-                raise InvalidArgument(f"sampling.{what}", reason="SAMPLING_PARAM_INVALID")
-
-        check(s.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
         if s.stop:
             raise InvalidArgument(
                 f"sampling.stop has {len(s.stop)} strings; the LLM service does not apply stop strings (the processor "
                 "does, on the text). Send stop_token_ids", reason="STOP_STRINGS_UNSUPPORTED")
-        check(math.isfinite(s.temperature) and 0 <= s.temperature <= 100, f"temperature must be in [0, 100], got {s.temperature}")
-        check(math.isfinite(s.top_p) and 0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}")
-        check(s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}")
+        check_params(s)
         penalty = s.repetition_penalty if s.HasField("repetition_penalty") else self.default_repetition_penalty
-        check(math.isfinite(penalty) and 0.01 <= penalty <= 10, f"repetition_penalty must be in [0.01, 10], got {penalty}")
-        check(all(0 <= t < self.vocab_size for t in s.stop_token_ids), "stop_token_ids must be vocabulary ids")
+        check_range("repetition_penalty", penalty, 0.01, 10)  # the checkpoint's default too
+        if not all(0 <= t < self.vocab_size for t in s.stop_token_ids):
+            raise invalid_param("stop_token_ids", f"must be vocabulary ids in [0, {self.vocab_size})")
         room = self.family.max_context_tokens - prompt_tokens
         max_new = min(s.max_new_tokens or self.cfg.default_max_new_tokens, room)
         stop_ids = frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else self.eos_token_ids)
         return SamplingSpec(
-            max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-            seed=s.seed if s.HasField("seed") else None, repetition_penalty=penalty, stop_token_ids=stop_ids,
+            max_new_tokens=max_new, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
+            seed=s.seed if s.HasField("seed") else None, repetition_penalty=penalty,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, stop_token_ids=stop_ids,
+            logprobs=s.logprobs, top_logprobs=s.top_logprobs,
         )

@@ -68,13 +68,17 @@ class Qwen2VL(ModelFamily):
                  for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
+    @staticmethod
+    def image_features(model: PreTrainedModel, items: list[dict[str, torch.Tensor]]) -> Any:
+        """The tower on the items' patches, concatenated as the processor lays out one prompt's images."""
+        device = model.device
+        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)  # [all patches, patch values]
+        grid_thw = torch.cat([it["image_grid_thw"] for it in items]).to(device)  # [items, 3]
+        return model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
+
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        device = model.device
-        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)
-        grid_thw = torch.cat([it["image_grid_thw"] for it in items]).to(device)
-        out = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
-        return [ItemEmbeddings(embeddings=e) for e in out.pooler_output]
+        return [ItemEmbeddings(embeddings=e) for e in self.image_features(model, items).pooler_output]
 
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         prefill = super().prefill_inputs(model, token_ids, placed)

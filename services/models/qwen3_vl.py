@@ -29,10 +29,7 @@ class Qwen3VL(Qwen2VL):
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        device = model.device
-        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)
-        grid_thw = torch.cat([it["image_grid_thw"] for it in items]).to(device)
-        out = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
+        out = self.image_features(model, items)
         # pooler_output: one [n_i, H] per item; deepstack_features: per layer, one [n_i, H] per item
         per_layer = out.deepstack_features
         return [

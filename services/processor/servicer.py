@@ -17,6 +17,7 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
 from services.common.tensors import slice_rows, to_named
+from services.llm.sampling import check_params, invalid_param
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
@@ -114,24 +115,40 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                           request.sampling)
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
+        logprobs: list[generation_pb2.TokenLogprobs] = []
         finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
         async for reply in self.llm.stream_generate(llm_request, deadline - loop.time()):
             if reply.token_ids:
                 token_ids.extend(reply.token_ids)
                 delta = text.push(list(reply.token_ids))
-                yield processor_pb2.StreamGenerateResponse(text_delta=delta, token_ids=reply.token_ids)
+                step_logprobs = self._with_token_text(reply.logprobs)
+                logprobs.extend(step_logprobs)
+                yield processor_pb2.StreamGenerateResponse(text_delta=delta, token_ids=reply.token_ids,
+                                                           logprobs=step_logprobs)
                 if text.stopped:
-                    finish_reason = generation_pb2.FINISH_REASON_STOP
                     break
             else:
                 finish_reason = reply.finish_reason
         tail = text.finish()
         if tail:
             yield processor_pb2.StreamGenerateResponse(text_delta=tail)
+        if text.stopped:  # at a push, or in the text the last tokens completed
+            finish_reason = generation_pb2.FINISH_REASON_STOP
         yield processor_pb2.StreamGenerateResponse(completion=processor_pb2.Completion(
             text=text.text, token_ids=token_ids, finish_reason=finish_reason,
-            prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids),
+            prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids), logprobs=logprobs,
         ))
+
+    def _with_token_text(self, logprobs) -> list[generation_pb2.TokenLogprobs]:
+        """The LLM's logprobs with each token's text, as the tokenizer decodes it alone (special tokens kept)."""
+        if not logprobs:
+            return []
+        steps = [generation_pb2.TokenLogprobs(token=step.token, top_logprobs=step.top_logprobs) for step in logprobs]
+        entries = [entry for step in steps for entry in (step.token, *step.top_logprobs)]
+        texts = self.tokenizer.batch_decode([[entry.token_id] for entry in entries], skip_special_tokens=False)
+        for entry, piece in zip(entries, texts, strict=True):
+            entry.text = piece
+        return steps
 
     async def _prepare(self, request) -> Prepared:
         if not request.messages:
@@ -199,10 +216,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                       "image/video/audio parts", reason="RESERVED_TOKEN_IN_TEXT")
 
     def _check_sampling(self, s: generation_pb2.SamplingParams) -> None:
-        """What only the processor handles (stop strings); the LLM checks the rest."""
+        """Stop strings (only the processor applies them) and every range, before any media work; the LLM
+        checks what depends on the model (stop token ids, the checkpoint's default repetition penalty)."""
         if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
-            raise InvalidArgument(f"sampling.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
-                                  "characters", reason="SAMPLING_PARAM_INVALID")
+            raise invalid_param("stop", f"must be at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                "characters")
+        check_params(s)
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
         """Each distinct mm_hash once: the same image twice in a request is encoded once."""

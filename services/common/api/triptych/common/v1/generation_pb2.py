@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#triptych/common/v1/generation.proto\x12\x12triptych.common.v1\"\xe9\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42\x9f\x01\n\x16\x63om.triptych.common.v1B\x0fGenerationProtoP\x01Z+triptych/gen/go/triptych/common/v1;commonv1\xa2\x02\x03TCX\xaa\x02\x12Triptych.Common.V1\xca\x02\x12Triptych\\Common\\V1\xea\x02\x14Triptych::Common::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#triptych/common/v1/generation.proto\x12\x12triptych.common.v1\"\xd5\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\x05\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"x\n\rTokenLogprobs\x12/\n\x05token\x18\x01 \x01(\x0b\x32 .triptych.common.v1.TokenLogprob\x12\x36\n\x0ctop_logprobs\x18\x02 \x03(\x0b\x32 .triptych.common.v1.TokenLogprob*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x42\x9f\x01\n\x16\x63om.triptych.common.v1B\x0fGenerationProtoP\x01Z+triptych/gen/go/triptych/common/v1;commonv1\xa2\x02\x03TCX\xaa\x02\x12Triptych.Common.V1\xca\x02\x12Triptych\\Common\\V1\xea\x02\x14Triptych::Common::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.common.v1.generati
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026com.triptych.common.v1B\017GenerationProtoP\001Z+triptych/gen/go/triptych/common/v1;commonv1\242\002\003TCX\252\002\022Triptych.Common.V1\312\002\022Triptych\\Common\\V1\352\002\024Triptych::Common::V1'
-  _globals['_FINISHREASON']._serialized_start=295
-  _globals['_FINISHREASON']._serialized_end=390
+  _globals['_FINISHREASON']._serialized_start=590
+  _globals['_FINISHREASON']._serialized_end=685
   _globals['_SAMPLINGPARAMS']._serialized_start=60
-  _globals['_SAMPLINGPARAMS']._serialized_end=293
+  _globals['_SAMPLINGPARAMS']._serialized_end=401
+  _globals['_TOKENLOGPROB']._serialized_start=403
+  _globals['_TOKENLOGPROB']._serialized_end=466
+  _globals['_TOKENLOGPROBS']._serialized_start=468
+  _globals['_TOKENLOGPROBS']._serialized_end=588
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from services.common.api.triptych.common.v1 import model_info_pb2 as triptych_do
 from services.common.api.triptych.common.v1 import tensor_pb2 as triptych_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19triptych/llm/v1/llm.proto\x12\x0ftriptych.llm.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\xf0\x01\n\x0fMultimodalInput\x12\x39\n\x0bplaceholder\x18\x01 \x01(\x0b\x32$.triptych.common.v1.PlaceholderRange\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x0fposition_inputs\x18\x04 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\"X\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12;\n\x11multimodal_inputs\x18\x02 \x03(\x0b\x32 .triptych.llm.v1.MultimodalInput\"\x8b\x01\n\x0fGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"u\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\"\x91\x01\n\x15StreamGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"{\n\x16StreamGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\x9f\x02\n\nLlmService\x12O\n\x08Generate\x12 .triptych.llm.v1.GenerateRequest\x1a!.triptych.llm.v1.GenerateResponse\x12\x63\n\x0eStreamGenerate\x12&.triptych.llm.v1.StreamGenerateRequest\x1a\'.triptych.llm.v1.StreamGenerateResponse0\x01\x12[\n\x0cGetModelInfo\x12$.triptych.llm.v1.GetModelInfoRequest\x1a%.triptych.llm.v1.GetModelInfoResponseB\x86\x01\n\x13\x63om.triptych.llm.v1B\x08LlmProtoP\x01Z%triptych/gen/go/triptych/llm/v1;llmv1\xa2\x02\x03TLX\xaa\x02\x0fTriptych.Llm.V1\xca\x02\x0fTriptych\\Llm\\V1\xea\x02\x11Triptych::Llm::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19triptych/llm/v1/llm.proto\x12\x0ftriptych.llm.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\xf0\x01\n\x0fMultimodalInput\x12\x39\n\x0bplaceholder\x18\x01 \x01(\x0b\x32$.triptych.common.v1.PlaceholderRange\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x0fposition_inputs\x18\x04 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\"X\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12;\n\x11multimodal_inputs\x18\x02 \x03(\x0b\x32 .triptych.llm.v1.MultimodalInput\"\x8b\x01\n\x0fGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xaa\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x91\x01\n\x15StreamGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xb0\x01\n\x16StreamGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\x9f\x02\n\nLlmService\x12O\n\x08Generate\x12 .triptych.llm.v1.GenerateRequest\x1a!.triptych.llm.v1.GenerateResponse\x12\x63\n\x0eStreamGenerate\x12&.triptych.llm.v1.StreamGenerateRequest\x1a\'.triptych.llm.v1.StreamGenerateResponse0\x01\x12[\n\x0cGetModelInfo\x12$.triptych.llm.v1.GetModelInfoRequest\x1a%.triptych.llm.v1.GetModelInfoResponseB\x86\x01\n\x13\x63om.triptych.llm.v1B\x08LlmProtoP\x01Z%triptych/gen/go/triptych/llm/v1;llmv1\xa2\x02\x03TLX\xaa\x02\x0fTriptych.Llm.V1\xca\x02\x0fTriptych\\Llm\\V1\xea\x02\x11Triptych::Llm::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,16 +41,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPT']._serialized_end=484
   _globals['_GENERATEREQUEST']._serialized_start=487
   _globals['_GENERATEREQUEST']._serialized_end=626
-  _globals['_GENERATERESPONSE']._serialized_start=628
-  _globals['_GENERATERESPONSE']._serialized_end=745
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=748
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=893
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=895
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1018
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1020
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1041
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1043
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1116
-  _globals['_LLMSERVICE']._serialized_start=1119
-  _globals['_LLMSERVICE']._serialized_end=1406
+  _globals['_GENERATERESPONSE']._serialized_start=629
+  _globals['_GENERATERESPONSE']._serialized_end=799
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=802
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=947
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=950
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1126
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1128
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1149
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1151
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1224
+  _globals['_LLMSERVICE']._serialized_start=1227
+  _globals['_LLMSERVICE']._serialized_end=1514
 # @@protoc_insertion_point(module_scope)

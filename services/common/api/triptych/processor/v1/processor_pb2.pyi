@@ -172,6 +172,7 @@ class Completion(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Generated text, special tokens and any stop string removed."""
     finish_reason: _generation_pb2.FinishReason.ValueType
@@ -184,6 +185,12 @@ class Completion(_message.Message):
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generated token ids, as the model produced them."""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprobs]:
+        """One entry per token_ids entry when sampling.logprobs is set, empty
+        otherwise; each token's text is set.
+        """
+
     def __init__(
         self,
         *,
@@ -192,10 +199,11 @@ class Completion(_message.Message):
         finish_reason: _generation_pb2.FinishReason.ValueType = ...,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        logprobs: _abc.Iterable[_generation_pb2.TokenLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +274,7 @@ class StreamGenerateResponse(_message.Message):
     TEXT_DELTA_FIELD_NUMBER: _builtins.int
     COMPLETION_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     text_delta: _builtins.str
     """Text generated since the previous message. The deltas join to completion.text."""
     @_builtins.property
@@ -276,16 +285,21 @@ class StreamGenerateResponse(_message.Message):
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids generated since the previous message (with text_delta)."""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprobs]:
+        """One entry per token_ids entry when sampling.logprobs is set (with text_delta)."""
+
     def __init__(
         self,
         *,
         text_delta: _builtins.str = ...,
         completion: Global___Completion | None = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_generation_pb2.TokenLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "event", b"event", "text_delta", b"text_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "event", b"event", "text_delta", b"text_delta", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion", b"completion", "event", b"event", "logprobs", b"logprobs", "text_delta", b"text_delta", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text_delta", "completion"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -336,13 +350,17 @@ class PreprocessResponse(_message.Message):
     """The prompt as the chat template rendered it, before placeholder expansion."""
     @_builtins.property
     def encode_request(self) -> _encoder_pb2.EncodeRequest:
-        """The request Generate would send to an encoder. Has no items for a text-only chat."""
+        """The request Generate would send to an encoder. Has no items for a text-only
+        chat, and each mm_hash once: the same image twice in a chat is encoded once.
+        """
 
     @_builtins.property
     def llm_request(self) -> _llm_pb2.GenerateRequest:
         """The request Generate would send to the LLM, with each multimodal input's
         embeddings left empty: they are the encoder's answer for the item with
-        the same mm_hash.
+        the same mm_hash. Several inputs may share one mm_hash (a repeated image,
+        or one image's several placeholder runs): match embeddings to inputs by
+        mm_hash, never by position.
         """
 
     def __init__(
