@@ -71,7 +71,10 @@ def _loaded(name: str):
         for item in processed.items:
             (rows,) = family.encode(model, item.modality, [item.encoder_inputs])
             placed.append(PlacedEmbeddings(item.modality, item.offset, item.length, rows, item.position_inputs))
-        requests.append(Request(torch.tensor(processed.token_ids), placed, max_new_tokens=8 + (i * 5) % 9))
+        token_ids = torch.tensor(processed.token_ids)
+        if i == 14:  # a prompt shorter than Gemma 3's tiny sliding window (16), passing it while batched
+            token_ids = token_ids[:6]
+        requests.append(Request(token_ids, placed, max_new_tokens=8 + (i * 5) % 9))
     family.strip_for_llm(model)
     return family, model, requests
 
@@ -132,7 +135,18 @@ async def _together(engine: Engine, requests: list[Request]) -> list[list[int]]:
         started = asyncio.Event()
         tasks += [asyncio.create_task(_run(engine, r, started if i == 0 else None)) for i, r in enumerate(wave)]
         await started.wait()
-    return list(await asyncio.gather(*tasks))
+    results = list(await asyncio.gather(*tasks))
+    await _drained(engine)
+    return results
+
+
+async def _drained(engine: Engine, timeout_s: float = 30.0) -> None:
+    """Waits until every request has left the engine (rows leave at the step after their last event)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while engine.num_in_flight:
+        assert loop.time() < deadline, f"{engine.num_in_flight} requests still in the engine"
+        await asyncio.sleep(0.01)
 
 
 def _disagreements(alone: tuple[list[int], list[torch.Tensor]], batched: tuple[list[int], list[torch.Tensor]]) -> list[str]:
@@ -174,7 +188,6 @@ def _compare(name: str, monkeypatch) -> tuple[list[str], int]:
         batched = [(tokens, capture.take(r)) for tokens, r in zip(batched_tokens, requests)]
     finally:
         engine.stop()
-    assert engine.num_in_flight == 0
     problems = [f"request {i}: {p}" for i, (a, b) in enumerate(zip(alone, batched)) for p in _disagreements(a, b)]
     return problems, max(sizes)
 
