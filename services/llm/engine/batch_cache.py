@@ -24,8 +24,9 @@ _MERGEABLE = (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer, Dum
 
 
 def can_merge(cache: Cache) -> bool:
-    """Whether every layer of `cache` is of a type this module merges (exact type: subclasses differ)."""
-    return all(type(layer) in _MERGEABLE for layer in cache.layers)
+    """Whether every layer of a fresh `cache` is of a type this module merges (exact type: subclasses
+    differ). A cache that makes its layers only when written says nothing: no."""
+    return bool(cache.layers) and all(type(layer) in _MERGEABLE for layer in cache.layers)
 
 
 def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -151,10 +151,7 @@ class Engine:
 
     def _settle(self, batch: Batch) -> None:
         """Drops the rows that finished or were aborted; an empty batch goes."""
-        for row in batch.rows:
-            if row.aborted and not row.done:
-                row.done = True
-        gone = [row for row in batch.rows if row.done]
+        gone = [row for row in batch.rows if row.done or row.aborted]
         if gone:
             self._fail_on_error(batch, lambda: batch.remove(gone))
             for row in gone:
