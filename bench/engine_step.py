@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.llm.sampling import SamplingSpec  # noqa: E402
-from services.models.registry import family_for  # noqa: E402
-from services.tiny_checkpoints import make_model  # noqa: E402
+from services.llm.sampling import SamplingSpec
+from services.models.registry import family_for
+from services.tiny_checkpoints import make_model
 
 
 def load(model_dir: Path):

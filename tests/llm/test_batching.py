@@ -194,7 +194,7 @@ def _compare(name: str, monkeypatch) -> tuple[list[str], int]:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_batched_rows_decode_as_each_request_alone(name, monkeypatch):
-    family, _, requests = _loaded(name)
+    _, _, requests = _loaded(name)
     assert len({tuple(r.token_ids.tolist()) for r in requests}) == NUM_REQUESTS
     problems, largest = _compare(name, monkeypatch)
     assert not problems, problems

@@ -23,8 +23,8 @@ def _prefilled(family, model, request: Request):
         prefill = family.prefill_inputs(model, request.token_ids, request.placed)
         cache = family.new_cache(model)
         length = request.token_ids.shape[0]
-        kwargs = dict(inputs_embeds=prefill.inputs_embeds, position_ids=prefill.position_ids,
-                      attention_mask=torch.ones(1, length, dtype=torch.long), past_key_values=cache, use_cache=True)
+        kwargs = {"inputs_embeds": prefill.inputs_embeds, "position_ids": prefill.position_ids,
+                  "attention_mask": torch.ones(1, length, dtype=torch.long), "past_key_values": cache, "use_cache": True}
         family.language_model(model)(**(kwargs | prefill.layer_kwargs))
     return cache, length
 

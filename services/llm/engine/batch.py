@@ -83,13 +83,13 @@ class Batch:
         device = engine.model.device
         last = torch.tensor([[row.generated[-1]] for row in rows], device=device)  # [B, 1]
         prefills, lengths = [row.prefill for row in rows], [row.length for row in rows]
-        kwargs = dict(
-            inputs_embeds=engine.embed_tokens(last),  # [B, 1, H]
-            position_ids=family.batch_decode_position_ids(prefills, lengths),  # [B, 1] or [3, B, 1]
-            attention_mask=self.cache.step_mask(),  # [B, width + 1]: left padding masked
-            past_key_values=self.cache.cache,
-            use_cache=True,
-        )
+        kwargs = {
+            "inputs_embeds": engine.embed_tokens(last),  # [B, 1, H]
+            "position_ids": family.batch_decode_position_ids(prefills, lengths),  # [B, 1] or [3, B, 1]
+            "attention_mask": self.cache.step_mask(),  # [B, width + 1]: left padding masked
+            "past_key_values": self.cache.cache,
+            "use_cache": True,
+        }
         out = engine.language_model(**(kwargs | family.batch_decode_kwargs(prefills, lengths)))
         self.cache.advance()
         logits = engine.lm_head(out.last_hidden_state[:, -1])  # [B, vocab]

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable
+from functools import partial
 
 import torch
 from transformers import PreTrainedModel
@@ -153,7 +154,7 @@ class Engine:
         """Drops the rows that finished or were aborted; an empty batch goes."""
         gone = [row for row in batch.rows if row.done or row.aborted]
         if gone:
-            self._fail_on_error(batch, lambda: batch.remove(gone))
+            self._fail_on_error(batch, partial(batch.remove, gone))
             for row in gone:
                 self._release(row)
         if not batch.rows:
@@ -183,7 +184,7 @@ class Engine:
             if batch is None:
                 self._batches[key] = Batch(key, self, row, cache)
             else:
-                self._fail_on_error(batch, lambda: batch.add(row, cache))
+                self._fail_on_error(batch, partial(batch.add, row, cache))
 
     def _prefill(self, row: Row):
         """Runs the request's prompt alone through the family's hooks and samples its first token."""
@@ -193,13 +194,13 @@ class Engine:
             cache = self.family.new_cache(self.model)
             row.sampler = RowSampler(row.sampling, row.token_ids, device)
             length = row.token_ids.shape[0]
-            kwargs = dict(
-                inputs_embeds=row.prefill.inputs_embeds,
-                position_ids=row.prefill.position_ids,
-                attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
-                past_key_values=cache,
-                use_cache=True,
-            )
+            kwargs = {
+                "inputs_embeds": row.prefill.inputs_embeds,
+                "position_ids": row.prefill.position_ids,
+                "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
+                "past_key_values": cache,
+                "use_cache": True,
+            }
             out = self.language_model(**(kwargs | row.prefill.layer_kwargs))
             row.placed = []  # the embeddings now live in the cache
             row.prefill.layer_kwargs = {}  # deepstack rows, prefill masks: prefill only
