@@ -12,6 +12,7 @@ Shared code asks a family; it never tests which family it has (STYLE.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -234,6 +235,61 @@ class ModelFamily(ABC):
             return None
         position = torch.tensor([[cache_length + prefill.rope_delta]], device=prefill.inputs_embeds.device)
         return position.expand(prefill.position_ids.shape[0], 1, 1)
+
+    # ---- batched decode (services/llm/engine) -------------------------------------------
+    # The engine prefills each request alone (the hooks above), merges its cache into one batch
+    # cache by layer type, and decodes all rows of a batch in one forward with a [B, P+1] padding
+    # mask. A family whose rows cannot share that forward exactly says so here.
+    supports_batching: ClassVar[bool] = True
+
+    def batch_key(self, prompt_length: int, max_new_tokens: int) -> Hashable | None:
+        """Which rows may share a decode forward: rows with equal keys; None: this row decodes alone.
+
+        Default: one key for all, except where the rotary frequencies of a forward depend on the
+        largest position in it (longrope switches to its long factors, dynamic NTK rescales, past
+        `original_max_position_embeddings`): a row that may pass that length decodes alone, as it
+        would in generate(); rows that stay below it share one batch.
+        """
+        if not self.supports_batching:
+            return None
+        limit = self._position_dependent_rope_limit()
+        if limit is not None and prompt_length + max_new_tokens > limit:
+            return None
+        return "batch"
+
+    def _position_dependent_rope_limit(self) -> int | None:
+        params = getattr(self.text_config, "rope_parameters", None) or {}
+        # one dict, or one per layer type (Gemma 3)
+        entries = [params] if "rope_type" in params else [v for v in params.values() if isinstance(v, dict)]
+        limits = [int(e.get("original_max_position_embeddings") or self.max_context_tokens)
+                  for e in entries if e.get("rope_type") in ("longrope", "dynamic")]
+        return min(limits) if limits else None
+
+    def batch_decode_position_ids(self, prefills: list[PrefillInputs], lengths: list[int]) -> torch.Tensor:
+        """Position ids of one decode step for rows whose caches hold `lengths` real tokens (padding not
+        counted): [B, 1], or [k, B, 1] when a row has k-axis positions (mRoPE).
+
+        Each row's position is `decode_position_ids` alone; a row with 1-D positions in an mRoPE batch
+        (a text-only prompt) gets its position on every axis, as the model expands 2-D positions itself.
+        """
+        device = prefills[0].inputs_embeds.device
+        rows = [torch.tensor([[length]], device=device) if row is None else row  # [1, 1] or [k, 1, 1]
+                for row, length in ((self.decode_position_ids(prefill, length), length)
+                                    for prefill, length in zip(prefills, lengths, strict=True))]
+        axes = max((row.shape[0] for row in rows if row.ndim == 3), default=0)
+        if not axes:
+            return torch.cat(rows)  # [B, 1]
+        return torch.cat([row if row.ndim == 3 else row.expand(axes, 1, 1) for row in rows], dim=1)  # [k, B, 1]
+
+    def batch_decode_kwargs(self, prefills: list[PrefillInputs], lengths: list[int]) -> dict[str, Any]:
+        """Extra language-model kwargs of one decode step over rows (override the engine's). Default: a
+        single row's `decode_kwargs`; a family whose rows need any must override this to batch them."""
+        rows = [self.decode_kwargs(prefill, length) for prefill, length in zip(prefills, lengths, strict=True)]
+        if len(rows) == 1:
+            return rows[0]
+        if any(rows):
+            raise NotImplementedError(f"{type(self).__name__} has per-row decode kwargs; override batch_decode_kwargs")
+        return {}
 
     # ---- shared checks -----------------------------------------------------------------
     def placeholder_token_id(self, tokenizer: PreTrainedTokenizerBase, modality: str) -> int:

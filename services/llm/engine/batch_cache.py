@@ -1,0 +1,97 @@
+"""One cache for all the rows of a decode batch, merged from per-request caches by layer type.
+
+The rows share one timeline of `width` positions; each row's real tokens sit at its right end and
+`mask` [B, width] marks them (1) against the left padding (0). By layer type (DESIGN §4.6):
+- full attention (`DynamicLayer`): keys/values [B, heads, width, head_dim], left-padded with zeros;
+- sliding window (`DynamicSlidingWindowLayer`): the last min(width, window - 1) positions of the same
+  timeline, left-padded likewise, and `cumulative_length` = width: the mask functions place the
+  window by it (a wrong value shifts every row's window);
+- Mamba conv/SSM state (`LinearAttentionLayer`): one state per row, concatenated on dim 0; decode
+  steps use no mask for them;
+- no cache (`DummyLayer`, MoE blocks): nothing.
+Any other layer type (quantized, indexed, mixed linear + attention) is not merged: `can_merge` says
+so and the engine decodes such a model one request per forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Cache
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
+
+_MERGEABLE = (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer, DummyLayer)
+
+
+def can_merge(cache: Cache) -> bool:
+    """Whether every layer of a fresh `cache` is of a type this module merges (exact type: subclasses
+    differ). A cache that makes its layers only when written says nothing: no."""
+    return bool(cache.layers) and all(type(layer) in _MERGEABLE for layer in cache.layers)
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, heads, length, D], zeros on the left."""
+    return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
+
+
+def _linear_states(layer: LinearAttentionLayer) -> list[tuple[dict, int]]:
+    return [(states, i) for states in (layer.conv_states, layer.recurrent_states)
+            for i, state in states.items() if state is not None]
+
+
+class BatchCache:
+    """A batch's cache and its padding mask. Starts as one request's own cache, unchanged, so a request
+    decoded alone runs exactly as generate() does (no padding, no copy)."""
+
+    def __init__(self, cache: Cache, length: int, device: torch.device):
+        self.cache = cache
+        self.mask = torch.ones(1, length, dtype=torch.long, device=device)  # [B, width]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def append(self, cache: Cache, length: int) -> None:
+        """Adds one request's prefilled cache (batch 1, `length` tokens) as the last row."""
+        width = max(self.width, length)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            if isinstance(mine, DummyLayer) or getattr(mine, "keys", 0) is None:  # no cache, or never written
+                continue
+            if isinstance(mine, LinearAttentionLayer):
+                for (states, i), (other, _) in zip(_linear_states(mine), _linear_states(theirs), strict=True):
+                    states[i] = torch.cat([states[i], other[i]])
+                continue
+            stored = min(width, mine.sliding_window - 1) if isinstance(mine, DynamicSlidingWindowLayer) else width
+            mine.keys = torch.cat([_pad_left(mine.keys, stored), _pad_left(theirs.keys, stored)])
+            mine.values = torch.cat([_pad_left(mine.values, stored), _pad_left(theirs.values, stored)])
+            if isinstance(mine, DynamicSlidingWindowLayer):
+                mine.cumulative_length = width
+        row = torch.zeros(1, width, dtype=self.mask.dtype, device=self.mask.device)
+        row[:, width - length :] = 1
+        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row])
+
+    def step_mask(self) -> torch.Tensor:
+        """The attention mask of the next decode step: [B, width + 1]."""
+        return F.pad(self.mask, (0, 1), value=1)
+
+    def advance(self) -> None:
+        """Records that a decode step appended one real token to every row."""
+        self.mask = self.step_mask()
+
+    def select(self, keep: list[int]) -> None:
+        """Keeps rows `keep` (in that order), then drops the left padding they all share."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.reorder_cache(index)  # batch_select_indices raises on linear-attention layers
+        self.mask = self.mask.index_select(0, index)
+        trim = int(self.mask.any(dim=0).long().argmax())  # first position some row really holds
+        if trim == 0:
+            return
+        self.mask = self.mask[:, trim:]
+        for layer in self.cache.layers:
+            if type(layer) is DynamicLayer:
+                layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+            elif type(layer) is DynamicSlidingWindowLayer:
+                stored = min(self.width, layer.sliding_window - 1)
+                layer.keys, layer.values = layer.keys[:, :, -stored:], layer.values[:, :, -stored:]
+                layer.cumulative_length = self.width
+

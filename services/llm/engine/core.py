@@ -1,0 +1,237 @@
+"""The LLM engine: one thread owns torch; every step is one decode forward over all running requests.
+
+The asyncio side submits a request and iterates its events; a request whose consumer goes away
+(cancelled RPC, deadline) is aborted and leaves the batch at the next step.
+
+A step: (1) rows that finished or were aborted leave their batch (their cache rows are dropped and
+the left padding all remaining rows share is trimmed); (2) new requests are prefilled, each alone,
+until the step's prompt tokens reach `max_batch_tokens` (at least one request per step), and each
+one's cache is merged once into its batch; (3) one decode forward per batch (batch.py).
+
+Why prefill alone and not chunked with the decode rows: a prefill runs the family's hooks unchanged
+(Gemma 3's bidirectional image blocks, Qwen3-VL's deepstack, mRoPE positions), exactly as generate()
+does, and on this CPU a prefill of a few hundred tokens (~30 ms on the bench model) costs a few decode
+steps, so the running rows wait at most one step budget; `max_batch_tokens` bounds that wait.
+
+Rows share a batch when the family gives them the same `batch_key` (normally all of them); a
+family that cannot batch, or a cache whose layers batch_cache.py does not merge, gets one batch per
+request, decoded in turn: batch size 1, as exact as generate().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Hashable
+from functools import partial
+
+import torch
+from transformers import PreTrainedModel
+
+from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
+from services.llm.engine.batch import Batch, Finished, Row
+from services.llm.engine.batch_cache import can_merge
+from services.llm.sampling import RowSampler, SampledToken, SamplingSpec
+from services.models.base import ModelFamily, PlacedEmbeddings
+
+log = logging.getLogger(__name__)
+
+# ~4 prefills of a typical prompt per step: on a CPU ~100 ms of prefill for the bench model, so the
+# running rows wait a few decode steps at most while a burst of new requests joins.
+DEFAULT_MAX_BATCH_TOKENS = 512
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[object], None]:
+    """A thread-safe push onto a request's queue; a consumer whose loop has closed is ignored."""
+
+    def emit(event: object) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    return emit
+
+
+class Engine:
+    def __init__(self, family: ModelFamily, model: PreTrainedModel, max_running: int, max_waiting: int, *,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+        self.family = family
+        self.model = model
+        self.language_model = family.language_model(model)
+        self.lm_head = family.lm_head(model)
+        self.embed_tokens = model.get_input_embeddings()
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.max_batch_tokens = max_batch_tokens  # prompt tokens prefilled in one step (at least one request)
+        self.batching = can_merge(family.new_cache(model))
+        self._waiting: queue.Queue[Row | None] = queue.Queue()
+        self._batches: dict[Hashable, Batch] = {}  # by batch key; rows that decode alone by their request id
+        self._by_id: dict[int, Row] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread ---------------------------------------------------------------------
+    def submit(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings], sampling: SamplingSpec,
+               emit: Callable[[object], None]) -> int:
+        """Queues a request and returns its id. `emit`, called on the engine thread, receives its
+        SampledToken events, then Finished, or a TriptychError. Full: RESOURCE_EXHAUSTED at once."""
+        with self._lock:
+            if len(self._by_id) >= self.max_running + self.max_waiting:
+                raise ResourceExhausted(
+                    f"the LLM has {len(self._by_id)} requests in flight (limit "
+                    f"{self.max_running + self.max_waiting}); retry later",
+                    reason="LLM_QUEUE_FULL")
+            row = Row(next(self._ids), token_ids, placed, sampling, emit=emit)
+            self._by_id[row.request_id] = row
+        self._waiting.put(row)
+        return row.request_id
+
+    def abort(self, request_id: int) -> None:
+        """Frees the request's rows and cache at the next step; a no-op once it has finished."""
+        with self._lock:
+            row = self._by_id.get(request_id)
+        if row is not None:
+            row.aborted = True
+
+    # ---- asyncio side -------------------------------------------------------------------
+    async def generate(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings],
+                       sampling: SamplingSpec) -> AsyncIterator[SampledToken | Finished]:
+        """Yields the generated tokens one by one, then a Finished event."""
+        events: asyncio.Queue = asyncio.Queue()
+        request_id = self.submit(token_ids, placed, sampling, _emitter(asyncio.get_running_loop(), events))
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self.abort(request_id)  # a consumer that went away (cancelled RPC, deadline)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ends the engine thread; requests still in it fail with UNAVAILABLE.
+
+        Joined, not left as a daemon: a thread inside torch at interpreter exit aborts the process.
+        """
+        self._stopped = True
+        self._waiting.put(None)  # wakes the thread
+        self._thread.join(timeout_s)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._by_id)
+
+    # ---- engine thread ------------------------------------------------------------------
+    @property
+    def _num_running(self) -> int:
+        return sum(len(batch.rows) for batch in self._batches.values())
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopped:
+            for batch in list(self._batches.values()):
+                self._settle(batch)
+            self._admit()
+            for batch in list(self._batches.values()):
+                self._fail_on_error(batch, batch.decode)
+        with self._lock:
+            left = list(self._by_id.values())
+        for row in left:
+            row.emit(Unavailable("the LLM service is shutting down; retry on another replica",
+                                 reason="LLM_SHUTTING_DOWN"))
+            self._release(row)
+
+    def _settle(self, batch: Batch) -> None:
+        """Drops the rows that finished or were aborted; an empty batch goes."""
+        gone = [row for row in batch.rows if row.done or row.aborted]
+        if gone:
+            self._fail_on_error(batch, partial(batch.remove, gone))
+            for row in gone:
+                self._release(row)
+        if not batch.rows:
+            self._batches.pop(batch.key, None)
+
+    def _admit(self) -> None:
+        """Prefills waiting requests (blocking when nothing runs) and merges each into its batch."""
+        budget = self.max_batch_tokens
+        while self._num_running < self.max_running and budget > 0:
+            try:
+                row = self._waiting.get(block=not self._batches)
+            except queue.Empty:
+                return
+            if row is None:  # stop()
+                return
+            if row.aborted:
+                self._release(row)
+                continue
+            budget -= row.token_ids.shape[0]
+            cache = self._prefill(row)
+            if cache is None or row.done:
+                self._release(row)
+                continue
+            key = self.family.batch_key(row.token_ids.shape[0], row.sampling.max_new_tokens) if self.batching else None
+            key = ("alone", row.request_id) if key is None else key
+            batch = self._batches.get(key)
+            if batch is None:
+                self._batches[key] = Batch(key, self, row, cache)
+            else:
+                self._fail_on_error(batch, partial(batch.add, row, cache))
+
+    def _prefill(self, row: Row):
+        """Runs the request's prompt alone through the family's hooks and samples its first token."""
+        device = self.model.device
+        try:
+            row.prefill = self.family.prefill_inputs(self.model, row.token_ids.to(device), row.placed)
+            cache = self.family.new_cache(self.model)
+            row.sampler = RowSampler(row.sampling, row.token_ids, device)
+            length = row.token_ids.shape[0]
+            kwargs = {
+                "inputs_embeds": row.prefill.inputs_embeds,
+                "position_ids": row.prefill.position_ids,
+                "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
+                "past_key_values": cache,
+                "use_cache": True,
+            }
+            out = self.language_model(**(kwargs | row.prefill.layer_kwargs))
+            row.placed = []  # the embeddings now live in the cache
+            row.prefill.layer_kwargs = {}  # deepstack rows, prefill masks: prefill only
+            row.length = length
+            row.accept(row.sampler.sample(self.lm_head(out.last_hidden_state[:, -1])[0]))
+            return cache
+        except Exception as err:  # noqa: BLE001 — a failed request must not stop the engine
+            self._fail(row, err)
+            return None
+
+    def _fail_on_error(self, batch: Batch, step: Callable[[], None]) -> None:
+        """Runs a batch operation; if it raises, every row of the batch fails (the batch cache is no
+        longer trustworthy) and the batch goes."""
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001
+            for row in batch.rows:
+                self._fail(row, err)
+            self._batches.pop(batch.key, None)
+
+    def _fail(self, row: Row, err: Exception) -> None:
+        if isinstance(err, TriptychError):
+            row.emit(err)
+        else:
+            log.exception("request %d failed", row.request_id, exc_info=err)
+            row.emit(Internal(f"LLM engine failed: {type(err).__name__}: {err}", reason="ENGINE_ERROR"))
+        row.done = True
+        self._release(row)
+
+    def _release(self, row: Row) -> None:
+        row.prefill = None
+        row.sampler = None
+        with self._lock:
+            self._by_id.pop(row.request_id, None)
