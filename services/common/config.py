@@ -86,8 +86,12 @@ class LlmConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     dtype: DType = field(default="float32", metadata=_DTYPE_HELP)
     device: str = field(default="cpu", metadata=_DEVICE_HELP)
-    max_running_requests: int = field(default=8, metadata=doc("requests decoded in turn; more wait in the queue"))
+    max_running_requests: int = field(default=32, metadata=doc(
+        "requests decoded together, one forward per step; more wait in the queue"))
     max_waiting_requests: int = field(default=256, metadata=doc("queued requests; beyond this RESOURCE_EXHAUSTED"))
+    # New requests are prefilled between decode steps, alone, until their prompts reach this many tokens
+    # (at least one per step): it bounds how long running requests wait for newcomers.
+    max_batch_tokens: int = field(default=512, metadata=doc("prompt tokens prefilled between two decode steps"))
     default_max_new_tokens: int = field(default=256, metadata=doc("max_new_tokens of a request that sets none"))
     torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
 

@@ -47,6 +47,7 @@ class EngineSpec:
     device: str
     max_running: int
     max_waiting: int
+    max_batch_tokens: int
     torch_threads: int  # intra-op threads of this process (>= 1)
 
 
@@ -186,7 +187,8 @@ def _load(spec: EngineSpec) -> tuple[Engine, int]:
     family.strip_for_llm(model)
     # The service admits at most max_running + max_waiting. A request it aborted still counts here
     # until the engine's next step drops it, so the engine's own bound leaves room for as many again.
-    engine = Engine(family, model, spec.max_running, spec.max_running + 2 * spec.max_waiting)
+    engine = Engine(family, model, spec.max_running, spec.max_running + 2 * spec.max_waiting,
+                    max_batch_tokens=spec.max_batch_tokens)
     return engine, model.get_input_embeddings().num_embeddings
 
 

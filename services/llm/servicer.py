@@ -85,6 +85,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self.engine = EngineClient(EngineSpec(
             model=checkpoint.path, dtype=str(checkpoint.dtype).removeprefix("torch."), device=cfg.device,
             max_running=cfg.max_running_requests, max_waiting=cfg.max_waiting_requests,
+            max_batch_tokens=cfg.max_batch_tokens,
             torch_threads=torch_threads(cfg.torch_threads)))
         self.engine.start()  # returns once the engine process has loaded the model
         self.vocab_size = self.engine.vocab_size  # the embedding table's rows (may exceed the tokenizer's)

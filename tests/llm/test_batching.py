@@ -91,17 +91,10 @@ class Capture:
         sample = RowSampler.sample
 
         def recording(sampler, logits):
-            key = tuple(sampler.seen[: sampler.prompt_length].tolist())
+            key = tuple(sampler.prompt_ids.tolist())
             self.logits.setdefault(key, []).append(logits.detach().float().clone())
             return sample(sampler, logits)
 
-        init = RowSampler.__init__
-
-        def remembering(sampler, spec, prompt_ids, device="cpu"):
-            init(sampler, spec, prompt_ids, device)
-            sampler.prompt_length = prompt_ids.shape[0]
-
-        monkeypatch.setattr(RowSampler, "__init__", remembering)
         monkeypatch.setattr(RowSampler, "sample", recording)
 
     def take(self, request: Request) -> list[torch.Tensor]:

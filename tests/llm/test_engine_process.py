@@ -33,7 +33,7 @@ LONG = SamplingSpec(max_new_tokens=3000)
 
 def _spec(model, max_running=MAX_RUNNING, max_waiting=MAX_WAITING) -> EngineSpec:
     return EngineSpec(model=model, dtype="float32", device="cpu", max_running=max_running,
-                      max_waiting=max_waiting, torch_threads=1)
+                      max_waiting=max_waiting, max_batch_tokens=512, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
