@@ -21,6 +21,12 @@ from transformers.generation.streamers import BaseStreamer
 from bench.workload import Request, Sample, SideResult, summarize
 
 
+# An EOS id no token has: generation never stops early. (None would not do: `generate` fills unset
+# values from the checkpoint's generation_config, EOS included; transformers' continuous batching
+# itself uses -1 for "disabled".)
+NO_EOS = -1
+
+
 class _TokenClock(BaseStreamer):
     """Notes when each new token leaves `generate` (its first `put` is the prompt)."""
 
@@ -48,7 +54,7 @@ class HfModel:
         """Greedy, exactly `new_tokens`: no EOS to stop at (as Triptych's ignore_eos, which does not
         mask EOS either: `min_new_tokens` would change greedy tokens where EOS is the argmax)."""
         config = copy.deepcopy(self.model.generation_config)
-        config.update(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False, eos_token_id=None,
+        config.update(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False, eos_token_id=NO_EOS,
                       temperature=None, top_p=None, top_k=None)
         return config
 
@@ -76,6 +82,8 @@ def run_sequential(hf: HfModel, requests: list[Request], new_tokens: int, mode: 
         with torch.inference_mode():
             out = hf.model.generate(**(inputs := hf.inputs(request)), generation_config=config, streamer=clock)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if len(ids) != new_tokens:
+            raise RuntimeError(f"generate gave {len(ids)} tokens for request {request.index}, not {new_tokens}")
         samples.append(Sample(request.index, sent, clock.times[0], clock.times[-1], len(ids), ids))
         tick()
     wall = time.perf_counter() - start
@@ -103,6 +111,8 @@ def run_generate_batch(hf: HfModel, requests: list[Request], new_tokens: int, th
         if out.error is not None or not out.timestamps:
             raise RuntimeError(f"generate_batch failed on request {request.index}: {out.error}")
         ids = list(out.generated_tokens)
+        if len(ids) != new_tokens:
+            raise RuntimeError(f"generate_batch gave {len(ids)} tokens for request {request.index}, not {new_tokens}")
         samples.append(Sample(request.index, out.created_time, out.timestamps[0], out.timestamps[-1], len(ids), ids))
         tick()
     return summarize("hf_generate_batch", "text", len(requests), samples, wall, f"{threads} (in process)",

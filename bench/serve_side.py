@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.hf_sides import NO_EOS
 from bench.workload import Request, Sample, SideResult, summarize
 
 # What `transformers serve` imports beyond transformers itself (its `serving` extra).
@@ -86,7 +87,7 @@ class TransformersServe:
         content.append({"type": "text", "text": request.text})
         # The OpenAI API has no ignore_eos; `transformers serve` takes a whole GenerationConfig as JSON
         # instead: greedy, exactly new_tokens, no EOS to stop at (as the other sides).
-        generation = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
+        generation = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": NO_EOS,
                       "pad_token_id": self.pad_token_id}
         return json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}], "stream": True,
                            "max_tokens": new_tokens, "generation_config": json.dumps(generation)}).encode()
