@@ -26,7 +26,9 @@ def table(report: dict) -> str:
 
 
 def write(report: dict, out_dir: Path) -> list[str]:
-    """One PNG per model size and mode: output tokens/s and TTFT p50 against concurrency."""
+    """One PNG per model size and mode: output tokens/s and TTFT p50 against concurrency.
+    Again from a saved report: python -c "import json, pathlib, bench.plots as p;
+    p.write(json.load(open('R.json')), pathlib.Path('DIR'))" (from the repository root)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,12 +60,13 @@ def write(report: dict, out_dir: Path) -> list[str]:
                 ax.set_xlabel("concurrent requests")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)
+            tps.set_ylim(bottom=0)
             ttft.set_yscale("log")
             tps.legend(fontsize=8)
             settings = report["settings"]
             fig.suptitle(f"qwen2_vl {size}, {mode} requests, {settings['new_tokens']} new tokens, "
                          f"{settings['requests']} requests, {report['machine']['cpus']} CPUs"
-                         + (f" — {report['label']}" if report.get("label") else ""), fontsize=10)
+                         + (f"\n{report['label']}" if report.get("label") else ""), fontsize=9)
             fig.tight_layout()
             path = out_dir / f"throughput-{size}-{mode}.png"
             fig.savefig(path, dpi=110)

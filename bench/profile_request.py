@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triptych-arg", action="append", default=[], help="extra flag for `triptych up` (repeatable)")
     p.add_argument("--label", default="")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile_request.json")
+    p.add_argument("--logs-dir", type=Path, default=ROOT / "bench" / "results", help="where the services' log goes")
     args = p.parse_args(argv)
 
     model_dir = ROOT / "build" / "bench-models" / f"qwen2_vl-{args.model_size}"
     if not (model_dir / "config.json").exists():
         make_model("qwen2_vl", model_dir, seed=0, size=args.model_size)
-    log_path = args.out.with_suffix(".log")
+    log_path = args.logs_dir / "profile_request-triptych.log"
     requests = make_requests("image", args.requests)
     with TriptychUp(model_dir, log_path, service_env(args.triptych_threads), args.triptych_arg) as up:
         result, samples, wall_sent = run_triptych(up.address, requests, args.new_tokens, "image", args.concurrency,
