@@ -13,15 +13,23 @@ SIDE_STYLE = {  # side -> (label, matplotlib line style)
 
 
 def table(report: dict) -> str:
-    """One row per side and concurrency: the figures docs/benchmarks.md quotes."""
-    lines = ["| model | mode | side | concurrency | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """One row per side and concurrency: the figures docs/benchmarks.md quotes. The last column:
+    Triptych's output tokens/s over (a) sequential generate, (b) serve at the same concurrency,
+    (c) generate_batch."""
+    short = {"hf_generate_sequential": "a", "transformers_serve": "b", "hf_generate_batch": "c"}
+    lines = ["| model | mode | side | concurrency | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | "
+             "Triptych tok/s ÷ (a) / (b) / (c) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size, block in report["sizes"].items():
         for r in block["results"]:
             conc = "-" if r["concurrency"] is None else r["concurrency"]
+            ratio = ""
+            if r["side"] == "triptych":
+                mine = {x["vs"]: x["output_tokens_per_s"] for x in block["ratios"]
+                        if x["mode"] == r["mode"] and x["concurrency"] == r["concurrency"]}
+                ratio = " / ".join(f"{mine[side]:.2f}x" if side in mine else "-" for side in short)
             lines.append(f"| {size} | {r['mode']} | {r['side']} | {conc} | {r['output_tokens_per_s']:.1f} | "
                          f"{r['requests_per_s']:.2f} | {r['ttft_p50_s'] * 1e3:.0f} ms | {r['ttft_p99_s'] * 1e3:.0f} ms | "
-                         f"{r['tpot_p50_s'] * 1e3:.1f} ms |")
+                         f"{r['tpot_p50_s'] * 1e3:.1f} ms | {ratio} |")
     return "\n".join(lines)
 
 

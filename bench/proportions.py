@@ -84,6 +84,13 @@ def table(shapes: list[Shape]) -> str:
         lambda s: f"{s.flops_per_token / 1e6:.1f} MFLOP")
     row("LM prefill FLOPs of the image tokens", lambda s: f"{s.image_tokens * s.flops_per_token / 1e9:.2f} GFLOP")
     row("one image = how many decoded tokens (FLOPs)", lambda s: f"{s.flops_per_image / s.flops_per_token:.0f}")
+
+    def image_share(s: Shape) -> str:
+        prompt = s.image_tokens + 32  # prefill: image tokens + the text (as `context`)
+        request = s.flops_per_image + (prompt + 128) * s.flops_per_token
+        return f"{s.flops_per_image / request:.0%}"
+
+    row("vision share of an image request's FLOPs (288-token prompt, 128 new tokens)", image_share)
     return "\n".join(rows)
 
 
