@@ -20,7 +20,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from bench.workload import Request, Sample, SideResult, summarize
 
-
 # An EOS id no token has: generation never stops early. (None would not do: `generate` fills unset
 # values from the checkpoint's generation_config, EOS included; transformers' continuous batching
 # itself uses -1 for "disabled".)
@@ -79,8 +78,9 @@ def run_sequential(hf: HfModel, requests: list[Request], new_tokens: int, mode: 
     start = time.perf_counter()
     for request in requests:
         sent, clock = time.perf_counter(), _TokenClock()
+        inputs = hf.inputs(request)  # the processor's time counts: it is part of serving a request
         with torch.inference_mode():
-            out = hf.model.generate(**(inputs := hf.inputs(request)), generation_config=config, streamer=clock)
+            out = hf.model.generate(**inputs, generation_config=config, streamer=clock)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
         if len(ids) != new_tokens:
             raise RuntimeError(f"generate gave {len(ids)} tokens for request {request.index}, not {new_tokens}")

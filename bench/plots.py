@@ -17,8 +17,9 @@ def table(report: dict) -> str:
     Triptych's output tokens/s over (a) sequential generate, (b) serve at the same concurrency,
     (c) generate_batch."""
     short = {"hf_generate_sequential": "a", "transformers_serve": "b", "hf_generate_batch": "c"}
-    lines = ["| model | mode | side | concurrency | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | "
-             "Triptych tok/s ÷ (a) / (b) / (c) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | mode | side | concurrency | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | "
+              "Triptych tok/s ÷ (a) / (b) / (c) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for size, block in report["sizes"].items():
         for r in block["results"]:
             conc = "-" if r["concurrency"] is None else r["concurrency"]

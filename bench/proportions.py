@@ -80,7 +80,7 @@ def table(shapes: list[Shape]) -> str:
     row("vision / language parameters", lambda s: f"{s.params_vision / s.params_lm:.2f}")
     row("patches / image tokens per 448x448 image", lambda s: f"{s.patches} / {s.image_tokens}")
     row("vision FLOPs per image", lambda s: f"{s.flops_per_image / 1e9:.2f} GFLOP")
-    row("LM FLOPs per token (decode, context ~{})".format(shapes[0].context),
+    row(f"LM FLOPs per token (decode, context ~{shapes[0].context})",
         lambda s: f"{s.flops_per_token / 1e6:.1f} MFLOP")
     row("LM prefill FLOPs of the image tokens", lambda s: f"{s.image_tokens * s.flops_per_token / 1e9:.2f} GFLOP")
     row("one image = how many decoded tokens (FLOPs)", lambda s: f"{s.flops_per_image / s.flops_per_token:.0f}")

@@ -116,7 +116,10 @@ def run_size(size: str, args: argparse.Namespace, modes: list[str], levels: list
              serve_status: dict) -> dict:
     path = model_dir(size, args.model_dir)
     n = args.requests
-    tick = lambda: bar.update(1)  # noqa: E731
+
+    def tick() -> None:
+        bar.update(1)
+
     results: list[SideResult] = []
     torch.set_num_threads(args.hf_threads)
     hf = HfModel(path)

@@ -24,7 +24,7 @@ def test_throughput_smoke(tmp_path):
             "--requests", "2", "--concurrency", "1,2", "--new-tokens", "4", "--skip-serve", "--skip-generate-batch",
             "--token-ids", "--no-plots", "--hf-threads", "1", "--out", str(out), "--logs-dir", str(tmp_path)]
     # ~25 s on an idle 2-core machine; the timeout leaves room for a shared one.
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
     report = json.loads(out.read_text())
