@@ -27,8 +27,10 @@ pytestmark = pytest.mark.e2e
 NUM_STREAMS = 50
 PROMPT = [10 + i % 490 for i in range(2000)]  # 2000 text tokens: ~1 MiB of KV cache per request here
 LONG = generation_pb2.SamplingParams(max_new_tokens=5000, ignore_eos=True)
-# Kept caches would add ~50 MiB per round, 150 MiB by the last; the allocator's high-water mark
-# moves by up to ~35 MiB between rounds here (transient prefill buffers), which is no leak.
+# Kept caches would add ~50 MiB per round, 100 MiB from the second round to the last. The first
+# rounds raise the allocator's high-water mark (the batched engine merges up to 50 rows' caches, and
+# transient prefill and merge buffers; seen: +74 MiB after round 1, then +/- 40 MiB), which is no
+# leak: the growth is measured from round 2 on.
 MAX_RSS_GROWTH_MIB = 64
 
 
@@ -110,7 +112,7 @@ def test_cancelled_streams_free_the_engine_and_memory_stays_flat(llm):
         _fresh_request_succeeds(llm.address)
         rss_mib.append(_rss_mib(engine))
     assert _engine_pid(llm.popen.pid) == engine  # the same engine all along: nothing crashed
-    assert max(rss_mib[1:]) - rss_mib[0] < MAX_RSS_GROWTH_MIB, f"engine RSS per round (MiB): {rss_mib}"
+    assert rss_mib[-1] - rss_mib[1] < MAX_RSS_GROWTH_MIB, f"engine RSS per round (MiB): {rss_mib}"
 
 
 def test_engine_crash_is_unavailable_then_the_service_restarts_it(llm):
