@@ -26,7 +26,8 @@ from services.common.tensors import DataType, from_named, from_proto
 from services.llm.engine import Finished
 from services.llm.engine_client import EngineClient
 from services.llm.engine_process import EngineSpec
-from services.llm.sampling import SampledToken, SamplingSpec, check_params, check_range, invalid_param
+from services.common.sampling_params import check_params, check_range, invalid_param
+from services.llm.sampling import SampledToken, SamplingSpec
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 

@@ -17,7 +17,7 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
 from services.common.tensors import slice_rows, to_named
-from services.llm.sampling import check_params, invalid_param
+from services.common.sampling_params import check_params, invalid_param
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
