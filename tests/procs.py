@@ -118,3 +118,12 @@ def start_services(model: Path, allowed_media_dir: Path | None = None, *flags: s
     for proc in (encoder, llm, processor):
         wait_serving(proc.address)
     return ServiceSet(encoder, llm, processor)
+
+
+def engine_pid(service_pid: int) -> int:
+    """The LLM service's engine process: its child running services.llm.engine_process."""
+    for task in Path(f"/proc/{service_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"services.llm.engine_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"no engine process under {service_pid}")

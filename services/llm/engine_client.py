@@ -41,7 +41,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
-from services.llm.engine import Finished
+from services.llm.engine import Finished, events_until_finished
 from services.llm.engine_process import (
     Abort,
     EngineSpec,
@@ -189,13 +189,8 @@ class EngineClient:
             raise Unavailable("the LLM service is shutting down; retry on another replica",
                               reason="LLM_SHUTTING_DOWN") from None
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in events_until_finished(events):
                 yield event
-                if isinstance(event, Finished):
-                    return
         finally:
             with self._lock:
                 still_running = self._requests.pop(request_id, None) is not None

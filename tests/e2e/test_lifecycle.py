@@ -23,7 +23,7 @@ from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from tests.media import image_bytes
-from tests.procs import spawn, start_encoder, start_llm, start_processor, start_services, wait_listening
+from tests.procs import engine_pid, spawn, start_encoder, start_llm, start_processor, start_services, wait_listening
 
 pytestmark = pytest.mark.e2e
 
@@ -34,15 +34,6 @@ def _request(prompt: str, images: list[bytes], max_new_tokens: int = 4, **sampli
     return processor_pb2.GenerateRequest(
         messages=build_messages(prompt, images),
         sampling=generation_pb2.SamplingParams(max_new_tokens=max_new_tokens, **sampling))
-
-
-def _engine_pid(service_pid: int) -> int:
-    """The LLM service's engine process (its child running services.llm.engine_process)."""
-    for task in Path(f"/proc/{service_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"services.llm.engine_process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-    raise AssertionError(f"no engine process under {service_pid}")
 
 
 def test_up_serves_health_reflection_and_generate(qwen2_vl_dir, tmp_path):
@@ -91,13 +82,13 @@ def test_graceful_sigterm_then_downstream_down(qwen2_vl_dir):
             time.sleep(1.0)
             # As a signal to the process group does (Ctrl-C, systemd): the service and its engine
             # process both get it; the service finishes the request, then stops the engine.
-            engine_pid = _engine_pid(services.llm.popen.pid)
+            engine = engine_pid(services.llm.popen.pid)
             services.llm.popen.send_signal(signal.SIGTERM)
-            os.kill(engine_pid, signal.SIGTERM)
+            os.kill(engine, signal.SIGTERM)
             worker.join(120)
             assert result["reply"].completion.completion_tokens == 1500
             assert services.llm.popen.wait(60) == 0
-            assert not Path(f"/proc/{engine_pid}").exists()  # stopped with the service, not left behind
+            assert not Path(f"/proc/{engine}").exists()  # stopped with the service, not left behind
 
             # LLM down: UNAVAILABLE naming the LLM, promptly.
             started = time.monotonic()

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.errors import error_info
-from tests.procs import start_llm, wait_listening, wait_serving
+from tests.procs import engine_pid, start_llm, wait_listening, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -40,15 +40,6 @@ def llm(qwen2_vl_dir):
     wait_serving(wait_listening(proc))
     yield proc
     assert proc.stop() == 0, proc.output()
-
-
-def _engine_pid(service_pid: int) -> int:
-    """The LLM's engine process: the service's child running services.llm.engine_process."""
-    for task in Path(f"/proc/{service_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"services.llm.engine_process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-    raise AssertionError(f"no engine process under {service_pid}")
 
 
 def _rss_mib(pid: int) -> float:
@@ -104,21 +95,21 @@ def _fresh_request_succeeds(address: str) -> None:
 
 
 def test_cancelled_streams_free_the_engine_and_memory_stays_flat(llm):
-    engine = _engine_pid(llm.popen.pid)
+    engine = engine_pid(llm.popen.pid)
     rss_mib = []
     for round_kind in ("cancel", "cancel", "cancel", "deadline"):
         asyncio.run(_round(llm.address, deadline_s=10.0 if round_kind == "deadline" else None))
         _wait_idle(engine)
         _fresh_request_succeeds(llm.address)
         rss_mib.append(_rss_mib(engine))
-    assert _engine_pid(llm.popen.pid) == engine  # the same engine all along: nothing crashed
+    assert engine_pid(llm.popen.pid) == engine  # the same engine all along: nothing crashed
     assert rss_mib[-1] - rss_mib[1] < MAX_RSS_GROWTH_MIB, f"engine RSS per round (MiB): {rss_mib}"
 
 
 def test_engine_crash_is_unavailable_then_the_service_restarts_it(llm):
     """SIGKILL the engine mid-stream: the stream ends UNAVAILABLE (LLM_ENGINE_CRASHED, with a retry
     hint), health says NOT_SERVING until a new engine has loaded the model, then requests succeed."""
-    engine = _engine_pid(llm.popen.pid)
+    engine = engine_pid(llm.popen.pid)
     with grpc.insecure_channel(llm.address) as channel:
         stub = llm_pb2_grpc.LlmServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -142,4 +133,4 @@ def test_engine_crash_is_unavailable_then_the_service_restarts_it(llm):
             time.sleep(0.05)
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
     _fresh_request_succeeds(llm.address)
-    assert _engine_pid(llm.popen.pid) != engine
+    assert engine_pid(llm.popen.pid) != engine

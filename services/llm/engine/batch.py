@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,17 @@ class Finished:
 
     finish_reason: str  # "stop" | "length"
     num_generated: int
+
+
+async def events_until_finished(events: asyncio.Queue) -> AsyncIterator[SampledToken | Finished]:
+    """A request's events as its consumer reads them: tokens, then Finished; an error is raised."""
+    while True:
+        event = await events.get()
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        if isinstance(event, Finished):
+            return
 
 
 @dataclass

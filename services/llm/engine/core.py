@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
-from services.llm.engine.batch import Batch, Finished, Row
+from services.llm.engine.batch import Batch, Finished, Row, events_until_finished
 from services.llm.engine.batch_cache import can_merge
 from services.llm.sampling import RowSampler, SampledToken, SamplingSpec
 from services.models.base import ModelFamily, PlacedEmbeddings
@@ -107,13 +107,8 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         request_id = self.submit(token_ids, placed, sampling, _emitter(asyncio.get_running_loop(), events))
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in events_until_finished(events):
                 yield event
-                if isinstance(event, Finished):
-                    return
         finally:
             self.abort(request_id)  # a consumer that went away (cancelled RPC, deadline)
 
