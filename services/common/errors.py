@@ -13,7 +13,7 @@ happens and what to do; tests/common/test_error_reasons.py keeps the two equal.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -37,19 +37,31 @@ class TriptychError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, reason: str, domain: str | None = None, metadata: dict[str, str] | None = None):
+    def __init__(self, message: str, *, reason: str, domain: str | None = None, metadata: dict[str, str] | None = None,
+                 retry_delay_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.reason = reason  # stable UPPER_SNAKE constant, e.g. "IMAGE_DECODE_FAILED"
         self.domain = domain  # None: the domain of the service that reports it, e.g. "triptych.llm"
         self.metadata = metadata or {}
+        # Set on refusals worth retrying (a full queue, a restarting engine): sent as google.rpc.RetryInfo
+        # and as ErrorInfo metadata retryDelayMs.
+        self.retry_delay_s = retry_delay_s
+        if retry_delay_s is not None:
+            self.metadata.setdefault("retryDelayMs", str(round(retry_delay_s * 1000)))
 
     def to_status(self, default_domain: str = "triptych") -> grpc.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain or default_domain,
                                            metadata=self.metadata)
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+        details = [any_pb2.Any()]
+        details[0].Pack(info)
+        if self.retry_delay_s is not None:
+            delay_ns = round(self.retry_delay_s * 1e9)
+            retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+                seconds=delay_ns // 10**9, nanos=delay_ns % 10**9))
+            details.append(any_pb2.Any())
+            details[1].Pack(retry)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(status)
 
 

@@ -36,9 +36,6 @@ from multiprocessing.reduction import send_handle
 from pathlib import Path
 
 import torch
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
 from services.llm.engine import Finished, events_until_finished
@@ -64,28 +61,6 @@ log = logging.getLogger(__name__)
 RETRY_DELAY_S = 1.0  # the hint a refused caller gets: about one engine step budget and then some
 _ALIGN = 64  # bytes: each tensor of a shared block starts on a cache line
 _HAS_MEMFD = hasattr(os, "memfd_create")
-
-
-class _RetryHint(TriptychError):
-    """A refusal worth retrying: the status carries google.rpc.RetryInfo beside ErrorInfo."""
-
-    def to_status(self, default_domain: str = "triptych"):
-        status = super().to_status(default_domain)
-        proto = status_pb2.Status.FromString(dict(status.trailing_metadata)[rpc_status.GRPC_DETAILS_METADATA_KEY])
-        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-            seconds=int(RETRY_DELAY_S), nanos=int(RETRY_DELAY_S % 1 * 1e9)))
-        detail = any_pb2.Any()
-        detail.Pack(retry)
-        proto.details.append(detail)
-        return rpc_status.to_status(proto)
-
-
-class QueueFull(_RetryHint, ResourceExhausted):
-    pass
-
-
-class EngineUnavailable(_RetryHint, Unavailable):
-    pass
 
 
 @dataclass
@@ -206,16 +181,14 @@ class EngineClient:
                 raise Unavailable("the LLM service is shutting down; retry on another replica",
                                   reason="LLM_SHUTTING_DOWN")
             if not self._ready:
-                raise EngineUnavailable("the LLM engine is restarting after a crash; retry in a few seconds",
-                                        reason="LLM_ENGINE_RESTARTING",
-                                        metadata={"retryDelayMs": str(int(RETRY_DELAY_S * 1000))})
+                raise Unavailable("the LLM engine is restarting after a crash; retry in a few seconds",
+                                  reason="LLM_ENGINE_RESTARTING", retry_delay_s=RETRY_DELAY_S)
             if len(self._requests) >= self.max_in_flight:
-                raise QueueFull(
+                raise ResourceExhausted(
                     f"the LLM has {len(self._requests)} requests in flight (limit {self.max_in_flight}: "
                     f"{self.spec.max_running} running + {self.spec.max_waiting} queued); retry later",
-                    reason="LLM_QUEUE_FULL",
-                    metadata={"maxInFlightRequests": str(self.max_in_flight),
-                              "retryDelayMs": str(int(RETRY_DELAY_S * 1000))})
+                    reason="LLM_QUEUE_FULL", metadata={"maxInFlightRequests": str(self.max_in_flight)},
+                    retry_delay_s=RETRY_DELAY_S)
             request_id = next(self._ids)
             self._requests[request_id] = _Pending(loop, events)
             return request_id, self._conn
@@ -274,9 +247,10 @@ class EngineClient:
             with self._lock:
                 self._ready = False
             self._notify(False)
-            self._fail_all(EngineUnavailable(
+            self._fail_all(Unavailable(
                 f"the LLM engine process {why} while this request was in flight; it is restarting, retry",
-                reason="LLM_ENGINE_CRASHED", metadata={"exitCode": str(proc.returncode)}))
+                reason="LLM_ENGINE_CRASHED", metadata={"exitCode": str(proc.returncode)},
+                retry_delay_s=RETRY_DELAY_S))
             if not self._restart():
                 return
 
@@ -412,7 +386,8 @@ def _event(output: Output) -> object:
     event = output.event
     if isinstance(event, Error):
         if event.reason == "LLM_QUEUE_FULL":  # the engine's own bound (a race with aborts): retryable
-            return QueueFull(event.message, reason="LLM_QUEUE_FULL", metadata=event.metadata)
+            return ResourceExhausted(event.message, reason="LLM_QUEUE_FULL", metadata=event.metadata,
+                                     retry_delay_s=RETRY_DELAY_S)
         return event.exception()
     return event
 

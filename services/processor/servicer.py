@@ -16,8 +16,8 @@ from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
-from services.common.tensors import slice_rows, to_named
 from services.common.sampling_params import check_params, invalid_param
+from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
@@ -89,8 +89,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             yield event
 
     async def Preprocess(self, request: processor_pb2.PreprocessRequest, context) -> processor_pb2.PreprocessResponse:
+        self._check_sampling(request.sampling)  # cheap first: no media work for a bad request
         prepared = await self._prepare(request)
-        self._check_sampling(request.sampling)
         return await self._offload(lambda: processor_pb2.PreprocessResponse(
             prompt_text=prepared.prompt_text,
             encode_request=self._encode_request(prepared),
