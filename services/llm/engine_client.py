@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from services.common.errors import Internal, ResourceExhausted, TriptychError, Unavailable
-from services.llm.engine import Finished, events_until_finished
+from services.llm.engine import Finished, events_until_finished, shutting_down
 from services.llm.engine_process import (
     Abort,
     EngineSpec,
@@ -130,8 +130,7 @@ class EngineClient:
                 self._kill()
                 self._reader.join(10)
         self._sender.shutdown(wait=True)
-        self._fail_all(Unavailable("the LLM service is shutting down; retry on another replica",
-                                   reason="LLM_SHUTTING_DOWN"))
+        self._fail_all(shutting_down())
 
     @property
     def num_in_flight(self) -> int:
@@ -161,8 +160,7 @@ class EngineClient:
         try:
             self._sender.submit(self._send_submit, conn, request_id, token_ids, placed, sampling)
         except RuntimeError:  # stop() shut the sender down since admission
-            raise Unavailable("the LLM service is shutting down; retry on another replica",
-                              reason="LLM_SHUTTING_DOWN") from None
+            raise shutting_down() from None
         try:
             async for event in events_until_finished(events):
                 yield event
@@ -178,8 +176,7 @@ class EngineClient:
     def _admit(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> tuple[int, Connection]:
         with self._lock:
             if self._stopping.is_set():
-                raise Unavailable("the LLM service is shutting down; retry on another replica",
-                                  reason="LLM_SHUTTING_DOWN")
+                raise shutting_down()
             if not self._ready:
                 raise Unavailable("the LLM engine is restarting after a crash; retry in a few seconds",
                                   reason="LLM_ENGINE_RESTARTING", retry_delay_s=RETRY_DELAY_S)

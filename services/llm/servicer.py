@@ -22,11 +22,11 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, torch_threads
 from services.common.errors import InvalidArgument
+from services.common.sampling_params import check_params, check_range, invalid_param
 from services.common.tensors import DataType, from_named, from_proto
 from services.llm.engine import Finished
 from services.llm.engine_client import EngineClient
 from services.llm.engine_process import EngineSpec
-from services.common.sampling_params import check_params, check_range, invalid_param
 from services.llm.sampling import SampledToken, SamplingSpec
 from services.models.base import ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto

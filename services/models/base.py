@@ -176,10 +176,10 @@ class ModelFamily(ABC):
                               where: str) -> None:
         """The LLM's check of an item's position inputs: the schema, and the tokens they imply against
         its placeholder length (so a claimed grid never sizes an allocation)."""
-        bindings = validate(self.position_schema(modality), tensors, where=where, reason="POSITION_INPUT_INVALID")
-        tokens = bindings.get("tokens")
+        schema = self.position_schema(modality)
+        tokens = validate(schema, tensors, where=where, reason="POSITION_INPUT_INVALID").get("tokens")
         if tokens is not None and tokens != length:
-            names = ", ".join(spec.name for spec in self.position_schema(modality).tensors)
+            names = ", ".join(spec.name for spec in schema.tensors)
             raise InvalidArgument(f"{where}: {names} mean {tokens} tokens, the placeholder range has {length}",
                                   reason="POSITION_INPUT_INVALID")
 

@@ -257,9 +257,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
                 ))
                 first_row += length
+        llm_sampling = generation_pb2.SamplingParams()
+        llm_sampling.CopyFrom(sampling)
+        llm_sampling.ClearField("stop")  # stop strings are applied here, on the text; the LLM refuses them
         return request_cls(
             model_fingerprint=self.checkpoint.fingerprint,
             prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
-            # Stop strings are applied here, on the text; the LLM refuses them.
-            sampling=generation_pb2.SamplingParams(**{f.name: v for f, v in sampling.ListFields() if f.name != "stop"}),
+            sampling=llm_sampling,
         )

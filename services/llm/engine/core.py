@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_TOKENS = 512
 
 
+def shutting_down() -> Unavailable:
+    """What a request still in the engine (or arriving) gets when the LLM service stops."""
+    return Unavailable("the LLM service is shutting down; retry on another replica", reason="LLM_SHUTTING_DOWN")
+
+
 def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[object], None]:
     """A thread-safe push onto a request's queue; a consumer whose loop has closed is ignored."""
 
@@ -141,8 +146,7 @@ class Engine:
         with self._lock:
             left = list(self._by_id.values())
         for row in left:
-            row.emit(Unavailable("the LLM service is shutting down; retry on another replica",
-                                 reason="LLM_SHUTTING_DOWN"))
+            row.emit(shutting_down())
             self._release(row)
 
     def _settle(self, batch: Batch) -> None:
