@@ -79,8 +79,8 @@ def read_embeddings(media: processor_pb2.Media, spec: EmbeddingSpec, where: str)
         _check_tensor(name, layer, spec)
         if list(layer.shape) != list(embeddings.shape):
             raise InvalidArgument(f"{name} has shape {list(layer.shape)}, the embeddings {list(embeddings.shape)}; "
-                                  "each deepstack tensor has one row per embedding row", reason="EMBEDDING_SHAPE_MISMATCH",
-                                  metadata={"hiddenSize": str(spec.hidden_size)})
+                                  "each deepstack tensor has one row per embedding row",
+                                  reason="EMBEDDING_SHAPE_MISMATCH", metadata={"hiddenSize": str(spec.hidden_size)})
     item = encoder_pb2.ItemEmbeddings(mm_hash=media.uuid or _content_hash(source, spec.fingerprint),
                                       embeddings=embeddings, deepstack_embeddings=source.deepstack_embeddings)
     # Mode "RGB": what every family's processor converts an image to; the pixel values are never used.

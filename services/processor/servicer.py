@@ -77,7 +77,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             num_deepstack_layers=self.family.num_deepstack_layers, fingerprint=checkpoint.fingerprint,
             max_image_pixels=cfg.max_image_pixels)
         # Small items encoded in this process (--local-encode-max-patches), the rest by the encoder service.
-        self.local_encoder = LocalEncoder(checkpoint, cfg.local_encode_max_patches) if cfg.local_encode_max_patches else None
+        self.local_encoder = (LocalEncoder(checkpoint, cfg.local_encode_max_patches)
+                              if cfg.local_encode_max_patches else None)
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
         self.encoder = EncoderClient(cfg.encoder_addr, checkpoint.fingerprint)
