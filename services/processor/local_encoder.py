@@ -23,13 +23,23 @@ import torch
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.encoder.towers import item_embeddings_proto, load_towers, run_tower
-from services.models.base import ProcessedItem
+from services.models.base import ModelFamily, ProcessedItem
 from services.models.checkpoint import Checkpoint
 from services.models.inputs import evaluate
 
 log = logging.getLogger(__name__)
 
 LOCAL_TORCH_THREADS = 1
+
+
+def item_patches(family: ModelFamily, item: ProcessedItem) -> int:
+    """The item's tower input rows as its family's schema counts them (Qwen: t*h*w; tiles x patches per
+    tile), as the encoder's --max-item-patches does; its placeholder tokens where the schema has no count."""
+    schema = family.encoder_schema(item.modality)
+    if not schema.patches:
+        return item.length
+    bindings = family.check_encoder_item(item.modality, item.encoder_inputs, where="local item")
+    return evaluate(schema.patches, bindings)
 
 
 class LocalEncoder:
@@ -46,13 +56,7 @@ class LocalEncoder:
         self._torch.shutdown(wait=False)
 
     def patches(self, item: ProcessedItem) -> int:
-        """The item's tower input rows as its family's schema counts them (Qwen: t*h*w; tiles x patches per
-        tile); its placeholder tokens where the schema has no count."""
-        schema = self.family.encoder_schema(item.modality)
-        if not schema.patches:
-            return item.length
-        bindings = self.family.check_encoder_item(item.modality, item.encoder_inputs, where="local item")
-        return evaluate(schema.patches, bindings)
+        return item_patches(self.family, item)
 
     def select(self, items: dict[str, ProcessedItem]) -> frozenset[str]:
         """The mm_hashes of the items small enough to encode here (reads shapes only)."""
