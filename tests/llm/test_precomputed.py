@@ -144,6 +144,12 @@ def _add_deepstack(mm):
     mm.deepstack_embeddings.append(mm.embeddings)
 
 
+def _inf_deepstack(mm):
+    rows = torch.zeros(mm.placeholder.length, mm.embeddings.shape[1])
+    rows[1, 3] = -float("inf")
+    mm.deepstack_embeddings[1].CopyFrom(to_proto(rows))
+
+
 def _short_deepstack(mm):
     mm.deepstack_embeddings[0].CopyFrom(to_proto(torch.zeros(mm.placeholder.length - 1, mm.embeddings.shape[1])))
 
@@ -161,7 +167,8 @@ DEEPSTACK = {
     "llava": [(_add_deepstack, "DEEPSTACK_COUNT_MISMATCH", "takes 0 (one per deepstack layer)")],
     "qwen3_vl-x30": [(_drop_deepstack, "DEEPSTACK_COUNT_MISMATCH", "has 1 deepstack_embeddings"),
                      (_add_deepstack, "DEEPSTACK_COUNT_MISMATCH", "has 3 deepstack_embeddings"),
-                     (_short_deepstack, "EMBEDDING_SHAPE_MISMATCH", "deepstack_embeddings[0] of shape")],
+                     (_short_deepstack, "EMBEDDING_SHAPE_MISMATCH", "deepstack_embeddings[0] of shape"),
+                     (_inf_deepstack, "EMBEDDING_NOT_FINITE", "deepstack_embeddings[1] holds NaN or Inf (first at row 1")],
 }
 
 
