@@ -168,7 +168,7 @@ DEEPSTACK = {
     "qwen3_vl-x30": [(_drop_deepstack, "DEEPSTACK_COUNT_MISMATCH", "has 1 deepstack_embeddings"),
                      (_add_deepstack, "DEEPSTACK_COUNT_MISMATCH", "has 3 deepstack_embeddings"),
                      (_short_deepstack, "EMBEDDING_SHAPE_MISMATCH", "deepstack_embeddings[0] of shape"),
-                     (_inf_deepstack, "EMBEDDING_NOT_FINITE", "deepstack_embeddings[1] holds NaN or Inf (first at row 1")],
+                     (_inf_deepstack, "EMBEDDING_NOT_FINITE", "deepstack_embeddings[1] holds NaN or Inf (first")],
 }
 
 
