@@ -141,6 +141,12 @@ class ModelFamily(ABC):
     def max_context_tokens(self) -> int:
         return self.text_config.max_position_embeddings
 
+    @property
+    def num_deepstack_layers(self) -> int:
+        """Extra [num_tokens, hidden] tensors an item's embeddings carry for the LLM's first layers
+        (Qwen3-VL deepstack: one per layer); 0 for a family whose LLM takes the merged rows only."""
+        return 0
+
     # ---- processor ---------------------------------------------------------------------
     @abstractmethod
     def placeholder_token(self, modality: str) -> str:
