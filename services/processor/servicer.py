@@ -7,7 +7,7 @@ import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
@@ -20,7 +20,8 @@ from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
-from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
+from services.common.media import MediaLimits, decode_image
+from services.processor.media import mm_hash, read_media
 from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
 
@@ -38,6 +39,7 @@ class Prepared:
     prompt_text: str
     processed: ProcessedPrompt
     mm_hashes: list[str]  # one per item, in prompt order; the same image twice has the same hash
+    media: list[bytes] = field(default_factory=list)  # each item's file bytes, as received (media mode sends them)
 
     @property
     def unique_items(self) -> dict[str, ProcessedItem]:
@@ -55,11 +57,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.cfg = cfg
         self.hf_processor = self.family.load_processor(checkpoint.path)
         self.tokenizer = self.hf_processor.tokenizer
-        self.limits = MediaLimits(
-            allowed_dirs=tuple(p.resolve() for p in cfg.allowed_media_dirs),
-            max_bytes=cfg.max_media_mib << 20,
-            max_image_pixels=cfg.max_image_pixels,
-        )
+        self.limits = MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels)
+        self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
@@ -169,7 +168,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
-        images, hashes = [], []
+        images, hashes, files = [], [], []
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidArgument(f"messages[{m_index}].role is {message.role!r}; use one of {sorted(ROLES)}",
@@ -193,8 +192,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                               reason="TOO_MANY_IMAGES",
                                               metadata={"maxImagesPerRequest": str(self.cfg.max_images_per_request)})
                     media = getattr(part, kind)
-                    image = decode_image(read_media(media, self.limits, where), self.limits, where)
+                    data = read_media(media, self.limits, self.allowed_media_dirs, where)
+                    image = decode_image(data, self.limits, where)
                     images.append(image)
+                    files.append(data)
                     hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
                     parts.append({"type": IMAGE})
             hf_messages.append({"role": message.role, "content": parts})
@@ -207,7 +208,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if len(processed.items) != len(images):
             raise Internal(f"the {self.family.name} family made {len(processed.items)} media items of "
                            f"{len(images)} images", reason="PREPROCESS_ITEM_MISMATCH")
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes)
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=files)
 
     def _check_text(self, text: str, where: str) -> None:
         for token in self.reserved_tokens:
@@ -224,10 +225,19 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         check_params(s)
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
-        """Each distinct mm_hash once: the same image twice in a request is encoded once."""
+        """Each distinct mm_hash once: the same image twice in a request is encoded once. Media mode
+        sends an item's file as received (the first with its hash), and the encoder makes the same
+        tensors of it (encoder/media_inputs.py); an item without a file still goes as tensors."""
+        files: dict[str, bytes] = {}
+        if self.cfg.encoder_input == "media":
+            for h, data in zip(prepared.mm_hashes, prepared.media):
+                files.setdefault(h, data)
         return encoder_pb2.EncodeRequest(
             model_fingerprint=self.checkpoint.fingerprint,
             items=[
+                encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
+                                      media=encoder_pb2.EncodedMedia(data=files[h]))
+                if h in files else
                 encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
                                       tensors=to_named(item.encoder_inputs))
                 for h, item in prepared.unique_items.items()
