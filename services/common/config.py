@@ -121,7 +121,9 @@ class ProcessorConfig:
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
-    # docs/benchmarks.md (bench/wire.py): bytes on the wire and latency per image of both modes.
-    encoder_input: EncoderInput = field(default="tensors", metadata=doc(
+    # Media by default: about the file's size on the wire instead of 14-140x it, and less time per image
+    # (docs/contract.md "Encoder inputs", measured with bench/wire.py). Tensors keep pixel work off the
+    # encoder's host, for a fast tower whose host CPU is the bottleneck.
+    encoder_input: EncoderInput = field(default="media", metadata=doc(
         "what the processor sends the encoder per item: tensors (the HF processor's outputs) or media "
         "(the compressed file; the encoder runs the HF processor)"))

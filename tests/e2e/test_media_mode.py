@@ -1,7 +1,10 @@
-"""Media mode end to end: the processor (`--encoder-input media`) sends the encoder each image's file,
-the encoder decodes it and runs the HF processor itself; the three services, as separate processes,
-still give transformers' greedy tokens. Qwen2-VL (variable grids) and Phi-4-MM (crops padded across
-a request's images, the family whose features depend on the batch)."""
+"""Both encoder inputs end to end, the three services as separate processes, token-exact vs transformers.
+
+Media mode (`--encoder-input media`, the default, so every family's parity test runs it too): the
+processor sends the encoder each image's file; the encoder decodes it and runs the HF processor
+itself. Here on Qwen2-VL (variable grids) and Phi-4-MM (crops padded across a request's images, the
+family whose features depend on the batch), checking that the files, not tensors, travel. Tensor
+mode (`--encoder-input tensors`): the HF processor's outputs travel, on Qwen2-VL."""
 
 from __future__ import annotations
 
@@ -16,28 +19,30 @@ from tests.parity import CASES, MAX_NEW_TOKENS
 from tests.procs import ServiceSet, start_encoder, start_llm, start_processor, wait_listening, wait_serving
 from tests.reference import hf_generate
 
-FAMILIES = {"qwen2_vl": "AutoModelForImageTextToText", "phi4mm": "AutoModelForCausalLM"}
+AUTO_CLASS = {"qwen2_vl": "AutoModelForImageTextToText", "phi4mm": "AutoModelForCausalLM"}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def media_services(request):
-    model_dir = tiny_checkpoint(request.param)
+@pytest.fixture(scope="module", params=[("qwen2_vl", "media"), ("phi4mm", "media"), ("qwen2_vl", "tensors")],
+                ids=lambda p: "-".join(p))
+def mode_services(request):
+    family, mode = request.param
+    model_dir = tiny_checkpoint(family)
     encoder, llm = start_encoder(model_dir), start_llm(model_dir)
     processor = start_processor(model_dir, wait_listening(encoder), wait_listening(llm), None,
-                                "--encoder-input", "media")
+                                "--encoder-input", mode)
     services = ServiceSet(encoder, llm, processor)
     try:
         wait_listening(processor)
         for proc in (encoder, llm, processor):
             wait_serving(proc.address)
-        yield request.param, services
+        yield family, mode, services
     finally:
         services.stop()
 
 
 @pytest.mark.e2e
-def test_media_mode_is_token_exact(media_services):
-    family, services = media_services
+def test_encoder_input_mode_is_token_exact(mode_services):
+    family, mode, services = mode_services
     model_dir = tiny_checkpoint(family)
     with grpc.insecure_channel(services.address) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
@@ -45,12 +50,15 @@ def test_media_mode_is_token_exact(media_services):
             prompt, images = CASES[case]
             messages = build_messages(prompt, images)
             sampling = generation_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
-            # What goes to the encoder: the files as sent, no tensors.
+            # What goes to the encoder: the files as sent and no tensors, or tensors and no files.
             encode = stub.Preprocess(processor_pb2.PreprocessRequest(messages=messages, sampling=sampling),
                                      timeout=120).encode_request
-            assert [item.media.data for item in encode.items] == images
-            assert all(not item.tensors for item in encode.items)
+            if mode == "media":
+                assert [item.media.data for item in encode.items] == images
+                assert all(not item.tensors for item in encode.items)
+            else:
+                assert all(item.tensors and not item.HasField("media") for item in encode.items)
             completion = stub.Generate(processor_pb2.GenerateRequest(messages=messages, sampling=sampling),
                                        timeout=300).completion
-            expected = hf_generate(model_dir, prompt, images, MAX_NEW_TOKENS, FAMILIES[family])
+            expected = hf_generate(model_dir, prompt, images, MAX_NEW_TOKENS, AUTO_CLASS[family])
             assert list(completion.token_ids) == expected, case
