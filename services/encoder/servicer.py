@@ -1,9 +1,9 @@
 """EncoderService: processed media items in, one embedding set per item out.
 
 An Encode runs in three steps, none on the event loop: parse and check every item against the
-family's schema (a parse thread: proto -> tensors, shapes and per-item budget; a bad item fails the
-request before torch sees any), run the towers (the one torch thread), build the reply (the torch
-thread, tensors -> proto).
+family's schema (a parse thread: proto -> tensors, or a media item's file -> decode + HF processor
+in media_inputs.py; shapes and per-item budget; a bad item fails the request before torch sees
+any), run the towers (the one torch thread), build the reply (the torch thread, tensors -> proto).
 """
 
 from __future__ import annotations
