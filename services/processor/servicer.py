@@ -16,11 +16,11 @@ from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
+from services.common.media import MediaLimits, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
-from services.common.media import MediaLimits, decode_image
 from services.processor.media import mm_hash, read_media
 from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
