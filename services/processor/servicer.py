@@ -49,6 +49,14 @@ class Prepared:
             unique.setdefault(h, item)
         return unique
 
+    @property
+    def unique_files(self) -> dict[str, bytes]:
+        """mm_hash -> the file of the first item with it (items of the same hash decode to the same pixels)."""
+        files: dict[str, bytes] = {}
+        for h, data in zip(self.mm_hashes, self.media):
+            files.setdefault(h, data)
+        return files
+
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: ProcessorConfig):
@@ -225,24 +233,20 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         check_params(s)
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
-        """Each distinct mm_hash once: the same image twice in a request is encoded once. Media mode
-        sends an item's file as received (the first with its hash), and the encoder makes the same
-        tensors of it (encoder/media_inputs.py); an item without a file still goes as tensors."""
-        files: dict[str, bytes] = {}
-        if self.cfg.encoder_input == "media":
-            for h, data in zip(prepared.mm_hashes, prepared.media):
-                files.setdefault(h, data)
+        """Each distinct mm_hash once: the same image twice in a request is encoded once."""
+        files = prepared.unique_files
         return encoder_pb2.EncodeRequest(
             model_fingerprint=self.checkpoint.fingerprint,
-            items=[
-                encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
-                                      media=encoder_pb2.EncodedMedia(data=files[h]))
-                if h in files else
-                encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
-                                      tensors=to_named(item.encoder_inputs))
-                for h, item in prepared.unique_items.items()
-            ],
+            items=[self._encode_item(h, item, files.get(h)) for h, item in prepared.unique_items.items()],
         )
+
+    def _encode_item(self, mm_hash: str, item: ProcessedItem, data: bytes | None) -> encoder_pb2.MediaItem:
+        """One item for the encoder: in media mode its file as received (the encoder makes the same tensors
+        of it, encoder/media_inputs.py), else (or without a file) the HF processor's tensors."""
+        modality = modality_to_proto(item.modality)
+        if data is not None and self.cfg.encoder_input == "media":
+            return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, media=encoder_pb2.EncodedMedia(data=data))
+        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs))
 
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
                      sampling: generation_pb2.SamplingParams) -> T:
