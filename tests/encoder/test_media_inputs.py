@@ -10,10 +10,13 @@ with both images), the media side sends only the files.
 from __future__ import annotations
 
 import asyncio
+import io
 
 import grpc
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -30,9 +33,20 @@ from tests.media import image_bytes
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
             "nemotron_h_omni", "idefics3", "mistral3", "aya_vision")
-# Two images of other sizes and aspects, one PNG and one JPEG: tiling and grids differ between them,
-# and the processor pads the smaller one in a batch (LLaVA-NeXT, Phi-4-MM, Pixtral, Idefics3).
-FILES = (image_bytes(200, 120, seed=3, kind="gradient"), image_bytes(96, 160, seed=4, fmt="JPEG"))
+
+
+def _translucent_png(width: int, height: int) -> bytes:
+    """RGBA with varying alpha: the HF processor composites it onto white; PIL's convert("RGB") would not."""
+    rgba = np.random.default_rng(7).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# Images of other sizes and aspects, PNG (one translucent) and JPEG: tiling and grids differ between
+# them, and the processor pads the smaller ones in a batch (LLaVA-NeXT, Phi-4-MM, Pixtral, Idefics3).
+FILES = (image_bytes(200, 120, seed=3, kind="gradient"), image_bytes(96, 160, seed=4, fmt="JPEG"),
+         _translucent_png(72, 72))
 LIMITS = MediaLimits(max_bytes=32 << 20, max_image_pixels=50_000_000)
 
 
@@ -68,7 +82,7 @@ def _media_item(data: bytes, mm_hash: str = "m") -> encoder_pb2.MediaItem:
 def _tensor_items(servicer: EncoderServicer) -> list[encoder_pb2.MediaItem]:
     """What the processor service sends in tensor mode for a prompt with both images."""
     family, processor = servicer.family, servicer.media_inputs.processor
-    content = [{"type": IMAGE}, {"type": "text", "text": "Compare"}, {"type": IMAGE}]
+    content = [{"type": IMAGE}, {"type": "text", "text": "Compare"}, {"type": IMAGE}, {"type": IMAGE}]
     text = family.render_chat(processor, [{"role": "user", "content": content}])
     images = [decode_image(data, LIMITS, "test") for data in FILES]
     items = family.preprocess(processor, text, images).items
@@ -83,7 +97,7 @@ def test_media_mode_embeddings_equal_tensor_mode_bitwise(family):
     tensor_items = _tensor_items(servicer)
     media_items = [_media_item(data, f"h{i}") for i, data in enumerate(FILES)]
     by_tensors, by_media = _encode(servicer, _request(servicer, tensor_items), _request(servicer, media_items))
-    assert [e.mm_hash for e in by_media.items] == ["h0", "h1"]
+    assert [e.mm_hash for e in by_media.items] == ["h0", "h1", "h2"]
     for expected, got in zip(by_tensors.items, by_media.items, strict=True):
         assert torch.equal(from_proto(expected.embeddings), from_proto(got.embeddings))
         assert len(expected.deepstack_embeddings) == len(got.deepstack_embeddings)
