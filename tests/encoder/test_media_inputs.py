@@ -21,12 +21,12 @@ from PIL import Image
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, ServerConfig
-from services.common.errors import error_info
+from services.common.errors import InvalidArgument, error_info
 from services.common.media import MediaLimits, decode_image
 from services.common.tensors import from_proto, to_named
 from services.encoder.server import start_server
 from services.encoder.servicer import EncoderServicer
-from services.models.base import IMAGE
+from services.models.base import IMAGE, VIDEO
 from services.models.checkpoint import Checkpoint
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
@@ -144,3 +144,10 @@ def test_media_item_goes_through_the_patch_budget(qwen_servicer, monkeypatch):
     monkeypatch.setattr(qwen_servicer, "cfg", dataclasses.replace(qwen_servicer.cfg, max_item_patches=4))
     (err,) = _encode(qwen_servicer, _request(qwen_servicer, [_media_item(FILES[0])]))
     assert error_info(err).reason == "ITEM_TOO_LARGE"
+
+
+def test_media_of_other_modalities_is_refused(qwen_servicer):
+    """Only images are processed from files; a family that gains video or audio still gets its tensors."""
+    with pytest.raises(InvalidArgument) as caught:
+        qwen_servicer.media_inputs.encoder_inputs(_media_item(FILES[0]), VIDEO, "items[0]")
+    assert caught.value.reason == "MEDIA_MODALITY_UNSUPPORTED"
