@@ -63,6 +63,11 @@ _TORCH_THREADS_HELP = doc("torch CPU threads of this service's torch process; 0:
                           "(at least 1), the share of one of the two torch services on a shared host")
 
 
+_MAX_MEDIA_HELP = doc("encoded bytes of one media item, MiB")
+_MAX_PIXELS_HELP = doc("decompression-bomb cap, width * height")
+EncoderInput = Literal["tensors", "media"]
+
+
 def torch_threads(configured: int) -> int:
     """A torch_threads field's value, 0 resolved to half of os.cpu_count() (at least 1)."""
     return configured if configured > 0 else max(1, (os.cpu_count() or 2) // 2)
@@ -78,6 +83,9 @@ class EncoderConfig:
     # Checked before anything is allocated; 65536 is Qwen2-VL's max_pixels default, far above the others'.
     max_item_patches: int = field(default=65536, metadata=doc("patches (tower input rows) one media item may have"))
     torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
+    # Media-mode items (compressed bytes) are decoded here with the processor's limits and code.
+    max_media_mib: int = field(default=32, metadata=_MAX_MEDIA_HELP)
+    max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,8 @@ class ProcessorConfig:
     allowed_media_dirs: tuple[Path, ...] = field(default=(), metadata=doc(
         "directory whose files file:// URLs may name (repeatable; env: a list separated by ':')",
         flag="--allowed-media-dir"))
-    max_media_mib: int = field(default=32, metadata=doc("encoded bytes of one media item, MiB"))
-    max_image_pixels: int = field(default=50_000_000, metadata=doc("decompression-bomb cap, width * height"))
+    max_media_mib: int = field(default=32, metadata=_MAX_MEDIA_HELP)
+    max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
     max_images_per_request: int = field(default=32, metadata=doc("images in one request"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
@@ -117,3 +125,9 @@ class ProcessorConfig:
     local_encode_max_patches: int = field(default=0, metadata=doc(
         "encode media items of at most this many patches (tower input rows) in the processor itself, the rest "
         "in the encoder service; 0: off (the processor then loads no weights)"))
+    # Media by default: about the file's size on the wire instead of 14-140x it, and less time per image
+    # (docs/contract.md "Encoder inputs", measured with bench/wire.py). Tensors keep pixel work off the
+    # encoder's host, for a fast tower whose host CPU is the bottleneck.
+    encoder_input: EncoderInput = field(default="media", metadata=doc(
+        "what the processor sends the encoder per item: tensors (the HF processor's outputs) or media "
+        "(the compressed file; the encoder runs the HF processor)"))

@@ -1,9 +1,9 @@
 """EncoderService: processed media items in, one embedding set per item out.
 
 An Encode runs in three steps, none on the event loop: parse and check every item against the
-family's schema (a parse thread: proto -> tensors, shapes and per-item budget; a bad item fails the
-request before torch sees any), run the towers (the one torch thread), build the reply (the torch
-thread, tensors -> proto).
+family's schema (a parse thread: proto -> tensors, or a media item's file -> decode + HF processor
+in media_inputs.py; shapes and per-item budget; a bad item fails the request before torch sees
+any), run the towers (the one torch thread), build the reply (the torch thread, tensors -> proto).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument
+from services.common.media import MediaLimits
 from services.common.tensors import from_named, to_proto
+from services.encoder.media_inputs import MediaInputs
 from services.encoder.towers import load_towers, run_tower
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
@@ -46,6 +48,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-torch")
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
         self.model = load_towers(checkpoint, cfg.device)
+        self.media_inputs = MediaInputs(self.family, checkpoint.path,
+                                        MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels))
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
@@ -69,7 +73,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             modality = modality_from_proto(item.modality)
             if modality not in self.family.modalities:
                 raise InvalidArgument(f"{where}: this model does not take {modality}", reason="MODALITY_UNSUPPORTED")
-            tensors = from_named(item.tensors)
+            tensors = (self.media_inputs.encoder_inputs(item, modality, where) if item.HasField("media")
+                       else from_named(item.tensors))
             self.family.check_encoder_item(modality, tensors, where=f"{where}.tensors",
                                            max_patches=self.cfg.max_item_patches)
             inputs.append(tensors)

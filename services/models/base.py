@@ -168,6 +168,20 @@ class ModelFamily(ABC):
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         """Runs the HF processor and cuts its output into per-item inputs."""
 
+    def image_encoder_inputs(self, processor: ProcessorMixin, image: Any) -> dict[str, torch.Tensor]:
+        """One image's encoder inputs, exactly as `preprocess` cuts them out of any prompt holding it:
+        what an encoder makes of an image it receives as compressed bytes (services/encoder/media_inputs.py).
+
+        Default: `preprocess` on a chat of that one image. Exact where the processor treats each image
+        on its own, whatever else the prompt holds: padding to a batch's largest image is cut off by
+        the family's split (LLaVA-NeXT, Phi-4-MM) or by the tower itself (Pixtral crops each image to
+        its image_sizes, so its inputs differ in padding only). tests/encoder/test_media_inputs.py
+        proves the embeddings equal per family, bitwise.
+        """
+        text = self.render_chat(processor, [{"role": "user", "content": [{"type": IMAGE}]}])
+        (item,) = self.preprocess(processor, text, [image]).items
+        return item.encoder_inputs
+
     # ---- typed inputs (services/models/inputs.py) ----------------------------------------
     @abstractmethod
     def encoder_schema(self, modality: str) -> ItemSchema:

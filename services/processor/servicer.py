@@ -16,13 +16,14 @@ from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
 from services.common.errors import Internal, InvalidArgument
+from services.common.media import MediaLimits, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.embeds import EmbeddingSpec, check_rows, read_embeddings
 from services.processor.local_encoder import LocalEncoder
-from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
+from services.processor.media import mm_hash, read_media
 from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
 
@@ -44,6 +45,8 @@ class Prepared:
     # and those the processor's local encoder takes.
     precomputed: dict[str, encoder_pb2.ItemEmbeddings] = field(default_factory=dict)
     local: frozenset[str] = frozenset()
+    # Each item's file bytes as received (media mode sends them); None for an item sent as embeddings.
+    media: list[bytes | None] = field(default_factory=list)
 
     @property
     def all_items(self) -> dict[str, ProcessedItem]:
@@ -58,6 +61,15 @@ class Prepared:
         """What the encoder service is asked for, each hash once."""
         return {h: item for h, item in self.all_items.items() if h not in self.precomputed and h not in self.local}
 
+    @property
+    def unique_files(self) -> dict[str, bytes]:
+        """mm_hash -> the file of the first item with it (items of the same hash decode to the same pixels)."""
+        files: dict[str, bytes] = {}
+        for h, data in zip(self.mm_hashes, self.media, strict=True):
+            if data is not None:
+                files.setdefault(h, data)
+        return files
+
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: ProcessorConfig):
@@ -66,11 +78,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.cfg = cfg
         self.hf_processor = self.family.load_processor(checkpoint.path)
         self.tokenizer = self.hf_processor.tokenizer
-        self.limits = MediaLimits(
-            allowed_dirs=tuple(p.resolve() for p in cfg.allowed_media_dirs),
-            max_bytes=cfg.max_media_mib << 20,
-            max_image_pixels=cfg.max_image_pixels,
-        )
+        self.limits = MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels)
+        self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         self.embedding_spec = EmbeddingSpec(
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
@@ -193,7 +202,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
-        images, hashes = [], []
+        images, hashes, files = [], [], []
         precomputed = {}  # image index -> the caller's embeddings (MediaEmbeddings)
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
@@ -222,9 +231,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                         image, given = read_embeddings(media, self.embedding_spec, f"{where}.{kind}")
                         precomputed[len(images)] = given
                         hashes.append(given.item.mm_hash)
+                        files.append(None)
                     else:
-                        image = decode_image(read_media(media, self.limits, where), self.limits, where)
+                        data = read_media(media, self.limits, self.allowed_media_dirs, where)
+                        image = decode_image(data, self.limits, where)
                         hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
+                        files.append(data)
                     images.append(image)
                     parts.append({"type": IMAGE})
             hf_messages.append({"role": message.role, "content": parts})
@@ -239,7 +251,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                            f"{len(images)} images", reason="PREPROCESS_ITEM_MISMATCH")
         for index, given in precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes,
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=files,
                         precomputed={given.item.mm_hash: given.item for given in precomputed.values()})
 
     def _check_text(self, text: str, where: str) -> None:
@@ -258,14 +270,19 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _encode_request(self, prepared: Prepared) -> encoder_pb2.EncodeRequest:
         """Each distinct mm_hash once: the same image twice in a request is encoded once."""
+        files = prepared.unique_files
         return encoder_pb2.EncodeRequest(
             model_fingerprint=self.checkpoint.fingerprint,
-            items=[
-                encoder_pb2.MediaItem(modality=modality_to_proto(item.modality), mm_hash=h,
-                                      tensors=to_named(item.encoder_inputs))
-                for h, item in prepared.unique_items.items()
-            ],
+            items=[self._encode_item(h, item, files.get(h)) for h, item in prepared.unique_items.items()],
         )
+
+    def _encode_item(self, mm_hash: str, item: ProcessedItem, data: bytes | None) -> encoder_pb2.MediaItem:
+        """One item for the encoder: in media mode its file as received (the encoder makes the same tensors
+        of it, encoder/media_inputs.py), else (or without a file) the HF processor's tensors."""
+        modality = modality_to_proto(item.modality)
+        if data is not None and self.cfg.encoder_input == "media":
+            return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, media=encoder_pb2.EncodedMedia(data=data))
+        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs))
 
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
                      sampling: generation_pb2.SamplingParams,

@@ -125,8 +125,10 @@ def test_encoder_rejects_malformed_item(stubs, routed):
     _, encoder, _ = stubs
     request = encoder_pb2.EncodeRequest()
     request.CopyFrom(routed[0].encode_request)
-    del request.items[0].tensors[1]  # drop image_grid_thw
+    data = request.items[0].media.data  # the processor's default --encoder-input media: the file travels
+    request.items[0].media.data = data[: len(data) // 2]  # truncated
     with pytest.raises(grpc.RpcError) as caught:
         encoder.Encode(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "IMAGE_DECODE_FAILED"
     assert len(encoder.Encode(routed[0].encode_request, timeout=30).items) == 2

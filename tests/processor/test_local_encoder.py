@@ -80,14 +80,14 @@ def test_patches_are_the_towers_input_rows(served):
 def test_the_local_tower_runs_on_its_own_thread(served, monkeypatch):
     _, services = served
     family = services.processor.local_encoder.family
-    threads: list[str] = []
+    threads: list[tuple[str, int]] = []
     encode = family.encode
 
     def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
+        threads.append((threading.current_thread().name, torch.get_num_threads()))
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(family, "encode", recording)
     _generate(services, "x", [image_bytes(128, 96, seed=11)])
-    assert threads and all(name.startswith("local-encoder") for name in threads), threads
-    assert torch.get_num_threads() == 1  # the processor's torch stays on one thread
+    # its own thread, with one torch thread (other tests in this process may change the global count)
+    assert threads and all(name.startswith("local-encoder") and count == 1 for name, count in threads), threads

@@ -80,15 +80,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the caller (the processor does), or send stop_token_ids.
     """
     MEDIA_MISSING: _ErrorReason.ValueType  # 12
-    """---- Media (ProcessorService) -------------------------------------------
+    """---- Media (ProcessorService; EncoderService for EncodedMedia items) -----
 
     A Media sets neither data nor url. Code: INVALID_ARGUMENT.
     """
     MEDIA_EMPTY: _ErrorReason.ValueType  # 13
     """A Media's bytes are empty. Code: INVALID_ARGUMENT."""
     MEDIA_TOO_LARGE: _ErrorReason.ValueType  # 14
-    """A media file is larger than the processor's --max-media-mib. Code:
-    INVALID_ARGUMENT. Metadata: maxMediaBytes. Send a smaller file.
+    """A media file is larger than the processor's (or, for an EncodedMedia
+    item, the encoder's) --max-media-mib. Code: INVALID_ARGUMENT. Metadata:
+    maxMediaBytes. Send a smaller file.
     """
     MEDIA_URL_SCHEME_UNSUPPORTED: _ErrorReason.ValueType  # 15
     """A Media url is not a "file://" URL. Code: INVALID_ARGUMENT. Send the
@@ -109,8 +110,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     lists them). Code: INVALID_ARGUMENT.
     """
     IMAGE_TOO_LARGE: _ErrorReason.ValueType  # 20
-    """An image has more pixels than the processor's --max-image-pixels. Code:
-    INVALID_ARGUMENT. Metadata: maxImagePixels. Send a smaller image.
+    """An image has more pixels than the processor's (or, for an EncodedMedia
+    item, the encoder's) --max-image-pixels. Code: INVALID_ARGUMENT.
+    Metadata: maxImagePixels. Send a smaller image.
     """
     IMAGE_DECODE_FAILED: _ErrorReason.ValueType  # 21
     """An image is corrupt, truncated or 0 pixels wide or high. Code:
@@ -121,6 +123,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
     size of the image the embeddings were computed from; the processor needs
     it to expand the image's placeholders.
+    """
+    MEDIA_ITEM_INPUTS_CONFLICT: _ErrorReason.ValueType  # 97
+    """An encoder MediaItem sets both tensors and media; set one (an item with
+    neither is a reference to the encoder's embedding cache). Code:
+    INVALID_ARGUMENT.
+    """
+    MEDIA_MODALITY_UNSUPPORTED: _ErrorReason.ValueType  # 98
+    """An encoder MediaItem carries media of a modality the encoder cannot
+    process from compressed bytes (only images can). Code: INVALID_ARGUMENT.
+    Send its tensors instead.
     """
     TENSOR_DTYPE_UNSUPPORTED: _ErrorReason.ValueType  # 22
     """---- Tensors (EncoderService and LlmService inputs) ---------------------
@@ -415,15 +427,16 @@ and does not apply stop strings. Code: INVALID_ARGUMENT. Apply them in
 the caller (the processor does), or send stop_token_ids.
 """
 MEDIA_MISSING: ErrorReason.ValueType  # 12
-"""---- Media (ProcessorService) -------------------------------------------
+"""---- Media (ProcessorService; EncoderService for EncodedMedia items) -----
 
 A Media sets neither data nor url. Code: INVALID_ARGUMENT.
 """
 MEDIA_EMPTY: ErrorReason.ValueType  # 13
 """A Media's bytes are empty. Code: INVALID_ARGUMENT."""
 MEDIA_TOO_LARGE: ErrorReason.ValueType  # 14
-"""A media file is larger than the processor's --max-media-mib. Code:
-INVALID_ARGUMENT. Metadata: maxMediaBytes. Send a smaller file.
+"""A media file is larger than the processor's (or, for an EncodedMedia
+item, the encoder's) --max-media-mib. Code: INVALID_ARGUMENT. Metadata:
+maxMediaBytes. Send a smaller file.
 """
 MEDIA_URL_SCHEME_UNSUPPORTED: ErrorReason.ValueType  # 15
 """A Media url is not a "file://" URL. Code: INVALID_ARGUMENT. Send the
@@ -444,8 +457,9 @@ IMAGE_FORMAT_UNSUPPORTED: ErrorReason.ValueType  # 19
 lists them). Code: INVALID_ARGUMENT.
 """
 IMAGE_TOO_LARGE: ErrorReason.ValueType  # 20
-"""An image has more pixels than the processor's --max-image-pixels. Code:
-INVALID_ARGUMENT. Metadata: maxImagePixels. Send a smaller image.
+"""An image has more pixels than the processor's (or, for an EncodedMedia
+item, the encoder's) --max-image-pixels. Code: INVALID_ARGUMENT.
+Metadata: maxImagePixels. Send a smaller image.
 """
 IMAGE_DECODE_FAILED: ErrorReason.ValueType  # 21
 """An image is corrupt, truncated or 0 pixels wide or high. Code:
@@ -456,6 +470,16 @@ EMBEDDINGS_IMAGE_SIZE_MISSING: ErrorReason.ValueType  # 104
 size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
 size of the image the embeddings were computed from; the processor needs
 it to expand the image's placeholders.
+"""
+MEDIA_ITEM_INPUTS_CONFLICT: ErrorReason.ValueType  # 97
+"""An encoder MediaItem sets both tensors and media; set one (an item with
+neither is a reference to the encoder's embedding cache). Code:
+INVALID_ARGUMENT.
+"""
+MEDIA_MODALITY_UNSUPPORTED: ErrorReason.ValueType  # 98
+"""An encoder MediaItem carries media of a modality the encoder cannot
+process from compressed bytes (only images can). Code: INVALID_ARGUMENT.
+Send its tensors instead.
 """
 TENSOR_DTYPE_UNSUPPORTED: ErrorReason.ValueType  # 22
 """---- Tensors (EncoderService and LlmService inputs) ---------------------

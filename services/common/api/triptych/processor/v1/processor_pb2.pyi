@@ -423,6 +423,7 @@ class PreprocessResponse(_message.Message):
     def encode_request(self) -> _encoder_pb2.EncodeRequest:
         """The request Generate would send to an encoder. Has no items for a text-only
         chat, and each mm_hash once: the same image twice in a chat is encoded once.
+        Its items carry media or tensors as the processor's --encoder-input says.
         """
 
     @_builtins.property

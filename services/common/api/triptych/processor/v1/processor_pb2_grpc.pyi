@@ -59,8 +59,10 @@ class ProcessorServiceStub:
     started with --local-encode-max-patches encodes small items itself in
     Generate; Preprocess still lists them in encode_request.
 
-    Replies carry the processed media (pixel tensors) inline and often exceed
-    gRPC's default 4 MiB receive limit: raise the client's (Go
+    Replies carry the media inline: the files as received (the processor's
+    --encoder-input media, the default) or the processed pixel tensors
+    (--encoder-input tensors). Either often exceeds gRPC's default 4 MiB
+    receive limit: raise the client's (Go
     grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
     "grpc.max_receive_message_length"), for example to the server's
     --max-message-mib (256 MiB by default).
@@ -99,8 +101,10 @@ class ProcessorServiceAsyncStub(ProcessorServiceStub):
     started with --local-encode-max-patches encodes small items itself in
     Generate; Preprocess still lists them in encode_request.
 
-    Replies carry the processed media (pixel tensors) inline and often exceed
-    gRPC's default 4 MiB receive limit: raise the client's (Go
+    Replies carry the media inline: the files as received (the processor's
+    --encoder-input media, the default) or the processed pixel tensors
+    (--encoder-input tensors). Either often exceeds gRPC's default 4 MiB
+    receive limit: raise the client's (Go
     grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
     "grpc.max_receive_message_length"), for example to the server's
     --max-message-mib (256 MiB by default).
@@ -154,8 +158,10 @@ class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
         started with --local-encode-max-patches encodes small items itself in
         Generate; Preprocess still lists them in encode_request.
 
-        Replies carry the processed media (pixel tensors) inline and often exceed
-        gRPC's default 4 MiB receive limit: raise the client's (Go
+        Replies carry the media inline: the files as received (the processor's
+        --encoder-input media, the default) or the processed pixel tensors
+        (--encoder-input tensors). Either often exceeds gRPC's default 4 MiB
+        receive limit: raise the client's (Go
         grpc.MaxCallRecvMsgSize, Java maxInboundMessageSize, grpc-js and Python
         "grpc.max_receive_message_length"), for example to the server's
         --max-message-mib (256 MiB by default).
