@@ -8,10 +8,10 @@ its health says otherwise, the watch breaks, or a call to it fails UNAVAILABLE.
 
 A request's items are routed one by one: an item a replica is known to hold goes back to it as a
 cache reference (mm_hash, no tensors); any other item goes where the consistent hash of its mm_hash
-points, skipping replicas over the bounded load (ring.py). Each replica's share is one concurrent
-Encode call; the reply comes back in request order. Items whose replica fails UNAVAILABLE are
-retried once on the others, within the request's deadline; other errors pass through as the
-encoder sent them.
+points; either way skipping replicas over the bounded load (ring.py), so a hot image spreads too.
+Each replica's share is one concurrent Encode call; the reply comes back in request order. Items
+whose replica fails UNAVAILABLE are retried once on the others, within the request's deadline;
+other errors pass through as the encoder sent them.
 """
 
 from __future__ import annotations
@@ -409,10 +409,9 @@ class EncoderPool:
         groups: dict[str, list[str]] = {}
         for key in keys:
             held = self._held.get(key)
-            if held and held[0] in candidates and self._holds(candidates[held[0]], key):
-                address = held[0]  # a cache hit costs the holder little: no load bound for it
-            else:
-                address = self._ring.pick(key, loads)
+            holder = held[0] if held and held[0] in candidates and self._holds(candidates[held[0]], key) else None
+            # The holder answers from its cache, unless it is over the bound: then the ring's next encodes it.
+            address = self._ring.pick(key, loads, prefer=holder)
             loads[address] += 1
             groups.setdefault(address, []).append(key)
         return {candidates[a]: group for a, group in groups.items()}

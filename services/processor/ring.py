@@ -49,13 +49,15 @@ class HashRing:
                 if len(seen) == len(self.addresses):
                     return
 
-    def pick(self, key: str, loads: Mapping[str, int], load_factor: float = LOAD_FACTOR) -> str:
-        """The first replica in the key's order that is in `loads` (the candidates) and stays within
-        ceil(load_factor * average load) with this item added."""
+    def pick(self, key: str, loads: Mapping[str, int], prefer: str | None = None,
+             load_factor: float = LOAD_FACTOR) -> str:
+        """The first replica within ceil(load_factor * average load), this item included: `prefer` (the
+        replica known to hold the key's embedding), then the key's order on the ring. `loads` holds
+        the candidates and their items in flight."""
         if not loads:
             raise ValueError("no candidate replicas")
         capacity = math.ceil(load_factor * (sum(loads.values()) + 1) / len(loads))
-        for address in self.walk(key):
+        for address in ([prefer] if prefer in loads else []) + list(self.walk(key)):
             if address in loads and loads[address] + 1 <= capacity:
                 return address
         # Unreachable while every candidate is on the ring: the least loaded is at or below the average.
