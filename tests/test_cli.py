@@ -131,6 +131,14 @@ def test_up_passes_each_child_its_own_config(monkeypatch):
         assert getattr(cfg, expected[0]) == expected[1]
 
 
+def test_up_splits_the_encoders_half_of_the_cores_between_its_encoders():
+    from services.launcher import torch_shares
+
+    assert torch_shares(0, 8) == (4, 4) and torch_shares(0, 8, encoders=2) == (2, 4)
+    assert torch_shares(0, 2, encoders=3) == (1, 1) and torch_shares(3, 8, encoders=2) == (3, 3)
+    assert _parser().parse_args(["up", "--model", "/m", "--encoders", "2"]).encoders == 2
+
+
 def test_cli_repeats_no_default():
     """Defaults live in services/common/config.py: cli.py only names the flags it adds itself."""
     source = (ROOT / "services" / "cli.py").read_text()

@@ -3,6 +3,7 @@ is the whole model's; the killed one comes back on its port and gets traffic aga
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -15,7 +16,7 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.processor.ring import HashRing
 from tests.media import image_bytes
-from tests.procs import Proc, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import Proc, spawn, start_encoder, start_llm, start_processor, wait_listening, wait_serving
 from tests.reference import hf_generate
 
 pytestmark = pytest.mark.e2e
@@ -100,3 +101,18 @@ def test_an_encoder_killed_mid_stream_fails_no_request_and_comes_back(qwen2_vl_d
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_up_starts_several_encoders_behind_its_processor(qwen2_vl_dir):
+    up = spawn("up", "up", "--model", str(qwen2_vl_dir), "--port", "0", "--encoders", "2", listen_name="processor")
+    try:
+        address = wait_listening(up)
+        encoders = re.findall(r"\[encoder\] encoder listening on (\S+)", "".join(up.lines))
+        assert len(set(encoders)) == 2
+        for encoder in encoders:
+            _wait_for_line(up, f"encoder {encoder} admitted")
+        with grpc.insecure_channel(address) as channel:
+            stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+            assert _generate(stub, IMAGES[0]) == hf_generate(qwen2_vl_dir, PROMPT, [IMAGES[0]], MAX_NEW_TOKENS)
+    finally:
+        assert up.stop(signal.SIGTERM) == 0, up.output()
