@@ -200,6 +200,7 @@ class EncoderPool:
         self._check: ReplicaCheck = lambda address, info: None
         self._changed = asyncio.Event()  # any replica admitted, ejected or refused
         self._background: set[asyncio.Task] = set()
+        self._retiring: set[Replica] = set()  # gone from DNS, finishing their calls
 
     # ---- start, membership, stop ----------------------------------------------------------
     async def connect(self, timeout_s: float, check: ReplicaCheck | None = None) -> None:
@@ -237,7 +238,7 @@ class EncoderPool:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(r.client.close() for r in self.replicas.values()))
+        await asyncio.gather(*(r.client.close() for r in [*self.replicas.values(), *self._retiring]))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         """A background task outside any request's context (its log lines carry no request id)."""
@@ -284,10 +285,12 @@ class EncoderPool:
         replica.healthy, replica.state = False, "removed (no longer resolved)"
         if replica.watch:
             replica.watch.cancel()
+        self._retiring.add(replica)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETIRE_WAIT_S
         while replica.outstanding and loop.time() < deadline:
             await asyncio.sleep(0.5)
+        self._retiring.discard(replica)
         await replica.client.close()
 
     # ---- health: admission and ejection ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -57,7 +58,7 @@ class HashRing:
         if not loads:
             raise ValueError("no candidate replicas")
         capacity = math.ceil(load_factor * (sum(loads.values()) + 1) / len(loads))
-        for address in ([prefer] if prefer in loads else []) + list(self.walk(key)):
+        for address in itertools.chain([prefer] if prefer in loads else [], self.walk(key)):
             if address in loads and loads[address] + 1 <= capacity:
                 return address
         # Unreachable while every candidate is on the ring: the least loaded is at or below the average.

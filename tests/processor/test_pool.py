@@ -245,6 +245,20 @@ def test_health_not_serving_ejects_and_serving_readmits():
     run(_two_replicas(body))
 
 
+def test_a_replica_back_with_another_model_stays_out():
+    async def body(pool, stubs, servers):
+        b_port = servers[1].port
+        await servers[1].stop(0)
+        await eventually(lambda: healthy(pool) == {servers[0].address})
+        servers[1] = await serve(StubEncoder("b2", info=_info(fingerprint="ffff000011112222")), port=b_port)
+        b = servers[1].address
+        await eventually(lambda: next(s.state for s in pool.stats() if s.address == b).startswith("refused"))
+        assert healthy(pool) == {servers[0].address}
+        reply = await pool.encode(request("x", "y", "z"), 10)
+        assert all(e.startswith("a:") for e in _encoded_by(reply))
+    run(_two_replicas(body))
+
+
 def test_no_healthy_replica_is_unavailable_naming_them():
     async def body():
         server = await serve(StubEncoder("a"))
