@@ -13,7 +13,7 @@ from services.common.flags import add_config_flags, config_from_args
 
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
 # `up` wires the processor to the encoder and LLM it starts itself.
-UP_SKIPS = frozenset({"encoder_addr", "llm_addr"})
+UP_SKIPS = frozenset({"encoder_addrs", "llm_addr"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start processor, encoder and LLM on loopback")
     for config_cls in (ProcessorConfig, EncoderConfig, LlmConfig):  # every service's flags; --port is the processor's
         add_config_flags(p, config_cls, skip=UP_SKIPS, overrides={"port": DEFAULT_PROCESSOR_PORT})
+    p.add_argument("--encoders", type=int, default=1, metavar="N",
+                   help="encoder replicas behind the processor (each its own process, sharing the encoder's cores)")
 
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")

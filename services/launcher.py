@@ -75,33 +75,39 @@ def _wait_serving(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def torch_shares(torch_threads: int, cores: int) -> tuple[int, int]:
-    """(encoder, LLM) torch threads: the user's --torch-threads for both, or the cores split in two
-    (the LLM gets the odd one: it decodes every request's every token; at least one each)."""
+def torch_shares(torch_threads: int, cores: int, encoders: int = 1) -> tuple[int, int]:
+    """(each encoder's, LLM) torch threads: the user's --torch-threads for all, or the cores split in two
+    (the LLM gets the odd one: it decodes every request's every token), the encoders' half shared
+    between the encoder replicas; at least one each."""
     if torch_threads > 0:
         return torch_threads, torch_threads
     encoder = max(1, cores // 2)
-    return encoder, max(1, cores - encoder)
+    return max(1, encoder // encoders), max(1, cores - encoder)
 
 
 def run_up(args: argparse.Namespace) -> int:
     # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
-    skip = frozenset({"port", "encoder_addr", "llm_addr"})
+    skip = frozenset({"port", "encoder_addrs", "llm_addr"})
     children: list[Child] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    encoder_threads, llm_threads = torch_shares(args.torch_threads, os.cpu_count() or 2)
+    if args.encoders < 1:
+        print("error: --encoders must be at least 1", file=sys.stderr)
+        return 2
+    encoder_threads, llm_threads = torch_shares(args.torch_threads, os.cpu_count() or 2, args.encoders)
     torch_skip = skip | {"torch_threads"}  # each gets its own share below
     try:
-        encoder = Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=torch_skip), "--port", "0",
-                                    "--torch-threads", str(encoder_threads)])
+        encoders = [Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=torch_skip),
+                                      "--port", "0", "--torch-threads", str(encoder_threads)])
+                    for _ in range(args.encoders)]
         llm = Child("llm", ["serve", "llm", *child_argv(LlmConfig, args, skip=torch_skip), "--port", "0",
                             "--torch-threads", str(llm_threads)])
-        children += [encoder, llm]
-        encoder_addr, llm_addr = encoder.wait_address(600), llm.wait_address(600)
+        children += [*encoders, llm]
+        encoder_flags = [x for e in encoders for x in ("--encoder", e.wait_address(600))]
+        llm_addr = llm.wait_address(600)
         processor = Child("processor", ["serve", "processor", *child_argv(ProcessorConfig, args, skip=skip),
-                                        "--port", str(args.port), "--encoder", encoder_addr, "--llm", llm_addr],
+                                        "--port", str(args.port), *encoder_flags, "--llm", llm_addr],
                           env={"OMP_NUM_THREADS": "1"})
         children.append(processor)
         processor_addr = processor.wait_address(600)

@@ -44,7 +44,7 @@ class InProcessServices:
         llm, _ = await llm_server.start_server(self.llm, server_cfg)
         self.servers = [encoder, llm]
         self.processor = ProcessorServicer(checkpoint, ProcessorConfig(
-            model=self.model, encoder_addr=encoder.address, llm_addr=llm.address, **self._processor_options))
+            model=self.model, encoder_addrs=(encoder.address,), llm_addr=llm.address, **self._processor_options))
         await self.processor.connect()
         front, _ = await processor_server.start_server(self.processor, server_cfg)
         self.servers.append(front)

@@ -39,14 +39,14 @@ from services.cli import SERVICE_CONFIGS, _parser  # noqa: E402
 from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig  # noqa: E402
 from services.common.flags import ConfigFlag, child_argv, config_flags, config_from_args  # noqa: E402
 
-REQUIRED = {"model": "/models/m", "encoder_addr": "enc:1", "llm_addr": "llm:2"}
+REQUIRED = {"model": "/models/m", "encoder_addrs": "enc:1", "llm_addr": "llm:2"}
 
 
 def _other_value(cf: ConfigFlag) -> tuple[str, typing.Any]:
     """A value unlike the field's default, as text (for flag and env) and as the config holds it."""
     kind = typing.get_args(cf.type)[0] if cf.is_list else cf.type
     if cf.is_list:
-        return os.pathsep.join(["/srv/a", "/srv/b"]), (kind("/srv/a"), kind("/srv/b"))
+        return cf.separator.join(["/srv/a", "/srv/b"]), (kind("/srv/a"), kind("/srv/b"))
     if cf.is_bool:
         return str(not cf.default).lower(), not cf.default
     if typing.get_origin(kind) is typing.Literal:
@@ -80,7 +80,7 @@ def test_every_config_field_has_a_flag_and_an_env_variable(service, cf, monkeypa
     config_cls = SERVICE_CONFIGS[service]
     text, value = _other_value(cf)
     assert value != cf.default
-    flag_args = text.split(os.pathsep) if cf.is_list else [text]
+    flag_args = text.split(cf.separator) if cf.is_list else [text]
     argv = [x for v in flag_args for x in (cf.flag, v)]
     if cf.is_bool:
         argv = [cf.flag if value else "--no-" + cf.flag[2:]]
@@ -102,7 +102,7 @@ def test_defaults_come_from_the_config_dataclasses(monkeypatch):
             monkeypatch.delenv(name)
     cfg = config_from_args(ProcessorConfig, _parser().parse_args(
         ["serve", "processor", "--model", "/m", "--encoder", "e:1", "--llm", "l:2"]))
-    assert cfg == ProcessorConfig(model=Path("/m"), encoder_addr="e:1", llm_addr="l:2")
+    assert cfg == ProcessorConfig(model=Path("/m"), encoder_addrs=("e:1",), llm_addr="l:2")
     assert config_from_args(LlmConfig, _parser().parse_args(["serve", "llm", "--model", "/m"])) == LlmConfig(Path("/m"))
 
 
@@ -123,12 +123,20 @@ def test_up_passes_each_child_its_own_config(monkeypatch):
     assert args.port == 50051  # `up`'s own default: where `generate` looks
     for service, config_cls in SERVICE_CONFIGS.items():
         extra = ["--encoder", "e:1", "--llm", "l:2"] if service == "processor" else []
-        argv = child_argv(config_cls, args, skip=frozenset({"encoder_addr", "llm_addr"}))
+        argv = child_argv(config_cls, args, skip=frozenset({"encoder_addrs", "llm_addr"}))
         cfg = config_from_args(config_cls, _parser().parse_args(["serve", service, *argv, *extra]))
         assert cfg.dtype == "bfloat16" and cfg.server.grace_s == 4
         expected = {"encoder": ("max_items_per_request", 5), "llm": ("max_running_requests", 3),
                     "processor": ("allowed_media_dirs", (Path("/a"),))}[service]
         assert getattr(cfg, expected[0]) == expected[1]
+
+
+def test_up_splits_the_encoders_half_of_the_cores_between_its_encoders():
+    from services.launcher import torch_shares
+
+    assert torch_shares(0, 8) == (4, 4) and torch_shares(0, 8, encoders=2) == (2, 4)
+    assert torch_shares(0, 2, encoders=3) == (1, 1) and torch_shares(3, 8, encoders=2) == (3, 3)
+    assert _parser().parse_args(["up", "--model", "/m", "--encoders", "2"]).encoders == 2
 
 
 def test_cli_repeats_no_default():

@@ -4,7 +4,7 @@ cli.py makes a flag and a TRIPTYCH_* environment variable for every field below
 (`flags.py` reads the fields), so a default written here is the default everywhere.
 A field's help text is `doc(...)` metadata; a plain field still gets a flag, with
 its name as help. Flag `--foo-bar` <-> env `TRIPTYCH_FOO_BAR`; a field may rename
-its flag with `flag=` (e.g. `--encoder` for encoder_addr).
+its flag with `flag=` (e.g. `--encoder` for encoder_addrs).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 DEFAULT_PROCESSOR_PORT = 50051
 
 
-def doc(text: str, flag: str | None = None) -> dict[str, Any]:
-    """Field metadata: the flag's help text, and optionally another flag name than the field's."""
-    return {"help": text, **({"flag": flag} if flag else {})}
+def doc(text: str, flag: str | None = None, separator: str | None = None) -> dict[str, Any]:
+    """Field metadata: the flag's help text, and optionally another flag name than the field's and, for a
+    list, what separates its values in the environment (default ':', like PATH)."""
+    return {"help": text, **({"flag": flag} if flag else {}), **({"separator": separator} if separator else {})}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ class LlmConfig:
 @dataclass(frozen=True)
 class ProcessorConfig:
     model: Path = field(metadata=_MODEL_HELP)
-    encoder_addr: str = field(metadata=doc("encoder address HOST:PORT", flag="--encoder"))
+    # Addresses hold ':', so the environment's list is comma-separated.
+    encoder_addrs: tuple[str, ...] = field(metadata=doc(
+        "encoder address HOST:PORT, one replica each (repeatable); a host name is a replica per address it "
+        "resolves to (env: a list separated by ',')", flag="--encoder", separator=","))
     llm_addr: str = field(metadata=doc("LLM address HOST:PORT", flag="--llm"))
     server: ServerConfig = field(default_factory=ServerConfig)
     # The processor loads no weights, but reports (and checks) the dtype embeddings travel in.
@@ -119,6 +123,8 @@ class ProcessorConfig:
     max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
     max_images_per_request: int = field(default=32, metadata=doc("images in one request"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
+    encoder_resolve_interval_s: float = field(default=30.0, metadata=doc(
+        "seconds between resolutions of --encoder host names (replicas come and go with DNS); 0: only at start"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
     # Off by default: bench/local_encoder.py measures when encoding small items here beats the trip to the encoder.

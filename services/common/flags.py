@@ -3,7 +3,8 @@
 Every field of a service config (and of its nested ServerConfig) becomes `--field-name`
 (or the field's `flag` metadata), with `TRIPTYCH_FIELD_NAME` as its default when set.
 Precedence: flag, then environment, then the dataclass default. Lists (tuple fields)
-repeat the flag, or join their values with ':' in the environment, like PATH.
+repeat the flag, or join their values with ':' in the environment, like PATH (or with the field's
+`separator`, e.g. ',' for addresses).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class ConfigFlag:
     @property
     def is_list(self) -> bool:
         return typing.get_origin(self.type) is tuple
+
+    @property
+    def separator(self) -> str:
+        """What separates a list's values in the environment."""
+        return self.field.metadata.get("separator", os.pathsep)
 
     @property
     def is_bool(self) -> bool:
@@ -123,7 +129,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, skip:
         if cf.is_list:
             # Lists append to None, then config_from_args falls back to the env or the default:
             # argparse would append flags to a non-empty default instead of replacing it.
-            kwargs.update(action="append", type=cf.parse, default=None)
+            kwargs.update(action="append", type=cf.parse, default=None, required=cf.required and env is None)
         elif cf.is_bool:
             kwargs.update(action=argparse.BooleanOptionalAction, metavar=None,
                           default=cf.parse(env) if env is not None else cf.default)
@@ -139,7 +145,7 @@ def _value(cf: ConfigFlag, args: argparse.Namespace) -> Any:
     if cf.is_list:
         if value is None:
             env = os.environ.get(cf.env)
-            value = [cf.parse(x) for x in env.split(os.pathsep) if x] if env else cf.default
+            value = [cf.parse(x) for x in env.split(cf.separator) if x] if env else cf.default
         return tuple(value)
     return value
 

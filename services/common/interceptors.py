@@ -8,6 +8,7 @@ line of a failed call carries it.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import time
 import uuid
@@ -59,6 +60,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+async def stream_responses(inner: Behavior, request, context):
+    """A streaming behavior's responses: an async generator's, or none from a coroutine that writes
+    them itself with context.write() (grpc's own health Watch does)."""
+    result = inner(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable[[Behavior], Behavior],
@@ -113,7 +125,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             async def behavior(request, context):
                 started = await begin(context)
                 try:
-                    async for response in inner(request, context):
+                    async for response in stream_responses(inner, request, context):
                         yield response
                 finally:
                     end(context, started)
@@ -145,7 +157,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def stream(inner: Behavior) -> Behavior:
             async def behavior(request, context):
                 try:
-                    async for response in inner(request, context):
+                    async for response in stream_responses(inner, request, context):
                         yield response
                 except Exception as err:  # noqa: BLE001
                     await _abort(context, method, err, domain)

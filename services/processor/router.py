@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 class Downstream:
     """One channel to an encoder or LLM service, checked to serve our model."""
 
-    def __init__(self, service: str, address: str, stub_class, fingerprint: str):
+    def __init__(self, service: str, address: str, stub_class, fingerprint: str,
+                 extra_options: Sequence[tuple[str, int]] = ()):
         self.service = service
         self.address = address
         self.fingerprint = fingerprint
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = grpc.aio.insecure_channel(address, options=[*channel_options(), *extra_options])
         self.stub = stub_class(self.channel)
 
     async def connect(self, timeout_s: float) -> model_info_pb2.ModelInfo:
@@ -65,8 +66,8 @@ class Downstream:
 
 
 class EncoderClient(Downstream):
-    def __init__(self, address: str, fingerprint: str):
-        super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint)
+    def __init__(self, address: str, fingerprint: str, extra_options: Sequence[tuple[str, int]] = ()):
+        super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint, extra_options)
 
     async def encode(self, request: encoder_pb2.EncodeRequest, timeout_s: float) -> encoder_pb2.EncodeResponse:
         if timeout_s <= 0:

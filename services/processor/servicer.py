@@ -24,7 +24,8 @@ from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.embeds import EmbeddingSpec, check_rows, read_embeddings
 from services.processor.local_encoder import LocalEncoder
 from services.processor.media import mm_hash, read_media
-from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
+from services.processor.pool import EncoderPool
+from services.processor.router import LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,20 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                               if cfg.local_encode_max_patches else None)
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
-        self.encoder = EncoderClient(cfg.encoder_addr, checkpoint.fingerprint)
+        self.encoders = EncoderPool(cfg.encoder_addrs, checkpoint.fingerprint,
+                                    resolve_interval_s=cfg.encoder_resolve_interval_s)
         self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint)
 
     async def connect(self) -> None:
-        """Start-up check: both downstream services answer, serve our model and agree on the dtype."""
-        encoder_info, llm_info = await asyncio.gather(self.encoder.connect(self.cfg.connect_timeout_s),
-                                                      self.llm.connect(self.cfg.connect_timeout_s))
-        check_embedding_dtypes(self.checkpoint.model_info().embedding_dtype,
-                               (self.encoder.address, encoder_info), (self.llm.address, llm_info))
+        """Start-up check: the LLM and at least one encoder answer, serve our model and agree on the dtype
+        (each encoder replica is checked again whenever it is admitted)."""
+        llm_info = await self.llm.connect(self.cfg.connect_timeout_s)
+        own_dtype = self.checkpoint.model_info().embedding_dtype
+        await self.encoders.connect(self.cfg.connect_timeout_s, check=lambda address, info: check_embedding_dtypes(
+            own_dtype, (address, info), (self.llm.address, llm_info)))
 
     async def close(self) -> None:
-        await asyncio.gather(self.encoder.close(), self.llm.close())
+        await asyncio.gather(self.encoders.close(), self.llm.close())
         self._cpu.shutdown(wait=False)
         if self.local_encoder is not None:
             self.local_encoder.close()
@@ -142,7 +145,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         encoded = None
         if prepared.unique_items:
             encode_request = await self._offload(self._encode_request, prepared)
-            encoded = await self.encoder.encode(encode_request, deadline - loop.time())
+            encoded = await self.encoders.encode(encode_request, deadline - loop.time())
         local_embeddings = await local if local is not None else {}
         llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded,
                                           request.sampling, local_embeddings)
@@ -292,7 +295,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         by_hash: dict[str, encoder_pb2.ItemEmbeddings] = {**prepared.precomputed, **(local or {})}
         if reply is not None:
             if [e.mm_hash for e in reply.items] != list(prepared.unique_items):
-                raise Internal(f"the encoder at {self.encoder.address} answered for other items than asked",
+                raise Internal("the encoders answered for other items than asked",
                                reason="ENCODER_REPLY_MISMATCH")
             by_hash.update((e.mm_hash, e) for e in reply.items)
         inputs = []

@@ -8,6 +8,7 @@ import re
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
 
@@ -129,3 +130,12 @@ def test_reflection_v1alpha_lists_services(services):
         reply = next(stub.ServerReflectionInfo(iter([v1alpha_pb2.ServerReflectionRequest(list_services="")]),
                                                timeout=30))
     assert SERVICES <= {s.name for s in reply.list_services_response.service}
+
+
+def test_health_watch_streams_through_the_production_interceptors(services):
+    """grpc's health Watch writes with context.write(); the interceptors once broke it (the pool watches it)."""
+    with grpc.insecure_channel(services.encoder_address) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="triptych.encoder.v1.EncoderService"), timeout=30)
+        assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()

@@ -276,6 +276,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: FAILED_PRECONDITION. Start all three with the same --dtype.
     Metadata: encoderDtype, llmDtype, processorDtype.
     """
+    ENCODER_ADDRESS_INVALID: _ErrorReason.ValueType  # 90
+    """At processor start: an --encoder value is not HOST:PORT, or none was
+    given. Code: INVALID_ARGUMENT. Pass --encoder once per encoder replica
+    (127.0.0.1:50052, [::1]:50052), or a host name that resolves to each.
+    """
     DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 43
     """---- The processor's calls to the encoder and the LLM --------------------
 
@@ -284,7 +289,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ENCODER_UNAVAILABLE: _ErrorReason.ValueType  # 44
     """The encoder did not answer (down, unreachable, or its call was
-    cancelled). Code: UNAVAILABLE. Retry with backoff.
+    cancelled), and no other encoder replica could take the items (the
+    processor retries a failed replica's items once on another). Code:
+    UNAVAILABLE. The message names each replica and its state. Retry with
+    backoff (RetryInfo gives a delay when no replica was healthy).
     """
     ENCODER_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 45
     """The deadline passed while the encoder worked. Code: DEADLINE_EXCEEDED."""
@@ -623,6 +631,11 @@ embedding dtypes differ (e.g. a bfloat16 encoder beside a float32 LLM).
 Code: FAILED_PRECONDITION. Start all three with the same --dtype.
 Metadata: encoderDtype, llmDtype, processorDtype.
 """
+ENCODER_ADDRESS_INVALID: ErrorReason.ValueType  # 90
+"""At processor start: an --encoder value is not HOST:PORT, or none was
+given. Code: INVALID_ARGUMENT. Pass --encoder once per encoder replica
+(127.0.0.1:50052, [::1]:50052), or a host name that resolves to each.
+"""
 DEADLINE_EXCEEDED: ErrorReason.ValueType  # 43
 """---- The processor's calls to the encoder and the LLM --------------------
 
@@ -631,7 +644,10 @@ encoder or the LLM. Code: DEADLINE_EXCEEDED. Retry with a longer deadline.
 """
 ENCODER_UNAVAILABLE: ErrorReason.ValueType  # 44
 """The encoder did not answer (down, unreachable, or its call was
-cancelled). Code: UNAVAILABLE. Retry with backoff.
+cancelled), and no other encoder replica could take the items (the
+processor retries a failed replica's items once on another). Code:
+UNAVAILABLE. The message names each replica and its state. Retry with
+backoff (RetryInfo gives a delay when no replica was healthy).
 """
 ENCODER_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 45
 """The deadline passed while the encoder worked. Code: DEADLINE_EXCEEDED."""
