@@ -78,6 +78,19 @@ class EncoderConfig:
     # Checked before anything is allocated; 65536 is Qwen2-VL's max_pixels default, far above the others'.
     max_item_patches: int = field(default=65536, metadata=doc("patches (tower input rows) one media item may have"))
     torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
+    # Cross-request batching (services/encoder/batcher.py). On a CPU a batched forward often costs more
+    # per item than forwards alone (measured: the bench Qwen2-VL and LLaVA towers), so "auto" measures.
+    batching: Literal["auto", "always", "off"] = field(default="auto", metadata=doc(
+        "items of concurrent calls in one tower forward: auto (where measured forwards show it costs less "
+        "per item), always (up to the limits), off (one item per forward)"))
+    # 0: no deliberate wait; a batch forms from the items that queued while the tower was busy.
+    batch_wait_ms: float = field(default=0.0, metadata=doc(
+        "how long a forward waits for more items after the first arrives, ms"))
+    max_batch_items: int = field(default=32, metadata=doc("items in one tower forward"))
+    max_batch_patches: int = field(default=16384, metadata=doc(
+        "patches (tower input rows) in one tower forward; a larger item runs alone"))
+    cache_mib: int = field(default=1024, metadata=doc(
+        "embedding cache (by mm_hash) budget, MiB; 0: no cache (identical in-flight items still encode once)"))
 
 
 @dataclass(frozen=True)
