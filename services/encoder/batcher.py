@@ -38,6 +38,15 @@ BatchingMode = Literal["auto", "always", "off"]
 RunTower = Callable[[str, list[dict[str, torch.Tensor]]], list[ItemEmbeddings]]
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor on the CPU in storage of its own: an item's rows are often a view into its forward's
+    whole output, which a cached entry would otherwise keep alive (and the cache's byte count miss)."""
+    tensor = tensor.cpu()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
 @dataclass
 class Job:
     """Items that run in one forward, and the future their embeddings (CPU tensors) land in."""
@@ -231,7 +240,7 @@ class Batcher:
         items = [item for job in jobs for item in job.items]
         try:
             out = self._run_tower(jobs[0].modality, items)
-            out = [ItemEmbeddings(embeddings=e.embeddings.cpu(), deepstack=tuple(d.cpu() for d in e.deepstack))
+            out = [ItemEmbeddings(embeddings=_owned(e.embeddings), deepstack=tuple(_owned(d) for d in e.deepstack))
                    for e in out]
         except BaseException as err:  # noqa: BLE001 -- every job of the forward fails with it
             for job in jobs:

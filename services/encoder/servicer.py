@@ -118,9 +118,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         results: list[ItemEmbeddings | None] = [None] * len(request.items)
         hits = [False] * len(request.items)
         pending = self._plan(units, results, hits)
+        waits = [_awaitable(p.future) for p in pending]
         try:
-            done = await asyncio.gather(*(_awaitable(p.future) for p in pending))
+            done = await asyncio.gather(*waits)
         except BaseException:  # cancelled, past its deadline, or a unit failed: the rest need not run
+            for wait in waits:
+                wait.cancel()
             self._abandon(pending)
             raise
         for p, out in zip(pending, done):

@@ -38,6 +38,8 @@ def test_concurrent_calls_share_one_forward(family_name, monkeypatch):
         first.result(60)
         replies = [call.result(60) for call in calls]
         assert gate.forwards == [1, 4]
+        rows = h.servicer.cache.lookup(("image", ("item-0",))).embeddings[0].embeddings
+        assert rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()  # not a view of the batch
         monkeypatch.undo()
         for tensors, reply in zip(inputs, replies):
             assert _close(from_proto(reply.items[0].embeddings), h.alone(tensors).embeddings, h.family)
