@@ -28,12 +28,20 @@ from services.models.base import ItemEmbeddings
 
 # (modality, mm_hashes of the unit's items)
 Key = tuple[str, tuple[str, ...]]
-# per item: (tensor name, shape, dtype) of each of its tensors, sorted by name
-Signature = tuple[tuple[tuple[str, tuple[int, ...], str], ...], ...]
+# One item's (tensor name, shape, dtype) of each of its tensors, sorted by name.
+ItemSignature = tuple[tuple[str, tuple[int, ...], str], ...]
+# Per item of a unit; None for a cache reference (no tensors).
+Signature = tuple[ItemSignature | None, ...]
 
 
-def signature_of(items: list[dict[str, torch.Tensor]]) -> Signature:
-    return tuple(tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(item.items())) for item in items)
+def signature_of(items: list[dict[str, torch.Tensor] | None]) -> Signature:
+    return tuple(None if item is None else tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(item.items()))
+                 for item in items)
+
+
+def signatures_agree(encoded: Signature, sent: Signature) -> bool:
+    """Whether the items sent (references aside) have the tensor shapes and dtypes encoded under the key."""
+    return len(encoded) == len(sent) and all(s is None or s == e for e, s in zip(encoded, sent))
 
 
 def embeddings_bytes(embeddings: tuple[ItemEmbeddings, ...]) -> int:

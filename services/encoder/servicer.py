@@ -24,7 +24,7 @@ from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, TriptychError
 from services.common.tensors import from_named, to_proto
 from services.encoder.batcher import BatchLimits, Batcher, Job
-from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, signature_of
+from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, signature_of, signatures_agree
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 from services.models.inputs import evaluate
@@ -49,7 +49,7 @@ class Unit:
 
     @property
     def signature(self) -> Signature:
-        return signature_of([tensors for tensors in self.inputs if tensors is not None])
+        return signature_of(self.inputs)
 
 
 @dataclass
@@ -236,7 +236,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if unit.key is None:
             return None
         found: Entry | Flight | None = self.cache.lookup(unit.key) or self.cache.join(unit.key)
-        if found is not None and not unit.is_reference and found.signature != unit.signature:
+        if found is not None and not signatures_agree(found.signature, unit.signature):
             if isinstance(found, Flight):
                 self._abandon([_Pending(unit, found.future, found)])
             raise InvalidArgument(

@@ -4,9 +4,11 @@ batch-dependent family never shares; the auto policy batches only where measured
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
+from services.common.errors import error_info
 from services.common.tensors import from_proto
 from services.encoder.batcher import BatchPolicy
 from tests.checkpoints import tiny_checkpoint
@@ -99,6 +101,12 @@ def test_batch_dependent_family_never_shares_a_forward(monkeypatch):
         again = h.encode(media_item("a", a), media_item("b", b))
         assert [item.cache_hit for item in again.items] == [True, True] and gate.forwards == [2, 2, 1]
         assert torch.equal(from_proto(again.items[0].embeddings), from_proto(pair.items[0].embeddings))
+        mixed = h.encode(media_item("a", a), media_item("b", None))  # one item sent, one a reference: same group
+        assert [item.cache_hit for item in mixed.items] == [True, True]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # another order is another group: not held
+            h.encode(media_item("b", None), media_item("a", a))
+        assert dict(error_info(caught.value).metadata) == {"mmHashes": "b"}
+        assert gate.forwards == [2, 2, 1]
     finally:
         h.close()
 
