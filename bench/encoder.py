@@ -103,7 +103,7 @@ class LoopbackEncoder:
         self.servicer = EncoderServicer(Checkpoint(model), cfg)
         self.fingerprint = self.servicer.checkpoint.fingerprint
 
-    async def __aenter__(self) -> LoopbackEncoder:
+    async def __aenter__(self) -> LoopbackEncoder:  # noqa: PYI034 -- the class is final
         self.server, _ = await start_server(self.servicer, ServerConfig(port=0))
         self.channel = grpc.aio.insecure_channel(self.server.address, options=CHANNEL_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
@@ -181,25 +181,26 @@ def _batching_figures(before: encoder_pb2.BatchingStats, after: encoder_pb2.Batc
             "queue_wait_mean_ms": waited_ms / max(1, items), "queue_wait_max_ms": after.queue_wait_max_ms}
 
 
+async def _measure_batching(model: Path, cfg: EncoderConfig, items: list[dict[str, torch.Tensor]],
+                            concurrency: int) -> dict:
+    async with LoopbackEncoder(model, cfg) as encoder:
+        await _load(encoder, items[: max(2, concurrency)], concurrency, "warm")  # warm-up
+        before = (await encoder.stats()).batching
+        figures = await _load(encoder, items, concurrency, "run")
+        after = (await encoder.stats()).batching
+        return {**figures, **_batching_figures(before, after)}
+
+
 def section_batching(ctx: Context) -> dict:
     """Per family, mode and concurrency: a fresh encoder (no cache: every image is new anyway), a warm-up,
     then every prepared item once."""
     results = []
     for family, model in ctx.models.items():
-        items = ctx.items[family]
         for mode in ctx.args.modes:
             for concurrency in ctx.args.concurrency:
                 cfg = encoder_config(ctx, model, batching=mode, cache_mib=0, batch_wait_ms=ctx.args.batch_wait_ms)
-
-                async def measure() -> dict:
-                    async with LoopbackEncoder(model, cfg) as encoder:
-                        await _load(encoder, items[: max(2, concurrency)], concurrency, "warm")  # warm-up
-                        before = (await encoder.stats()).batching
-                        figures = await _load(encoder, items, concurrency, "run")
-                        after = (await encoder.stats()).batching
-                        return {**figures, **_batching_figures(before, after)}
-
-                row = {"family": family, "mode": mode, "concurrency": concurrency, **asyncio.run(measure())}
+                figures = asyncio.run(_measure_batching(model, cfg, ctx.items[family], concurrency))
+                row = {"family": family, "mode": mode, "concurrency": concurrency, **figures}
                 results.append(row)
                 ctx.step(f"batching {family} {mode} c={concurrency}: {row['images_per_s']:.1f} img/s")
     return {"results": results, "speedup_vs_off": _speedups(results)}
@@ -214,32 +215,35 @@ def _speedups(results: list[dict]) -> list[dict]:
 
 
 # ---- section: cache --------------------------------------------------------------------------
+async def _measure_cache(model: Path, cfg: EncoderConfig, items: list[dict[str, torch.Tensor]],
+                         warm_up: dict[str, torch.Tensor]) -> dict:
+    async with LoopbackEncoder(model, cfg) as encoder:
+        await encoder.encode(media_item("warm-up", warm_up))
+        times: dict[str, list[float]] = {"cold": [], "warm": [], "reference": []}
+        for index, tensors in enumerate(items):
+            for kind, sent in (("cold", tensors), ("warm", tensors), ("reference", None)):
+                start = time.perf_counter()
+                reply = await encoder.encode(media_item(f"repeat-{index}", sent))
+                times[kind].append(time.perf_counter() - start)
+                assert reply.items[0].cache_hit == (kind != "cold"), kind
+        cache = (await encoder.stats()).cache
+    cold = statistics.median(times["cold"])
+    return {"images": len(items), **{f"{k}_p50_s": statistics.median(v) for k, v in times.items()},
+            "warm_over_cold": statistics.median(times["warm"]) / cold,
+            "reference_over_cold": statistics.median(times["reference"]) / cold,
+            "cache": {"hits": cache.hits, "misses": cache.misses, "used_bytes": cache.used_bytes,
+                      "entries": cache.entries}}
+
+
 def section_cache(ctx: Context) -> dict:
     """Per family: for each of --cache-images images, Encode latency cold (first time), warm (the same
     item again) and by reference (no tensors); medians and warm/cold."""
     results = []
     for family, model in ctx.models.items():
-        items = ctx.items[family][: ctx.args.cache_images]
-
-        async def measure() -> dict:
-            async with LoopbackEncoder(model, encoder_config(ctx, model)) as encoder:
-                await encoder.encode(media_item("warm-up", ctx.items[family][-1]))
-                times: dict[str, list[float]] = {"cold": [], "warm": [], "reference": []}
-                for index, tensors in enumerate(items):
-                    for kind, sent in (("cold", tensors), ("warm", tensors), ("reference", None)):
-                        start = time.perf_counter()
-                        reply = await encoder.encode(media_item(f"repeat-{index}", sent))
-                        times[kind].append(time.perf_counter() - start)
-                        assert reply.items[0].cache_hit == (kind != "cold"), kind
-                cache = (await encoder.stats()).cache
-                cold = statistics.median(times["cold"])
-                return {"images": len(items), **{f"{k}_p50_s": statistics.median(v) for k, v in times.items()},
-                        "warm_over_cold": statistics.median(times["warm"]) / cold,
-                        "reference_over_cold": statistics.median(times["reference"]) / cold,
-                        "cache": {"hits": cache.hits, "misses": cache.misses, "used_bytes": cache.used_bytes,
-                                  "entries": cache.entries}}
-
-        row = {"family": family, **asyncio.run(measure())}
+        items = ctx.items[family]
+        figures = asyncio.run(_measure_cache(model, encoder_config(ctx, model), items[: ctx.args.cache_images],
+                                             items[-1]))
+        row = {"family": family, **figures}
         results.append(row)
         ctx.step(f"cache {family}: warm/cold {row['warm_over_cold']:.2f}")
     return {"results": results}

@@ -23,7 +23,7 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, TriptychError
 from services.common.tensors import from_named, to_proto
-from services.encoder.batcher import BatchLimits, Batcher, Job
+from services.encoder.batcher import Batcher, BatchLimits, Job
 from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, signature_of, signatures_agree
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
@@ -272,7 +272,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             return self.family.encode(self.model, modality, batch)
         except TriptychError:
             raise
-        except Exception as err:  # noqa: BLE001 -- sorted into out-of-memory and internal
+        except Exception as err:
             if _is_out_of_memory(err):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # give the failed batch's blocks back before the next request

@@ -15,10 +15,10 @@ from PIL import Image
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, ServerConfig
+from services.common.tensors import to_named
 from services.encoder.server import start_server
 from services.encoder.servicer import EncoderServicer
 from services.models.checkpoint import Checkpoint
-from services.common.tensors import to_named
 from tests.media import image_bytes
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]

@@ -182,7 +182,7 @@ def test_cache_off_still_encodes_identical_items_once(qwen2_vl_dir, monkeypatch)
 
 
 def test_cache_unit():
-    rows = lambda n: (ItemEmbeddings(torch.zeros(n, 4)),)  # noqa: E731 -- n*16 bytes
+    rows = lambda n: (ItemEmbeddings(torch.zeros(n, 4)),)
     cache = EmbeddingCache(capacity_bytes=100)
     cache.put(("image", ("a",)), rows(2), ())
     cache.put(("image", ("b",)), rows(3), ())
