@@ -18,7 +18,6 @@ the other choice, so a change (load, device) is seen.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -30,8 +29,6 @@ from typing import Literal
 import torch
 
 from services.models.base import ItemEmbeddings
-
-log = logging.getLogger(__name__)
 
 BatchingMode = Literal["auto", "always", "off"]
 # Runs the tower on one modality's items: one result per item (the servicer sorts failures).
