@@ -138,3 +138,46 @@ def test_auto_mode_serves_concurrent_calls(qwen2_vl_dir):
         assert batching.mode == "auto" and batching.items == 6
     finally:
         h.close()
+
+
+def test_a_bad_item_fails_only_its_call_and_a_failed_forward_fails_its_calls(qwen2_vl_dir, monkeypatch):
+    """Items are checked before they join a batch: a malformed one fails its own call while another call's
+    item is served. A forward that fails (here an out-of-memory) fails every call with an item in it."""
+    h = EncoderHarness(qwen2_vl_dir, batching="always", cache_mib=0)
+    try:
+        gate = Gate(h.family.encode)
+        monkeypatch.setattr(h.family, "encode", gate)
+        good = h.inputs(seed=1)
+        bad = {**good, "image_grid_thw": torch.tensor([[1, 10000, 10000]])}
+        gate.open.clear()
+        first = h.start(media_item("first", h.inputs(seed=0)))
+        assert gate.entered.wait(30)
+        calls = [h.start(media_item("good", good)), h.start(media_item("bad", bad))]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            calls[1].result(60)
+        assert error_info(caught.value).reason == "ENCODER_INPUT_INVALID"
+        gate.open.set()
+        first.result(60), calls[0].result(60)
+        assert gate.forwards == [1, 1]
+
+        def out_of_memory(model, modality, items):
+            gate.forwards.append(len(items))
+            assert gate.open.wait(60)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 22.35 GiB")
+
+        gate.forwards.clear()
+        gate.open.clear()
+        monkeypatch.setattr(h.family, "encode", out_of_memory)
+        blocked = h.start(media_item("x", h.inputs(seed=2)))
+        wait_until(lambda: gate.forwards == [1], what="the first forward")
+        batched = [h.start(media_item(f"y{i}", h.inputs(seed=3 + i))) for i in range(2)]
+        wait_until(lambda: len(h.servicer.batcher._queue) == 2, what="2 queued jobs")
+        gate.open.set()
+        for call in (blocked, *batched):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                call.result(60)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(caught.value).reason == "ENCODER_OUT_OF_MEMORY"
+        assert gate.forwards == [1, 2]
+    finally:
+        h.close()
