@@ -126,3 +126,7 @@ class ProcessorConfig:
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
+    # Off by default: bench/local_encoder.py measures when encoding small items here beats the trip to the encoder.
+    local_encode_max_patches: int = field(default=0, metadata=doc(
+        "encode media items of at most this many patches (tower input rows) in the processor itself, the rest "
+        "in the encoder service; 0: off (the processor then loads no weights)"))

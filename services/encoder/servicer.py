@@ -12,7 +12,6 @@ cache reference.
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,15 +20,14 @@ import torch
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
-from services.common.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, TriptychError
-from services.common.tensors import from_named, to_proto
+from services.common.errors import InvalidArgument, NotFound
+from services.common.tensors import from_named
 from services.encoder.batcher import Batcher, BatchLimits, Job
 from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, signature_of, signatures_agree
+from services.encoder.towers import item_embeddings_proto, load_towers, run_tower
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 from services.models.inputs import evaluate
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,11 +88,6 @@ def _awaitable(future: Future) -> asyncio.Future:
     return out
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err))
-
-
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.checkpoint = checkpoint
@@ -104,8 +97,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         torch.set_num_threads(torch_threads(cfg.torch_threads))
         # Parsing and replies (the bulk of a large request's bytes) run beside the torch thread.
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
-        self.model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
-        self.family.strip_for_encoder(self.model)
+        self.model = load_towers(checkpoint, cfg.device)
         self.cache = EmbeddingCache(capacity_bytes=cfg.cache_mib << 20)
         # The one thread that owns torch: the batcher's.
         self.batcher = Batcher(self._run_tower, BatchLimits(
@@ -256,29 +248,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def _reply(self, request: encoder_pb2.EncodeRequest, results: list[ItemEmbeddings | None],
                hits: list[bool]) -> encoder_pb2.EncodeResponse:
         """Tensors -> proto (a parse thread)."""
-        return encoder_pb2.EncodeResponse(items=[
-            encoder_pb2.ItemEmbeddings(
-                mm_hash=item.mm_hash,
-                embeddings=to_proto(emb.embeddings),
-                deepstack_embeddings=[to_proto(d) for d in emb.deepstack],
-                cache_hit=hit,
-            )
-            for item, emb, hit in zip(request.items, results, hits)
-        ])
+        items = [item_embeddings_proto(item.mm_hash, emb) for item, emb in zip(request.items, results)]
+        for item, hit in zip(items, hits):
+            item.cache_hit = hit
+        return encoder_pb2.EncodeResponse(items=items)
 
     def _run_tower(self, modality: str, batch: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         """The family's encode; the caller's inputs were checked, so what fails now is ours or the machine's."""
-        try:
-            return self.family.encode(self.model, modality, batch)
-        except TriptychError:
-            raise
-        except Exception as err:
-            if _is_out_of_memory(err):
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give the failed batch's blocks back before the next request
-                raise ResourceExhausted(f"the encoder ran out of memory encoding {len(batch)} {modality} items; "
-                                        "retry later or send fewer or smaller items",
-                                        reason="ENCODER_OUT_OF_MEMORY") from err
-            log.exception("encoding %d %s items failed", len(batch), modality)
-            raise Internal(f"encoding {len(batch)} {modality} items failed: {type(err).__name__}: {err}",
-                           reason="ENCODER_FAILED") from err
+        return run_tower(self.family, self.model, modality, batch)

@@ -170,6 +170,12 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       f"{self.family.placeholder_token(modality)} tokens",
                                       reason="PLACEHOLDER_RANGE_INVALID")
             covered[span] = True
+            num_layers = self.family.num_deepstack_layers
+            if len(mm.deepstack_embeddings) != num_layers:  # Qwen3-VL one per layer, others none: never ignored
+                raise InvalidArgument(
+                    f"{where} has {len(mm.deepstack_embeddings)} deepstack_embeddings; the {self.family.name} model "
+                    f"takes {num_layers} (one per deepstack layer)", reason="DEEPSTACK_COUNT_MISMATCH",
+                    metadata={"deepstackLayers": str(num_layers)})
             named = [(f"{where}.embeddings", mm.embeddings)]
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
             tensors = [self._parse_embeddings(name, proto, length) for name, proto in named]
@@ -192,7 +198,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite."""
         hidden, dtype = self.family.hidden_size, self.checkpoint.dtype
         if tuple(proto.shape) != (length, hidden):  # before decoding: the shape alone says no
-            raise InvalidArgument(f"{name} of shape {list(proto.shape)}, expected [{length}, {hidden}] "
+            shown = "is unset" if not proto.ListFields() else f"of shape {list(proto.shape)}"
+            raise InvalidArgument(f"{name} {shown}, expected [{length}, {hidden}] "
                                   "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
         tensor = from_proto(proto, name)
         if tensor.dtype != dtype:
