@@ -87,6 +87,19 @@ class EncoderConfig:
     # Media-mode items (compressed bytes) are decoded here with the processor's limits and code.
     max_media_mib: int = field(default=32, metadata=_MAX_MEDIA_HELP)
     max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
+    # Cross-request batching (services/encoder/batcher.py). On a CPU a batched forward often costs more
+    # per item than forwards alone (measured: the bench Qwen2-VL and LLaVA towers), so "auto" measures.
+    batching: Literal["auto", "always", "off"] = field(default="auto", metadata=doc(
+        "items of concurrent calls in one tower forward: auto (where measured forwards show it costs less "
+        "per item), always (up to the limits), off (one item per forward)"))
+    # 0: no deliberate wait; a batch forms from the items that queued while the tower was busy.
+    batch_wait_ms: float = field(default=0.0, metadata=doc(
+        "how long a forward waits for more items after the first arrives, ms"))
+    max_batch_items: int = field(default=32, metadata=doc("items in one tower forward"))
+    max_batch_patches: int = field(default=16384, metadata=doc(
+        "patches (tower input rows) in one tower forward; a larger item runs alone"))
+    cache_mib: int = field(default=1024, metadata=doc(
+        "embedding cache (by mm_hash) budget, MiB; 0: no cache (identical in-flight items still encode once)"))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, ServerConfig
-from services.common.server import Server, start_server as start_common
+from services.common.server import Server
+from services.common.server import start_server as start_common
 from services.encoder.servicer import EncoderServicer
 from services.models.checkpoint import Checkpoint
 

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import jinja2
 import torch
@@ -215,6 +215,15 @@ class ModelFamily(ABC):
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         """Runs the tower for a batch of items of one modality, each checked by check_encoder_item;
         one result per item."""
+
+    # How the tower treats a batch (services/encoder/batcher.py; tests/encoder/test_batch_claims.py
+    # checks each family's claim): "exact": an item's embeddings are bitwise the same in any batch;
+    # "tolerance": within `encoder_batch_tolerance` (absolute) of alone (packed sequences: GEMMs over
+    # more rows may block differently); "alone": they depend on the other items of the call, so a
+    # call's items of one modality run together exactly as sent, never with another call's, and the
+    # embedding cache keys them by the whole group. The default is the safe one for unknown towers.
+    encoder_batching: ClassVar[Literal["exact", "tolerance", "alone"]] = "alone"
+    encoder_batch_tolerance: ClassVar[float] = 0.0
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
         """Drops the language model so an encoder holds only the towers."""

@@ -40,6 +40,8 @@ class Gemma3(ModelFamily):
     name = "gemma3"
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     modalities = (IMAGE,)
+    # Fixed-size SigLIP crops stacked on the batch dim; no op mixes them.
+    encoder_batching = "exact"
 
     @property
     def tokens_per_image(self) -> int:

@@ -27,6 +27,8 @@ class InternVL(ModelFamily):
     name = "internvl"
     hf_architectures = ("InternVLForConditionalGeneration",)
     modalities = (IMAGE,)
+    # Fixed-size tiles stacked on the batch dim; no op mixes them.
+    encoder_batching = "exact"
 
     @property
     def tokens_per_tile(self) -> int:

@@ -28,6 +28,8 @@ class Llava(ModelFamily):
     name = "llava"
     hf_architectures = ("LlavaForConditionalGeneration",)
     modalities = (IMAGE,)
+    # Fixed-size crops (LLaVA-NeXT: tiles) stacked on the batch dim; no op mixes them.
+    encoder_batching = "exact"
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)

@@ -25,6 +25,9 @@ class NemotronHOmni(ModelFamily):
     name = "nemotron_h_omni"
     hf_architectures = ("NemotronH_Omni_Reasoning_V3",)
     modalities = (IMAGE,)
+    # One packed tower pass, each image attending only to itself (as Qwen-VL).
+    encoder_batching = "tolerance"
+    encoder_batch_tolerance = 1e-5
 
     @property
     def merge_size(self) -> int:

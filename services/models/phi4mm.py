@@ -57,6 +57,8 @@ class Phi4Multimodal(ModelFamily):
     name = "phi4mm"
     hf_architectures = ("Phi4MultimodalForCausalLM",)
     modalities = (IMAGE,)
+    # The request's padded crop batch decides the tower's attention (module docstring).
+    encoder_batching = "alone"
 
     @property
     def crop_size(self) -> int:

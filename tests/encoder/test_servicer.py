@@ -23,7 +23,7 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.config import EncoderConfig, ServerConfig
 from services.common.errors import error_info
 from services.common.tensors import from_proto, to_named
-from services.encoder import servicer as encoder_module
+from services.encoder import towers as towers_module
 from services.encoder.server import start_server
 from services.encoder.servicer import EncoderServicer
 from services.models.checkpoint import Checkpoint
@@ -32,7 +32,8 @@ from tests.media import image_bytes
 
 @pytest.fixture(scope="module")
 def servicer(qwen2_vl_dir):
-    return EncoderServicer(Checkpoint(qwen2_vl_dir), EncoderConfig(model=qwen2_vl_dir))
+    # No embedding cache: these tests send the same items again and again and need the tower to run.
+    return EncoderServicer(Checkpoint(qwen2_vl_dir), EncoderConfig(model=qwen2_vl_dir, cache_mib=0))
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,9 @@ def test_tower_failures_are_not_the_callers_fault(servicer, item_tensors, monkey
 
 
 def test_parsing_and_replies_run_off_the_event_loop(servicer, item_tensors, monkeypatch):
-    """Proto -> tensors and schema checks in the parse threads; tensors -> proto in the torch thread."""
-    threads: dict[str, set[str]] = {"check": set(), "to_proto": set()}
-    check, to_proto = servicer.family.check_encoder_item, encoder_module.to_proto
+    """Proto -> tensors, schema checks and tensors -> proto in the parse threads, the tower in the torch thread."""
+    threads: dict[str, set[str]] = {"check": set(), "to_proto": set(), "encode": set()}
+    check, to_proto, encode = servicer.family.check_encoder_item, towers_module.to_proto, servicer.family.encode
 
     def recording_check(*args, **kwargs):
         threads["check"].add(threading.current_thread().name)
@@ -169,8 +170,14 @@ def test_parsing_and_replies_run_off_the_event_loop(servicer, item_tensors, monk
         threads["to_proto"].add(threading.current_thread().name)
         return to_proto(tensor)
 
+    def recording_encode(*args, **kwargs):
+        threads["encode"].add(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
     monkeypatch.setattr(servicer.family, "check_encoder_item", recording_check)
-    monkeypatch.setattr(encoder_module, "to_proto", recording_to_proto)
+    monkeypatch.setattr(servicer.family, "encode", recording_encode)
+    monkeypatch.setattr(towers_module, "to_proto", recording_to_proto)
     _call(servicer, _request(servicer, item_tensors, item_tensors))
     assert threads["check"] and all(name.startswith("encoder-parse") for name in threads["check"]), threads
-    assert threads["to_proto"] and all(name.startswith("encoder-torch") for name in threads["to_proto"]), threads
+    assert threads["to_proto"] and all(name.startswith("encoder-parse") for name in threads["to_proto"]), threads
+    assert threads["encode"] == {"encoder-torch"}, threads

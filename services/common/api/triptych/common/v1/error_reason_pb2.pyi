@@ -176,6 +176,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     example InternVL tokens per tile). Code: INVALID_ARGUMENT. The operator
     fixes processor_config.json.
     """
+    EMBEDDING_NOT_CACHED: _ErrorReason.ValueType  # 83
+    """A cache reference (an EncodeRequest item with no tensors) names
+    embeddings the encoder does not hold (never encoded there, or evicted).
+    Code: NOT_FOUND. Metadata: mmHashes (the missing hashes, comma-separated).
+    Send those items again with their tensors or media.
+    """
+    MM_HASH_CONFLICT: _ErrorReason.ValueType  # 84
+    """An item's tensors differ in names, dtypes or the number of embedding rows
+    they make from those of the item already encoded (or being encoded) under
+    the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
+    media bytes and the processing arguments (ProcessorService does).
+    """
     PROMPT_EMPTY: _ErrorReason.ValueType  # 30
     """---- Generation (LlmService) --------------------------------------------
 
@@ -530,6 +542,18 @@ PROCESSOR_CONFIG_MISMATCH: ErrorReason.ValueType  # 29
 """The checkpoint's processor config disagrees with its model config (for
 example InternVL tokens per tile). Code: INVALID_ARGUMENT. The operator
 fixes processor_config.json.
+"""
+EMBEDDING_NOT_CACHED: ErrorReason.ValueType  # 83
+"""A cache reference (an EncodeRequest item with no tensors) names
+embeddings the encoder does not hold (never encoded there, or evicted).
+Code: NOT_FOUND. Metadata: mmHashes (the missing hashes, comma-separated).
+Send those items again with their tensors or media.
+"""
+MM_HASH_CONFLICT: ErrorReason.ValueType  # 84
+"""An item's tensors differ in names, dtypes or the number of embedding rows
+they make from those of the item already encoded (or being encoded) under
+the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
+media bytes and the processing arguments (ProcessorService does).
 """
 PROMPT_EMPTY: ErrorReason.ValueType  # 30
 """---- Generation (LlmService) --------------------------------------------

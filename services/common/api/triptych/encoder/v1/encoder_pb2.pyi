@@ -22,11 +22,19 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class MediaItem(_message.Message):
-    """One media item, in one of two forms: as the model's Hugging Face processor
-    prepared it (`tensors`), or as the compressed file the client sent
+    """One media item, in one of three forms: as the model's Hugging Face
+    processor prepared it (`tensors`), as the compressed file the client sent
     (`media`), which the encoder decodes and runs through the same processor
-    itself. Set at most one of them: an item with both is INVALID_ARGUMENT
-    (reason MEDIA_ITEM_INPUTS_CONFLICT).
+    itself, or a reference to embeddings the encoder holds (neither). An item
+    with both tensors and media is INVALID_ARGUMENT (reason
+    MEDIA_ITEM_INPUTS_CONFLICT).
+
+    An item with neither tensors nor media is a cache reference: the encoder
+    answers it from its embedding cache by mm_hash (ItemEmbeddings.cache_hit is
+    set). If the cache does not hold it, the whole call fails NOT_FOUND with
+    reason EMBEDDING_NOT_CACHED, and ErrorInfo metadata "mmHashes" lists the
+    missing hashes (comma-separated): send those items again with their tensors
+    or media.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -38,7 +46,13 @@ class MediaItem(_message.Message):
     modality: _tensor_pb2.Modality.ValueType
     """Modality of the item."""
     mm_hash: _builtins.str
-    """Identity of the item (see PlaceholderRange.mm_hash); echoed in the response."""
+    """Identity of the item (see PlaceholderRange.mm_hash); echoed in the response.
+    The encoder's embedding cache and its de-duplication of concurrent
+    identical items are keyed by it: equal hashes must mean equal media and
+    processing arguments (an item whose tensors' shapes differ from those
+    cached under its hash is INVALID_ARGUMENT, MM_HASH_CONFLICT). Empty: the
+    item is encoded every time and cannot be referenced.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]:
         """The processor's outputs for this item alone, by the processor's names,
@@ -144,8 +158,13 @@ class ItemEmbeddings(_message.Message):
     MM_HASH_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_FIELD_NUMBER: _builtins.int
     mm_hash: _builtins.str
     """mm_hash of the MediaItem these embeddings belong to."""
+    cache_hit: _builtins.bool
+    """True when the encoder served these embeddings from its embedding cache
+    (a repeated item, or a cache reference) instead of running the tower.
+    """
     @_builtins.property
     def embeddings(self) -> _tensor_pb2.Tensor:
         """One row per placeholder token: shape [num_tokens, hidden_size], in the
@@ -164,10 +183,11 @@ class ItemEmbeddings(_message.Message):
         mm_hash: _builtins.str = ...,
         embeddings: _tensor_pb2.Tensor | None = ...,
         deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        cache_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "mm_hash", b"mm_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "mm_hash", b"mm_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,3 +257,166 @@ class GetModelInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    """Request message for EncoderService.GetStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    """Response message for EncoderService.GetStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHE_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cache(self) -> Global___EmbeddingCacheStats:
+        """The embedding cache (keyed by mm_hash)."""
+
+    @_builtins.property
+    def batching(self) -> Global___BatchingStats:
+        """Cross-request batching of the towers."""
+
+    def __init__(
+        self,
+        *,
+        cache: Global___EmbeddingCacheStats | None = ...,
+        batching: Global___BatchingStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "cache", b"cache"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "cache", b"cache"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class EmbeddingCacheStats(_message.Message):
+    """Counters of the encoder's embedding cache since the process started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SINGLE_FLIGHT_JOINS_FIELD_NUMBER: _builtins.int
+    REFERENCE_MISSES_FIELD_NUMBER: _builtins.int
+    hits: _builtins.int
+    """Items served from the cache (repeated items and cache references)."""
+    misses: _builtins.int
+    """Items the tower encoded because neither the cache nor an in-flight
+    encoding held them.
+    """
+    evictions: _builtins.int
+    """Entries dropped, least recently used first, to stay within the byte
+    budget.
+    """
+    used_bytes: _builtins.int
+    """Bytes of embeddings (and deepstack features) the cache holds now."""
+    capacity_bytes: _builtins.int
+    """The byte budget (--cache-mib); 0 when the cache is off."""
+    entries: _builtins.int
+    """Entries the cache holds now."""
+    single_flight_joins: _builtins.int
+    """Items that waited for an identical item already being encoded (in the
+    same or a concurrent call) instead of encoding it again.
+    """
+    reference_misses: _builtins.int
+    """Cache references the encoder did not hold (answered NOT_FOUND,
+    EMBEDDING_NOT_CACHED).
+    """
+    def __init__(
+        self,
+        *,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        capacity_bytes: _builtins.int = ...,
+        entries: _builtins.int = ...,
+        single_flight_joins: _builtins.int = ...,
+        reference_misses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "entries", b"entries", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "reference_misses", b"reference_misses", "single_flight_joins", b"single_flight_joins", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbeddingCacheStats: _TypeAlias = EmbeddingCacheStats  # noqa: Y015
+
+@_typing.final
+class BatchingStats(_message.Message):
+    """Counters of the encoder's tower forwards since the process started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORWARDS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_PER_FORWARD_FIELD_NUMBER: _builtins.int
+    FORWARDS_BY_ITEMS_LOG2_FIELD_NUMBER: _builtins.int
+    QUEUE_WAIT_MEAN_MS_FIELD_NUMBER: _builtins.int
+    QUEUE_WAIT_MAX_MS_FIELD_NUMBER: _builtins.int
+    CANCELLED_ITEMS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    forwards: _builtins.int
+    """Tower forwards run (each a batch of one or more items of one modality)."""
+    items: _builtins.int
+    """Items encoded in those forwards; items / forwards is the mean batch."""
+    max_items_per_forward: _builtins.int
+    """The most items one forward held."""
+    queue_wait_mean_ms: _builtins.float
+    """Mean time an item waited in the queue before its forward started, in
+    milliseconds.
+    """
+    queue_wait_max_ms: _builtins.float
+    """Longest time an item waited in the queue, in milliseconds."""
+    cancelled_items: _builtins.int
+    """Items whose calls were cancelled (or passed their deadline) while they
+    were queued; they left the queue without running.
+    """
+    mode: _builtins.str
+    """The batching mode (--batching): "auto", "always" or "off"."""
+    @_builtins.property
+    def forwards_by_items_log2(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Histogram of items per forward: entry i counts forwards of 2^i to
+        2^(i+1) - 1 items (entry 0: one item, 1: two or three, ...).
+        """
+
+    def __init__(
+        self,
+        *,
+        forwards: _builtins.int = ...,
+        items: _builtins.int = ...,
+        max_items_per_forward: _builtins.int = ...,
+        forwards_by_items_log2: _abc.Iterable[_builtins.int] | None = ...,
+        queue_wait_mean_ms: _builtins.float = ...,
+        queue_wait_max_ms: _builtins.float = ...,
+        cancelled_items: _builtins.int = ...,
+        mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_items", b"cancelled_items", "forwards", b"forwards", "forwards_by_items_log2", b"forwards_by_items_log2", "items", b"items", "max_items_per_forward", b"max_items_per_forward", "mode", b"mode", "queue_wait_max_ms", b"queue_wait_max_ms", "queue_wait_mean_ms", b"queue_wait_mean_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchingStats: _TypeAlias = BatchingStats  # noqa: Y015

@@ -49,6 +49,11 @@ class EncoderServiceStub:
                 request_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/triptych.encoder.v1.EncoderService/GetStats',
+                request_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class EncoderServiceServicer:
@@ -68,9 +73,10 @@ class EncoderServiceServicer:
         "grpc.max_receive_message_length"), for example to the server's
         --max-message-mib (256 MiB by default).
 
-        Cancelling the call (or its deadline passing) stops the work between
-        batches: a batch already on the encoder's torch thread finishes and its
-        result is dropped.
+        Items from concurrent calls may share one tower forward (--batching).
+        Cancelling the call (or its deadline passing) takes its items that are
+        still queued out of the queue; a forward already on the encoder's torch
+        thread finishes, and its embeddings go to the cache.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +84,14 @@ class EncoderServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the model this encoder serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counters of the encoder's embedding cache and cross-request batching,
+        since the process started.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +109,11 @@ def add_EncoderServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoRequest.FromString,
                     response_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsRequest.FromString,
+                    response_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -156,6 +175,33 @@ class EncoderService:
             '/triptych.encoder.v1.EncoderService/GetModelInfo',
             triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
             triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triptych.encoder.v1.EncoderService/GetStats',
+            triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsRequest.SerializeToString,
+            triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

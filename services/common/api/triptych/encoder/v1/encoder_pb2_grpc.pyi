@@ -47,12 +47,17 @@ class EncoderServiceStub:
     "grpc.max_receive_message_length"), for example to the server's
     --max-message-mib (256 MiB by default).
 
-    Cancelling the call (or its deadline passing) stops the work between
-    batches: a batch already on the encoder's torch thread finishes and its
-    result is dropped.
+    Items from concurrent calls may share one tower forward (--batching).
+    Cancelling the call (or its deadline passing) takes its items that are
+    still queued out of the queue; a forward already on the encoder's torch
+    thread finishes, and its embeddings go to the cache.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]
     """Describes the model this encoder serves."""
+    GetStats: _grpc.UnaryUnaryMultiCallable[_encoder_pb2.GetStatsRequest, _encoder_pb2.GetStatsResponse]
+    """Counters of the encoder's embedding cache and cross-request batching,
+    since the process started.
+    """
 
 @_typing.type_check_only
 class EncoderServiceAsyncStub(EncoderServiceStub):
@@ -73,12 +78,17 @@ class EncoderServiceAsyncStub(EncoderServiceStub):
     "grpc.max_receive_message_length"), for example to the server's
     --max-message-mib (256 MiB by default).
 
-    Cancelling the call (or its deadline passing) stops the work between
-    batches: a batch already on the encoder's torch thread finishes and its
-    result is dropped.
+    Items from concurrent calls may share one tower forward (--batching).
+    Cancelling the call (or its deadline passing) takes its items that are
+    still queued out of the queue; a forward already on the encoder's torch
+    thread finishes, and its embeddings go to the cache.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this encoder serves."""
+    GetStats: _aio.UnaryUnaryMultiCallable[_encoder_pb2.GetStatsRequest, _encoder_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Counters of the encoder's embedding cache and cross-request batching,
+    since the process started.
+    """
 
 class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs a model's vision and audio towers: processed media in, embeddings out.
@@ -102,9 +112,10 @@ class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
         "grpc.max_receive_message_length"), for example to the server's
         --max-message-mib (256 MiB by default).
 
-        Cancelling the call (or its deadline passing) stops the work between
-        batches: a batch already on the encoder's torch thread finishes and its
-        result is dropped.
+        Items from concurrent calls may share one tower forward (--batching).
+        Cancelling the call (or its deadline passing) takes its items that are
+        still queued out of the queue; a forward already on the encoder's torch
+        thread finishes, and its embeddings go to the cache.
         """
 
     @_abc_1.abstractmethod
@@ -114,5 +125,15 @@ class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_encoder_pb2.GetModelInfoResponse, _abc.Awaitable[_encoder_pb2.GetModelInfoResponse]]:
         """Describes the model this encoder serves."""
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _encoder_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_encoder_pb2.GetStatsResponse, _abc.Awaitable[_encoder_pb2.GetStatsResponse]]:
+        """Counters of the encoder's embedding cache and cross-request batching,
+        since the process started.
+        """
 
 def add_EncoderServiceServicer_to_server(servicer: EncoderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
