@@ -223,6 +223,41 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     restart); the message says why. Code: UNAVAILABLE. Check --model,
     --device and the memory available.
     """
+    TENSOR_CHUNK_INVALID: _ErrorReason.ValueType  # 111
+    """---- Large tensors: chunks and shared memory -----------------------------
+
+    A TensorChunk does not fit what the stream declared: it names no chunked
+    tensor, starts elsewhere than where the tensor's previous chunk ended,
+    runs past the tensor's end, or two tensors share a chunked_id (or a
+    ChunkedStreamGenerate stream does not start with its request). Code:
+    INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+    it). Metadata: chunkedId.
+    """
+    TENSOR_CHUNKS_INCOMPLETE: _ErrorReason.ValueType  # 112
+    """A stream ended before every chunked tensor had all its bytes. Code:
+    INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+    it). Metadata: chunkedId, expectedBytes, receivedBytes. Send every
+    tensor's bytes before half-closing.
+    """
+    TENSOR_LOCATION_UNSUPPORTED: _ErrorReason.ValueType  # 113
+    """A tensor's bytes are chunked or in shared memory where this call takes
+    them inline only (for example an encoder MediaItem's tensors, or a chunked
+    tensor in a unary request). Code: INVALID_ARGUMENT. Metadata: input.
+    """
+    SHM_REGION_UNAVAILABLE: _ErrorReason.ValueType  # 114
+    """A SharedMemoryHandle cannot be opened here: the region is on another
+    host (cause "otherHost"), its owner has exited or freed it (its time to
+    live passed, or another reader took it: "gone"), or this process may not
+    read the owner's memory (another user or PID namespace: "denied"). Code:
+    FAILED_PRECONDITION. Metadata: cause, pid. The processor encodes the
+    request again inline; a direct caller does the same, or runs the encoder
+    and the LLM on one host as one user with a shared PID namespace.
+    """
+    SHM_HANDLE_INVALID: _ErrorReason.ValueType  # 115
+    """A SharedMemoryHandle is malformed (token, pid, fd or offset) or the
+    tensor's bytes run past the end of its region. Code: INVALID_ARGUMENT.
+    Metadata: input.
+    """
     MODEL_FINGERPRINT_MISMATCH: _ErrorReason.ValueType  # 40
     """---- Deployment ---------------------------------------------------------
 
@@ -543,6 +578,41 @@ LLM_ENGINE_START_FAILED: ErrorReason.ValueType  # 82
 """The LLM's engine process could not load the model (at start-up or on a
 restart); the message says why. Code: UNAVAILABLE. Check --model,
 --device and the memory available.
+"""
+TENSOR_CHUNK_INVALID: ErrorReason.ValueType  # 111
+"""---- Large tensors: chunks and shared memory -----------------------------
+
+A TensorChunk does not fit what the stream declared: it names no chunked
+tensor, starts elsewhere than where the tensor's previous chunk ended,
+runs past the tensor's end, or two tensors share a chunked_id (or a
+ChunkedStreamGenerate stream does not start with its request). Code:
+INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+it). Metadata: chunkedId.
+"""
+TENSOR_CHUNKS_INCOMPLETE: ErrorReason.ValueType  # 112
+"""A stream ended before every chunked tensor had all its bytes. Code:
+INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+it). Metadata: chunkedId, expectedBytes, receivedBytes. Send every
+tensor's bytes before half-closing.
+"""
+TENSOR_LOCATION_UNSUPPORTED: ErrorReason.ValueType  # 113
+"""A tensor's bytes are chunked or in shared memory where this call takes
+them inline only (for example an encoder MediaItem's tensors, or a chunked
+tensor in a unary request). Code: INVALID_ARGUMENT. Metadata: input.
+"""
+SHM_REGION_UNAVAILABLE: ErrorReason.ValueType  # 114
+"""A SharedMemoryHandle cannot be opened here: the region is on another
+host (cause "otherHost"), its owner has exited or freed it (its time to
+live passed, or another reader took it: "gone"), or this process may not
+read the owner's memory (another user or PID namespace: "denied"). Code:
+FAILED_PRECONDITION. Metadata: cause, pid. The processor encodes the
+request again inline; a direct caller does the same, or runs the encoder
+and the LLM on one host as one user with a shared PID namespace.
+"""
+SHM_HANDLE_INVALID: ErrorReason.ValueType  # 115
+"""A SharedMemoryHandle is malformed (token, pid, fd or offset) or the
+tensor's bytes run past the end of its region. Code: INVALID_ARGUMENT.
+Metadata: input.
 """
 MODEL_FINGERPRINT_MISMATCH: ErrorReason.ValueType  # 40
 """---- Deployment ---------------------------------------------------------

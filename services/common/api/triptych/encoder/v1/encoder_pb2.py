@@ -26,7 +26,7 @@ from services.common.api.triptych.common.v1 import model_info_pb2 as triptych_do
 from services.common.api.triptych.common.v1 import tensor_pb2 as triptych_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!triptych/encoder/v1/encoder.proto\x12\x13triptych.encoder.v1\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"~\n\tMediaItem\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\"Y\n\rEncodeRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.triptych.encoder.v1.MediaItem\"\x8b\x01\n\x0eItemEmbeddings\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\"D\n\x0e\x45ncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\xc8\x01\n\x0e\x45ncoderService\x12Q\n\x06\x45ncode\x12\".triptych.encoder.v1.EncodeRequest\x1a#.triptych.encoder.v1.EncodeResponse\x12\x63\n\x0cGetModelInfo\x12(.triptych.encoder.v1.GetModelInfoRequest\x1a).triptych.encoder.v1.GetModelInfoResponseB\xa2\x01\n\x17\x63om.triptych.encoder.v1B\x0c\x45ncoderProtoP\x01Z-triptych/gen/go/triptych/encoder/v1;encoderv1\xa2\x02\x03TEX\xaa\x02\x13Triptych.Encoder.V1\xca\x02\x13Triptych\\Encoder\\V1\xea\x02\x15Triptych::Encoder::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!triptych/encoder/v1/encoder.proto\x12\x13triptych.encoder.v1\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"~\n\tMediaItem\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\"\xa1\x01\n\rEncodeRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.triptych.encoder.v1.MediaItem\x12\x46\n\x14\x65mbeddings_transport\x18\x03 \x01(\x0e\x32(.triptych.encoder.v1.EmbeddingsTransport\"\x8b\x01\n\x0eItemEmbeddings\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\"D\n\x0e\x45ncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\"c\n\x13StreamEncodeRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".triptych.encoder.v1.EncodeRequest\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"{\n\x14StreamEncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\x12/\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1f.triptych.common.v1.TensorChunk\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo*\x84\x01\n\x13\x45mbeddingsTransport\x12$\n EMBEDDINGS_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45MBEDDINGS_TRANSPORT_INLINE\x10\x01\x12&\n\"EMBEDDINGS_TRANSPORT_SHARED_MEMORY\x10\x02\x32\xaf\x02\n\x0e\x45ncoderService\x12Q\n\x06\x45ncode\x12\".triptych.encoder.v1.EncodeRequest\x1a#.triptych.encoder.v1.EncodeResponse\x12\x65\n\x0cStreamEncode\x12(.triptych.encoder.v1.StreamEncodeRequest\x1a).triptych.encoder.v1.StreamEncodeResponse0\x01\x12\x63\n\x0cGetModelInfo\x12(.triptych.encoder.v1.GetModelInfoRequest\x1a).triptych.encoder.v1.GetModelInfoResponseB\xa2\x01\n\x17\x63om.triptych.encoder.v1B\x0c\x45ncoderProtoP\x01Z-triptych/gen/go/triptych/encoder/v1;encoderv1\xa2\x02\x03TEX\xaa\x02\x13Triptych.Encoder.V1\xca\x02\x13Triptych\\Encoder\\V1\xea\x02\x15Triptych::Encoder::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.encoder.v1.encoder
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\027com.triptych.encoder.v1B\014EncoderProtoP\001Z-triptych/gen/go/triptych/encoder/v1;encoderv1\242\002\003TEX\252\002\023Triptych.Encoder.V1\312\002\023Triptych\\Encoder\\V1\352\002\025Triptych::Encoder::V1'
+  _globals['_EMBEDDINGSTRANSPORT']._serialized_start=957
+  _globals['_EMBEDDINGSTRANSPORT']._serialized_end=1089
   _globals['_MEDIAITEM']._serialized_start=128
   _globals['_MEDIAITEM']._serialized_end=254
-  _globals['_ENCODEREQUEST']._serialized_start=256
-  _globals['_ENCODEREQUEST']._serialized_end=345
-  _globals['_ITEMEMBEDDINGS']._serialized_start=348
-  _globals['_ITEMEMBEDDINGS']._serialized_end=487
-  _globals['_ENCODERESPONSE']._serialized_start=489
-  _globals['_ENCODERESPONSE']._serialized_end=557
-  _globals['_GETMODELINFOREQUEST']._serialized_start=559
-  _globals['_GETMODELINFOREQUEST']._serialized_end=580
-  _globals['_GETMODELINFORESPONSE']._serialized_start=582
-  _globals['_GETMODELINFORESPONSE']._serialized_end=655
-  _globals['_ENCODERSERVICE']._serialized_start=658
-  _globals['_ENCODERSERVICE']._serialized_end=858
+  _globals['_ENCODEREQUEST']._serialized_start=257
+  _globals['_ENCODEREQUEST']._serialized_end=418
+  _globals['_ITEMEMBEDDINGS']._serialized_start=421
+  _globals['_ITEMEMBEDDINGS']._serialized_end=560
+  _globals['_ENCODERESPONSE']._serialized_start=562
+  _globals['_ENCODERESPONSE']._serialized_end=630
+  _globals['_STREAMENCODEREQUEST']._serialized_start=632
+  _globals['_STREAMENCODEREQUEST']._serialized_end=731
+  _globals['_STREAMENCODERESPONSE']._serialized_start=733
+  _globals['_STREAMENCODERESPONSE']._serialized_end=856
+  _globals['_GETMODELINFOREQUEST']._serialized_start=858
+  _globals['_GETMODELINFOREQUEST']._serialized_end=879
+  _globals['_GETMODELINFORESPONSE']._serialized_start=881
+  _globals['_GETMODELINFORESPONSE']._serialized_end=954
+  _globals['_ENCODERSERVICE']._serialized_start=1092
+  _globals['_ENCODERSERVICE']._serialized_end=1395
 # @@protoc_insertion_point(module_scope)
