@@ -78,6 +78,11 @@ class EncoderConfig:
     # Checked before anything is allocated; 65536 is Qwen2-VL's max_pixels default, far above the others'.
     max_item_patches: int = field(default=65536, metadata=doc("patches (tower input rows) one media item may have"))
     torch_threads: int = field(default=0, metadata=_TORCH_THREADS_HELP)
+    # Shared memory is used only for callers that ask (the processor's --embeddings-transport shm); these
+    # bound what it may hold: regions nobody claimed are freed after the TTL, and a full budget answers inline.
+    shm_max_mib: int = field(default=1024, metadata=doc(
+        "unclaimed shared-memory embeddings held at once, MiB; beyond it replies go inline (0: never shm)"))
+    shm_ttl_s: float = field(default=30.0, metadata=doc("seconds a shared-memory region waits for its reader"))
 
 
 @dataclass(frozen=True)
@@ -113,3 +118,8 @@ class ProcessorConfig:
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
+    # shm: the encoder hands the LLM its embeddings through shared memory, for an encoder and an LLM on one
+    # host (one user, one PID namespace); a region the LLM cannot open is encoded again inline.
+    embeddings_transport: Literal["inline", "shm"] = field(default="inline", metadata=doc(
+        "how embeddings go from encoder to LLM: inline (in messages, chunked when large) or shm (shared "
+        "memory, for an encoder and an LLM on one host)"))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import torch
 
+from services.common import chunks, shm
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import Internal, InvalidArgument, ResourceExhausted, TriptychError
@@ -51,11 +53,30 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
         self.model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
         self.family.strip_for_encoder(self.model)
+        self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
         parsed = await loop.run_in_executor(self._parse_pool, self._parse, request)
-        return await loop.run_in_executor(self._torch, self._encode, request, parsed)
+        response = await loop.run_in_executor(self._torch, self._encode, request, parsed)
+        if request.embeddings_transport == encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY and self._shm.enabled:
+            tensors = [t for _, t in chunks.item_tensors(response.items)]
+            await loop.run_in_executor(self._parse_pool, self._shm.export, tensors)  # inline when full
+        return response
+
+    async def StreamEncode(self, request: encoder_pb2.StreamEncodeRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[encoder_pb2.StreamEncodeResponse]:
+        response = await self.Encode(request.request, context)
+        own = chunks.chunk_budget(self.cfg.server.max_message_mib << 20)
+        budget = min(request.max_chunk_bytes, own) if request.max_chunk_bytes > 0 else own
+        messages = await asyncio.get_running_loop().run_in_executor(
+            self._parse_pool, chunks.split_encode_response, response, max(budget, chunks.MIN_CHUNK_BYTES))
+        for message in messages:
+            yield message
+
+    def close(self) -> None:
+        """Frees the shared-memory regions still waiting for their reader."""
+        self._shm.close()
 
     async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
         return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
