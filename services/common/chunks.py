@@ -18,6 +18,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2
@@ -231,9 +233,19 @@ async def call_encode(stub: encoder_pb2_grpc.EncoderServiceStub, request: encode
                       max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> encoder_pb2.EncodeResponse:
     """One Encode through StreamEncode: the reply put back together, tensors inline (or shared-memory
     handles, when the request asked for them). Failed calls raise grpc.aio.AioRpcError as Encode's do;
-    a reply whose chunks do not add up is INTERNAL (TENSOR_CHUNK_INVALID / TENSOR_CHUNKS_INCOMPLETE)."""
+    a reply whose chunks do not add up is INTERNAL (TENSOR_CHUNK_INVALID / TENSOR_CHUNKS_INCOMPLETE).
+    An encoder without StreamEncode (UNIMPLEMENTED: another implementation of v1) is called with Encode."""
     call = stub.StreamEncode(encoder_pb2.StreamEncodeRequest(request=request, max_chunk_bytes=max_chunk_bytes),
                              timeout=timeout_s, metadata=metadata)
+    try:
+        return await _assemble_reply(call)
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    return await stub.Encode(request, timeout=timeout_s, metadata=metadata)
+
+
+async def _assemble_reply(call) -> encoder_pb2.EncodeResponse:
     response = encoder_pb2.EncodeResponse()
     assembler = Assembler(error=Internal)
     first = True
