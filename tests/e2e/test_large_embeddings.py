@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from services.client import build_messages
-from services.common import shm
-from services.common.api.triptych.common.v1 import generation_pb2
+from services.common import chunks, shm
+from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
@@ -213,3 +213,34 @@ def _wait_for(condition, timeout_s: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def _chunked_error(llm: Proc, messages) -> grpc.RpcError:
+    with grpc.insecure_channel(llm.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(llm_pb2_grpc.LlmServiceStub(channel).ChunkedStreamGenerate(iter(messages), timeout=60))
+    return caught.value
+
+
+def test_a_broken_chunk_stream_is_invalid_argument_and_the_llm_goes_on(backends, expected, inline_processor):
+    _, llm = backends
+    rows = 4200  # 1.1 MB: over the LLM's limit, so in chunks (1012: the image token of the tiny Qwen2-VL)
+    request = llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(
+        token_ids=[1012] * rows + [1], multimodal_inputs=[llm_pb2.MultimodalInput(
+            placeholder=tensor_pb2.PlaceholderRange(modality=tensor_pb2.MODALITY_IMAGE, offset=0, length=rows),
+            embeddings=to_proto(torch.zeros(rows, 64)))]))
+    messages = chunks.split_generate_request(request, chunks.chunk_budget(LIMIT_MIB << 20))
+    assert len(messages) == 2
+
+    err = _chunked_error(llm, messages[:1])  # half-closed with bytes missing
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(err).reason == "TENSOR_CHUNKS_INCOMPLETE"
+    assert error_info(err).metadata["expectedBytes"] == str(rows * 64 * 4)
+
+    err = _chunked_error(llm, [messages[1], messages[0]])
+    assert (err.code(), error_info(err).reason) == (grpc.StatusCode.INVALID_ARGUMENT, "TENSOR_CHUNK_INVALID")
+
+    messages[0].request.prompt.multimodal_inputs[0].embeddings.shape[:] = [rows, 4096]  # declares 70 MB
+    err = _chunked_error(llm, messages[:1])  # refused on the declaration, before any chunk
+    assert error_info(err).reason == "EMBEDDING_SHAPE_MISMATCH"
+
+    assert _generate(inline_processor.address).token_ids == expected  # still serving
