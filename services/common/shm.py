@@ -214,18 +214,25 @@ class Reader:
         if handle.host_id != self.host_id:
             raise _unavailable(name, handle, "otherHost", f"the region is on host {handle.host_id or '(unknown)'}, "
                                f"this process on {self.host_id}")
+        # Only our regions are opened: whatever else the caller's pid/fd name (a device, a pipe) is never
+        # touched. The name is checked before opening, and again on what was opened (the fd may change between).
+        expected = f"/memfd:{PREFIX}{handle.token} (deleted)"
+        path = f"/proc/{handle.pid}/fd/{handle.fd}"
         try:
-            fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDWR | os.O_CLOEXEC)
+            if os.readlink(path) != expected:
+                raise FileNotFoundError(path)  # the fd number now holds another file: ours was freed
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
-            raise _unavailable(name, handle, "gone", f"process {handle.pid} has exited or freed it") from None
+            raise _unavailable(name, handle, "gone", f"process {handle.pid} has exited or freed it (its time to "
+                               "live passed, or it restarted)") from None
         except PermissionError:
             raise _unavailable(name, handle, "denied", f"this process may not open process {handle.pid}'s memory "
                                "(another user, or another PID namespace)") from None
         except OSError as err:
             raise _unavailable(name, handle, "gone", f"opening it failed: {err.strerror}") from None
-        if os.readlink(f"/proc/self/fd/{fd}") != f"/memfd:{PREFIX}{handle.token} (deleted)":
-            os.close(fd)  # the fd number now holds another file: ours was freed
-            raise _unavailable(name, handle, "gone", f"process {handle.pid} has freed it (its time to live passed)")
+        if os.readlink(f"/proc/self/fd/{fd}") != expected:
+            os.close(fd)
+            raise _unavailable(name, handle, "gone", f"process {handle.pid} has freed it meanwhile")
         self._open[handle.token] = fd
         return fd
 
