@@ -103,7 +103,7 @@ async def send(stub: llm_pb2_grpc.LlmServiceStub, tensor: torch.Tensor, mode: st
     return seconds
 
 
-async def measure(address: str, sizes_mb: list[int], modes: list[str], repeats: int, chunk_mib: int) -> list[dict]:
+async def measure(address: str, sizes_mb: list[int], modes: tuple[str, ...], repeats: int, chunk_mib: int) -> list[dict]:
     exporter = shm.Exporter(ttl_s=60, max_bytes=4 << 30)
     results = []
     async with grpc.aio.insecure_channel(address, options=channel_options(LIMIT_MIB)) as channel:
@@ -124,10 +124,10 @@ async def measure(address: str, sizes_mb: list[int], modes: list[str], repeats: 
     return results
 
 
-def run(sizes_mb: list[int], modes: list[str] = list(MODES), repeats: int = 3, chunk_mib: int = 4) -> dict:
+def run(sizes_mb: list[int], modes: tuple[str, ...] = MODES, repeats: int = 3, chunk_mib: int = 4) -> dict:
     """Starts the server process, measures every size and mode, stops it; the JSON-ready report."""
     if "shm" in modes and not shm.AVAILABLE:
-        modes = [m for m in modes if m != "shm"]
+        modes = tuple(m for m in modes if m != "shm")
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -155,7 +155,7 @@ def main() -> None:
         return
     if args.quick:
         args.sizes_mb, args.repeats = [1, 16], 1
-    report = run(args.sizes_mb, args.modes, args.repeats, args.chunk_mib)
+    report = run(args.sizes_mb, tuple(args.modes), args.repeats, args.chunk_mib)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
@@ -195,7 +196,7 @@ class Reader:
             os.close(fd)
         self._open.clear()
 
-    def __enter__(self) -> Reader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

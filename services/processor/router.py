@@ -15,9 +15,9 @@ from services.common import chunks
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.config import ServerConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
 from services.common.interceptors import outgoing_metadata
-from services.common.config import ServerConfig
 from services.common.server import channel_options
 
 log = logging.getLogger(__name__)

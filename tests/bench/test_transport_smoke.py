@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_transport_smoke(tmp_path):
     out = tmp_path / "transport.json"
     run = subprocess.run([sys.executable, "bench/transport.py", "--quick", "--json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     got = {(r["mode"], r["size_mb"]) for r in report["results"]}

@@ -143,7 +143,7 @@ def test_shared_memory_crosses_one_mib_limits_token_exact(big_model, backends, e
 
 
 def test_an_llm_that_cannot_open_the_region_gets_the_embeddings_inline(big_model, backends, expected):
-    if subprocess.run([*UNSHARE, "true"], capture_output=True).returncode != 0:
+    if subprocess.run([*UNSHARE, "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("unshare --pid is not permitted here")
     _, llm = backends
     # An encoder in its own PID namespace (as in another container): its handles name a pid the LLM cannot see.
