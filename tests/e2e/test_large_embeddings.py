@@ -84,8 +84,8 @@ def inline_processor(big_model, backends):
     processor.stop()
 
 
-def _generate(address: str) -> processor_pb2.Completion:
-    request = processor_pb2.GenerateRequest(messages=build_messages(PROMPT, [IMAGE]),
+def _generate(address: str, images: tuple[bytes, ...] = (IMAGE,)) -> processor_pb2.Completion:
+    request = processor_pb2.GenerateRequest(messages=build_messages(PROMPT, list(images)),
                                             sampling=generation_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
     with grpc.insecure_channel(address) as channel:
         return processor_pb2_grpc.ProcessorServiceStub(channel).Generate(request, timeout=300).completion
@@ -130,11 +130,14 @@ def test_shared_memory_crosses_one_mib_limits_token_exact(big_model, backends, e
     chunked_before, plain_before = (_log(llm).count(f"LlmService/{rpc} OK") for rpc in ("ChunkedStreamGenerate",
                                                                                           "StreamGenerate"))
     processor = _processor(big_model, encoder, llm, "--embeddings-transport", "shm")
+    twice = [image_bytes(160, 120, seed=1)] * 2  # one region, read twice in one request
     try:
         completion = _generate(processor.address)
+        repeated = _generate(processor.address, tuple(twice))
     finally:
         processor.stop()
     assert completion.token_ids == expected
+    assert repeated.token_ids == hf_generate(big_model, PROMPT, twice, MAX_NEW_TOKENS)
     # Inline, a 1.2 MB LLM request would have gone in chunks: it went as one small message of handles.
     _wait_for(lambda: _log(llm).count("LlmService/StreamGenerate OK") > plain_before, timeout_s=10)
     assert _log(llm).count("LlmService/ChunkedStreamGenerate OK") == chunked_before
