@@ -16,3 +16,21 @@ def tiny_checkpoint(family: str, seed: int = 0) -> Path:
 
         make_model(family, out, seed=seed)
     return out
+
+
+def scaled_deepstack(src: Path, dst: Path, scale: float) -> Path:
+    """A copy of a Qwen3-VL checkpoint whose deepstack mergers' last linear (weight and bias) is multiplied
+    by `scale`. With random weights deepstack barely moves the logits (DESIGN 4.3): x30 makes it matter."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(src, dst)
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for merger in model.model.visual.deepstack_merger_list:
+            merger.linear_fc2.weight.mul_(scale)
+            merger.linear_fc2.bias.mul_(scale)
+    model.save_pretrained(dst)
+    return dst

@@ -21,8 +21,12 @@ from services.processor.servicer import ProcessorServicer
 
 
 class InProcessServices:
-    def __init__(self, model: Path):
+    """`processor_options`: ProcessorConfig fields beyond the addresses; `encoder_cls`: an EncoderServicer
+    (sub)class, e.g. one that counts its calls."""
+
+    def __init__(self, model: Path, encoder_cls: type[EncoderServicer] = EncoderServicer, **processor_options):
         self.model = model
+        self._encoder_cls, self._processor_options = encoder_cls, processor_options
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -34,13 +38,13 @@ class InProcessServices:
     async def _start(self) -> str:
         checkpoint = Checkpoint(self.model)
         server_cfg = ServerConfig(port=0)
-        self.encoder = EncoderServicer(checkpoint, EncoderConfig(model=self.model))
+        self.encoder = self._encoder_cls(checkpoint, EncoderConfig(model=self.model))
         self.llm = LlmServicer(checkpoint, LlmConfig(model=self.model))
         encoder, _ = await encoder_server.start_server(self.encoder, server_cfg)
         llm, _ = await llm_server.start_server(self.llm, server_cfg)
         self.servers = [encoder, llm]
         self.processor = ProcessorServicer(checkpoint, ProcessorConfig(
-            model=self.model, encoder_addr=encoder.address, llm_addr=llm.address))
+            model=self.model, encoder_addr=encoder.address, llm_addr=llm.address, **self._processor_options))
         await self.processor.connect()
         front, _ = await processor_server.start_server(self.processor, server_cfg)
         self.servers.append(front)
@@ -57,3 +61,17 @@ class InProcessServices:
         self.llm.engine.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+class CountingEncoder(EncoderServicer):
+    """The encoder service, counting the Encode calls and items that reach it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_calls = 0
+        self.num_items = 0
+
+    async def Encode(self, request, context):
+        self.num_calls += 1
+        self.num_items += len(request.items)
+        return await super().Encode(request, context)

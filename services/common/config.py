@@ -123,3 +123,7 @@ class ProcessorConfig:
     embeddings_transport: Literal["inline", "shm"] = field(default="inline", metadata=doc(
         "how embeddings go from encoder to LLM: inline (in messages, chunked when large) or shm (shared "
         "memory, for an encoder and an LLM on one host)"))
+    # Off by default: bench/local_encoder.py measures when encoding small items here beats the trip to the encoder.
+    local_encode_max_patches: int = field(default=0, metadata=doc(
+        "encode media items of at most this many patches (tower input rows) in the processor itself, the rest "
+        "in the encoder service; 0: off (the processor then loads no weights)"))

@@ -20,8 +20,9 @@ import torch
 from services.common import chunks, shm
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
-from services.common.errors import Internal, InvalidArgument, ResourceExhausted, TriptychError
+from services.common.errors import InvalidArgument
 from services.common.tensors import from_named, to_proto
+from services.encoder.towers import load_towers, run_tower
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 
@@ -36,11 +37,6 @@ class ParsedRequest:
     inputs: list[dict[str, torch.Tensor]]
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err))
-
-
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.checkpoint = checkpoint
@@ -51,8 +47,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         # One thread owns torch; parsing (the bulk of a large request's bytes) runs beside it.
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-torch")
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
-        self.model = self.family.load_model(checkpoint.path, checkpoint.dtype, cfg.device)
-        self.family.strip_for_encoder(self.model)
+        self.model = load_towers(checkpoint, cfg.device)
         self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
@@ -120,17 +115,4 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     def _run_tower(self, modality: str, batch: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         """The family's encode; the caller's inputs were checked, so what fails now is ours or the machine's."""
-        try:
-            return self.family.encode(self.model, modality, batch)
-        except TriptychError:
-            raise
-        except Exception as err:  # noqa: BLE001 -- sorted into out-of-memory and internal
-            if _is_out_of_memory(err):
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give the failed batch's blocks back before the next request
-                raise ResourceExhausted(f"the encoder ran out of memory encoding {len(batch)} {modality} items; "
-                                        "retry later or send fewer or smaller items",
-                                        reason="ENCODER_OUT_OF_MEMORY") from err
-            log.exception("encoding %d %s items failed", len(batch), modality)
-            raise Internal(f"encoding {len(batch)} {modality} items failed: {type(err).__name__}: {err}",
-                           reason="ENCODER_FAILED") from err
+        return run_tower(self.family, self.model, modality, batch)

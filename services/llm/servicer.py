@@ -151,13 +151,15 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     def _check_chunked(self, request: llm_pb2.StreamGenerateRequest) -> None:
         """Before a stream's chunks are read: each chunked tensor is [length, hidden] for a range no longer
-        than the prompt, so a stream cannot make us hold more bytes than the prompt's embeddings take."""
+        than the prompt, deepstack tensors as many as the model has layers for, so a stream cannot make us
+        hold more bytes than the prompt's embeddings take."""
         num_tokens = len(request.prompt.token_ids)
         for index, mm in enumerate(request.prompt.multimodal_inputs):
             where, length = f"multimodal_inputs[{index}]", mm.placeholder.length
             if length > num_tokens:
                 raise InvalidArgument(f"{where}: range of {length} tokens in a {num_tokens}-token prompt",
                                       reason="PLACEHOLDER_RANGE_INVALID")
+            self._check_deepstack_count(mm, where)
             named = [(f"{where}.embeddings", mm.embeddings)]
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
             for name, proto in named:
@@ -204,6 +206,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       f"{self.family.placeholder_token(modality)} tokens",
                                       reason="PLACEHOLDER_RANGE_INVALID")
             covered[span] = True
+            self._check_deepstack_count(mm, where)
             named = [(f"{where}.embeddings", mm.embeddings)]
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
             tensors = [self._parse_embeddings(name, proto, length, external) for name, proto in named]
@@ -222,10 +225,19 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         placed.sort(key=lambda p: p.offset)
         return placed
 
+    def _check_deepstack_count(self, mm: llm_pb2.MultimodalInput, where: str) -> None:
+        num_layers = self.family.num_deepstack_layers
+        if len(mm.deepstack_embeddings) != num_layers:  # Qwen3-VL one per layer, others none: never ignored
+            raise InvalidArgument(
+                f"{where} has {len(mm.deepstack_embeddings)} deepstack_embeddings; the {self.family.name} model "
+                f"takes {num_layers} (one per deepstack layer)", reason="DEEPSTACK_COUNT_MISMATCH",
+                metadata={"deepstackLayers": str(num_layers)})
+
     def _check_embedding_shape(self, name: str, proto, length: int) -> None:
         hidden = self.family.hidden_size
         if tuple(proto.shape) != (length, hidden):  # before decoding: the shape alone says no
-            raise InvalidArgument(f"{name} of shape {list(proto.shape)}, expected [{length}, {hidden}] "
+            shown = "is unset" if not proto.ListFields() else f"of shape {list(proto.shape)}"
+            raise InvalidArgument(f"{name} {shown}, expected [{length}, {hidden}] "
                                   "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
 
     def _parse_embeddings(self, name: str, proto, length: int, external: dict[str, ExternalBytes]) -> torch.Tensor:

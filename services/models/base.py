@@ -98,6 +98,13 @@ class PrefillInputs:
     # attention_mask with bidirectional image blocks).
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def for_decode(self) -> PrefillInputs:
+        """What decode steps keep of it: the positions' axes and delta, the device. The prompt-sized
+        tensors go (a long prompt's embeddings are megabytes per running request on a real model)."""
+        return PrefillInputs(inputs_embeds=self.inputs_embeds.new_empty(1, 0, self.inputs_embeds.shape[-1]),
+                             position_ids=None if self.position_ids is None else self.position_ids[..., :0].clone(),
+                             rope_delta=self.rope_delta)
+
 
 class ModelFamily(ABC):
     """A model family: subclasses set the class attributes and implement the abstract methods."""
@@ -133,6 +140,12 @@ class ModelFamily(ABC):
     @property
     def max_context_tokens(self) -> int:
         return self.text_config.max_position_embeddings
+
+    @property
+    def num_deepstack_layers(self) -> int:
+        """Extra [num_tokens, hidden] tensors an item's embeddings carry for the LLM's first layers
+        (Qwen3-VL deepstack: one per layer); 0 for a family whose LLM takes the merged rows only."""
+        return 0
 
     # ---- processor ---------------------------------------------------------------------
     @abstractmethod

@@ -7,7 +7,7 @@ import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
@@ -20,6 +20,8 @@ from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
+from services.processor.embeds import EmbeddingSpec, check_rows, read_embeddings
+from services.processor.local_encoder import LocalEncoder
 from services.processor.media import MediaLimits, decode_image, mm_hash, read_media
 from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
@@ -38,14 +40,23 @@ class Prepared:
     prompt_text: str
     processed: ProcessedPrompt
     mm_hashes: list[str]  # one per item, in prompt order; the same image twice has the same hash
+    # Items that never go to the encoder service: sent as embeddings by the caller (mm_hash -> them),
+    # and those the processor's local encoder takes.
+    precomputed: dict[str, encoder_pb2.ItemEmbeddings] = field(default_factory=dict)
+    local: frozenset[str] = frozenset()
 
     @property
-    def unique_items(self) -> dict[str, ProcessedItem]:
-        """mm_hash -> the first item with it: what the encoder is asked for, each hash once."""
+    def all_items(self) -> dict[str, ProcessedItem]:
+        """mm_hash -> the first item with it, each hash once."""
         unique: dict[str, ProcessedItem] = {}
         for item, h in zip(self.processed.items, self.mm_hashes, strict=True):
             unique.setdefault(h, item)
         return unique
+
+    @property
+    def unique_items(self) -> dict[str, ProcessedItem]:
+        """What the encoder service is asked for, each hash once."""
+        return {h: item for h, item in self.all_items.items() if h not in self.precomputed and h not in self.local}
 
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
@@ -61,6 +72,13 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             max_image_pixels=cfg.max_image_pixels,
         )
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
+        self.embedding_spec = EmbeddingSpec(
+            family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
+            num_deepstack_layers=self.family.num_deepstack_layers, fingerprint=checkpoint.fingerprint,
+            max_image_pixels=cfg.max_image_pixels)
+        # Small items encoded in this process (--local-encode-max-patches), the rest by the encoder service.
+        self.local_encoder = (LocalEncoder(checkpoint, cfg.local_encode_max_patches)
+                              if cfg.local_encode_max_patches else None)
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
         self.encoder = EncoderClient(cfg.encoder_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20)
@@ -78,6 +96,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     async def close(self) -> None:
         await asyncio.gather(self.encoder.close(), self.llm.close())
         self._cpu.shutdown(wait=False)
+        if self.local_encoder is not None:
+            self.local_encoder.close()
 
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: processor_pb2.GenerateRequest, context) -> processor_pb2.GenerateResponse:
@@ -109,16 +129,21 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         deadline = loop.time() + (remaining if remaining is not None else self.cfg.default_timeout_s)
         self._check_sampling(request.sampling)
         prepared = await self._prepare(request)
+        if self.local_encoder is not None:  # small items are encoded here, beside the encoder service's call
+            prepared = replace(prepared, local=await self._offload(self.local_encoder.select, prepared.unique_items))
+        local = self.local_encoder.start(prepared.all_items, prepared.local) if prepared.local else None
         encode_request = encoded = None
-        if prepared.processed.items:
+        if prepared.unique_items:
             encode_request = await self._offload(self._encode_request, prepared)
             encode_request.embeddings_transport = self._transport  # not in Preprocess's: its caller decides
             encoded = await self.encoder.encode(encode_request, deadline - loop.time())
+        local_embeddings = await local if local is not None else {}
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
         logprobs: list[generation_pb2.TokenLogprobs] = []
         finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
-        async for reply in self._llm_replies(prepared, encode_request, encoded, request.sampling, deadline):
+        async for reply in self._llm_replies(prepared, encode_request, encoded, local_embeddings, request.sampling,
+                                             deadline):
             if reply.token_ids:
                 token_ids.extend(reply.token_ids)
                 delta = text.push(list(reply.token_ids))
@@ -141,12 +166,14 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         ))
 
     async def _llm_replies(self, prepared: Prepared, encode_request: encoder_pb2.EncodeRequest | None,
-                           encoded: encoder_pb2.EncodeResponse | None, sampling: generation_pb2.SamplingParams,
+                           encoded: encoder_pb2.EncodeResponse | None, local: dict[str, encoder_pb2.ItemEmbeddings],
+                           sampling: generation_pb2.SamplingParams,
                            deadline: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
         """The LLM's replies. Where it cannot open the encoder's shared memory (another host, a region
         freed by its TTL, an encoder that restarted), the items are encoded again inline, once."""
         loop = asyncio.get_running_loop()
-        llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded, sampling)
+        llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded, sampling,
+                                          local)
         replies = self.llm.stream_generate(llm_request, deadline - loop.time())
         try:
             first = await anext(replies, None)
@@ -159,7 +186,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             inline.embeddings_transport = encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE
             encoded = await self.encoder.encode(inline, deadline - loop.time())
             llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded,
-                                              sampling)
+                                              sampling, local)
             replies = self.llm.stream_generate(llm_request, deadline - loop.time())
             first = await anext(replies, None)
         try:
@@ -201,6 +228,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
         images, hashes = [], []
+        precomputed = {}  # image index -> the caller's embeddings (MediaEmbeddings)
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidArgument(f"messages[{m_index}].role is {message.role!r}; use one of {sorted(ROLES)}",
@@ -224,9 +252,14 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                               reason="TOO_MANY_IMAGES",
                                               metadata={"maxImagesPerRequest": str(self.cfg.max_images_per_request)})
                     media = getattr(part, kind)
-                    image = decode_image(read_media(media, self.limits, where), self.limits, where)
+                    if media.WhichOneof("source") == "embeddings":  # a stand-in image of the original size
+                        image, given = read_embeddings(media, self.embedding_spec, f"{where}.{kind}")
+                        precomputed[len(images)] = given
+                        hashes.append(given.item.mm_hash)
+                    else:
+                        image = decode_image(read_media(media, self.limits, where), self.limits, where)
+                        hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
                     images.append(image)
-                    hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
                     parts.append({"type": IMAGE})
             hf_messages.append({"role": message.role, "content": parts})
         try:
@@ -238,7 +271,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if len(processed.items) != len(images):
             raise Internal(f"the {self.family.name} family made {len(processed.items)} media items of "
                            f"{len(images)} images", reason="PREPROCESS_ITEM_MISMATCH")
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes)
+        for index, given in precomputed.items():
+            check_rows(given, processed.items[index], self.family.hidden_size)
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes,
+                        precomputed={given.item.mm_hash: given.item for given in precomputed.values()})
 
     def _check_text(self, text: str, where: str) -> None:
         for token in self.reserved_tokens:
@@ -266,14 +302,16 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         )
 
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
-                     sampling: generation_pb2.SamplingParams) -> T:
-        """The LLM request: every item (repeats included) with the embeddings of its mm_hash, if encoded."""
-        by_hash: dict[str, encoder_pb2.ItemEmbeddings] = {}
+                     sampling: generation_pb2.SamplingParams,
+                     local: dict[str, encoder_pb2.ItemEmbeddings] | None = None) -> T:
+        """The LLM request: every item (repeats included) with the embeddings of its mm_hash, if encoded
+        (by the encoder service, or `local`ly) or sent by the caller."""
+        by_hash: dict[str, encoder_pb2.ItemEmbeddings] = {**prepared.precomputed, **(local or {})}
         if reply is not None:
             if [e.mm_hash for e in reply.items] != list(prepared.unique_items):
                 raise Internal(f"the encoder at {self.encoder.address} answered for other items than asked",
                                reason="ENCODER_REPLY_MISMATCH")
-            by_hash = {e.mm_hash: e for e in reply.items}
+            by_hash.update((e.mm_hash, e) for e in reply.items)
         inputs = []
         for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True):
             emb = by_hash.get(h)

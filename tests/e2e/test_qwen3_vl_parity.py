@@ -9,13 +9,11 @@ match transformers run whole.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
@@ -24,7 +22,7 @@ from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from services.common.tensors import from_proto
-from tests.checkpoints import tiny_checkpoint
+from tests.checkpoints import scaled_deepstack, tiny_checkpoint
 from tests.inproc import InProcessServices
 from tests.parity import CASES, MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import hf_generate
@@ -37,28 +35,16 @@ DEEPSTACK_SCALE = 30.0
 IMAGE_CASES = ["one-image", "one-image-other", "two-images"]
 
 
-def _variant(src: Path, dst: Path, scale: float) -> Path:
-    """A copy of `src` whose deepstack mergers' last linear (weight and bias) is multiplied by `scale`."""
-    shutil.copytree(src, dst)
-    model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        for merger in model.model.visual.deepstack_merger_list:
-            merger.linear_fc2.weight.mul_(scale)
-            merger.linear_fc2.bias.mul_(scale)
-    model.save_pretrained(dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def boosted(tmp_path_factory) -> Path:
-    return _variant(tiny_checkpoint("qwen3_vl"), tmp_path_factory.mktemp("qwen3_vl") / "deepstack-x30",
+    return scaled_deepstack(tiny_checkpoint("qwen3_vl"), tmp_path_factory.mktemp("qwen3_vl") / "deepstack-x30",
                     DEEPSTACK_SCALE)
 
 
 @pytest.fixture(scope="module")
 def zeroed(boosted, tmp_path_factory) -> Path:
     """The boosted variant with its deepstack rows zeroed: transformers without deepstack."""
-    return _variant(boosted, tmp_path_factory.mktemp("qwen3_vl") / "deepstack-x0", 0.0)
+    return scaled_deepstack(boosted, tmp_path_factory.mktemp("qwen3_vl") / "deepstack-x0", 0.0)
 
 
 @pytest.fixture(scope="module")

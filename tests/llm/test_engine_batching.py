@@ -124,3 +124,30 @@ def test_rows_that_may_pass_the_longrope_limit_decode_alone():
     assert phi.batch_key(4000, 96) is not None and phi.batch_key(4000, 97) is None
     qwen, _, _ = _loaded("qwen2_vl")
     assert qwen.batch_key(100_000, 1000) is not None
+
+
+def test_growing_layer_writes_in_place_and_rebuilds_after_rows_change():
+    """A merged batch's full-attention layers append a step's keys into spare room (no new tensor per
+    step), and after rows leave (index_select + trim replace `keys`) the next step still appends to
+    the rows' own keys: the stored keys always equal plain concatenation."""
+    from services.llm.engine.batch_cache import GrowingLayer
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    layer, expected_k, expected_v = GrowingLayer(keys, values), keys, values
+    buffers = set()
+    for _ in range(4):
+        step_k, step_v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        got_k, got_v = layer.update(step_k, step_v)
+        expected_k, expected_v = torch.cat([expected_k, step_k], -2), torch.cat([expected_v, step_v], -2)
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+        buffers.add(got_k.data_ptr())
+    assert len(buffers) == 1  # one buffer for all steps: written in place
+    index = torch.tensor([2, 0])
+    layer.reorder_cache(index)  # rows leave
+    layer.keys, layer.values = layer.keys[:, :, 1:], layer.values[:, :, 1:]  # shared padding trimmed
+    expected_k, expected_v = expected_k[index][:, :, 1:], expected_v[index][:, :, 1:]
+    step_k, step_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    got_k, got_v = layer.update(step_k, step_v)
+    assert torch.equal(got_k, torch.cat([expected_k, step_k], -2))
+    assert torch.equal(got_v, torch.cat([expected_v, step_v], -2))

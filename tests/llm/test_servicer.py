@@ -134,11 +134,11 @@ def _generate_error(servicer, request) -> grpc.aio.AioRpcError:
 SHORT = generation_pb2.SamplingParams(max_new_tokens=2, ignore_eos=True)
 
 
+# Non-finite deepstack rows: tests/llm/test_precomputed.py (Qwen3-VL; this Qwen2-VL refuses any deepstack).
 @pytest.mark.parametrize(("bad", "where"), [
     (float("nan"), "multimodal_inputs[0].embeddings"),
     (float("inf"), "multimodal_inputs[0].embeddings"),
-    (-float("inf"), "multimodal_inputs[0].deepstack_embeddings[0]"),
-], ids=["nan", "inf", "deepstack-inf"])
+], ids=["nan", "inf"])
 def test_non_finite_embeddings_are_invalid_argument(servicer, bad, where):
     rows = _rows(servicer)
     poisoned = rows.clone()

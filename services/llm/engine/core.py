@@ -202,7 +202,7 @@ class Engine:
             }
             out = self.language_model(**(kwargs | row.prefill.layer_kwargs))
             row.placed = []  # the embeddings now live in the cache
-            row.prefill.layer_kwargs = {}  # deepstack rows, prefill masks: prefill only
+            row.prefill = row.prefill.for_decode()  # deepstack rows, prefill masks, embeddings: prefill only
             row.length = length
             row.accept(row.sampler.sample(self.lm_head(out.last_hidden_state[:, -1])[0]))
             return cache

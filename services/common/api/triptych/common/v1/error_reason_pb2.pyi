@@ -116,6 +116,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An image is corrupt, truncated or 0 pixels wide or high. Code:
     INVALID_ARGUMENT.
     """
+    EMBEDDINGS_IMAGE_SIZE_MISSING: _ErrorReason.ValueType  # 104
+    """A Media sends embeddings (MediaEmbeddings) without the original image's
+    size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
+    size of the image the embeddings were computed from; the processor needs
+    it to expand the image's placeholders.
+    """
     TENSOR_DTYPE_UNSUPPORTED: _ErrorReason.ValueType  # 22
     """---- Tensors (EncoderService and LlmService inputs) ---------------------
 
@@ -177,22 +183,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     media items need (the processor's model family). Code: INVALID_ARGUMENT.
     """
     EMBEDDING_SHAPE_MISMATCH: _ErrorReason.ValueType  # 34
-    """Embeddings are not [placeholder length, hidden_size]. Code:
-    INVALID_ARGUMENT.
+    """Embeddings are not [placeholder length, hidden_size] (LlmService, or
+    ProcessorService for a Media's MediaEmbeddings, where the length is what
+    an image of the given size takes). Code: INVALID_ARGUMENT. Metadata
+    (ProcessorService): placeholderTokens, hiddenSize.
     """
     EMBEDDING_NOT_FINITE: _ErrorReason.ValueType  # 63
-    """Embeddings hold NaN or infinity. Code: INVALID_ARGUMENT. Metadata:
-    input (e.g. multimodal_inputs[0].embeddings). Check the encoder that
-    made them (e.g. a float16 overflow).
+    """Embeddings hold NaN or infinity (LlmService, or ProcessorService for a
+    Media's MediaEmbeddings). Code: INVALID_ARGUMENT. Metadata: input (e.g.
+    multimodal_inputs[0].embeddings). Check the encoder that made them (e.g.
+    a float16 overflow).
     """
     EMBEDDING_DTYPE_MISMATCH: _ErrorReason.ValueType  # 35
-    """Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts.
-    Code: INVALID_ARGUMENT.
+    """Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts
+    (LlmService, or ProcessorService for a Media's MediaEmbeddings). Code:
+    INVALID_ARGUMENT.
     """
     DEEPSTACK_COUNT_MISMATCH: _ErrorReason.ValueType  # 36
-    """A Qwen3-VL multimodal input has another number of deepstack tensors than
-    the model's deepstack layers. Code: INVALID_ARGUMENT. Metadata:
-    deepstackLayers. Send the encoder's deepstack_embeddings along.
+    """A multimodal input (LlmService) or a Media's MediaEmbeddings
+    (ProcessorService) has another number of deepstack tensors than the
+    model's deepstack layers: Qwen3-VL needs one per layer, every other
+    family none. Code: INVALID_ARGUMENT. Metadata: deepstackLayers. Send the
+    encoder's deepstack_embeddings along, and only for Qwen3-VL.
     """
     POSITION_INPUT_INVALID: _ErrorReason.ValueType  # 37
     """A multimodal input lacks the position inputs its family needs (for
@@ -334,13 +346,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: INTERNAL.
     """
     ENCODER_OUT_OF_MEMORY: _ErrorReason.ValueType  # 60
-    """The encoder ran out of memory on this request (device or host); it goes
-    on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
+    """The encoder (or the processor's local encoder, domain
+    "triptych.processor") ran out of memory on this request (device or host);
+    it goes on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
     smaller images.
     """
     ENCODER_FAILED: _ErrorReason.ValueType  # 61
-    """The encoder failed on valid inputs (a bug in the tower or its family
-    file); it goes on serving. Code: INTERNAL.
+    """The encoder (or the processor's local encoder, domain
+    "triptych.processor") failed on valid inputs (a bug in the tower or its
+    family file); it goes on serving. Code: INTERNAL.
     """
     ENCODER_REPLY_MISMATCH: _ErrorReason.ValueType  # 54
     """The encoder answered for other items than the processor asked for. Code:
@@ -472,6 +486,12 @@ IMAGE_DECODE_FAILED: ErrorReason.ValueType  # 21
 """An image is corrupt, truncated or 0 pixels wide or high. Code:
 INVALID_ARGUMENT.
 """
+EMBEDDINGS_IMAGE_SIZE_MISSING: ErrorReason.ValueType  # 104
+"""A Media sends embeddings (MediaEmbeddings) without the original image's
+size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
+size of the image the embeddings were computed from; the processor needs
+it to expand the image's placeholders.
+"""
 TENSOR_DTYPE_UNSUPPORTED: ErrorReason.ValueType  # 22
 """---- Tensors (EncoderService and LlmService inputs) ---------------------
 
@@ -533,22 +553,28 @@ embeddings (LlmService), or placeholder runs that differ from what the
 media items need (the processor's model family). Code: INVALID_ARGUMENT.
 """
 EMBEDDING_SHAPE_MISMATCH: ErrorReason.ValueType  # 34
-"""Embeddings are not [placeholder length, hidden_size]. Code:
-INVALID_ARGUMENT.
+"""Embeddings are not [placeholder length, hidden_size] (LlmService, or
+ProcessorService for a Media's MediaEmbeddings, where the length is what
+an image of the given size takes). Code: INVALID_ARGUMENT. Metadata
+(ProcessorService): placeholderTokens, hiddenSize.
 """
 EMBEDDING_NOT_FINITE: ErrorReason.ValueType  # 63
-"""Embeddings hold NaN or infinity. Code: INVALID_ARGUMENT. Metadata:
-input (e.g. multimodal_inputs[0].embeddings). Check the encoder that
-made them (e.g. a float16 overflow).
+"""Embeddings hold NaN or infinity (LlmService, or ProcessorService for a
+Media's MediaEmbeddings). Code: INVALID_ARGUMENT. Metadata: input (e.g.
+multimodal_inputs[0].embeddings). Check the encoder that made them (e.g.
+a float16 overflow).
 """
 EMBEDDING_DTYPE_MISMATCH: ErrorReason.ValueType  # 35
-"""Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts.
-Code: INVALID_ARGUMENT.
+"""Embeddings are not in ModelInfo.embedding_dtype; the LLM never casts
+(LlmService, or ProcessorService for a Media's MediaEmbeddings). Code:
+INVALID_ARGUMENT.
 """
 DEEPSTACK_COUNT_MISMATCH: ErrorReason.ValueType  # 36
-"""A Qwen3-VL multimodal input has another number of deepstack tensors than
-the model's deepstack layers. Code: INVALID_ARGUMENT. Metadata:
-deepstackLayers. Send the encoder's deepstack_embeddings along.
+"""A multimodal input (LlmService) or a Media's MediaEmbeddings
+(ProcessorService) has another number of deepstack tensors than the
+model's deepstack layers: Qwen3-VL needs one per layer, every other
+family none. Code: INVALID_ARGUMENT. Metadata: deepstackLayers. Send the
+encoder's deepstack_embeddings along, and only for Qwen3-VL.
 """
 POSITION_INPUT_INVALID: ErrorReason.ValueType  # 37
 """A multimodal input lacks the position inputs its family needs (for
@@ -690,13 +716,15 @@ ENGINE_ERROR: ErrorReason.ValueType  # 53
 Code: INTERNAL.
 """
 ENCODER_OUT_OF_MEMORY: ErrorReason.ValueType  # 60
-"""The encoder ran out of memory on this request (device or host); it goes
-on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
+"""The encoder (or the processor's local encoder, domain
+"triptych.processor") ran out of memory on this request (device or host);
+it goes on serving. Code: RESOURCE_EXHAUSTED. Retry later or with fewer or
 smaller images.
 """
 ENCODER_FAILED: ErrorReason.ValueType  # 61
-"""The encoder failed on valid inputs (a bug in the tower or its family
-file); it goes on serving. Code: INTERNAL.
+"""The encoder (or the processor's local encoder, domain
+"triptych.processor") failed on valid inputs (a bug in the tower or its
+family file); it goes on serving. Code: INTERNAL.
 """
 ENCODER_REPLY_MISMATCH: ErrorReason.ValueType  # 54
 """The encoder answered for other items than the processor asked for. Code:

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from services.common.api.triptych.common.v1 import generation_pb2 as _generation_pb2
 from services.common.api.triptych.common.v1 import model_info_pb2 as _model_info_pb2
+from services.common.api.triptych.common.v1 import tensor_pb2 as _tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2 as _encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2 as _llm_pb2
 import builtins as _builtins
@@ -30,6 +31,7 @@ class Media(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded file (PNG, JPEG, WebP, GIF, BMP, TIFF for images). At most
@@ -44,22 +46,91 @@ class Media(_message.Message):
     """The caller's own id for this media item. When set it replaces the content
     hash as the item's mm_hash: equal ids must mean equal media.
     """
+    @_builtins.property
+    def embeddings(self) -> Global___MediaEmbeddings:
+        """Embeddings of the image that the caller computed with the model's own
+        towers, sent instead of the image (precomputed embeddings, as vLLM's
+        image_embeds). Image parts only. No encoder is called for the item.
+        """
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         url: _builtins.str = ...,
+        embeddings: Global___MediaEmbeddings | None = ...,
         uuid: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "source", b"source", "url", b"url"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "source", b"source", "url", b"url", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "embeddings"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___Media: _TypeAlias = Media  # noqa: Y015
+
+@_typing.final
+class MediaEmbeddings(_message.Message):
+    """Embeddings of one image, computed by the caller with the model's vision
+    tower (for example the encoder's ItemEmbeddings for the same image), sent in
+    place of the image's bytes.
+
+    The processor expands the image's placeholder tokens as it would for an
+    image of width_px x height_px (for every model family Triptych serves, the
+    placeholder count and the position inputs depend on the image's size only),
+    checks the tensors against the model, and sends them to the LLM as they are.
+    A mismatch is INVALID_ARGUMENT: EMBEDDING_SHAPE_MISMATCH (rows or width),
+    EMBEDDING_DTYPE_MISMATCH, DEEPSTACK_COUNT_MISMATCH, EMBEDDING_NOT_FINITE or
+    EMBEDDINGS_IMAGE_SIZE_MISSING. Without a uuid on the Media, the item's
+    mm_hash is a hash of these tensors and the size.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    WIDTH_PX_FIELD_NUMBER: _builtins.int
+    HEIGHT_PX_FIELD_NUMBER: _builtins.int
+    width_px: _builtins.int
+    """Required. Width of the original image, in pixels, before the model's
+    processor resized it. At least 1.
+    """
+    height_px: _builtins.int
+    """Required. Height of the original image, in pixels. At least 1; width_px
+    times height_px at most the processor's --max-image-pixels.
+    """
+    @_builtins.property
+    def embeddings(self) -> _tensor_pb2.Tensor:
+        """Required. One row per placeholder token of the image: shape [num_tokens,
+        hidden_size] (ModelInfo.hidden_size), in ModelInfo.embedding_dtype; no
+        cast is done. num_tokens is what an image of this size takes (the length
+        of its placeholder range in ProcessorService.Preprocess).
+        """
+
+    @_builtins.property
+    def deepstack_embeddings(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
+        """Qwen3-VL deepstack features, one [num_tokens, hidden_size] tensor per
+        deepstack layer of the model, in layer order (the encoder's
+        ItemEmbeddings.deepstack_embeddings). Empty for every other family.
+        """
+
+    def __init__(
+        self,
+        *,
+        embeddings: _tensor_pb2.Tensor | None = ...,
+        deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        width_px: _builtins.int = ...,
+        height_px: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "height_px", b"height_px", "width_px", b"width_px"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MediaEmbeddings: _TypeAlias = MediaEmbeddings  # noqa: Y015
 
 @_typing.final
 class ContentPart(_message.Message):
@@ -358,7 +429,8 @@ class PreprocessResponse(_message.Message):
     def llm_request(self) -> _llm_pb2.GenerateRequest:
         """The request Generate would send to the LLM, with each multimodal input's
         embeddings left empty: they are the encoder's answer for the item with
-        the same mm_hash. Several inputs may share one mm_hash (a repeated image,
+        the same mm_hash. Items the caller sent as MediaEmbeddings are not in
+        encode_request; their inputs here carry the caller's embeddings. Several inputs may share one mm_hash (a repeated image,
         or one image's several placeholder runs): match embeddings to inputs by
         mm_hash, never by position.
         """

@@ -95,7 +95,9 @@ class ProcessorServiceServicer:
 
     def Preprocess(self, request, context):
         """Returns exactly what Generate would send to the encoder and the LLM,
-        without sending it. For debugging and for external routers.
+        without sending it. For debugging and for external routers. A processor
+        started with --local-encode-max-patches encodes small items itself in
+        Generate; Preprocess still lists them in encode_request.
 
         Replies carry the processed media (pixel tensors) inline and often exceed
         gRPC's default 4 MiB receive limit: raise the client's (Go

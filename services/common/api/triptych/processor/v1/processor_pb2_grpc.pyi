@@ -55,7 +55,9 @@ class ProcessorServiceStub:
     """
     Preprocess: _grpc.UnaryUnaryMultiCallable[_processor_pb2.PreprocessRequest, _processor_pb2.PreprocessResponse]
     """Returns exactly what Generate would send to the encoder and the LLM,
-    without sending it. For debugging and for external routers.
+    without sending it. For debugging and for external routers. A processor
+    started with --local-encode-max-patches encodes small items itself in
+    Generate; Preprocess still lists them in encode_request.
 
     Replies carry the processed media (pixel tensors) inline and often exceed
     gRPC's default 4 MiB receive limit: raise the client's (Go
@@ -93,7 +95,9 @@ class ProcessorServiceAsyncStub(ProcessorServiceStub):
     """
     Preprocess: _aio.UnaryUnaryMultiCallable[_processor_pb2.PreprocessRequest, _processor_pb2.PreprocessResponse]  # type: ignore[assignment]
     """Returns exactly what Generate would send to the encoder and the LLM,
-    without sending it. For debugging and for external routers.
+    without sending it. For debugging and for external routers. A processor
+    started with --local-encode-max-patches encodes small items itself in
+    Generate; Preprocess still lists them in encode_request.
 
     Replies carry the processed media (pixel tensors) inline and often exceed
     gRPC's default 4 MiB receive limit: raise the client's (Go
@@ -146,7 +150,9 @@ class ProcessorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_processor_pb2.PreprocessResponse, _abc.Awaitable[_processor_pb2.PreprocessResponse]]:
         """Returns exactly what Generate would send to the encoder and the LLM,
-        without sending it. For debugging and for external routers.
+        without sending it. For debugging and for external routers. A processor
+        started with --local-encode-max-patches encodes small items itself in
+        Generate; Preprocess still lists them in encode_request.
 
         Replies carry the processed media (pixel tensors) inline and often exceed
         gRPC's default 4 MiB receive limit: raise the client's (Go
