@@ -72,7 +72,8 @@ class Exporter:
 
     def export(self, tensors: list[tensor_pb2.Tensor]) -> bool:
         """Moves the inline tensors' bytes into one new region and sets their `shm` handles (data
-        cleared). False, tensors untouched, when shared memory is off or the budget is spent."""
+        cleared). False, tensors untouched, when shared memory is off, its budget spent, or the host out
+        of memory for it."""
         tensors = [t for t in tensors if t.WhichOneof("external_data") is None]
         if not self.enabled or not tensors:
             return False
@@ -90,12 +91,20 @@ class Exporter:
                          self.live_bytes, self.max_bytes, size)
                 return False
             token = secrets.token_hex(16)
-            fd = os.memfd_create(PREFIX + token, os.MFD_CLOEXEC)
+            try:
+                fd = os.memfd_create(PREFIX + token, os.MFD_CLOEXEC)
+            except OSError as err:  # out of file descriptors
+                log.warning("no shared-memory region (%s): %d bytes go inline", err, size)
+                return False
             self._regions[token] = _Region(fd, size, time.monotonic() + self.ttl_s)
         try:
             os.ftruncate(fd, size)
             for data, offset in zip(datas, offsets):
                 _write_all(fd, data, offset)
+        except OSError as err:  # the host is out of memory for it: the bytes stay in the reply
+            self._close(token)
+            log.warning("writing a %d-byte shared-memory region failed (%s): the bytes go inline", size, err)
+            return False
         except BaseException:
             self._close(token)
             raise
