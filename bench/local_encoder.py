@@ -123,8 +123,8 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def encode_calls(log: Path) -> int:
-    """Encode calls the deployment's encoder logged (one line per call): 0 when every image stayed local."""
-    return sum("EncoderService/Encode " in line for line in log.read_text().splitlines()
+    """Encode calls (StreamEncode, as the processor calls it) the encoder logged: 0 when every image stayed local."""
+    return sum("EncoderService/StreamEncode " in line for line in log.read_text().splitlines()
                if line.startswith("[encoder]"))
 
 

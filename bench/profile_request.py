@@ -50,7 +50,7 @@ def parse_calls(log_text: str) -> dict[tuple[str, str], tuple[float, float]]:
         if not match:
             continue
         service, stamp, request_id, method, _code, ms = match.groups()
-        if method not in ("StreamGenerate", "Encode"):
+        if method not in ("StreamGenerate", "ChunkedStreamGenerate", "Encode", "StreamEncode"):
             continue
         end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
         calls[(request_id, service)] = (end - float(ms) / 1e3, end)

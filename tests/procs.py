@@ -41,8 +41,9 @@ class Proc:
         return self.popen.returncode
 
 
-def spawn(name: str, *argv: str, listen_name: str | None = None) -> Proc:
-    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *argv], stdout=subprocess.PIPE,
+def spawn(name: str, *argv: str, listen_name: str | None = None, wrapper: tuple[str, ...] = ()) -> Proc:
+    """`wrapper`: a command the service runs under, e.g. ("unshare", "--pid", "--fork", "--kill-child")."""
+    popen = subprocess.Popen([*wrapper, sys.executable, "-m", "services.cli", *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, bufsize=1)
     proc = Proc(name, popen)
     expected = listen_name or name

@@ -100,6 +100,11 @@ class EncoderConfig:
         "patches (tower input rows) in one tower forward; a larger item runs alone"))
     cache_mib: int = field(default=1024, metadata=doc(
         "embedding cache (by mm_hash) budget, MiB; 0: no cache (identical in-flight items still encode once)"))
+    # Shared memory is used only for callers that ask (the processor's --embeddings-transport shm); these
+    # bound what it may hold: regions nobody claimed are freed after the TTL, and a full budget answers inline.
+    shm_max_mib: int = field(default=1024, metadata=doc(
+        "unclaimed shared-memory embeddings held at once, MiB; beyond it replies go inline (0: never shm)"))
+    shm_ttl_s: float = field(default=30.0, metadata=doc("seconds a shared-memory region waits for its reader"))
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,11 @@ class ProcessorConfig:
         "seconds between resolutions of --encoder host names (replicas come and go with DNS); 0: only at start"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
+    # shm: the encoder hands the LLM its embeddings through shared memory, for an encoder and an LLM on one
+    # host (one user, one PID namespace); a region the LLM cannot open is encoded again inline.
+    embeddings_transport: Literal["inline", "shm"] = field(default="inline", metadata=doc(
+        "how embeddings go from encoder to LLM: inline (in messages, chunked when large) or shm (shared "
+        "memory, for an encoder and an LLM on one host)"))
     # Off by default: bench/local_encoder.py measures when encoding small items here beats the trip to the encoder.
     local_encode_max_patches: int = field(default=0, metadata=doc(
         "encode media items of at most this many patches (tower input rows) in the processor itself, the rest "

@@ -97,6 +97,10 @@ class Internal(TriptychError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unimplemented(TriptychError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TriptychError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, PermissionDenied, FailedPrecondition, ResourceExhausted,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import grpc
 
-from services.common.errors import Internal, TriptychError
+from services.common.errors import Internal, TriptychError, Unimplemented
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception, domain: str) -> None:
     if isinstance(err, grpc.aio.AbortError):
         raise err
+    if isinstance(err, NotImplementedError):  # a generated servicer's default for a method it lacks
+        err = Unimplemented(f"{method} is not implemented by this server", reason="METHOD_NOT_IMPLEMENTED")
     if not isinstance(err, TriptychError):
         log.exception("unexpected error in %s", method)
         err = Internal(f"internal error in {method}: {type(err).__name__}: {err}", reason="INTERNAL")

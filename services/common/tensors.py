@@ -2,13 +2,17 @@
 
 Bytes are row-major little-endian (DESIGN §3); bf16 travels as 2-byte words.
 Parsing validates dtype and byte length and raises InvalidArgument, so a
-malformed tensor never reaches torch.
+malformed tensor never reaches torch. A tensor whose bytes are not inline
+(Tensor.external_data: chunks of a stream, a shared-memory region) is read
+through the `ExternalBytes` source the caller passes for that location
+(services/common/chunks.py, services/common/shm.py).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,21 +65,51 @@ def to_proto(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=wire, shape=list(tensor.shape), data=array.tobytes())
 
 
-def from_proto(proto: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
-    """Parses a wire tensor into a CPU torch tensor; a wrong byte length is INVALID_ARGUMENT."""
+class ExternalBytes(Protocol):
+    """Where the bytes of tensors with one kind of external_data come from (chunks, shared memory)."""
+
+    def payload(self, proto: tensor_pb2.Tensor, nbytes: int, name: str) -> bytearray:
+        """The tensor's `nbytes` bytes, in a buffer the caller may keep (a torch tensor views it)."""
+        ...
+
+
+def num_bytes(proto: tensor_pb2.Tensor, name: str = "tensor") -> int:
+    """prod(shape) * sizeof(dtype): what the tensor's bytes must number; a bad dtype or shape is INVALID_ARGUMENT."""
+    itemsize = _WIRE[torch_dtype(proto.dtype)][1].itemsize
+    if any(d < 0 for d in proto.shape):
+        raise InvalidArgument(f"{name}: negative dimension in shape {list(proto.shape)}", reason="TENSOR_SHAPE_INVALID")
+    return int(np.prod(tuple(proto.shape), dtype=np.int64)) * itemsize
+
+
+def from_proto(proto: tensor_pb2.Tensor, name: str = "tensor",
+               external: Mapping[str, ExternalBytes] | None = None) -> torch.Tensor:
+    """Parses a wire tensor into a CPU torch tensor; a wrong byte length is INVALID_ARGUMENT.
+
+    `external` maps an external_data kind ("chunked_id", "shm") to the source of such bytes; a
+    tensor whose bytes lie elsewhere than the caller accepts is INVALID_ARGUMENT.
+    """
     dtype = torch_dtype(proto.dtype)
     np_dtype = _WIRE[dtype][1]
     shape = tuple(proto.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{name}: negative dimension in shape {list(shape)}", reason="TENSOR_SHAPE_INVALID")
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-    if len(proto.data) != expected:
-        raise InvalidArgument(
-            f"{name}: shape {list(shape)} needs {expected} bytes of {DataType.Name(proto.dtype)}, got {len(proto.data)}",
-            reason="TENSOR_SIZE_MISMATCH",
-        )
-    array = np.frombuffer(proto.data, dtype=np_dtype).reshape(shape)
-    tensor = torch.from_numpy(array.copy())  # copy: protobuf bytes are read-only
+    expected = num_bytes(proto, name)
+    location = proto.WhichOneof("external_data")
+    if location is not None:
+        source = (external or {}).get(location)
+        if source is None:
+            raise InvalidArgument(f"{name}: its bytes must be inline here (Tensor.data), not in {location}",
+                                  reason="TENSOR_LOCATION_UNSUPPORTED", metadata={"input": name})
+        if proto.data:
+            raise InvalidArgument(f"{name}: sets both data and {location}; send the bytes one way",
+                                  reason="TENSOR_SIZE_MISMATCH")
+        buffer = source.payload(proto, expected, name)
+        array = np.frombuffer(buffer, dtype=np_dtype, count=expected // np_dtype.itemsize).reshape(shape)
+    else:
+        if len(proto.data) != expected:
+            raise InvalidArgument(
+                f"{name}: shape {list(shape)} needs {expected} bytes of {DataType.Name(proto.dtype)}, "
+                f"got {len(proto.data)}", reason="TENSOR_SIZE_MISMATCH")
+        array = np.frombuffer(proto.data, dtype=np_dtype).reshape(shape).copy()  # copy: protobuf bytes are read-only
+    tensor = torch.from_numpy(array)
     if dtype == torch.bfloat16:
         return tensor.view(torch.bfloat16)
     if dtype == torch.bool:
@@ -84,11 +118,20 @@ def from_proto(proto: tensor_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
 
 
 def slice_rows(proto: tensor_pb2.Tensor, rows: slice) -> tensor_pb2.Tensor:
-    """Rows [start, stop) of a wire tensor along its first axis, without decoding it."""
+    """Rows [start, stop) of a wire tensor along its first axis, without decoding it.
+
+    Inline bytes are cut; a shared-memory tensor keeps its region, its offset moved to the first row.
+    """
     if rows.start == 0 and rows.stop == (proto.shape[0] if proto.shape else 0):
         return proto
-    row_bytes = len(proto.data) // proto.shape[0]
-    return tensor_pb2.Tensor(dtype=proto.dtype, shape=[rows.stop - rows.start, *proto.shape[1:]],
+    row_bytes = num_bytes(proto) // proto.shape[0]
+    shape = [rows.stop - rows.start, *proto.shape[1:]]
+    if proto.HasField("shm"):
+        shm = tensor_pb2.SharedMemoryHandle()
+        shm.CopyFrom(proto.shm)
+        shm.offset_bytes += rows.start * row_bytes
+        return tensor_pb2.Tensor(dtype=proto.dtype, shape=shape, shm=shm)
+    return tensor_pb2.Tensor(dtype=proto.dtype, shape=shape,
                              data=proto.data[rows.start * row_bytes : rows.stop * row_bytes])
 
 

@@ -18,5 +18,9 @@ async def start_server(servicer: EncoderServicer, cfg: ServerConfig) -> tuple[Se
 
 async def serve(cfg: EncoderConfig, checkpoint: Checkpoint) -> None:
     """Loads the tower, serves until SIGTERM, then finishes in-flight requests."""
-    server, _ = await start_server(EncoderServicer(checkpoint, cfg), cfg.server)
-    await server.serve_until_signal("encoder")
+    servicer = EncoderServicer(checkpoint, cfg)
+    server, _ = await start_server(servicer, cfg.server)
+    try:
+        await server.serve_until_signal("encoder")
+    finally:
+        servicer.close()

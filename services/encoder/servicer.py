@@ -13,12 +13,14 @@ reference.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import torch
 
+from services.common import chunks, shm
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
@@ -105,6 +107,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.batcher = Batcher(self._run_tower, BatchLimits(
             mode=cfg.batching, wait_s=cfg.batch_wait_ms / 1000, max_items=cfg.max_batch_items,
             max_patches=cfg.max_batch_patches))
+        self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
@@ -123,7 +126,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         for p, out in zip(pending, done):
             for i, emb in zip(p.unit.indexes, out):
                 results[i] = emb
-        return await loop.run_in_executor(self._parse_pool, self._reply, request, results, hits)
+        response = await loop.run_in_executor(self._parse_pool, self._reply, request, results, hits)
+        if request.embeddings_transport == encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY and self._shm.enabled:
+            tensors = [t for _, t in chunks.item_tensors(response.items)]
+            await loop.run_in_executor(self._parse_pool, self._shm.export, tensors)  # inline when full
+        return response
+
+    async def StreamEncode(self, request: encoder_pb2.StreamEncodeRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[encoder_pb2.StreamEncodeResponse]:
+        response = await self.Encode(request.request, context)
+        own = chunks.chunk_budget(self.cfg.server.max_message_mib << 20)
+        budget = min(request.max_chunk_bytes, own) if request.max_chunk_bytes > 0 else own
+        messages = await asyncio.get_running_loop().run_in_executor(
+            self._parse_pool, chunks.split_encode_response, response, max(budget, chunks.MIN_CHUNK_BYTES))
+        for message in messages:
+            yield message
+
+    def close(self) -> None:
+        """Frees the shared-memory regions still waiting for their reader."""
+        self._shm.close()
 
     async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
         return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from services.common import chunks, shm
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, torch_threads
 from services.common.errors import InvalidArgument
 from services.common.sampling_params import check_params, check_range, invalid_param
-from services.common.tensors import DataType, from_named, from_proto
+from services.common.tensors import DataType, ExternalBytes, from_named, from_proto
 from services.llm.engine import Finished
 from services.llm.engine_client import EngineClient
 from services.llm.engine_process import EngineSpec
@@ -109,27 +110,61 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         raise AssertionError("engine ended without a Finished event")
 
     async def StreamGenerate(self, request: llm_pb2.StreamGenerateRequest, context) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
-        async for event in self._generate(request):
+        async for response in self._stream(request):
+            yield response
+
+    async def ChunkedStreamGenerate(self, request_iterator, context) -> AsyncIterator[llm_pb2.ChunkedStreamGenerateResponse]:
+        request, assembler = await chunks.receive_generate_request(request_iterator, check=self._check_chunked)
+        async for response in self._stream(request, assembler):
+            yield llm_pb2.ChunkedStreamGenerateResponse(response=response)
+
+    async def GetModelInfo(self, request, context) -> llm_pb2.GetModelInfoResponse:
+        return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+
+    async def _stream(self, request: llm_pb2.StreamGenerateRequest,
+                      assembler: chunks.Assembler | None = None) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
+        async for event in self._generate(request, assembler):
             if isinstance(event, Finished):
                 yield llm_pb2.StreamGenerateResponse(finish_reason=_FINISH[event.finish_reason],
                                                      prompt_tokens=len(request.prompt.token_ids))
             else:
                 yield llm_pb2.StreamGenerateResponse(token_ids=[event.token_id], logprobs=_logprobs(event))
 
-    async def GetModelInfo(self, request, context) -> llm_pb2.GetModelInfoResponse:
-        return llm_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
-
     # ---- parsing ------------------------------------------------------------------------
-    async def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest):
-        parsed = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, request)
+    async def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest,
+                        assembler: chunks.Assembler | None = None):
+        parsed = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, request, assembler)
         async for event in self.engine.generate(parsed.token_ids, parsed.placed, parsed.sampling):
             yield event
 
-    def _parse(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest) -> ParsedRequest:
+    def _parse(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest,
+               assembler: chunks.Assembler | None = None) -> ParsedRequest:
         self.checkpoint.check_fingerprint(request.model_fingerprint)
         token_ids = self._parse_token_ids(request.prompt.token_ids)
-        placed = self._parse_multimodal(request.prompt, token_ids)
+        # Embedding bytes may lie in shared memory (claimed once parsed) or in a stream's chunks.
+        with shm.Reader() as regions:
+            external: dict[str, ExternalBytes] = {"shm": regions}
+            if assembler is not None:
+                external["chunked_id"] = assembler.finish()
+            placed = self._parse_multimodal(request.prompt, token_ids, external)
         return ParsedRequest(token_ids, placed, self._parse_sampling(request.sampling, len(token_ids)))
+
+    def _check_chunked(self, request: llm_pb2.StreamGenerateRequest) -> None:
+        """Before a stream's chunks are read: each chunked tensor is [length, hidden] for a range no longer
+        than the prompt, deepstack tensors as many as the model has layers for, so a stream cannot make us
+        hold more bytes than the prompt's embeddings take."""
+        num_tokens = len(request.prompt.token_ids)
+        for index, mm in enumerate(request.prompt.multimodal_inputs):
+            where, length = f"multimodal_inputs[{index}]", mm.placeholder.length
+            if length > num_tokens:
+                raise InvalidArgument(f"{where}: range of {length} tokens in a {num_tokens}-token prompt",
+                                      reason="PLACEHOLDER_RANGE_INVALID")
+            self._check_deepstack_count(mm, where)
+            named = [(f"{where}.embeddings", mm.embeddings)]
+            named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
+            for name, proto in named:
+                if proto.WhichOneof("external_data") == "chunked_id":
+                    self._check_embedding_shape(name, proto, length)
 
     def _parse_token_ids(self, ids) -> torch.Tensor:
         if not ids:
@@ -148,7 +183,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 reason="PROMPT_TOO_LONG", metadata={"promptTokens": str(len(token_ids)), "maxContextTokens": str(max_ctx)})
         return token_ids
 
-    def _parse_multimodal(self, prompt: llm_pb2.Prompt, token_ids: torch.Tensor) -> list[PlacedEmbeddings]:
+    def _parse_multimodal(self, prompt: llm_pb2.Prompt, token_ids: torch.Tensor,
+                          external: dict[str, ExternalBytes]) -> list[PlacedEmbeddings]:
         """Checks every embedding against its range, the model's dtype and hidden size; no silent casts."""
         placed: list[PlacedEmbeddings] = []
         covered = torch.zeros_like(token_ids, dtype=torch.bool)
@@ -170,15 +206,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       f"{self.family.placeholder_token(modality)} tokens",
                                       reason="PLACEHOLDER_RANGE_INVALID")
             covered[span] = True
-            num_layers = self.family.num_deepstack_layers
-            if len(mm.deepstack_embeddings) != num_layers:  # Qwen3-VL one per layer, others none: never ignored
-                raise InvalidArgument(
-                    f"{where} has {len(mm.deepstack_embeddings)} deepstack_embeddings; the {self.family.name} model "
-                    f"takes {num_layers} (one per deepstack layer)", reason="DEEPSTACK_COUNT_MISMATCH",
-                    metadata={"deepstackLayers": str(num_layers)})
+            self._check_deepstack_count(mm, where)
             named = [(f"{where}.embeddings", mm.embeddings)]
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
-            tensors = [self._parse_embeddings(name, proto, length) for name, proto in named]
+            tensors = [self._parse_embeddings(name, proto, length, external) for name, proto in named]
             position_inputs = from_named(mm.position_inputs)
             self.family.check_position_inputs(modality, position_inputs, length, where=f"{where}.position_inputs")
             placed.append(PlacedEmbeddings(
@@ -194,14 +225,26 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         placed.sort(key=lambda p: p.offset)
         return placed
 
-    def _parse_embeddings(self, name: str, proto, length: int) -> torch.Tensor:
-        """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite."""
-        hidden, dtype = self.family.hidden_size, self.checkpoint.dtype
+    def _check_deepstack_count(self, mm: llm_pb2.MultimodalInput, where: str) -> None:
+        num_layers = self.family.num_deepstack_layers
+        if len(mm.deepstack_embeddings) != num_layers:  # Qwen3-VL one per layer, others none: never ignored
+            raise InvalidArgument(
+                f"{where} has {len(mm.deepstack_embeddings)} deepstack_embeddings; the {self.family.name} model "
+                f"takes {num_layers} (one per deepstack layer)", reason="DEEPSTACK_COUNT_MISMATCH",
+                metadata={"deepstackLayers": str(num_layers)})
+
+    def _check_embedding_shape(self, name: str, proto, length: int) -> None:
+        hidden = self.family.hidden_size
         if tuple(proto.shape) != (length, hidden):  # before decoding: the shape alone says no
             shown = "is unset" if not proto.ListFields() else f"of shape {list(proto.shape)}"
             raise InvalidArgument(f"{name} {shown}, expected [{length}, {hidden}] "
                                   "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
-        tensor = from_proto(proto, name)
+
+    def _parse_embeddings(self, name: str, proto, length: int, external: dict[str, ExternalBytes]) -> torch.Tensor:
+        """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite."""
+        dtype = self.checkpoint.dtype
+        self._check_embedding_shape(name, proto, length)
+        tensor = from_proto(proto, name, external)
         if tensor.dtype != dtype:
             raise InvalidArgument(f"{name} are {DataType.Name(proto.dtype)}, the model runs in {dtype}; send them "
                                   "in the model's dtype", reason="EMBEDDING_DTYPE_MISMATCH")

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
+from services.common.config import ServerConfig
 from services.common.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
                                     TriptychError, Unavailable)
 from services.processor.ring import HashRing
@@ -118,9 +119,9 @@ class ReplicaStats:
 class Replica:
     """One encoder address: its channel, health, load and counters."""
 
-    def __init__(self, address: str, fingerprint: str):
+    def __init__(self, address: str, fingerprint: str, max_message_bytes: int):
         self.address = address
-        self.client = EncoderClient(address, fingerprint, RECONNECT_OPTIONS)
+        self.client = EncoderClient(address, fingerprint, RECONNECT_OPTIONS, max_message_bytes)
         self.health = health_pb2_grpc.HealthStub(self.client.channel)
         self.healthy = False
         self.state = "connecting"
@@ -160,6 +161,12 @@ class HeldIndex:
         self._entries.pop(mm_hash, None)
 
 
+def _header(request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeRequest:
+    """A request's fields other than its items, which every per-replica request keeps."""
+    return encoder_pb2.EncodeRequest(model_fingerprint=request.model_fingerprint,
+                                     embeddings_transport=request.embeddings_transport)
+
+
 def reference(item: encoder_pb2.MediaItem) -> encoder_pb2.MediaItem:
     """The item as a cache reference: its identity without tensors or media."""
     return encoder_pb2.MediaItem(modality=item.modality, mm_hash=item.mm_hash)
@@ -185,12 +192,13 @@ class EncoderPool:
     """The encoder replicas behind one processor; `encode` is what the servicer calls."""
 
     def __init__(self, targets: Sequence[str], fingerprint: str, *, resolve_interval_s: float = 30.0,
-                 resolver: Resolver = resolve_host):
+                 resolver: Resolver = resolve_host, max_message_bytes: int = ServerConfig.max_message_mib << 20):
         if not targets:
             raise InvalidArgument("no encoder address; pass --encoder HOST:PORT (repeatable)",
                                   reason="ENCODER_ADDRESS_INVALID")
         self.targets = [Target.parse(t) for t in targets]
         self.fingerprint = fingerprint
+        self.max_message_bytes = max_message_bytes  # the largest reply message taken; larger ones come in chunks
         self.resolve_interval_s = resolve_interval_s
         self._resolver = resolver
         self._resolved: dict[Target, set[str]] = {}  # each target's addresses at its last good resolution
@@ -267,7 +275,7 @@ class EncoderPool:
         wanted = set().union(*self._resolved.values())
         added, gone = wanted - self.replicas.keys(), self.replicas.keys() - wanted
         for address in sorted(added):
-            replica = self.replicas[address] = Replica(address, self.fingerprint)
+            replica = self.replicas[address] = Replica(address, self.fingerprint, self.max_message_bytes)
             replica.watch = self._spawn(self._watch(replica))
         for address in sorted(gone):
             self._spawn(self._retire(self.replicas.pop(address)))
@@ -390,14 +398,14 @@ class EncoderPool:
             items.setdefault(key, item)  # the same hash twice is encoded once
         if not items:
             return encoder_pb2.EncodeResponse()
-        results = await self._encode_items(request.model_fingerprint, items, deadline, frozenset(), retries_left=1)
+        results = await self._encode_items(_header(request), items, deadline, frozenset(), retries_left=1)
         return encoder_pb2.EncodeResponse(items=[results[k] for k in keys])
 
-    async def _encode_items(self, fingerprint: str, items: dict[str, encoder_pb2.MediaItem], deadline: float,
+    async def _encode_items(self, header: encoder_pb2.EncodeRequest, items: dict[str, encoder_pb2.MediaItem], deadline: float,
                             excluded: frozenset[str], retries_left: int) -> dict[str, encoder_pb2.ItemEmbeddings]:
         groups = self._route(list(items), excluded)
         parts = await first_error(
-            self._encode_on(replica, fingerprint, {k: items[k] for k in keys}, deadline, excluded, retries_left)
+            self._encode_on(replica, header, {k: items[k] for k in keys}, deadline, excluded, retries_left)
             for replica, keys in groups.items())
         return {key: emb for part in parts for key, emb in part.items()}
 
@@ -422,11 +430,11 @@ class EncoderPool:
     def _holds(self, replica: Replica, key: str) -> bool:
         return replica.takes_references and self._held.get(key) == (replica.address, replica.generation)
 
-    async def _encode_on(self, replica: Replica, fingerprint: str, items: dict[str, encoder_pb2.MediaItem],
+    async def _encode_on(self, replica: Replica, header: encoder_pb2.EncodeRequest, items: dict[str, encoder_pb2.MediaItem],
                          deadline: float, excluded: frozenset[str],
                          retries_left: int) -> dict[str, encoder_pb2.ItemEmbeddings]:
         try:
-            return await self._call(replica, fingerprint, items, deadline)
+            return await self._call(replica, header, items, deadline)
         except Unavailable as err:
             if self._eject(replica, f"Encode failed: {err.message}") and self.replicas.get(replica.address) is replica:
                 replica.watch.cancel()  # its health may still say SERVING: watch afresh before readmitting
@@ -435,10 +443,10 @@ class EncoderPool:
                 raise
             log.warning("encoder %s failed (%s); retrying %d items on another replica", replica.address,
                         err.message, len(items))
-            return await self._encode_items(fingerprint, items, deadline, excluded | {replica.address},
+            return await self._encode_items(header, items, deadline, excluded | {replica.address},
                                             retries_left - 1)
 
-    async def _call(self, replica: Replica, fingerprint: str, items: dict[str, encoder_pb2.MediaItem],
+    async def _call(self, replica: Replica, header: encoder_pb2.EncodeRequest, items: dict[str, encoder_pb2.MediaItem],
                     deadline: float) -> dict[str, encoder_pb2.ItemEmbeddings]:
         """One Encode call (two or three when cached references went missing) to one replica."""
         loop = asyncio.get_running_loop()
@@ -452,7 +460,7 @@ class EncoderPool:
             while True:
                 replica.references += len(references)
                 request = encoder_pb2.EncodeRequest(
-                    model_fingerprint=fingerprint,
+                    model_fingerprint=header.model_fingerprint, embeddings_transport=header.embeddings_transport,
                     items=[reference(items[k]) if k in references else items[k] for k in keys])
                 try:
                     reply = await replica.client.encode(request, deadline - loop.time())

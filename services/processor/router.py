@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services.common import chunks
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.config import ServerConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
 from services.common.interceptors import outgoing_metadata
 from services.common.server import channel_options
@@ -66,30 +68,45 @@ class Downstream:
 
 
 class EncoderClient(Downstream):
-    def __init__(self, address: str, fingerprint: str, extra_options: Sequence[tuple[str, int]] = ()):
+    """`max_message_bytes`: the largest reply message we take (the processor's --max-message-mib); a larger
+    reply comes in chunks of StreamEncode."""
+
+    def __init__(self, address: str, fingerprint: str, extra_options: Sequence[tuple[str, int]] = (),
+                 max_message_bytes: int = ServerConfig.max_message_mib << 20):
         super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint, extra_options)
+        self.chunk_bytes = chunks.chunk_budget(max_message_bytes)
 
     async def encode(self, request: encoder_pb2.EncodeRequest, timeout_s: float) -> encoder_pb2.EncodeResponse:
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before encoding", reason="DEADLINE_EXCEEDED")
-        try:
-            return await self.stub.Encode(request, timeout=timeout_s, metadata=outgoing_metadata())
+        try:  # StreamEncode: a reply of any size arrives in messages our channel takes
+            return await chunks.call_encode(self.stub, request, timeout_s, outgoing_metadata(),
+                                            max_chunk_bytes=self.chunk_bytes)
         except grpc.aio.AioRpcError as err:
             raise self.translate(err) from err
 
 
 class LlmClient(Downstream):
-    def __init__(self, address: str, fingerprint: str):
+    """`max_message_bytes`: the largest message the LLM takes (the processor assumes its own
+    --max-message-mib); a larger request goes in chunks through ChunkedStreamGenerate."""
+
+    def __init__(self, address: str, fingerprint: str, max_message_bytes: int = ServerConfig.max_message_mib << 20):
         super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint)
+        self.chunk_bytes = chunks.chunk_budget(max_message_bytes)
 
     async def stream_generate(self, request: llm_pb2.StreamGenerateRequest,
                               timeout_s: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before generation", reason="DEADLINE_EXCEEDED")
-        call = self.stub.StreamGenerate(request, timeout=timeout_s, metadata=outgoing_metadata())
+        tensors = (t for _, t in chunks.prompt_tensors(request.prompt))
+        if chunks.fits_one_message(tensors, self.chunk_bytes):
+            call = self.stub.StreamGenerate(request, timeout=timeout_s, metadata=outgoing_metadata())
+        else:  # cutting a large request copies its bytes: not on the event loop
+            messages = await asyncio.to_thread(chunks.split_generate_request, request, self.chunk_bytes)
+            call = self.stub.ChunkedStreamGenerate(iter(messages), timeout=timeout_s, metadata=outgoing_metadata())
         try:
             async for response in call:
-                yield response
+                yield response if isinstance(response, llm_pb2.StreamGenerateResponse) else response.response
         except grpc.aio.AioRpcError as err:
             raise self.translate(err) from err
         finally:

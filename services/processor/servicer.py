@@ -15,7 +15,7 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
-from services.common.errors import Internal, InvalidArgument
+from services.common.errors import Internal, InvalidArgument, TriptychError
 from services.common.media import MediaLimits, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
@@ -92,8 +92,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
         self.encoders = EncoderPool(cfg.encoder_addrs, checkpoint.fingerprint,
-                                    resolve_interval_s=cfg.encoder_resolve_interval_s)
-        self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint)
+                                    resolve_interval_s=cfg.encoder_resolve_interval_s,
+                                    max_message_bytes=cfg.server.max_message_mib << 20)
+        self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20)
+        self._transport = (encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY if cfg.embeddings_transport == "shm"
+                           else encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE)
 
     async def connect(self) -> None:
         """Start-up check: the LLM and at least one encoder answer, serve our model and agree on the dtype
@@ -142,18 +145,18 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if self.local_encoder is not None:  # small items are encoded here, beside the encoder service's call
             prepared = replace(prepared, local=await self._offload(self.local_encoder.select, prepared.unique_items))
         local = self.local_encoder.start(prepared.all_items, prepared.local) if prepared.local else None
-        encoded = None
+        encode_request = encoded = None
         if prepared.unique_items:
             encode_request = await self._offload(self._encode_request, prepared)
+            encode_request.embeddings_transport = self._transport  # not in Preprocess's: its caller decides
             encoded = await self.encoders.encode(encode_request, deadline - loop.time())
         local_embeddings = await local if local is not None else {}
-        llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded,
-                                          request.sampling, local_embeddings)
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
         logprobs: list[generation_pb2.TokenLogprobs] = []
         finish_reason = generation_pb2.FINISH_REASON_UNSPECIFIED
-        async for reply in self.llm.stream_generate(llm_request, deadline - loop.time()):
+        async for reply in self._llm_replies(prepared, encode_request, encoded, local_embeddings, request.sampling,
+                                             deadline):
             if reply.token_ids:
                 token_ids.extend(reply.token_ids)
                 delta = text.push(list(reply.token_ids))
@@ -174,6 +177,38 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             text=text.text, token_ids=token_ids, finish_reason=finish_reason,
             prompt_tokens=len(prepared.processed.token_ids), completion_tokens=len(token_ids), logprobs=logprobs,
         ))
+
+    async def _llm_replies(self, prepared: Prepared, encode_request: encoder_pb2.EncodeRequest | None,
+                           encoded: encoder_pb2.EncodeResponse | None, local: dict[str, encoder_pb2.ItemEmbeddings],
+                           sampling: generation_pb2.SamplingParams,
+                           deadline: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
+        """The LLM's replies. Where it cannot open the encoder's shared memory (another host, a region
+        freed by its TTL, an encoder that restarted), the items are encoded again inline, once."""
+        loop = asyncio.get_running_loop()
+        llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded, sampling,
+                                          local)
+        replies = self.llm.stream_generate(llm_request, deadline - loop.time())
+        try:
+            first = await anext(replies, None)
+        except TriptychError as err:
+            if err.reason != "SHM_REGION_UNAVAILABLE" or encode_request is None:
+                raise
+            log.warning("the LLM cannot read the encoder's shared memory (%s); encoding again inline", err.message)
+            inline = encoder_pb2.EncodeRequest()
+            inline.CopyFrom(encode_request)
+            inline.embeddings_transport = encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE
+            encoded = await self.encoders.encode(inline, deadline - loop.time())
+            llm_request = await self._offload(self._llm_request, llm_pb2.StreamGenerateRequest, prepared, encoded,
+                                              sampling, local)
+            replies = self.llm.stream_generate(llm_request, deadline - loop.time())
+            first = await anext(replies, None)
+        try:
+            if first is not None:
+                yield first
+            async for reply in replies:
+                yield reply
+        finally:
+            await replies.aclose()  # a stop string ends the LLM call now, not at garbage collection
 
     def _with_token_text(self, logprobs) -> list[generation_pb2.TokenLogprobs]:
         """The LLM's logprobs with each token's text, as the tokenizer decodes it alone (special tokens kept)."""

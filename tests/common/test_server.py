@@ -101,7 +101,7 @@ def test_the_processor_passes_the_request_id_to_encoder_and_llm(processor, caplo
                                                 sampling=SHORT)
         processor.Generate(request, metadata=((REQUEST_ID_KEY, "joined-id-7"),), timeout=60)
     methods = {r.getMessage().split()[0] for r in caplog.records if getattr(r, "request_id", None) == "joined-id-7"}
-    assert {"/triptych.processor.v1.ProcessorService/Generate", "/triptych.encoder.v1.EncoderService/Encode",
+    assert {"/triptych.processor.v1.ProcessorService/Generate", "/triptych.encoder.v1.EncoderService/StreamEncode",
             "/triptych.llm.v1.LlmService/StreamGenerate"} <= methods
 
 

@@ -45,9 +45,9 @@ def _generate(address: str, messages, request_id: str) -> list[int]:
 
 
 def _encode_calls(encoder: Proc, request_id: str, settle_s: float = 2.0) -> int:
-    """The encoder's Encode log lines for the request, once its log has caught up."""
+    """The encoder's calls for the request (the processor calls StreamEncode), once its log has caught up."""
     def count() -> int:
-        return sum(f"[{request_id}]" in line and "EncoderService/Encode" in line for line in list(encoder.lines))
+        return sum(f"[{request_id}]" in line and "EncoderService/StreamEncode" in line for line in list(encoder.lines))
 
     deadline = time.monotonic() + settle_s
     while not count() and time.monotonic() < deadline:

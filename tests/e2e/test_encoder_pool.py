@@ -51,7 +51,7 @@ def _wait_for_line(proc: Proc, text: str, times: int = 1, timeout_s: float = 60)
 
 def _encodes(proc: Proc) -> int:
     """Encode calls the encoder answered OK, from its log (one line per call)."""
-    return sum("EncoderService/Encode OK" in line for line in proc.lines)
+    return sum("EncoderService/Encode OK" in line or "EncoderService/StreamEncode OK" in line for line in proc.lines)
 
 
 def test_an_encoder_killed_mid_stream_fails_no_request_and_comes_back(qwen2_vl_dir):

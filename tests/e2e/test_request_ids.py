@@ -37,7 +37,7 @@ def test_logs_of_the_three_services_join_on_the_request_id(qwen2_vl_services):
     assert dict(call.initial_metadata())["x-request-id"] == request_id
 
     expected = {"processor": "/triptych.processor.v1.ProcessorService/Generate",
-                "encoder": "/triptych.encoder.v1.EncoderService/Encode",
+                "encoder": "/triptych.encoder.v1.EncoderService/StreamEncode",
                 "llm": "/triptych.llm.v1.LlmService/StreamGenerate"}
     for name, method in expected.items():
         lines = _lines_with(getattr(qwen2_vl_services, name), request_id)

@@ -97,16 +97,17 @@ def test_batch_dependent_family_never_shares_a_forward(monkeypatch):
         gate.open.set()
         pair = first.result(60)
         [call.result(60) for call in others]
-        assert gate.forwards == [2, 2, 1]
+        # each call's group alone (the two queued calls in either order, as their parse threads finish)
+        assert gate.forwards[0] == 2 and sorted(gate.forwards[1:]) == [1, 2]
         again = h.encode(media_item("a", a), media_item("b", b))
-        assert [item.cache_hit for item in again.items] == [True, True] and gate.forwards == [2, 2, 1]
+        assert [item.cache_hit for item in again.items] == [True, True] and len(gate.forwards) == 3
         assert torch.equal(from_proto(again.items[0].embeddings), from_proto(pair.items[0].embeddings))
         mixed = h.encode(media_item("a", a), media_item("b", None))  # one item sent, one a reference: same group
         assert [item.cache_hit for item in mixed.items] == [True, True]
         with pytest.raises(grpc.aio.AioRpcError) as caught:  # another order is another group: not held
             h.encode(media_item("b", None), media_item("a", a))
         assert dict(error_info(caught.value).metadata) == {"mmHashes": "b"}
-        assert gate.forwards == [2, 2, 1]
+        assert len(gate.forwards) == 3
     finally:
         h.close()
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
+import torch
 
+from services.common import chunks
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -17,6 +20,7 @@ from services.common.config import ServerConfig
 from services.common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, TriptychError,
                                     Unavailable)
 from services.common.interceptors import REQUEST_ID_KEY, bind_request_id
+from services.common.tensors import from_proto, to_proto
 from services.encoder.server import start_server as start_encoder
 from services.llm.server import start_server as start_llm
 from services.processor.router import EncoderClient, LlmClient, check_embedding_dtypes, dtype_name
@@ -41,6 +45,9 @@ class ScriptedEncoder(encoder_pb2_grpc.EncoderServiceServicer):
         if self.error:
             raise self.error
         return encoder_pb2.EncodeResponse(items=[encoder_pb2.ItemEmbeddings(mm_hash=i.mm_hash) for i in request.items])
+
+    async def StreamEncode(self, request, context):  # what the processor calls: one message, as Encode's reply
+        yield encoder_pb2.StreamEncodeResponse(items=(await self.Encode(request.request, context)).items)
 
 
 class EndlessLlm(llm_pb2_grpc.LlmServiceServicer):
@@ -169,3 +176,109 @@ def test_embedding_dtypes_must_agree():
         check_embedding_dtypes(F32, ("e:1", _info(dtype=BF16)), ("l:2", _info(dtype=BF16)))
     assert "--dtype float32" in caught.value.message
     assert dtype_name(tensor_pb2.DATA_TYPE_FLOAT16) == "float16"
+
+
+# ---- embeddings over the message limit: chunks both ways ----
+
+LIMIT_BYTES = 1 << 20  # the processor's --max-message-mib 1
+
+
+def _rows(rows: int, seed: int) -> tensor_pb2.Tensor:
+    return to_proto(torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed)))
+
+
+class ChunkingEncoder(ScriptedEncoder):
+    """Answers StreamEncode as the encoder does: 5,000-row embeddings (1.3 MB), in chunks under the limit."""
+
+    def __init__(self):
+        super().__init__(_info())
+        self.budgets: list[int] = []
+
+    async def StreamEncode(self, request, context):
+        self.budgets.append(request.max_chunk_bytes)
+        reply = encoder_pb2.EncodeResponse(items=[encoder_pb2.ItemEmbeddings(mm_hash=i.mm_hash, embeddings=_rows(5000, n))
+                                                  for n, i in enumerate(request.request.items)])
+        for message in chunks.split_encode_response(reply, request.max_chunk_bytes):
+            assert message.ByteSize() <= LIMIT_BYTES
+            yield message
+
+
+def test_a_reply_over_the_limit_comes_in_chunks_and_whole():
+    encoder = ChunkingEncoder()
+
+    async def body():
+        server, _ = await start_encoder(encoder, ServerConfig(port=0))
+        client = EncoderClient(server.address, FP, max_message_bytes=LIMIT_BYTES)
+        try:
+            request = encoder_pb2.EncodeRequest(items=[encoder_pb2.MediaItem(mm_hash=h) for h in ("a", "b")])
+            return await client.encode(request, 30)
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    reply = run(body())
+    assert encoder.budgets == [chunks.chunk_budget(LIMIT_BYTES)]
+    assert [i.mm_hash for i in reply.items] == ["a", "b"]
+    for n, item in enumerate(reply.items):
+        assert item.embeddings == _rows(5000, n)  # inline again, bit for bit
+
+
+class EncodeOnly(encoder_pb2_grpc.EncoderServiceServicer):
+    """Another implementation of v1's EncoderService, older than StreamEncode (UNIMPLEMENTED)."""
+
+    async def Encode(self, request, context):
+        return encoder_pb2.EncodeResponse(items=[encoder_pb2.ItemEmbeddings(mm_hash=i.mm_hash) for i in request.items])
+
+
+def test_an_encoder_without_stream_encode_is_called_with_encode():
+    async def body():
+        server = grpc.aio.server()  # a plain server, not ours
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncodeOnly(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = EncoderClient(f"127.0.0.1:{port}", FP)
+        try:
+            return await client.encode(encoder_pb2.EncodeRequest(items=[encoder_pb2.MediaItem(mm_hash="h")]), 10)
+        finally:
+            await client.close()
+            await server.stop(0)
+    assert [i.mm_hash for i in run(body()).items] == ["h"]
+
+
+class ChunkReceivingLlm(EndlessLlm):
+    def __init__(self):
+        super().__init__()
+        self.received: list[torch.Tensor] = []
+
+    async def ChunkedStreamGenerate(self, request_iterator, context):
+        request, assembler = await chunks.receive_generate_request(request_iterator)
+        assembled = assembler.finish()
+        self.received = [from_proto(mm.embeddings, external={"chunked_id": assembled})
+                         for mm in request.prompt.multimodal_inputs]
+        yield llm_pb2.ChunkedStreamGenerateResponse(response=llm_pb2.StreamGenerateResponse(token_ids=[7]))
+
+
+def test_a_request_over_the_limit_goes_in_chunks():
+    llm = ChunkReceivingLlm()
+
+    async def body():
+        server, _ = await start_llm(llm, ServerConfig(port=0, max_message_mib=1))
+        client = LlmClient(server.address, FP, max_message_bytes=LIMIT_BYTES)
+        try:
+            small = llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(multimodal_inputs=[
+                llm_pb2.MultimodalInput(embeddings=_rows(10, 0))]))
+            stream = client.stream_generate(small, 30)  # fits: the plain StreamGenerate
+            first = await anext(stream)
+            await stream.aclose()
+            large = llm_pb2.StreamGenerateRequest(prompt=llm_pb2.Prompt(multimodal_inputs=[
+                llm_pb2.MultimodalInput(embeddings=_rows(5000, 1)), llm_pb2.MultimodalInput(embeddings=_rows(30, 2))]))
+            return first, [reply async for reply in client.stream_generate(large, 30)]
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    first, replies = run(body())
+    assert first.token_ids and len(llm.metadata) == 1  # the small one went to EndlessLlm's StreamGenerate
+    assert [list(r.token_ids) for r in replies] == [[7]]
+    assert [t.shape[0] for t in llm.received] == [5000, 30]
+    assert torch.equal(llm.received[0], from_proto(_rows(5000, 1)))

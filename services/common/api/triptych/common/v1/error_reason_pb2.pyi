@@ -118,18 +118,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An image is corrupt, truncated or 0 pixels wide or high. Code:
     INVALID_ARGUMENT.
     """
-    EMBEDDINGS_IMAGE_SIZE_MISSING: _ErrorReason.ValueType  # 104
+    EMBEDDINGS_IMAGE_SIZE_MISSING: _ErrorReason.ValueType  # 88
     """A Media sends embeddings (MediaEmbeddings) without the original image's
     size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
     size of the image the embeddings were computed from; the processor needs
     it to expand the image's placeholders.
     """
-    MEDIA_ITEM_INPUTS_CONFLICT: _ErrorReason.ValueType  # 97
+    MEDIA_ITEM_INPUTS_CONFLICT: _ErrorReason.ValueType  # 86
     """An encoder MediaItem sets both tensors and media; set one (an item with
     neither is a reference to the encoder's embedding cache). Code:
     INVALID_ARGUMENT.
     """
-    MEDIA_MODALITY_UNSUPPORTED: _ErrorReason.ValueType  # 98
+    MEDIA_MODALITY_UNSUPPORTED: _ErrorReason.ValueType  # 87
     """An encoder MediaItem carries media of a modality the encoder cannot
     process from compressed bytes (only images can). Code: INVALID_ARGUMENT.
     Send its tensors instead.
@@ -259,6 +259,41 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     restart); the message says why. Code: UNAVAILABLE. Check --model,
     --device and the memory available.
     """
+    TENSOR_CHUNK_INVALID: _ErrorReason.ValueType  # 89
+    """---- Large tensors: chunks and shared memory -----------------------------
+
+    A TensorChunk does not fit what the stream declared: it names no chunked
+    tensor, starts elsewhere than where the tensor's previous chunk ended,
+    runs past the tensor's end, or two tensors share a chunked_id (or a
+    ChunkedStreamGenerate stream does not start with its request). Code:
+    INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+    it). Metadata: chunkedId.
+    """
+    TENSOR_CHUNKS_INCOMPLETE: _ErrorReason.ValueType  # 90
+    """A stream ended before every chunked tensor had all its bytes. Code:
+    INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+    it). Metadata: chunkedId, expectedBytes, receivedBytes. Send every
+    tensor's bytes before half-closing.
+    """
+    TENSOR_LOCATION_UNSUPPORTED: _ErrorReason.ValueType  # 91
+    """A tensor's bytes are chunked or in shared memory where this call takes
+    them inline only (for example an encoder MediaItem's tensors, or a chunked
+    tensor in a unary request). Code: INVALID_ARGUMENT. Metadata: input.
+    """
+    SHM_REGION_UNAVAILABLE: _ErrorReason.ValueType  # 92
+    """A SharedMemoryHandle cannot be opened here: the region is on another
+    host (cause "otherHost"), its owner has exited or freed it (its time to
+    live passed, or another reader took it: "gone"), or this process may not
+    read the owner's memory (another user or PID namespace: "denied"). Code:
+    FAILED_PRECONDITION. Metadata: cause, pid. The processor encodes the
+    request again inline; a direct caller does the same, or runs the encoder
+    and the LLM on one host as one user with a shared PID namespace.
+    """
+    SHM_HANDLE_INVALID: _ErrorReason.ValueType  # 93
+    """A SharedMemoryHandle is malformed (token, pid, fd or offset) or the
+    tensor's bytes run past the end of its region. Code: INVALID_ARGUMENT.
+    Metadata: input.
+    """
     MODEL_FINGERPRINT_MISMATCH: _ErrorReason.ValueType  # 40
     """---- Deployment ---------------------------------------------------------
 
@@ -288,7 +323,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: FAILED_PRECONDITION. Start all three with the same --dtype.
     Metadata: encoderDtype, llmDtype, processorDtype.
     """
-    ENCODER_ADDRESS_INVALID: _ErrorReason.ValueType  # 90
+    ENCODER_ADDRESS_INVALID: _ErrorReason.ValueType  # 85
     """At processor start: an --encoder value is not HOST:PORT, or none was
     given. Code: INVALID_ARGUMENT. Pass --encoder once per encoder replica
     (127.0.0.1:50052, [::1]:50052), or a host name that resolves to each.
@@ -337,6 +372,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """---- Bugs (please report them with the message) -------------------------
 
     An unexpected error in a service. Code: INTERNAL.
+    """
+    METHOD_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 94
+    """The service does not implement the method (an older or partial server, or
+    a servicer without it). Code: UNIMPLEMENTED. Call the method it offers
+    instead (for example Encode for StreamEncode).
     """
     ENGINE_ERROR: _ErrorReason.ValueType  # 53
     """The LLM engine failed on this request; it goes on serving the others.
@@ -485,18 +525,18 @@ IMAGE_DECODE_FAILED: ErrorReason.ValueType  # 21
 """An image is corrupt, truncated or 0 pixels wide or high. Code:
 INVALID_ARGUMENT.
 """
-EMBEDDINGS_IMAGE_SIZE_MISSING: ErrorReason.ValueType  # 104
+EMBEDDINGS_IMAGE_SIZE_MISSING: ErrorReason.ValueType  # 88
 """A Media sends embeddings (MediaEmbeddings) without the original image's
 size: width_px or height_px is below 1. Code: INVALID_ARGUMENT. Send the
 size of the image the embeddings were computed from; the processor needs
 it to expand the image's placeholders.
 """
-MEDIA_ITEM_INPUTS_CONFLICT: ErrorReason.ValueType  # 97
+MEDIA_ITEM_INPUTS_CONFLICT: ErrorReason.ValueType  # 86
 """An encoder MediaItem sets both tensors and media; set one (an item with
 neither is a reference to the encoder's embedding cache). Code:
 INVALID_ARGUMENT.
 """
-MEDIA_MODALITY_UNSUPPORTED: ErrorReason.ValueType  # 98
+MEDIA_MODALITY_UNSUPPORTED: ErrorReason.ValueType  # 87
 """An encoder MediaItem carries media of a modality the encoder cannot
 process from compressed bytes (only images can). Code: INVALID_ARGUMENT.
 Send its tensors instead.
@@ -626,6 +666,41 @@ LLM_ENGINE_START_FAILED: ErrorReason.ValueType  # 82
 restart); the message says why. Code: UNAVAILABLE. Check --model,
 --device and the memory available.
 """
+TENSOR_CHUNK_INVALID: ErrorReason.ValueType  # 89
+"""---- Large tensors: chunks and shared memory -----------------------------
+
+A TensorChunk does not fit what the stream declared: it names no chunked
+tensor, starts elsewhere than where the tensor's previous chunk ended,
+runs past the tensor's end, or two tensors share a chunked_id (or a
+ChunkedStreamGenerate stream does not start with its request). Code:
+INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+it). Metadata: chunkedId.
+"""
+TENSOR_CHUNKS_INCOMPLETE: ErrorReason.ValueType  # 90
+"""A stream ended before every chunked tensor had all its bytes. Code:
+INVALID_ARGUMENT (INTERNAL when an encoder's reply to the processor has
+it). Metadata: chunkedId, expectedBytes, receivedBytes. Send every
+tensor's bytes before half-closing.
+"""
+TENSOR_LOCATION_UNSUPPORTED: ErrorReason.ValueType  # 91
+"""A tensor's bytes are chunked or in shared memory where this call takes
+them inline only (for example an encoder MediaItem's tensors, or a chunked
+tensor in a unary request). Code: INVALID_ARGUMENT. Metadata: input.
+"""
+SHM_REGION_UNAVAILABLE: ErrorReason.ValueType  # 92
+"""A SharedMemoryHandle cannot be opened here: the region is on another
+host (cause "otherHost"), its owner has exited or freed it (its time to
+live passed, or another reader took it: "gone"), or this process may not
+read the owner's memory (another user or PID namespace: "denied"). Code:
+FAILED_PRECONDITION. Metadata: cause, pid. The processor encodes the
+request again inline; a direct caller does the same, or runs the encoder
+and the LLM on one host as one user with a shared PID namespace.
+"""
+SHM_HANDLE_INVALID: ErrorReason.ValueType  # 93
+"""A SharedMemoryHandle is malformed (token, pid, fd or offset) or the
+tensor's bytes run past the end of its region. Code: INVALID_ARGUMENT.
+Metadata: input.
+"""
 MODEL_FINGERPRINT_MISMATCH: ErrorReason.ValueType  # 40
 """---- Deployment ---------------------------------------------------------
 
@@ -655,7 +730,7 @@ embedding dtypes differ (e.g. a bfloat16 encoder beside a float32 LLM).
 Code: FAILED_PRECONDITION. Start all three with the same --dtype.
 Metadata: encoderDtype, llmDtype, processorDtype.
 """
-ENCODER_ADDRESS_INVALID: ErrorReason.ValueType  # 90
+ENCODER_ADDRESS_INVALID: ErrorReason.ValueType  # 85
 """At processor start: an --encoder value is not HOST:PORT, or none was
 given. Code: INVALID_ARGUMENT. Pass --encoder once per encoder replica
 (127.0.0.1:50052, [::1]:50052), or a host name that resolves to each.
@@ -704,6 +779,11 @@ INTERNAL: ErrorReason.ValueType  # 52
 """---- Bugs (please report them with the message) -------------------------
 
 An unexpected error in a service. Code: INTERNAL.
+"""
+METHOD_NOT_IMPLEMENTED: ErrorReason.ValueType  # 94
+"""The service does not implement the method (an older or partial server, or
+a servicer without it). Code: UNIMPLEMENTED. Call the method it offers
+instead (for example Encode for StreamEncode).
 """
 ENGINE_ERROR: ErrorReason.ValueType  # 53
 """The LLM engine failed on this request; it goes on serving the others.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftriptych/common/v1/tensor.proto\x12\x12triptych.common.v1\"R\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"\x8d\x01\n\x10PlaceholderRange\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x0f\n\x07mm_hash\x18\x04 \x01(\t\x12\x18\n\x10\x65mbedding_offset\x18\x05 \x01(\x03*\xbe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x42\x9b\x01\n\x16\x63om.triptych.common.v1B\x0bTensorProtoP\x01Z+triptych/gen/go/triptych/common/v1;commonv1\xa2\x02\x03TCX\xaa\x02\x12Triptych.Common.V1\xca\x02\x12Triptych\\Common\\V1\xea\x02\x14Triptych::Common::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftriptych/common/v1/tensor.proto\x12\x12triptych.common.v1\"\xb0\x01\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\nchunked_id\x18\x04 \x01(\x03H\x00\x12\x35\n\x03shm\x18\x05 \x01(\x0b\x32&.triptych.common.v1.SharedMemoryHandleH\x00\x42\x0f\n\rexternal_data\"E\n\x0bTensorChunk\x12\x12\n\nchunked_id\x18\x01 \x01(\x03\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x12SharedMemoryHandle\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\n\n\x02\x66\x64\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\t\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x03\"G\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"\x8d\x01\n\x10PlaceholderRange\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x0f\n\x07mm_hash\x18\x04 \x01(\t\x12\x18\n\x10\x65mbedding_offset\x18\x05 \x01(\x03*\xbe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x42\x9b\x01\n\x16\x63om.triptych.common.v1B\x0bTensorProtoP\x01Z+triptych/gen/go/triptych/common/v1;commonv1\xa2\x02\x03TCX\xaa\x02\x12Triptych.Common.V1\xca\x02\x12Triptych\\Common\\V1\xea\x02\x14Triptych::Common::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.common.v1.tensor_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026com.triptych.common.v1B\013TensorProtoP\001Z+triptych/gen/go/triptych/common/v1;commonv1\242\002\003TCX\252\002\022Triptych.Common.V1\312\002\022Triptych\\Common\\V1\352\002\024Triptych::Common::V1'
-  _globals['_DATATYPE']._serialized_start=357
-  _globals['_DATATYPE']._serialized_end=547
-  _globals['_MODALITY']._serialized_start=549
-  _globals['_MODALITY']._serialized_end=645
-  _globals['_TENSOR']._serialized_start=55
-  _globals['_TENSOR']._serialized_end=137
-  _globals['_NAMEDTENSOR']._serialized_start=139
-  _globals['_NAMEDTENSOR']._serialized_end=210
-  _globals['_PLACEHOLDERRANGE']._serialized_start=213
-  _globals['_PLACEHOLDERRANGE']._serialized_end=354
+  _globals['_DATATYPE']._serialized_start=624
+  _globals['_DATATYPE']._serialized_end=814
+  _globals['_MODALITY']._serialized_start=816
+  _globals['_MODALITY']._serialized_end=912
+  _globals['_TENSOR']._serialized_start=56
+  _globals['_TENSOR']._serialized_end=232
+  _globals['_TENSORCHUNK']._serialized_start=234
+  _globals['_TENSORCHUNK']._serialized_end=303
+  _globals['_SHAREDMEMORYHANDLE']._serialized_start=305
+  _globals['_SHAREDMEMORYHANDLE']._serialized_end=404
+  _globals['_NAMEDTENSOR']._serialized_start=406
+  _globals['_NAMEDTENSOR']._serialized_end=477
+  _globals['_PLACEHOLDERRANGE']._serialized_start=480
+  _globals['_PLACEHOLDERRANGE']._serialized_end=621
 # @@protoc_insertion_point(module_scope)

@@ -100,16 +100,29 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CHUNKED_ID_FIELD_NUMBER: _builtins.int
+    SHM_FIELD_NUMBER: _builtins.int
     dtype: Global___DataType.ValueType
     """Element type of `data`."""
     data: _builtins.bytes
     """Row-major, little-endian element bytes; exactly prod(shape) * sizeof(dtype)
-    bytes. Carried inline: the servers raise gRPC's message size limits
-    (see each service's --max-message-mib) so that a request's embeddings fit.
+    bytes, unless `external_data` is set (then empty). Carried inline, a
+    tensor must fit one message: the servers raise gRPC's message size limits
+    (see each service's --max-message-mib). Larger embeddings travel in
+    chunks (EncoderService.StreamEncode, LlmService.ChunkedStreamGenerate) or
+    in shared memory (EncodeRequest.embeddings_transport).
+    """
+    chunked_id: _builtins.int
+    """The bytes follow in TensorChunk messages of the same stream whose
+    chunked_id is this value. Unique within its stream.
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Size of each dimension, outermost first. An empty list is a scalar."""
+
+    @_builtins.property
+    def shm(self) -> Global___SharedMemoryHandle:
+        """The bytes lie in a shared-memory region on the sender's host."""
 
     def __init__(
         self,
@@ -117,14 +130,104 @@ class Tensor(_message.Message):
         dtype: Global___DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        chunked_id: _builtins.int = ...,
+        shm: Global___SharedMemoryHandle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunked_id", b"chunked_id", "external_data", b"external_data", "shm", b"shm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_id", b"chunked_id", "data", b"data", "dtype", b"dtype", "external_data", b"external_data", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_external_data: _TypeAlias = _typing.Literal["chunked_id", "shm"]  # noqa: Y015
+    _WhichOneofArgType_external_data: _TypeAlias = _typing.Literal["external_data", b"external_data"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_external_data) -> _WhichOneofReturnType_external_data | None: ...
+
+Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
+
+@_typing.final
+class TensorChunk(_message.Message):
+    """A slice of the bytes of a Tensor whose `chunked_id` is set, sent in a
+    stream after (or in the same message as) that Tensor. The slices of a
+    tensor come in order, each starting where the previous one ended, and
+    together hold exactly prod(shape) * sizeof(dtype) bytes; anything else is
+    INVALID_ARGUMENT (TENSOR_CHUNK_INVALID, TENSOR_CHUNKS_INCOMPLETE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKED_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    chunked_id: _builtins.int
+    """The Tensor.chunked_id of the tensor these bytes belong to."""
+    offset_bytes: _builtins.int
+    """Position of `data` in the tensor's bytes, in bytes from its start."""
+    data: _builtins.bytes
+    """The bytes."""
+    def __init__(
+        self,
+        *,
+        chunked_id: _builtins.int = ...,
+        offset_bytes: _builtins.int = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_id", b"chunked_id", "data", b"data", "offset_bytes", b"offset_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
+Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class SharedMemoryHandle(_message.Message):
+    """Where a tensor's bytes lie in a region of shared memory on its sender's
+    host (Linux): a memfd named "triptych-emb-" + token, open in the owner
+    process as file descriptor `fd`. A reader on the same host (same user, same
+    PID namespace) opens /proc/<pid>/fd/<fd>, checks the name, copies the bytes
+    and then empties the region (truncates it to 0 bytes), which frees its
+    memory: a region serves one reader, once. The owner closes regions that
+    nobody claimed within its time to live (the encoder's --shm-ttl-s); a dead
+    owner's regions vanish with it. A region that cannot be opened is
+    FAILED_PRECONDITION (SHM_REGION_UNAVAILABLE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    FD_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    OFFSET_BYTES_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    """The owner's host: its Linux boot id (/proc/sys/kernel/random/boot_id).
+    A reader with another boot id is on another host.
+    """
+    pid: _builtins.int
+    """Process id of the owner, in the owner's PID namespace."""
+    fd: _builtins.int
+    """File descriptor number of the region in the owner."""
+    token: _builtins.str
+    """The region's random name: 32 lowercase hex digits."""
+    offset_bytes: _builtins.int
+    """Position of the tensor's bytes in the region, in bytes from its start.
+    The tensor takes prod(shape) * sizeof(dtype) bytes from there.
+    """
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        fd: _builtins.int = ...,
+        token: _builtins.str = ...,
+        offset_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fd", b"fd", "host_id", b"host_id", "offset_bytes", b"offset_bytes", "pid", b"pid", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryHandle: _TypeAlias = SharedMemoryHandle  # noqa: Y015
 
 @_typing.final
 class NamedTensor(_message.Message):

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from services.common.api.triptych.common.v1 import model_info_pb2 as _model_info_pb2
 from services.common.api.triptych.common.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
@@ -19,6 +20,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EmbeddingsTransport:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EmbeddingsTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EmbeddingsTransport.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EMBEDDINGS_TRANSPORT_UNSPECIFIED: _EmbeddingsTransport.ValueType  # 0
+    """Default value: inline."""
+    EMBEDDINGS_TRANSPORT_INLINE: _EmbeddingsTransport.ValueType  # 1
+    """In Tensor.data (from StreamEncode: in chunks when large)."""
+    EMBEDDINGS_TRANSPORT_SHARED_MEMORY: _EmbeddingsTransport.ValueType  # 2
+    """In shared memory on the encoder's host (Tensor.shm), for a caller whose
+    LLM runs on that host, as the same user, in the same PID namespace. The
+    encoder answers inline instead when its shared memory is off or full
+    (--shm-max-mib). Regions that nobody reads within the encoder's
+    --shm-ttl-s are freed; an LLM that cannot open one answers
+    FAILED_PRECONDITION (SHM_REGION_UNAVAILABLE), and the processor then
+    encodes the request again inline.
+    """
+
+class EmbeddingsTransport(_EmbeddingsTransport, metaclass=_EmbeddingsTransportEnumTypeWrapper):
+    """How an encoder returns embedding bytes (EncodeRequest.embeddings_transport)."""
+
+EMBEDDINGS_TRANSPORT_UNSPECIFIED: EmbeddingsTransport.ValueType  # 0
+"""Default value: inline."""
+EMBEDDINGS_TRANSPORT_INLINE: EmbeddingsTransport.ValueType  # 1
+"""In Tensor.data (from StreamEncode: in chunks when large)."""
+EMBEDDINGS_TRANSPORT_SHARED_MEMORY: EmbeddingsTransport.ValueType  # 2
+"""In shared memory on the encoder's host (Tensor.shm), for a caller whose
+LLM runs on that host, as the same user, in the same PID namespace. The
+encoder answers inline instead when its shared memory is off or full
+(--shm-max-mib). Regions that nobody reads within the encoder's
+--shm-ttl-s are freed; an LLM that cannot open one answers
+FAILED_PRECONDITION (SHM_REGION_UNAVAILABLE), and the processor then
+encodes the request again inline.
+"""
+Global___EmbeddingsTransport: _TypeAlias = EmbeddingsTransport  # noqa: Y015
 
 @_typing.final
 class MediaItem(_message.Message):
@@ -127,10 +166,13 @@ class EncodeRequest(_message.Message):
 
     MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_TRANSPORT_FIELD_NUMBER: _builtins.int
     model_fingerprint: _builtins.str
     """Fingerprint of the model the caller expects. Empty skips the check; a
     mismatch is FAILED_PRECONDITION.
     """
+    embeddings_transport: Global___EmbeddingsTransport.ValueType
+    """How the reply carries embedding bytes. Unset: inline."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MediaItem]:
         """Media items to encode, in prompt order. At most 64."""
@@ -140,10 +182,11 @@ class EncodeRequest(_message.Message):
         *,
         model_fingerprint: _builtins.str = ...,
         items: _abc.Iterable[Global___MediaItem] | None = ...,
+        embeddings_transport: Global___EmbeddingsTransport.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "model_fingerprint", b"model_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings_transport", b"embeddings_transport", "items", b"items", "model_fingerprint", b"model_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,13 +211,15 @@ class ItemEmbeddings(_message.Message):
     @_builtins.property
     def embeddings(self) -> _tensor_pb2.Tensor:
         """One row per placeholder token: shape [num_tokens, hidden_size], in the
-        model's dtype.
+        model's dtype. Inline, in shared memory (Tensor.shm) when the request
+        asked for it, or chunked (Tensor.chunked_id) in StreamEncode replies.
         """
 
     @_builtins.property
     def deepstack_embeddings(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
         """Extra per-layer features that the LLM adds in its first layers (Qwen3-VL
         deepstack), each [num_tokens, hidden_size]. Empty for other families.
+        Carried as `embeddings` is.
         """
 
     def __init__(
@@ -216,6 +261,71 @@ class EncodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EncodeResponse: _TypeAlias = EncodeResponse  # noqa: Y015
+
+@_typing.final
+class StreamEncodeRequest(_message.Message):
+    """Request message for EncoderService.StreamEncode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    max_chunk_bytes: _builtins.int
+    """Largest number of tensor bytes in one reply message: the caller's
+    receive limit less some room. 0: the server's own limit (its
+    --max-message-mib less some room).
+    """
+    @_builtins.property
+    def request(self) -> Global___EncodeRequest:
+        """What to encode, as for Encode."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___EncodeRequest | None = ...,
+        max_chunk_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEncodeRequest: _TypeAlias = StreamEncodeRequest  # noqa: Y015
+
+@_typing.final
+class StreamEncodeResponse(_message.Message):
+    """Response message for EncoderService.StreamEncode: a part of the
+    EncodeResponse. The first message holds every item; later ones only chunks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemEmbeddings]:
+        """The items of the EncodeResponse, in request order (first message only).
+        Their tensors with `chunked_id` set have their bytes in `chunks`.
+        """
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]:
+        """Bytes of chunked tensors, each tensor's in order."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ItemEmbeddings] | None = ...,
+        chunks: _abc.Iterable[_tensor_pb2.TensorChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEncodeResponse: _TypeAlias = StreamEncodeResponse  # noqa: Y015
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):

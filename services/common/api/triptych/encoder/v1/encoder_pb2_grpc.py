@@ -44,6 +44,11 @@ class EncoderServiceStub:
                 request_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.StreamEncode = channel.unary_stream(
+                '/triptych.encoder.v1.EncoderService/StreamEncode',
+                request_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeRequest.SerializeToString,
+                response_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/triptych.encoder.v1.EncoderService/GetModelInfo',
                 request_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
@@ -71,12 +76,25 @@ class EncoderServiceServicer:
         receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
         maxInboundMessageSize, grpc-js and Python
         "grpc.max_receive_message_length"), for example to the server's
-        --max-message-mib (256 MiB by default).
+        --max-message-mib (256 MiB by default), or call StreamEncode, whose
+        messages stay within a limit the caller names.
 
         Items from concurrent calls may share one tower forward (--batching).
         Cancelling the call (or its deadline passing) takes its items that are
         still queued out of the queue; a forward already on the encoder's torch
         thread finishes, and its embeddings go to the cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEncode(self, request, context):
+        """Encodes media items as Encode does, and returns the reply in messages of
+        at most max_chunk_bytes tensor bytes each (and at most the server's
+        --max-message-mib): embeddings of any size, within any receive limit.
+        A reply that fits one message is one message, as Encode's; a larger one
+        carries its embedding tensors with `chunked_id` set, their bytes in
+        TensorChunk messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +122,11 @@ def add_EncoderServiceServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
                     response_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeResponse.SerializeToString,
+            ),
+            'StreamEncode': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEncode,
+                    request_deserializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeRequest.FromString,
+                    response_serializer=triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -148,6 +171,33 @@ class EncoderService:
             '/triptych.encoder.v1.EncoderService/Encode',
             triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
             triptych_dot_encoder_dot_v1_dot_encoder__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEncode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/triptych.encoder.v1.EncoderService/StreamEncode',
+            triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeRequest.SerializeToString,
+            triptych_dot_encoder_dot_v1_dot_encoder__pb2.StreamEncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,12 +45,21 @@ class EncoderServiceStub:
     receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
     maxInboundMessageSize, grpc-js and Python
     "grpc.max_receive_message_length"), for example to the server's
-    --max-message-mib (256 MiB by default).
+    --max-message-mib (256 MiB by default), or call StreamEncode, whose
+    messages stay within a limit the caller names.
 
     Items from concurrent calls may share one tower forward (--batching).
     Cancelling the call (or its deadline passing) takes its items that are
     still queued out of the queue; a forward already on the encoder's torch
     thread finishes, and its embeddings go to the cache.
+    """
+    StreamEncode: _grpc.UnaryStreamMultiCallable[_encoder_pb2.StreamEncodeRequest, _encoder_pb2.StreamEncodeResponse]
+    """Encodes media items as Encode does, and returns the reply in messages of
+    at most max_chunk_bytes tensor bytes each (and at most the server's
+    --max-message-mib): embeddings of any size, within any receive limit.
+    A reply that fits one message is one message, as Encode's; a larger one
+    carries its embedding tensors with `chunked_id` set, their bytes in
+    TensorChunk messages.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]
     """Describes the model this encoder serves."""
@@ -76,12 +85,21 @@ class EncoderServiceAsyncStub(EncoderServiceStub):
     receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
     maxInboundMessageSize, grpc-js and Python
     "grpc.max_receive_message_length"), for example to the server's
-    --max-message-mib (256 MiB by default).
+    --max-message-mib (256 MiB by default), or call StreamEncode, whose
+    messages stay within a limit the caller names.
 
     Items from concurrent calls may share one tower forward (--batching).
     Cancelling the call (or its deadline passing) takes its items that are
     still queued out of the queue; a forward already on the encoder's torch
     thread finishes, and its embeddings go to the cache.
+    """
+    StreamEncode: _aio.UnaryStreamMultiCallable[_encoder_pb2.StreamEncodeRequest, _encoder_pb2.StreamEncodeResponse]  # type: ignore[assignment]
+    """Encodes media items as Encode does, and returns the reply in messages of
+    at most max_chunk_bytes tensor bytes each (and at most the server's
+    --max-message-mib): embeddings of any size, within any receive limit.
+    A reply that fits one message is one message, as Encode's; a larger one
+    carries its embedding tensors with `chunked_id` set, their bytes in
+    TensorChunk messages.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_encoder_pb2.GetModelInfoRequest, _encoder_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this encoder serves."""
@@ -110,12 +128,27 @@ class EncoderServiceServicer(metaclass=_abc_1.ABCMeta):
         receive limit: raise the client's (Go grpc.MaxCallRecvMsgSize, Java
         maxInboundMessageSize, grpc-js and Python
         "grpc.max_receive_message_length"), for example to the server's
-        --max-message-mib (256 MiB by default).
+        --max-message-mib (256 MiB by default), or call StreamEncode, whose
+        messages stay within a limit the caller names.
 
         Items from concurrent calls may share one tower forward (--batching).
         Cancelling the call (or its deadline passing) takes its items that are
         still queued out of the queue; a forward already on the encoder's torch
         thread finishes, and its embeddings go to the cache.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamEncode(
+        self,
+        request: _encoder_pb2.StreamEncodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_encoder_pb2.StreamEncodeResponse], _abc.AsyncIterator[_encoder_pb2.StreamEncodeResponse]]:
+        """Encodes media items as Encode does, and returns the reply in messages of
+        at most max_chunk_bytes tensor bytes each (and at most the server's
+        --max-message-mib): embeddings of any size, within any receive limit.
+        A reply that fits one message is one message, as Encode's; a larger one
+        carries its embedding tensors with `chunked_id` set, their bytes in
+        TensorChunk messages.
         """
 
     @_abc_1.abstractmethod

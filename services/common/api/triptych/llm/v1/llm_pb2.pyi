@@ -41,12 +41,16 @@ class MultimodalInput(_message.Message):
     @_builtins.property
     def embeddings(self) -> _tensor_pb2.Tensor:
         """Embeddings, [length, hidden_size], in the model's dtype. No cast is done:
-        another dtype or width is INVALID_ARGUMENT.
+        another dtype or width is INVALID_ARGUMENT. Inline, in shared memory on
+        the LLM's host (Tensor.shm, as EncoderService hands out), or chunked
+        (Tensor.chunked_id) in ChunkedStreamGenerate.
         """
 
     @_builtins.property
     def deepstack_embeddings(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
-        """Qwen3-VL deepstack features, each [length, hidden_size]. Empty otherwise."""
+        """Qwen3-VL deepstack features, each [length, hidden_size]. Empty otherwise.
+        Carried as `embeddings` is.
+        """
 
     @_builtins.property
     def position_inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]:
@@ -247,6 +251,66 @@ class StreamGenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamGenerateResponse: _TypeAlias = StreamGenerateResponse  # noqa: Y015
+
+@_typing.final
+class ChunkedStreamGenerateRequest(_message.Message):
+    """Request message for LlmService.ChunkedStreamGenerate. The first message
+    sets `request`; it and the messages after it carry chunks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___StreamGenerateRequest:
+        """The generation request (first message only). Its embedding tensors with
+        `chunked_id` set have their bytes in `chunks`.
+        """
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]:
+        """Bytes of chunked tensors, each tensor's in order."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___StreamGenerateRequest | None = ...,
+        chunks: _abc.Iterable[_tensor_pb2.TensorChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkedStreamGenerateRequest: _TypeAlias = ChunkedStreamGenerateRequest  # noqa: Y015
+
+@_typing.final
+class ChunkedStreamGenerateResponse(_message.Message):
+    """Response message for LlmService.ChunkedStreamGenerate: one per
+    StreamGenerate response.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___StreamGenerateResponse:
+        """As StreamGenerate would have sent it."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___StreamGenerateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkedStreamGenerateResponse: _TypeAlias = ChunkedStreamGenerateResponse  # noqa: Y015
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):

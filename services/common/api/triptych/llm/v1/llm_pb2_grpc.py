@@ -29,7 +29,8 @@ class LlmServiceStub:
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -50,6 +51,11 @@ class LlmServiceStub:
                 request_serializer=triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateRequest.SerializeToString,
                 response_deserializer=triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateResponse.FromString,
                 _registered_method=True)
+        self.ChunkedStreamGenerate = channel.stream_stream(
+                '/triptych.llm.v1.LlmService/ChunkedStreamGenerate',
+                request_serializer=triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateRequest.SerializeToString,
+                response_deserializer=triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/triptych.llm.v1.LlmService/GetModelInfo',
                 request_serializer=triptych_dot_llm_dot_v1_dot_llm__pb2.GetModelInfoRequest.SerializeToString,
@@ -61,7 +67,8 @@ class LlmServiceServicer:
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -87,6 +94,16 @@ class LlmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChunkedStreamGenerate(self, request_iterator, context):
+        """StreamGenerate for a request too large for one message: the client sends
+        the request, its embedding tensors with `chunked_id` set, then their bytes
+        in TensorChunk messages, and half-closes; the server checks that every
+        tensor arrived whole, then generates as StreamGenerate does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Describes the model this service serves.
         """
@@ -107,6 +124,11 @@ def add_LlmServiceServicer_to_server(servicer, server):
                     request_deserializer=triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateRequest.FromString,
                     response_serializer=triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateResponse.SerializeToString,
             ),
+            'ChunkedStreamGenerate': grpc.stream_stream_rpc_method_handler(
+                    servicer.ChunkedStreamGenerate,
+                    request_deserializer=triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateRequest.FromString,
+                    response_serializer=triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateResponse.SerializeToString,
+            ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=triptych_dot_llm_dot_v1_dot_llm__pb2.GetModelInfoRequest.FromString,
@@ -124,7 +146,8 @@ class LlmService:
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -173,6 +196,33 @@ class LlmService:
             '/triptych.llm.v1.LlmService/StreamGenerate',
             triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateRequest.SerializeToString,
             triptych_dot_llm_dot_v1_dot_llm__pb2.StreamGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChunkedStreamGenerate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/triptych.llm.v1.LlmService/ChunkedStreamGenerate',
+            triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateRequest.SerializeToString,
+            triptych_dot_llm_dot_v1_dot_llm__pb2.ChunkedStreamGenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,8 @@ class LlmServiceStub:
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -52,6 +53,12 @@ class LlmServiceStub:
     Cancelling the call (or its deadline passing) aborts the request as for
     Generate; a client that has seen enough tokens cancels to stop.
     """
+    ChunkedStreamGenerate: _grpc.StreamStreamMultiCallable[_llm_pb2.ChunkedStreamGenerateRequest, _llm_pb2.ChunkedStreamGenerateResponse]
+    """StreamGenerate for a request too large for one message: the client sends
+    the request, its embedding tensors with `chunked_id` set, then their bytes
+    in TensorChunk messages, and half-closes; the server checks that every
+    tensor arrived whole, then generates as StreamGenerate does.
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.GetModelInfoResponse]
     """Describes the model this service serves."""
 
@@ -60,7 +67,8 @@ class LlmServiceAsyncStub(LlmServiceStub):
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -79,6 +87,12 @@ class LlmServiceAsyncStub(LlmServiceStub):
     Cancelling the call (or its deadline passing) aborts the request as for
     Generate; a client that has seen enough tokens cancels to stop.
     """
+    ChunkedStreamGenerate: _aio.StreamStreamMultiCallable[_llm_pb2.ChunkedStreamGenerateRequest, _llm_pb2.ChunkedStreamGenerateResponse]  # type: ignore[assignment]
+    """StreamGenerate for a request too large for one message: the client sends
+    the request, its embedding tensors with `chunked_id` set, then their bytes
+    in TensorChunk messages, and half-closes; the server checks that every
+    tensor arrived whole, then generates as StreamGenerate does.
+    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the model this service serves."""
 
@@ -86,7 +100,8 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     """Merges media embeddings into a prompt and generates tokens.
 
     Requests carry embeddings inline; the server accepts messages up to its
-    --max-message-mib (256 MiB by default). Errors carry a google.rpc.ErrorInfo
+    --max-message-mib (256 MiB by default). Larger ones go in chunks
+    (ChunkedStreamGenerate), or by shared-memory handles (Tensor.shm). Errors carry a google.rpc.ErrorInfo
     whose reason is a triptych.common.v1.ErrorReason value name and whose domain
     is "triptych.llm".
     """
@@ -114,6 +129,18 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Cancelling the call (or its deadline passing) aborts the request as for
         Generate; a client that has seen enough tokens cancels to stop.
+        """
+
+    @_abc_1.abstractmethod
+    def ChunkedStreamGenerate(
+        self,
+        request_iterator: _MaybeAsyncIterator[_llm_pb2.ChunkedStreamGenerateRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_llm_pb2.ChunkedStreamGenerateResponse], _abc.AsyncIterator[_llm_pb2.ChunkedStreamGenerateResponse]]:
+        """StreamGenerate for a request too large for one message: the client sends
+        the request, its embedding tensors with `chunked_id` set, then their bytes
+        in TensorChunk messages, and half-closes; the server checks that every
+        tensor arrived whole, then generates as StreamGenerate does.
         """
 
     @_abc_1.abstractmethod
