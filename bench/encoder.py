@@ -16,6 +16,12 @@ section -- wire bytes, shared memory, a replica pool -- is one more entry):
             GPU-deployment figures from GetStats: items per forward, queue wait
   cache     Encode latency of a repeated image, cold (encoded) vs warm (the cache: the item again,
             and a cache reference without tensors)
+  wire      bytes on the wire and latency per image: the compressed file vs the processor's tensors
+            (bench/wire.py; Qwen2-VL)
+  transport one tensor between two processes, inline gRPC vs chunked vs shared memory, 1/16/256 MB
+            (bench/transport.py)
+  pool      two encoder processes behind one processor: TTFT of a repeated image, cache warm vs cold,
+            and the failed requests when one encoder is killed mid-stream (bench/encoder_pool.py)
 Writes one JSON (--out).
 """
 
@@ -31,7 +37,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,14 +255,56 @@ def section_cache(ctx: Context) -> dict:
     return {"results": results}
 
 
-SECTIONS: dict[str, Callable[[Context], dict]] = {"batching": section_batching, "cache": section_cache}
+# ---- sections measured by their own modules (each also runs alone) ---------------------------
+def _variable_size_model(ctx: Context) -> Path:
+    """The Qwen2-VL checkpoint: the end-to-end sections measure the bench's main model."""
+    if "qwen2_vl" not in ctx.models:
+        raise SystemExit("the wire, transport and pool sections measure qwen2_vl: add it to --families")
+    return ctx.models["qwen2_vl"]
+
+
+def section_wire(ctx: Context) -> dict:
+    """Bytes on the wire and latency per image, the compressed file vs the HF processor's tensors."""
+    from bench import wire
+
+    model = _variable_size_model(ctx)
+    images, warmup = (2, 0) if ctx.args.quick else (20, 2)
+    with wire.EncoderProcess(model, ctx.args.torch_threads) as encoder:
+        results = wire.measure_wire(model, encoder.address, images=images, px=ctx.args.image_px, warmup=warmup)
+    ctx.step("wire")
+    return {"model": str(model), "image_px": ctx.args.image_px, "results": [asdict(r) for r in results]}
+
+
+def section_transport(ctx: Context) -> dict:
+    """One tensor between two processes: inline gRPC vs chunked vs shared memory, 1 / 16 / 256 MB."""
+    from bench import transport
+
+    report = transport.run([1, 16] if ctx.args.quick else [1, 16, 256], repeats=1 if ctx.args.quick else 3)
+    ctx.step("transport")
+    return report
+
+
+def section_pool(ctx: Context) -> dict:
+    """Two encoder processes behind one processor: TTFT of a repeated image (cache warm vs cold) and
+    the failed requests when one encoder is killed mid-stream."""
+    from bench import encoder_pool
+
+    report = encoder_pool.run(_variable_size_model(ctx), quick=ctx.args.quick)
+    ctx.step("pool")
+    return report
+
+
+SECTIONS: dict[str, Callable[[Context], dict]] = {
+    "batching": section_batching, "cache": section_cache, "wire": section_wire, "transport": section_transport,
+    "pool": section_pool,
+}
 
 
 def section_steps(name: str, args: argparse.Namespace, num_families: int) -> int:
     """Progress steps of a section (for the bar's total)."""
     if name == "batching":
         return num_families * len(args.modes) * len(args.concurrency)
-    return num_families
+    return num_families if name == "cache" else 1
 
 
 # ---- main ------------------------------------------------------------------------------------

@@ -123,8 +123,9 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def encode_calls(log: Path) -> int:
-    """Encode calls (StreamEncode, as the processor calls it) the encoder logged: 0 when every image stayed local."""
-    return sum("EncoderService/StreamEncode " in line for line in log.read_text().splitlines()
+    """Encode calls (StreamEncode, as the processor calls it) the encoder answered: 0 when every image stayed
+    local. Only answered ones: the pool's probe of each replica (a cache reference it cannot hold) is NOT_FOUND."""
+    return sum("EncoderService/StreamEncode OK " in line for line in log.read_text().splitlines()
                if line.startswith("[encoder]"))
 
 

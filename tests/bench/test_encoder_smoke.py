@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_encoder_bench_smoke(tmp_path):
     out = tmp_path / "encoder.json"
     argv = [sys.executable, "bench/encoder.py", "--quick", "--model", f"qwen2_vl={tiny_checkpoint('qwen2_vl')}",
-            "--model", f"llava={tiny_checkpoint('llava')}", "--torch-threads", "1", "--out", str(out)]
+            "--model", f"llava={tiny_checkpoint('llava')}", "--torch-threads", "1", "--out", str(out),
+            "--sections", "batching,cache,wire"]  # transport and pool have their own smoke tests
     run = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -37,3 +38,5 @@ def test_encoder_bench_smoke(tmp_path):
     for r in report["sections"]["cache"]["results"]:
         assert r["images"] == 2 and r["cold_p50_s"] > 0 and r["warm_p50_s"] > 0 and r["reference_p50_s"] > 0, r
         assert r["cache"]["hits"] == 4 and r["cache"]["entries"] == 3, r
+    wire = report["sections"]["wire"]["results"]
+    assert {(r["format"], r["mode"]) for r in wire} == {(f, m) for f in ("jpeg", "png") for m in ("tensors", "media")}

@@ -77,9 +77,8 @@ def test_encoder_returns_one_deepstack_tensor_per_layer(boosted, boosted_service
     num_layers, hidden = len(config.vision_config.deepstack_visual_indexes), config.text_config.hidden_size
     assert num_layers >= 2
     prompt, images = CASES["two-images"]
-    processor = boosted_services.processor
     with grpc.insecure_channel(boosted_services.address) as front, \
-            grpc.insecure_channel(processor.encoder.address) as enc:
+            grpc.insecure_channel(boosted_services.encoder_address) as enc:
         pre = processor_pb2_grpc.ProcessorServiceStub(front).Preprocess(
             processor_pb2.PreprocessRequest(messages=build_messages(prompt, images)), timeout=60)
         encoded = encoder_pb2_grpc.EncoderServiceStub(enc).Encode(pre.encode_request, timeout=60)
@@ -96,7 +95,7 @@ def test_llm_refuses_embeddings_without_deepstack(boosted_services):
     prompt, images = CASES["one-image"]
     processor = boosted_services.processor
     with grpc.insecure_channel(boosted_services.address) as front, \
-            grpc.insecure_channel(processor.encoder.address) as enc, \
+            grpc.insecure_channel(boosted_services.encoder_address) as enc, \
             grpc.insecure_channel(processor.llm.address) as llm:
         pre = processor_pb2_grpc.ProcessorServiceStub(front).Preprocess(
             processor_pb2.PreprocessRequest(messages=build_messages(prompt, images)), timeout=60)
