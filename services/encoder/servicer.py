@@ -184,6 +184,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if not item.mm_hash:
                     raise InvalidArgument(f"{where}: no tensors and no mm_hash; send the item's tensors, or the "
                                           "mm_hash of an item this encoder encoded", reason="ENCODER_INPUT_INVALID")
+                if not self.cache.capacity_bytes:  # nothing is ever held: tell the caller, not NOT_FOUND each time
+                    raise InvalidArgument(f"{where}: no tensors or media, and this encoder keeps no embedding cache "
+                                          "(--cache-mib 0): send the item's tensors or media",
+                                          reason="ENCODER_INPUT_INVALID")
                 inputs.append(None)
                 patches.append(0)
                 signatures.append(None)

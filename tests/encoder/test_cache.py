@@ -177,6 +177,10 @@ def test_cache_off_still_encodes_identical_items_once(qwen2_vl_dir, monkeypatch)
         assert gate.forwards == [1] and not any(item.cache_hit for item in reply.items)
         assert not h.encode(media_item("x", tensors)).items[0].cache_hit and gate.forwards == [1, 1]
         assert (h.stats().cache.capacity_bytes, h.stats().cache.entries) == (0, 0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # a reference can never be served: said at once
+            h.encode(media_item("x", None))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "ENCODER_INPUT_INVALID" and "--cache-mib 0" in caught.value.details()
     finally:
         h.close()
 
