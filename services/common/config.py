@@ -87,9 +87,12 @@ class EncoderConfig:
     # Media-mode items (compressed bytes) are decoded here with the processor's limits and code.
     max_media_mib: int = field(default=32, metadata=_MAX_MEDIA_HELP)
     max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
-    # Cross-request batching (services/encoder/batcher.py). On a CPU a batched forward often costs more
-    # per item than forwards alone (measured: the bench Qwen2-VL and LLaVA towers), so "auto" measures.
-    batching: Literal["auto", "always", "off"] = field(default="auto", metadata=doc(
+    # Cross-request batching (services/encoder/batcher.py). Off by default: on a CPU a batched forward
+    # costs more per item than forwards alone (the bench Qwen2-VL and LLaVA towers), and end to end
+    # (bench/throughput.py, c16, cache off) "auto" gave 365 output tok/s against 500 with "off": its
+    # per-patch measure does not see that a batch holds every item until the last is done. On a GPU,
+    # where one image leaves the device idle, set auto or always.
+    batching: Literal["auto", "always", "off"] = field(default="off", metadata=doc(
         "items of concurrent calls in one tower forward: auto (where measured forwards show it costs less "
         "per item), always (up to the limits), off (one item per forward)"))
     # 0: no deliberate wait; a batch forms from the items that queued while the tower was busy.

@@ -63,6 +63,7 @@ class _Estimate:
     alone_s: float | None = None
     batched_s: float | None = None
     decisions: int = 0
+    seen: set[bool] = field(default_factory=set)  # kinds (batched or not) whose warm-up forward was dropped
 
 
 class BatchPolicy:
@@ -93,6 +94,9 @@ class BatchPolicy:
     def record(self, modality: str, num_jobs: int, num_patches: int, seconds: float) -> None:
         """One forward of batchable jobs: `num_patches` rows in `seconds`."""
         est = self._estimates.setdefault(modality, _Estimate())
+        if (num_jobs > 1) not in est.seen:  # a kind's first forward pays one-off costs (allocations, kernels)
+            est.seen.add(num_jobs > 1)
+            return
         per_patch = seconds / max(1, num_patches)
         old = est.alone_s if num_jobs == 1 else est.batched_s
         new = per_patch if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * per_patch
