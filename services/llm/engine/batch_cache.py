@@ -48,12 +48,8 @@ class GrowingLayer(DynamicLayer):
         """Copies keys/values into new buffers with `room` spare positions plus a margin."""
         used = self.keys.shape[-2]
         capacity = used + max(room, 64, used // 2)  # amortised: one copy per ~half the length grown
-        for name in ("keys", "values"):
-            tensor = getattr(self, name)
-            buffer = tensor.new_empty(*tensor.shape[:-2], capacity, tensor.shape[-1])
-            buffer[..., :used, :] = tensor
-            setattr(self, f"_{name[:-1]}_buffer", buffer)
-            setattr(self, name, buffer[..., :used, :])
+        self._key_buffer, self._value_buffer = _with_room(self.keys, capacity), _with_room(self.values, capacity)
+        self.keys, self.values = self._key_buffer[..., :used, :], self._value_buffer[..., :used, :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         used, new = self.keys.shape[-2], key_states.shape[-2]
@@ -64,6 +60,13 @@ class GrowingLayer(DynamicLayer):
         self.keys = self._key_buffer[..., : used + new, :]
         self.values = self._value_buffer[..., : used + new, :]
         return self.keys, self.values
+
+
+def _with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[..., T, D] copied into the first T positions of a new [..., capacity, D] buffer."""
+    buffer = tensor.new_empty(*tensor.shape[:-2], capacity, tensor.shape[-1])
+    buffer[..., : tensor.shape[-2], :] = tensor
+    return buffer
 
 
 def can_merge(cache: Cache) -> bool:
