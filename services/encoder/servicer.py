@@ -143,7 +143,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             yield message
 
     def close(self) -> None:
-        """Frees the shared-memory regions still waiting for their reader."""
+        """Ends the torch thread (after the jobs still queued) and frees the shared-memory regions still
+        waiting for their reader. Joined, not left as a daemon: a thread inside torch at interpreter
+        exit aborts the process."""
+        self.batcher.close()
         self._shm.close()
 
     async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
