@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.hf_sides import NO_EOS
-from bench.workload import Request, Sample, SideResult, summarize
+from bench.workload import Request, Sample, SideResult, stop_process, summarize
 
 # What `transformers serve` imports beyond transformers itself (its `serving` extra).
 SERVE_MODULES = ("fastapi", "uvicorn", "openai", "starlette", "pydantic")
@@ -129,13 +128,7 @@ class TransformersServe:
                          note="OpenAI API over HTTP, streaming; token times are those of text chunks")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s=30)
         self._log.close()
 
     def __enter__(self) -> TransformersServe:

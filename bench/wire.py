@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.workload import stop_process  # noqa: E402
 from services.common.api.triptych.common.v1 import tensor_pb2  # noqa: E402
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
 from services.common.media import MediaLimits, decode_image  # noqa: E402
@@ -141,13 +141,7 @@ class EncoderProcess:
             raise RuntimeError("the encoder did not start:\n" + "".join(self.lines[-40:]))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> EncoderProcess:
         return self

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import random
+import signal
+import subprocess
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -103,3 +105,14 @@ def summarize(side: str, mode: str, concurrency: int | None, samples: list[Sampl
         tpot_p50_s=float(np.percentile(tpot, 50)) if len(tpot) else float("nan"),
         torch_threads=torch_threads, note=note, token_ids=[s.token_ids for s in samples],
     )
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (a server finishes what it is doing), then SIGKILL if it has not exited in `timeout_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
