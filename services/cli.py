@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ from services.common.flags import add_config_flags, config_from_args
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
 # `up` wires the processor to the encoder and LLM it starts itself.
 UP_SKIPS = frozenset({"encoder_addrs", "llm_addr"})
+
+
+def _media_arg(kind: str, value: str) -> tuple[str, Path]:
+    return kind, Path(value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    # One list in command-line order: the parts go to the model in the order given.
+    for kind in ("image", "video", "audio"):
+        p.add_argument(f"--{kind}", dest="media", type=functools.partial(_media_arg, kind), action="append",
+                       default=[], metavar="PATH", help=f"{kind} file (repeatable; media parts keep their order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.0)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import tempfile
+import wave
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
 from transformers import AutoProcessor
+from transformers.video_utils import load_video
 
 
 @lru_cache(maxsize=4)
@@ -19,29 +23,64 @@ def _load(model_dir: Path, auto_class: str):
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
-def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str):
+@dataclass(frozen=True)
+class OtherMedia:
+    """A request's video and audio parts (after its images, before the prompt), and how transformers
+    samples the videos: `do_sample_frames=True` at `video_fps` (the processor service's --video-fps)."""
+
+    videos: tuple[bytes, ...] = ()
+    audios: tuple[bytes, ...] = ()  # 16-bit PCM wav at the feature extractor's rate
+    video_fps: float = 2.0
+
+
+NO_MEDIA = OtherMedia()
+
+
+def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, other: OtherMedia = NO_MEDIA):
     model, processor = _load(model_dir, auto_class)
     pil_images = [Image.open(io.BytesIO(data)) for data in images]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in other.videos]
+               + [{"type": "audio"} for _ in other.audios] + [{"type": "text", "text": prompt}])
     messages = [{"role": "user", "content": content}]
     # Some processors (Phi-4-MM) leave the chat template on the tokenizer.
     templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
     text = templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return model, processor(text=[text], images=pil_images or None, return_tensors="pt")
+    kwargs = {}
+    if other.videos:  # transformers' own pyav loader decodes every frame; its video processor samples them
+        loaded = [_load_video(data) for data in other.videos]
+        kwargs.update(videos=[frames for frames, _ in loaded], video_metadata=[meta for _, meta in loaded],
+                      do_sample_frames=True, fps=other.video_fps)
+    if other.audios:
+        kwargs["audio"] = [_read_wav(data) for data in other.audios]
+    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs)
+
+
+def _load_video(data: bytes):
+    with tempfile.NamedTemporaryFile(suffix=".video") as file:
+        file.write(data)
+        file.flush()
+        return load_video(file.name, backend="pyav")
+
+
+def _read_wav(data: bytes) -> np.ndarray:
+    """A 16-bit PCM wav's samples as float32 in [-1, 1] (the standard library's reader, not av)."""
+    with wave.open(io.BytesIO(data)) as clip:
+        assert clip.getsampwidth() == 2 and clip.getnchannels() == 1, "reference clips are 16-bit mono"
+        return np.frombuffer(clip.readframes(clip.getnframes()), np.int16).astype(np.float32) / 32768
 
 
 def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_tokens: int,
-                auto_class: str = "AutoModelForImageTextToText") -> list[int]:
-    """Greedy tokens of one user message (images first, then the prompt), as transformers generates them."""
-    model, inputs = _inputs(model_dir, prompt, images, auto_class)
+                auto_class: str = "AutoModelForImageTextToText", other: OtherMedia = NO_MEDIA) -> list[int]:
+    """Greedy tokens of one user message (images, videos, audios, then the prompt), as transformers generates them."""
+    model, inputs = _inputs(model_dir, prompt, images, auto_class, other)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def hf_prompt_tokens(model_dir: Path, prompt: str, images: list[bytes],
-                     auto_class: str = "AutoModelForImageTextToText") -> int:
-    return _inputs(model_dir, prompt, images, auto_class)[1]["input_ids"].shape[1]
+                     auto_class: str = "AutoModelForImageTextToText", other: OtherMedia = NO_MEDIA) -> int:
+    return _inputs(model_dir, prompt, images, auto_class, other)[1]["input_ids"].shape[1]
 
 
 @dataclass(frozen=True)

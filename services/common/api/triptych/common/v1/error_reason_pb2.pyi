@@ -405,6 +405,37 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The processor's model family made another number of media items than
     the request has media. Code: INTERNAL.
     """
+    VIDEO_DECODE_FAILED: _ErrorReason.ValueType  # 95
+    """A video could not be decoded: not a video FFmpeg reads, no video stream,
+    no frames, a corrupt stream, or frames of different sizes. Code:
+    INVALID_ARGUMENT.
+    """
+    VIDEO_TOO_LONG: _ErrorReason.ValueType  # 96
+    """A video lasts longer than the processor's --max-video-seconds. Code:
+    INVALID_ARGUMENT. Metadata: maxVideoSeconds. Send a shorter clip.
+    """
+    VIDEO_TOO_LARGE: _ErrorReason.ValueType  # 97
+    """A video's frames are larger than --max-image-pixels, or the sampled
+    frames more than --max-video-frames or --max-video-pixels in all. Code:
+    INVALID_ARGUMENT. Metadata: maxFramePixels, maxVideoFrames or
+    maxVideoPixels. Sample fewer frames or send a smaller video.
+    """
+    AUDIO_DECODE_FAILED: _ErrorReason.ValueType  # 98
+    """An audio clip could not be decoded: not audio FFmpeg reads, no audio
+    stream, a corrupt stream, or non-finite samples. Code: INVALID_ARGUMENT.
+    """
+    AUDIO_TOO_LONG: _ErrorReason.ValueType  # 99
+    """An audio clip lasts longer than the processor's --max-audio-seconds.
+    Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
+    """
+    AUDIO_TOO_SHORT: _ErrorReason.ValueType  # 110
+    """An audio clip has too few samples at the model's rate to make features
+    of (for example one sample). Code: INVALID_ARGUMENT.
+    """
+    TOO_MANY_MEDIA_ITEMS: _ErrorReason.ValueType  # 111
+    """More videos or audio clips in one request than the processor allows.
+    Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -811,5 +842,36 @@ item's placeholders. Code: INTERNAL.
 PREPROCESS_ITEM_MISMATCH: ErrorReason.ValueType  # 56
 """The processor's model family made another number of media items than
 the request has media. Code: INTERNAL.
+"""
+VIDEO_DECODE_FAILED: ErrorReason.ValueType  # 95
+"""A video could not be decoded: not a video FFmpeg reads, no video stream,
+no frames, a corrupt stream, or frames of different sizes. Code:
+INVALID_ARGUMENT.
+"""
+VIDEO_TOO_LONG: ErrorReason.ValueType  # 96
+"""A video lasts longer than the processor's --max-video-seconds. Code:
+INVALID_ARGUMENT. Metadata: maxVideoSeconds. Send a shorter clip.
+"""
+VIDEO_TOO_LARGE: ErrorReason.ValueType  # 97
+"""A video's frames are larger than --max-image-pixels, or the sampled
+frames more than --max-video-frames or --max-video-pixels in all. Code:
+INVALID_ARGUMENT. Metadata: maxFramePixels, maxVideoFrames or
+maxVideoPixels. Sample fewer frames or send a smaller video.
+"""
+AUDIO_DECODE_FAILED: ErrorReason.ValueType  # 98
+"""An audio clip could not be decoded: not audio FFmpeg reads, no audio
+stream, a corrupt stream, or non-finite samples. Code: INVALID_ARGUMENT.
+"""
+AUDIO_TOO_LONG: ErrorReason.ValueType  # 99
+"""An audio clip lasts longer than the processor's --max-audio-seconds.
+Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
+"""
+AUDIO_TOO_SHORT: ErrorReason.ValueType  # 110
+"""An audio clip has too few samples at the model's rate to make features
+of (for example one sample). Code: INVALID_ARGUMENT.
+"""
+TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 111
+"""More videos or audio clips in one request than the processor allows.
+Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
