@@ -1,0 +1,35 @@
+"""Nemotron-H Omni video and audio through the three services (separate processes) against transformers
+run whole: same prompt tokens (frame times included), same greedy tokens.
+
+Video: the frames the video processor's own sample_frames picks at 2 fps, only those decoded here; the
+reference's pyav loader samples the same ones (OtherMedia.sample_in_loader: with do_sample_frames=True
+transformers 5.23 labels them with the wrong times), and its forward gets the video rows as a sequence
+(tests/reference.py: its own get_video_features, which its forward cannot take as returned).
+Audio: the Parakeet tower on the processor's log-mel features, alone and beside an image.
+"""
+
+from __future__ import annotations
+
+from tests.media import audio_bytes, image_bytes, video_bytes
+from tests.parity import AUDIO_CASES, family_services, media_parity_tests
+from tests.reference import OtherMedia
+
+services = family_services("nemotron_h_omni")
+
+VIDEO_CASES = {
+    "video": ("Describe this video.", [], OtherMedia(videos=(video_bytes(seed=1),), sample_in_loader=True)),
+    "video-other": ("Describe this video.", [],
+                    OtherMedia(videos=(video_bytes(seed=2, width=64, height=96),), sample_in_loader=True)),
+    # 5 frames at 2 fps: the last temporal patch holds one frame (the tower repeats it)
+    "video-odd-frames": ("What happens?", [], OtherMedia(videos=(video_bytes(seconds=2.5, seed=4),),
+                                                         sample_in_loader=True)),
+    "video-and-audio": ("Do they match?", [], OtherMedia(videos=(video_bytes(seed=3),), audios=(audio_bytes(seed=3),),
+                                                         sample_in_loader=True)),
+}
+MEDIA_AUDIO_CASES = {
+    **AUDIO_CASES,
+    "image-and-audio": ("Compare them.", [image_bytes(96, 96, seed=5)], OtherMedia(audios=(audio_bytes(seed=4),))),
+}
+
+test_video_parity = media_parity_tests("nemotron_h_omni", VIDEO_CASES)
+test_audio_parity = media_parity_tests("nemotron_h_omni", MEDIA_AUDIO_CASES)
