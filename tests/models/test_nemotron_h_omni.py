@@ -22,7 +22,7 @@ from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLa
 
 from services.common.audio import Audio, AudioLimits, decode_audio
 from services.common.errors import InvalidArgument
-from services.common.video import Video, VideoLimits, decode_video
+from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.llm.engine import Engine, Finished
 from services.llm.sampling import SamplingSpec
 from services.models.base import AUDIO, IMAGE, VIDEO, ItemEmbeddings, PlacedEmbeddings
@@ -445,3 +445,16 @@ def test_encoder_refuses_video_and_audio_inputs_that_would_misplace_rows():
         with pytest.raises(InvalidArgument) as err:
             family.check_encoder_item(modality, inputs, where="item 1")
         assert err.value.reason == "ENCODER_INPUT_INVALID", (modality, list(inputs))
+
+
+def test_video_sent_as_frames_is_labelled_at_its_rate():
+    """Media.frames: every frame kept, times from the rate the caller gives (here 4 fps: 0.25 s apart)."""
+    family, processor, model = _loaded()
+    frames = list(_video(family, processor, video_bytes(seed=1)).frames[:3])
+    video = video_from_frames(frames, 4.0, _VIDEO_LIMITS, "video")
+    processed = family.preprocess(processor, _media_prompt(family, processor, [VIDEO], "Go."), [], videos=[video])
+    text = processor.tokenizer.decode(processed.token_ids).replace("<image>", "")
+    assert ("Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.25 seconds: <img></img>\n"
+            "Frame 3 sampled at 0.50 seconds: <img></img>Go.") in text
+    (rows,) = family.encode(model, VIDEO, [processed.items[0].encoder_inputs])
+    assert rows.embeddings.shape[0] == processed.items[0].length
