@@ -140,7 +140,7 @@ class NemotronHOmni(ModelFamily):
 
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any],
                    videos: list[Video] = (), audios: list[Audio] = ()) -> ProcessedPrompt:
-        self._check_media(processor, text, videos, audios)
+        self._check_media(processor, text, len(images), videos, audios)
         audio_kwargs = {"audio": [audio.samples for audio in audios]} if audios else {}
         out = processor(text=[text], images=images or None, return_tensors="pt",
                         **self.video_processor_kwargs(videos), **audio_kwargs)
@@ -152,14 +152,15 @@ class NemotronHOmni(ModelFamily):
         items = []
         # The chat's markers in prompt order tell whose runs are whose: the image token serves both images
         # (one run each) and the video (one run per temporal patch).
-        for marker in re.findall("|".join(map(re.escape, self._markers(processor))), text):
+        for marker in self._markers(processor, text):
             if marker == processor.image_token:
                 inputs = next(images_in)
                 run = next(image_runs, (0, 0))
                 self.check_counts("images", [self.check_encoder_item(IMAGE, inputs, where="image")["tokens"]], [run[1]])
                 items.append(ProcessedItem(modality=IMAGE, offset=run[0], length=run[1], encoder_inputs=inputs))
             elif marker == processor.video_token:
-                items.append(self._video_item(out["pixel_values_videos"], image_runs))
+                if videos:  # (else a <video> typed in a text-only prompt: plain text to transformers too)
+                    items.append(self._video_item(out["pixel_values_videos"], image_runs))
             else:
                 inputs = next(audios_in)
                 run = next(audio_runs, (0, 0))
@@ -170,19 +171,27 @@ class NemotronHOmni(ModelFamily):
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
     @staticmethod
-    def _markers(processor: ProcessorMixin) -> tuple[str, str, str]:
-        return processor.image_token, processor.video_token, processor.audio_token
+    def _markers(processor: ProcessorMixin, text: str) -> list[str]:
+        """The chat's media markers (<image>, <video>, <so_embedding>) in the order the text has them."""
+        tokens = (processor.image_token, processor.video_token, processor.audio_token)
+        return re.findall("|".join(map(re.escape, tokens)), text)
 
-    def _check_media(self, processor: ProcessorMixin, text: str, videos: list[Video], audios: list[Audio]) -> None:
-        """What the processor would get wrong: several videos (it labels and packs them as one), a video
-        marker typed in the text, audio without a tower, a clip too short to normalize."""
+    def _check_media(self, processor: ProcessorMixin, text: str, num_images: int, videos: list[Video],
+                     audios: list[Audio]) -> None:
+        """What the processor would get wrong: several videos (it labels and packs them as one), a marker
+        typed in the text (<video> is not among the servicer's reserved tokens), audio without a tower,
+        a clip too short to normalize."""
         if len(videos) > 1:
             raise InvalidArgument(f"{len(videos)} videos in one request; the {self.name} processor takes one "
                                   "video per prompt", reason="TOO_MANY_MEDIA_ITEMS",
                                   metadata={"modality": VIDEO, "maxItems": "1"})
-        if videos and text.count(processor.video_token) != len(videos):
-            raise InvalidArgument(f"the text contains the reserved token {processor.video_token}; send videos as "
-                                  "video parts", reason="RESERVED_TOKEN_IN_TEXT")
+        markers = self._markers(processor, text)
+        for token, count in ((processor.image_token, num_images), (processor.video_token, len(videos)),
+                             (processor.audio_token, len(audios))):
+            if markers.count(token) != count and (count or token != processor.video_token):
+                # a typed <video> without a video part stays text, as transformers leaves it
+                raise InvalidArgument(f"the text contains the reserved token {token}; send media as image, video "
+                                      "or audio parts", reason="RESERVED_TOKEN_IN_TEXT")
         if audios and self.config.audio_config is None:
             raise InvalidArgument(f"this {self.name} checkpoint has no audio tower (audio_config); it takes text, "
                                   "image, video", reason="MODALITY_UNSUPPORTED")

@@ -29,6 +29,8 @@ VIDEO_CASES = {
 MEDIA_AUDIO_CASES = {
     **AUDIO_CASES,
     "image-and-audio": ("Compare them.", [image_bytes(96, 96, seed=5)], OtherMedia(audios=(audio_bytes(seed=4),))),
+    # transformers pads the shorter clip to the longer and runs them as one batch; the encoder runs each alone
+    "two-audios": ("Which is longer?", [], OtherMedia(audios=(audio_bytes(seed=5), audio_bytes(seconds=1.7, seed=6)))),
 }
 
 test_video_parity = media_parity_tests("nemotron_h_omni", VIDEO_CASES)

@@ -410,6 +410,9 @@ def test_media_the_processor_would_get_wrong_are_refused():
     assert reason(two, videos=[video, video]) == "TOO_MANY_MEDIA_ITEMS"
     typed = _media_prompt(family, processor, [VIDEO], "What is <video>?")
     assert reason(typed, videos=[video]) == "RESERVED_TOKEN_IN_TEXT"
+    assert reason(_media_prompt(family, processor, [IMAGE], "Hm?"), audios=[]) == "RESERVED_TOKEN_IN_TEXT"  # no image
+    text_only = _media_prompt(family, processor, [], "What is <video>?")  # stays text, as in transformers
+    assert family.preprocess(processor, text_only, []).token_ids == processor(text=[text_only])["input_ids"][0]
     short = Audio(samples=np.full(319, 0.1, np.float32), sampling_rate=16000)  # under two 160-sample hops
     assert reason(_media_prompt(family, processor, [AUDIO], "Hm?"), audios=[short]) == "AUDIO_TOO_SHORT"
     no_tower = type(family)(family.config.__class__(**{**family.config.to_dict(), "audio_config": None}))
