@@ -176,6 +176,11 @@ class ModelFamily(ABC):
         Items of all modalities come back in prompt order (their offsets ascending).
         """
 
+    def modality_refusal(self, modality: str) -> str | None:
+        """Why this checkpoint does not take `modality`, for the error a request with it gets (the generic
+        family: a model without a video path); None: nothing more to say than `modalities`."""
+        return None
+
     # ---- video and audio: what the processor decodes for the HF processor ----------------------
     def video_frame_indices(self, processor: ProcessorMixin, metadata: Any, fps: float, max_frames: int) -> list[int]:
         """The frames of a clip the model sees, from its metadata alone (nothing is decoded yet): the
