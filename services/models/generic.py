@@ -145,6 +145,15 @@ def _params(fn: Any) -> set[str]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _video_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
+    """Why the generic family takes no video of this model; None when it does."""
+    if not hasattr(model_class, _FEATURES[VIDEO]):
+        return f"{model_class.__name__} has no get_video_features"
+    if _token_id(config, VIDEO) is None:
+        return "its config has no video_token_id / video_token_index"
+    return None
+
+
 def _model_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
     """Why the generic path would not reproduce this model's forward; None when it would."""
     if getattr(config, "is_encoder_decoder", False):
@@ -209,9 +218,7 @@ class Generic(ModelFamily):
         self.model_class = model_class
         self.token_ids = {IMAGE: _token_id(config, IMAGE), VIDEO: _token_id(config, VIDEO)}
         self.image_token_id = self.token_ids[IMAGE]
-        self.video_refusal = (f"{model_class.__name__} has no get_video_features" if not hasattr(model_class, _FEATURES[VIDEO])
-                              else "its config has no video_token_id / video_token_index"
-                              if self.token_ids[VIDEO] is None else None)
+        self.video_refusal = _video_refusal(config, model_class)
         self.modalities = (IMAGE,) if self.video_refusal else (IMAGE, VIDEO)
         # Each modality's tower inputs, e.g. pixel_values, pixel_attention_mask; pixel_values_videos
         self.tower_inputs = {modality: _params(getattr(model_class, _FEATURES[modality])) for modality in self.modalities}
@@ -219,6 +226,14 @@ class Generic(ModelFamily):
 
     def modality_refusal(self, modality: str) -> str | None:
         return self.video_refusal if modality == VIDEO else None
+
+    @staticmethod
+    def model_type_modalities(model_type: str) -> tuple[str, ...]:
+        """What the family takes of a checkpoint of `model_type` with its default config (`triptych models`
+        lists the tiny builders it serves)."""
+        config = AutoConfig.for_model(model_type)
+        model_class = _model_class(config)
+        return (IMAGE,) if model_class is None or _video_refusal(config, model_class) else (IMAGE, VIDEO)
 
     # ---- which checkpoints -------------------------------------------------------------
     @classmethod

@@ -44,3 +44,14 @@ def test_video_before_image_keeps_the_processors_tile_order():
     assert processed.token_ids == whole["input_ids"][0].tolist()
     assert torch.equal(torch.cat([item.encoder_inputs["pixel_values"] for item in processed.items]),
                        whole["pixel_values"])
+
+
+def test_a_clip_slower_than_the_sampling_fps_gives_every_frame():
+    """A 1-fps clip sampled at 2 fps: transformers' InternVL sampler refuses (more frames asked than the
+    clip has); the family's choice falls back to every frame, as Qwen2-VL's sampler clamps."""
+    model_dir = tiny_checkpoint("internvl")
+    family = family_for(model_dir)
+    processor = family.load_processor(model_dir)
+    video = decode_video(video_bytes(seconds=4, fps=1, seed=5), _LIMITS, where="video",
+                         choose=lambda metadata: family.video_frame_indices(processor, metadata, 2.0, 32))
+    assert video.metadata.frames_indices == [0, 1, 2, 3] and len(video.frames) == 4

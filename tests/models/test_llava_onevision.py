@@ -76,3 +76,20 @@ def test_video_is_one_run_of_pooled_frames_and_a_row_end():
     (rows,) = family.encode(model, VIDEO, [clip.encoder_inputs])
     assert torch.equal(rows.embeddings, expected)
     family.check_encoder_item(VIDEO, clip.encoder_inputs, where="clip")
+
+
+def test_clips_batched_match_alone_bitwise():
+    """The family claims "exact" batching: clips of one frame count run in one tower call, and each
+    clip's rows are bitwise its rows alone (a clip of another frame count runs in its own call)."""
+    family, processor, model = _loaded()
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": VIDEO}, {"type": "text", "text": "Hi"}]}])
+    items = []
+    for seed, seconds in ((1, 2.0), (2, 2.0), (3, 3.0)):
+        video = decode_video(video_bytes(seconds=seconds, seed=seed), _LIMITS, where="video",
+                             choose=lambda metadata: family.video_frame_indices(processor, metadata, 2.0, 32))
+        (item,) = family.preprocess(processor, text, [], videos=[video]).items
+        items.append(item.encoder_inputs)
+    assert len({item["pixel_values_videos"].shape[1] for item in items}) == 2
+    alone = [family.encode(model, VIDEO, [item])[0].embeddings for item in items]
+    batched = [rows.embeddings for rows in family.encode(model, VIDEO, items)]
+    assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
