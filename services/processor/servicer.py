@@ -276,9 +276,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 elif kind is None:
                     raise InvalidArgument(f"{where}: set one of text, image, video, audio", reason="CONTENT_EMPTY")
                 elif kind not in self.family.modalities:
+                    why = self.family.modality_refusal(kind)
                     raise InvalidArgument(f"{where}: the {self.family.name} model does not take {kind} input "
-                                          f"(it takes text, {', '.join(self.family.modalities)})",
-                                          reason="MODALITY_UNSUPPORTED")
+                                          f"(it takes text, {', '.join(self.family.modalities)})"
+                                          + (f": {why}" if why else ""), reason="MODALITY_UNSUPPORTED")
                 else:
                     self._read_part(kind, getattr(part, kind), f"{where}.{kind}", media)
                     parts.append({"type": kind})
