@@ -38,18 +38,20 @@ def _family(name: str) -> tuple[ModelFamily, ProcessorMixin, PreTrainedModel]:
     return family, family.load_processor(path), family.load_model(path, torch.float32, "cpu")
 
 
-def _ours(name: str, clip: bytes, with_image: bool = False) -> tuple[ProcessedPrompt, list[int]]:
+def _ours(name: str, clip: bytes, with_image: bool = False, max_frames: int = 32) -> tuple[ProcessedPrompt, list[int]]:
     """The processor service's way: the family chooses the frames, only they are decoded."""
     family, processor, _ = _family(name)
-    video = decode_video(clip, LIMITS, lambda meta: family.video_frame_indices(processor, meta, FPS, 32), "video")
+    video = decode_video(clip, LIMITS, lambda meta: family.video_frame_indices(processor, meta, FPS, max_frames),
+                         "video")
     images = [_image()] if with_image else []
     content = [{"type": IMAGE}] * len(images) + [{"type": VIDEO}, {"type": "text", "text": "What happens?"}]
     text = family.render_chat(processor, [{"role": "user", "content": content}])
     return family.preprocess(processor, text, images, videos=[video]), video.metadata.frames_indices
 
 
-def _theirs(name: str, clip: bytes, with_image: bool = False):
-    """transformers' way: its loader decodes every frame, its video processor samples them."""
+def _theirs(name: str, clip: bytes, with_image: bool = False, sampling: dict | None = None):
+    """transformers' way: its loader decodes every frame, its video processor samples them (at FPS, or
+    as `sampling` says)."""
     _, processor, _ = _family(name)
     frames, metadata = _load_video(clip)
     images = [_image()] if with_image else []
@@ -57,7 +59,7 @@ def _theirs(name: str, clip: bytes, with_image: bool = False):
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
     return processor(text=[text], images=images or None, videos=[frames], video_metadata=[metadata],
-                     do_sample_frames=True, fps=FPS, return_tensors="pt")
+                     do_sample_frames=True, return_tensors="pt", **(sampling or {"fps": FPS}))
 
 
 def _image() -> Image.Image:
@@ -102,6 +104,15 @@ def test_qwen3_vl_timestamps_are_transformers(clip):
     padded = indices + indices[-1:] * (len(indices) % 2)
     expected = [f"{(padded[i] + padded[i + 1]) / 2 / fps:.1f}" for i in range(0, len(padded), 2)]
     assert re.findall(r"<([\d.]+) seconds>", processor.tokenizer.decode(prompt.token_ids)) == expected
+
+
+def test_qwen3_vl_frame_cap_is_transformers_num_frames():
+    """Where --max-video-frames caps the 2 fps sampling, the frames and times are transformers' own
+    sampling of that many frames (its sample_frames with num_frames)."""
+    prompt, indices = _ours("qwen3_vl", CLIPS["8-frames-1fps"], max_frames=4)
+    assert indices == [0, 2, 5, 7]
+    theirs = _theirs("qwen3_vl", CLIPS["8-frames-1fps"], sampling={"num_frames": 4, "fps": None})
+    assert prompt.token_ids == theirs["input_ids"][0].tolist()
 
 
 @pytest.mark.parametrize("clip", list(CLIPS))
