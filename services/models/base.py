@@ -43,6 +43,10 @@ class ProcessedItem:
     # (tiles between row/column tokens); they take consecutive embedding rows and sum to `length`.
     # Empty: one run, (offset, length).
     runs: tuple[tuple[int, int], ...] = ()
+    # What besides the item's media decides its embeddings (Phi-4-MM projects audio with other layers
+    # when the prompt has images); the processor appends it to the item's mm_hash, so that caches keyed
+    # by mm_hash keep the variants apart. Empty: the media alone decide.
+    hash_context: str = ""
 
     @property
     def placeholder_runs(self) -> tuple[tuple[int, int], ...]:
