@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
+    "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
