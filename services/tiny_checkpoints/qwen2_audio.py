@@ -67,8 +67,12 @@ def _qwen2_audio_std(hidden: int) -> common.StdFor:
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
 
     p = _QWEN2_AUDIO_SIZES[ctx.size]
     vocab = qwen_vocab(ctx.seed, QWEN2_AUDIO_SPECIAL_TOKENS, model_max_length=_MAX_POSITIONS)
