@@ -1,7 +1,7 @@
 """Qwen2-Audio: a Whisper-style audio encoder, a linear projector, a Qwen2 language model. Audio only.
 
 transformers (Qwen2AudioModel.forward): the WhisperFeatureExtractor pads every clip to 30 s (3000
-frames of 128-bin log-mel; longer clips are cut there) with a `feature_attention_mask` of the clip's
+frames of 128-bin log-mel; it cuts longer clips there, which the family refuses instead) with a `feature_attention_mask` of the clip's
 own frames. The encoder runs the whole 3000 frames of every clip, its attention masked to the clip's
 frames after the stride-2 convolution; after a 2x average pool the first
 `((frames - 1) // 2 + 1 - 2) // 2 + 1` rows, projected, are the clip's embeddings, written in order
@@ -26,6 +26,7 @@ from transformers import AutoModelForMultimodalLM, PreTrainedModel, ProcessorMix
 from transformers.masking_utils import create_bidirectional_mask
 
 from services.common.audio import Audio
+from services.common.errors import InvalidArgument
 from services.models.base import AUDIO, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt
 from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
@@ -80,6 +81,7 @@ class Qwen2Audio(ModelFamily):
                    audios: list[Audio] = ()) -> ProcessedPrompt:
         audio_kwargs = {}
         if audios:
+            self._check_durations(processor, audios)
             audio_kwargs = {"audio": [audio.samples for audio in audios], "sampling_rate": audios[0].sampling_rate}
         out = processor(text=[text], return_tensors="pt", **audio_kwargs)
         token_ids = out["input_ids"][0].tolist()
@@ -93,6 +95,18 @@ class Qwen2Audio(ModelFamily):
         items = [ProcessedItem(modality=AUDIO, offset=offset, length=length, encoder_inputs=item_inputs)
                  for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
+
+    @staticmethod
+    def _check_durations(processor: ProcessorMixin, audios: list[Audio]) -> None:
+        """The feature extractor keeps the first 30 s of a clip and drops the rest without a word
+        (transformers' truncation): refused here instead, so that no caller loses audio silently."""
+        extractor = processor.feature_extractor
+        for index, audio in enumerate(audios):
+            if len(audio.samples) > extractor.n_samples:
+                raise InvalidArgument(
+                    f"audio {index} lasts {audio.seconds:.1f} s; this model hears at most {extractor.chunk_length} s "
+                    "per clip: cut it into clips", reason="AUDIO_TOO_LONG",
+                    metadata={"maxAudioSeconds": str(extractor.chunk_length)})
 
     # ---- typed inputs ------------------------------------------------------------------
     def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:

@@ -153,3 +153,13 @@ def test_budget_counts_the_padded_frames(family, processor):
     with pytest.raises(InvalidArgument) as err:
         family.check_encoder_item(AUDIO, _item(family, processor), where="item 0", max_patches=2999)
     assert err.value.reason == "ITEM_TOO_LARGE"
+
+
+def test_a_clip_over_30_s_is_refused_not_cut(family, processor):
+    """transformers keeps the first 30 s of a longer clip; the family says so instead of dropping audio."""
+    long = Audio(samples=np.zeros(30 * 16000 + 1, np.float32), sampling_rate=16000)
+    text = _prompt(family, processor, 1)
+    assert family.preprocess(processor, text, [], audios=[Audio(long.samples[:-1], 16000)]).items[0].length == 750
+    with pytest.raises(InvalidArgument) as err:
+        family.preprocess(processor, text, [], audios=[long])
+    assert err.value.reason == "AUDIO_TOO_LONG" and err.value.metadata == {"maxAudioSeconds": "30"}
