@@ -53,12 +53,6 @@ class Qwen2Audio(ModelFamily):
         (3000 for 30 s)."""
         return self.config.audio_config.max_source_positions * 2
 
-    @staticmethod
-    def num_audio_tokens(valid_frames: int) -> int:
-        """Embedding rows of a clip of `valid_frames`: the stride-2 convolution, then the 2x pool
-        (Qwen2AudioEncoder._get_feat_extract_output_lengths; the processor counts the same)."""
-        return ((valid_frames - 1) // 2 + 1 - 2) // 2 + 1
-
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
         # Not an image-text-to-text model for transformers' Auto classes: the multimodal LM one maps it.
@@ -81,7 +75,7 @@ class Qwen2Audio(ModelFamily):
                    audios: list[Audio] = ()) -> ProcessedPrompt:
         audio_kwargs = {}
         if audios:
-            self._check_durations(processor, audios)
+            check_durations(processor, audios)
             audio_kwargs = {"audio": [audio.samples for audio in audios], "sampling_rate": audios[0].sampling_rate}
         out = processor(text=[text], return_tensors="pt", **audio_kwargs)
         token_ids = out["input_ids"][0].tolist()
@@ -90,32 +84,16 @@ class Qwen2Audio(ModelFamily):
             self.check_counts("audios", [], [n for _, n in runs])
             return ProcessedPrompt(token_ids=token_ids, items=[])
         inputs = split_items(out, {_FEATURES: Split.batched(), _MASK: Split.batched()}, len(audios))
-        lengths = [self.num_audio_tokens(int(item[_MASK].sum())) for item in inputs]
+        lengths = [num_audio_tokens(int(item[_MASK].sum())) for item in inputs]
         self.check_counts("audios", lengths, [n for _, n in runs])
         items = [ProcessedItem(modality=AUDIO, offset=offset, length=length, encoder_inputs=item_inputs)
                  for (offset, length), item_inputs in zip(runs, inputs)]
         return ProcessedPrompt(token_ids=token_ids, items=items)
 
-    @staticmethod
-    def _check_durations(processor: ProcessorMixin, audios: list[Audio]) -> None:
-        """The feature extractor keeps the first 30 s of a clip and drops the rest without a word
-        (transformers' truncation): refused here instead, so that no caller loses audio silently."""
-        extractor = processor.feature_extractor
-        for index, audio in enumerate(audios):
-            if len(audio.samples) > extractor.n_samples:
-                raise InvalidArgument(
-                    f"audio {index} lasts {audio.seconds:.1f} s; this model hears at most {extractor.chunk_length} s "
-                    "per clip: cut it into clips", reason="AUDIO_TOO_LONG",
-                    metadata={"maxAudioSeconds": str(extractor.chunk_length)})
-
     # ---- typed inputs ------------------------------------------------------------------
-    def _tokens(self, item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
-        """The mask must be the clip's frames from the start (what the feature extractor makes)."""
-        mask = item[_MASK][0]
-        valid = int((mask != 0).sum())
-        if valid == 0 or not bool((mask[:valid] == 1).all()) or bool(mask[valid:].any()):
-            raise ValueError(f"{_MASK} must be 1 on the clip's first frames (at least one) and 0 after them")
-        return {"tokens": self.num_audio_tokens(valid)}
+    @staticmethod
+    def _tokens(item: dict[str, torch.Tensor], bindings: Bindings) -> Bindings:
+        return {"tokens": num_audio_tokens(valid_frames(item[_MASK][0]))}
 
     def encoder_schema(self, modality: str) -> ItemSchema:
         return ItemSchema(tensors=(
@@ -142,3 +120,31 @@ class Qwen2Audio(ModelFamily):
         hidden = tower(features, attention_mask=attention_mask).last_hidden_state
         rows = model.model.multi_modal_projector(hidden)  # [B, positions // 2, hidden]
         return [ItemEmbeddings(embeddings=rows[i, : int(n)]) for i, n in enumerate(token_lengths)]
+
+
+# ---- shared with Qwen2.5-Omni's thinker (the same feature extractor and token count) ---------------
+def num_audio_tokens(valid_frames: int) -> int:
+    """Embedding rows of a clip of `valid_frames`: the stride-2 convolution, then the 2x pool
+    (Qwen2AudioEncoder._get_feat_extract_output_lengths; the processor counts the same)."""
+    return ((valid_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def valid_frames(mask: torch.Tensor) -> int:
+    """The clip's frames in its `feature_attention_mask` row, which must be 1 on its first frames (at
+    least one) and 0 after them, as the feature extractor makes it; ValueError otherwise."""
+    valid = int((mask != 0).sum())
+    if valid == 0 or not bool((mask[:valid] == 1).all()) or bool(mask[valid:].any()):
+        raise ValueError(f"{_MASK} must be 1 on the clip's first frames (at least one) and 0 after them")
+    return valid
+
+
+def check_durations(processor: ProcessorMixin, audios: list[Audio]) -> None:
+    """The WhisperFeatureExtractor keeps the first 30 s of a clip and drops the rest without a word
+    (transformers' truncation): refused here instead, so that no caller loses audio silently."""
+    extractor = processor.feature_extractor
+    for index, audio in enumerate(audios):
+        if len(audio.samples) > extractor.n_samples:
+            raise InvalidArgument(
+                f"audio {index} lasts {audio.seconds:.1f} s; this model hears at most {extractor.chunk_length} s "
+                "per clip: cut it into clips", reason="AUDIO_TOO_LONG",
+                metadata={"maxAudioSeconds": str(extractor.chunk_length)})
