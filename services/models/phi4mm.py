@@ -36,7 +36,9 @@ frame mask only when there are several), then projects with `*_for_speech` layer
 its request twice: the padding (its features are sent padded exactly as the processor padded them,
 the edge frame included, and all audio items of a call run as one batch: "alone" as for images) and
 the modality mix (each item carries `audio_projection_mode`, 0 speech or 1 vision, and its mm_hash
-gets the mode as `hash_context`, so no cache serves one mode's rows for the other).
+gets the mode as `hash_context`, so no cache serves one mode's rows for the other). With several
+clips their places join the hash too: the same clip twice is then two items, batched as transformers
+batches them, not one deduplicated item encoded alone.
 
 Real checkpoints ship `vision-lora/` and `speech-lora/` adapters that transformers only applies when
 the caller loads them (`model.load_adapter`); like transformers without them, the base weights are
@@ -159,7 +161,7 @@ class Phi4Multimodal(ModelFamily):
             self.check_counts("audios", [], [n for _, n in runs])
             return []
         inputs = split_items(out, {_FEATURES: Split.batched(), _EMBED_SIZES: Split.batched()}, count)
-        features = out[_FEATURES]  # [N, T, mel], zero-padded to the longest clip
+        features = out[_FEATURES]  # [N, T, mel], padded to the longest clip (the edge frame included)
         mask = out.get("audio_attention_mask")  # [N, T] bool; only when N > 1
         frames = mask.sum(1) if mask is not None else torch.full((count,), features.shape[1])
         mode = _VISION if with_images else _SPEECH
@@ -168,8 +170,9 @@ class Phi4Multimodal(ModelFamily):
             item[_MODE] = torch.tensor([mode])
         lengths = [int(item[_EMBED_SIZES][0]) for item in inputs]
         return [ProcessedItem(modality=AUDIO, offset=offset, length=length, encoder_inputs=encoder_inputs,
-                              hash_context="vision" if mode == _VISION else "")
-                for (offset, length), encoder_inputs in zip(self.cut_runs("audios", runs, lengths), inputs)]
+                              hash_context=_audio_hash_context(mode, index, count))
+                for index, ((offset, length), encoder_inputs)
+                in enumerate(zip(self.cut_runs("audios", runs, lengths), inputs))]
 
     @staticmethod
     def cut_runs(what: str, runs: list[tuple[int, int]], lengths: list[int]) -> list[tuple[int, int]]:
@@ -319,6 +322,16 @@ class Phi4Multimodal(ModelFamily):
     def language_model(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.model  # Phi4MultimodalModel: the decoder itself
 
+
+
+def _audio_hash_context(mode: int, index: int, count: int) -> str:
+    """What joins a clip's mm_hash: the projection (rows differ by mode), and with several clips its place
+    among them, so that the same clip twice is encoded twice, in the one padded batch transformers runs
+    (deduplicated, it would run alone: no frame mask, other rounding)."""
+    parts = ["vision"] if mode == _VISION else []
+    if count > 1:
+        parts.append(f"clip {index + 1} of {count}")
+    return ", ".join(parts)
 
 
 def _pad_crops(tensor: torch.Tensor, max_crops: int, fill: int) -> torch.Tensor:

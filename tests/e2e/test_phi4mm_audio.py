@@ -18,6 +18,7 @@ CASES = {
     "audio-other": ("What do you hear?", [], OtherMedia(audios=(audio_bytes(seconds=2.5, seed=2),))),
     "audio-and-image": ("What do you hear and see?", [image_bytes(160, 120, seed=1)], OtherMedia(audios=(CLIP,))),
     "two-audios": ("Compare the two sounds.", [], OtherMedia(audios=(CLIP, audio_bytes(seconds=1.7, seed=3)))),
+    "same-clip-twice": ("Are they the same?", [], OtherMedia(audios=(CLIP, CLIP))),  # two items, not deduplicated
     "two-images-two-audios": ("Describe all of it.", [image_bytes(96, 96, seed=5), image_bytes(900, 500, seed=7)],
                               OtherMedia(audios=(audio_bytes(seconds=0.6, seed=4), CLIP))),
 }

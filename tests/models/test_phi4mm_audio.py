@@ -32,6 +32,7 @@ CASES = {  # (images as (width, height), clips as (seconds, seed))
     "two-clips-padded": ([], [(1.0, 1), (2.5, 2)]),  # the first is padded to the second's frames, with a mask
     "image-then-clip": ([(160, 120)], [(1.0, 1)]),  # the vision projection
     "clip-between-images": ([(160, 120), (448, 448)], [(0.7, 3), (1.3, 4)]),
+    "same-clip-twice": ([], [(1.0, 1), (1.0, 1)]),  # one batch of two with a frame mask
 }
 
 
@@ -99,7 +100,7 @@ def test_encoder_rows_equal_whole_model(family, processor, whole, encoder_model,
         for item, got in zip(items, rows):
             family.check_encoder_item(modality, item.encoder_inputs, where="item")
             assert torch.equal(got.embeddings, expected[item.offset : item.offset + item.length])
-            if modality == AUDIO:
+            if modality == AUDIO and len(audios) == 1:
                 assert item.hash_context == ("vision" if images else "")
 
 
@@ -150,3 +151,14 @@ def test_audio_budget_counts_frames(family, processor):
     with pytest.raises(InvalidArgument) as err:
         family.check_encoder_item(AUDIO, item, where="item 0", max_patches=frames - 1)
     assert err.value.reason == "ITEM_TOO_LARGE"
+
+
+def test_same_clip_twice_is_two_items(family, processor, encoder_model):
+    """Deduplicated by mm_hash, the clip would be encoded alone (no frame mask): not transformers' rows."""
+    text, images, audios = _request(family, processor, "same-clip-twice")
+    first, second = family.preprocess(processor, text, images, audios=audios).items
+    assert (first.hash_context, second.hash_context) == ("clip 1 of 2", "clip 2 of 2")
+    pair = family.encode(encoder_model, AUDIO, [first.encoder_inputs, second.encoder_inputs])
+    (alone,) = family.encode(encoder_model, AUDIO, [first.encoder_inputs])
+    assert torch.equal(pair[0].embeddings, pair[1].embeddings)
+    assert not torch.equal(pair[0].embeddings, alone.embeddings)
