@@ -180,6 +180,11 @@ class ModelFamily(ABC):
         Items of all modalities come back in prompt order (their offsets ascending).
         """
 
+    def modality_refusal(self, modality: str) -> str | None:
+        """Why this checkpoint does not take `modality`, for the error a request with it gets (the generic
+        family: a model without a video path); None: nothing more to say than `modalities`."""
+        return None
+
     # ---- video and audio: what the processor decodes for the HF processor ----------------------
     def video_frame_indices(self, processor: ProcessorMixin, metadata: Any, fps: float, max_frames: int) -> list[int]:
         """The frames of a clip the model sees, from its metadata alone (nothing is decoded yet): the
@@ -187,7 +192,12 @@ class ModelFamily(ABC):
         samples in transformers), or `max_frames` of them evenly spread where `fps` would give more.
         The processor then decodes only these frames and passes them with `do_sample_frames=False`."""
         video_processor = processor.video_processor
-        indices = [int(i) for i in video_processor.sample_frames(metadata, fps=fps)]
+        try:
+            indices = [int(i) for i in video_processor.sample_frames(metadata, fps=fps)]
+        except ValueError:  # transformers' default and InternVL's samplers refuse a clip with fewer frames
+            # than `fps` asks for (a 1-fps slideshow at 2 fps): every frame, as Qwen2-VL's sampler clamps
+            indices = [int(i) for i in video_processor.sample_frames(
+                metadata, num_frames=min(metadata.total_num_frames, max_frames))]
         if len(indices) > max_frames:
             indices = [int(i) for i in video_processor.sample_frames(metadata, num_frames=max_frames)]
         return indices

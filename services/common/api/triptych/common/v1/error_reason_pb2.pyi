@@ -436,6 +436,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """More videos or audio clips in one request than the processor allows.
     Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
     """
+    VIDEO_OPTIONS_INVALID: _ErrorReason.ValueType  # 112
+    """A video's sampling options are out of range: a negative or non-finite
+    fps or max_frames. Code: INVALID_ARGUMENT.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -873,5 +877,9 @@ of (for example one sample). Code: INVALID_ARGUMENT.
 TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 111
 """More videos or audio clips in one request than the processor allows.
 Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
+"""
+VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
+"""A video's sampling options are out of range: a negative or non-finite
+fps or max_frames. Code: INVALID_ARGUMENT.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
