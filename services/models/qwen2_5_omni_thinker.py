@@ -17,7 +17,8 @@ Split here:
   llm        rows written over each range; positions from `get_rope_index` with the grids and lengths.
 
 Videos are not served: with audio they interleave by 2 s chunks (use_audio_in_video), and their
-positions need second-per-grid; a clip over 30 s is refused (the feature extractor would cut it).
+positions need second-per-grid. A clip over 30 s is refused (the feature extractor would cut it), and one
+too short for an embedding row (under 30 ms; transformers would drop its placeholder).
 Only the thinker's own architecture is claimed: a full Qwen2.5-Omni checkpoint (thinker, talker,
 vocoder) is a different folder layout.
 """
@@ -41,7 +42,7 @@ from services.models.base import (
     ProcessedPrompt,
 )
 from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
-from services.models.qwen2_audio import check_durations, num_audio_tokens, valid_frames
+from services.models.qwen2_audio import check_clips, num_audio_tokens, valid_frames
 from services.models.qwen2_vl import Qwen2VL
 
 _FEATURES, _MASK, _LENGTHS = "input_features", "feature_attention_mask", "audio_feature_lengths"
@@ -66,7 +67,7 @@ class Qwen2_5OmniThinker(Qwen2VL):
                    audios: list[Audio] = ()) -> ProcessedPrompt:
         audio_kwargs = {}
         if audios:
-            check_durations(processor, audios)
+            check_clips(processor, audios, min_tokens=1)
             audio_kwargs = {"audio": [audio.samples for audio in audios], "sampling_rate": audios[0].sampling_rate}
         out = processor(text=[text], images=images or None, return_tensors="pt", **audio_kwargs)
         token_ids = out["input_ids"][0].tolist()

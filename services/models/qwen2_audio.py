@@ -75,7 +75,7 @@ class Qwen2Audio(ModelFamily):
                    audios: list[Audio] = ()) -> ProcessedPrompt:
         audio_kwargs = {}
         if audios:
-            check_durations(processor, audios)
+            check_clips(processor, audios, min_tokens=2)  # one token takes transformers' legacy path, which fails
             audio_kwargs = {"audio": [audio.samples for audio in audios], "sampling_rate": audios[0].sampling_rate}
         out = processor(text=[text], return_tensors="pt", **audio_kwargs)
         token_ids = out["input_ids"][0].tolist()
@@ -138,9 +138,10 @@ def valid_frames(mask: torch.Tensor) -> int:
     return valid
 
 
-def check_durations(processor: ProcessorMixin, audios: list[Audio]) -> None:
-    """The WhisperFeatureExtractor keeps the first 30 s of a clip and drops the rest without a word
-    (transformers' truncation): refused here instead, so that no caller loses audio silently."""
+def check_clips(processor: ProcessorMixin, audios: list[Audio], min_tokens: int) -> None:
+    """What the WhisperFeatureExtractor would do wrong, refused first: it keeps the first 30 s of a clip
+    and drops the rest without a word (transformers' truncation); and a clip too short for `min_tokens`
+    embedding rows has none to place (or, Qwen2-Audio with one, fails inside transformers)."""
     extractor = processor.feature_extractor
     for index, audio in enumerate(audios):
         if len(audio.samples) > extractor.n_samples:
@@ -148,3 +149,10 @@ def check_durations(processor: ProcessorMixin, audios: list[Audio]) -> None:
                 f"audio {index} lasts {audio.seconds:.1f} s; this model hears at most {extractor.chunk_length} s "
                 "per clip: cut it into clips", reason="AUDIO_TOO_LONG",
                 metadata={"maxAudioSeconds": str(extractor.chunk_length)})
+        frames = -(-len(audio.samples) // extractor.hop_length)  # the feature extractor's mask, per hop
+        if num_audio_tokens(frames) < min_tokens:
+            shortest = next(n for n in range(1, 64) if num_audio_tokens(n) >= min_tokens) * extractor.hop_length
+            raise InvalidArgument(
+                f"audio {index} lasts {audio.seconds * 1000:.0f} ms, {num_audio_tokens(frames)} embedding rows; this "
+                f"model needs at least {min_tokens} ({shortest * 1000 // audio.sampling_rate} ms)",
+                reason="AUDIO_TOO_SHORT")

@@ -25,6 +25,7 @@ CASES = {  # part types in order: ("image", (w, h)) or ("audio", (seconds, seed)
     "two-clips": [(AUDIO, (1.0, 1)), (AUDIO, (2.5, 2))],
     "image-then-clip": [(IMAGE, (160, 120)), (AUDIO, (1.0, 1))],
     "clip-image-clip": [(AUDIO, (0.4, 3)), (IMAGE, (96, 200)), (AUDIO, (1.3, 4))],
+    "one-row-clip": [(AUDIO, (0.03, 5))],  # 3 frames: the shortest clip with an embedding row
 }
 
 
@@ -126,3 +127,12 @@ def test_position_inputs_must_match_the_placeholders(family, processor):
     with pytest.raises(InvalidArgument) as err:
         family.check_position_inputs(AUDIO, {"audio_feature_lengths": torch.tensor([400])}, item.length, where="i")
     assert err.value.reason == "POSITION_INPUT_INVALID"
+
+
+def test_a_clip_without_a_row_is_refused(family, processor):
+    """Under 3 frames a clip makes no embedding row: transformers drops its placeholder; refused instead."""
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": AUDIO}]}])
+    assert family.preprocess(processor, text, [], audios=[_clip(0.03, 1)]).items[0].length == 1
+    with pytest.raises(InvalidArgument) as err:
+        family.preprocess(processor, text, [], audios=[_clip(0.01, 1)])
+    assert err.value.reason == "AUDIO_TOO_SHORT"

@@ -163,3 +163,16 @@ def test_a_clip_over_30_s_is_refused_not_cut(family, processor):
     with pytest.raises(InvalidArgument) as err:
         family.preprocess(processor, text, [], audios=[long])
     assert err.value.reason == "AUDIO_TOO_LONG" and err.value.metadata == {"maxAudioSeconds": "30"}
+
+
+@pytest.mark.parametrize(("seconds", "ok"), [(0.03, False), (0.05, False), (0.07, True)])
+def test_a_clip_too_short_for_two_rows_is_refused(family, processor, seconds, ok):
+    """Under 2 rows transformers' Qwen2-Audio takes its legacy merge and fails: refused before it."""
+    clip = Audio(samples=np.full(round(seconds * 16000), 0.1, np.float32), sampling_rate=16000)
+    text = _prompt(family, processor, 1)
+    if ok:
+        assert family.preprocess(processor, text, [], audios=[clip]).items[0].length == 2
+        return
+    with pytest.raises(InvalidArgument) as err:
+        family.preprocess(processor, text, [], audios=[clip])
+    assert err.value.reason == "AUDIO_TOO_SHORT" and "at least 2 (70 ms)" in err.value.message
