@@ -131,6 +131,7 @@ class Phi4Multimodal(ModelFamily):
                    audios: list[Audio] = ()) -> ProcessedPrompt:
         audio_kwargs = {}
         if audios:
+            _check_clip_lengths(processor, audios)
             audio_kwargs = {"audio": [audio.samples for audio in audios], "sampling_rate": audios[0].sampling_rate}
         out = processor(text=[text], images=images or None, return_tensors="pt", **audio_kwargs)
         token_ids = out["input_ids"][0].tolist()
@@ -322,6 +323,17 @@ class Phi4Multimodal(ModelFamily):
     def language_model(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.model  # Phi4MultimodalModel: the decoder itself
 
+
+
+def _check_clip_lengths(processor: ProcessorMixin, audios: list[Audio]) -> None:
+    """A clip shorter than one analysis window (400 samples, 25 ms) has no feature frame: the feature
+    extractor fails on it (a RuntimeError inside torch's unfold). Refused first, with the reason."""
+    window = processor.audio_processor.win_length
+    for index, audio in enumerate(audios):
+        if len(audio.samples) < window:
+            raise InvalidArgument(
+                f"audio {index} has {len(audio.samples)} samples at {audio.sampling_rate} Hz; this model needs at "
+                f"least {window} ({window * 1000 / audio.sampling_rate:g} ms)", reason="AUDIO_TOO_SHORT")
 
 
 def _audio_hash_context(mode: int, index: int, count: int) -> str:

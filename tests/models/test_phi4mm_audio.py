@@ -162,3 +162,13 @@ def test_same_clip_twice_is_two_items(family, processor, encoder_model):
     (alone,) = family.encode(encoder_model, AUDIO, [first.encoder_inputs])
     assert torch.equal(pair[0].embeddings, pair[1].embeddings)
     assert not torch.equal(pair[0].embeddings, alone.embeddings)
+
+
+def test_a_clip_shorter_than_a_window_is_refused(family, processor):
+    """The feature extractor fails on fewer samples than its 400-sample window (25 ms); refused with the reason."""
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": AUDIO}]}])
+    clip = Audio(samples=np.full(400, 0.1, np.float32), sampling_rate=16000)
+    assert family.preprocess(processor, text, [], audios=[clip]).items[0].length == 1
+    with pytest.raises(InvalidArgument) as err:
+        family.preprocess(processor, text, [], audios=[Audio(clip.samples[:399], 16000)])
+    assert err.value.reason == "AUDIO_TOO_SHORT" and "at least 400 (25 ms)" in err.value.message
