@@ -296,7 +296,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                            f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=media.hashes, media=media.files,
+        hashes = [f"{h}+{item.hash_context}" if item.hash_context else h for h, item in zip(media.hashes, processed.items)]
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
 
     def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
