@@ -3,6 +3,12 @@
 Video is the same tower on frames grouped by its temporal patch (2 frames per grid step t): one
 `<|video_pad|>` run per video, `pixel_values_videos` + `video_grid_thw`, and mRoPE positions that
 advance along t. The processor chooses the frames (ModelFamily.video_frame_indices) before decoding.
+
+EVS (services/models/evs.py): a video's merged tokens come frame group by frame group (t, then h/2,
+w/2), which is the grid EVS compares. A pruned video keeps one shorter run; its kept rows take the
+mRoPE positions they had unpruned, and the text after the video too (positions computed on the
+unpruned prompt, then the dropped tokens' left out), so pruning changes which tokens attend, never
+where the others sit.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from services.common.video import Video
+from services.models import evs
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, PlacedEmbeddings, PrefillInputs, ProcessedItem, ProcessedPrompt
 from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
@@ -30,6 +37,7 @@ class Qwen2VL(ModelFamily):
     # bitwise equal on this CPU, but the GEMMs over more rows may pick other blocking elsewhere.
     encoder_batching = "tolerance"
     encoder_batch_tolerance = 1e-5
+    supports_video_pruning = True
 
     @property
     def spatial_merge_size(self) -> int:
@@ -65,6 +73,10 @@ class Qwen2VL(ModelFamily):
 
     def position_schema(self, modality: str) -> ItemSchema:
         return ItemSchema(tensors=(self._grid(modality),), derive=self._tokens)
+
+    def video_token_grid(self, encoder_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        t, h, w = (int(v) for v in encoder_inputs["video_grid_thw"][0])
+        return t, h * w // self.spatial_merge_size**2
 
     # ---- processor ---------------------------------------------------------------------
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any],
@@ -111,15 +123,23 @@ class Qwen2VL(ModelFamily):
             return prefill  # text only: plain 1-D positions, as transformers uses
         token_types = torch.zeros_like(token_ids)
         grids: dict[str, list[torch.Tensor]] = {IMAGE: [], VIDEO: []}
+        pruned = []  # (offset, length, unpruned length, kept) of the EVS-pruned items
         for item in placed:
             token_types[item.offset : item.offset + item.length] = _TOKEN_TYPE[item.modality]
-            grids[item.modality].append(item.position_inputs[f"{item.modality}_grid_thw"].long())  # checked by the LLM
+            grid = item.position_inputs[f"{item.modality}_grid_thw"].long()  # checked by the LLM
+            grids[item.modality].append(grid)
+            if item.kept is not None:
+                pruned.append((item.offset, item.length, int(grid.prod()) // self.spatial_merge_size**2, item.kept))
+        # Positions are those of the unpruned prompt: rebuilt, positioned, and the dropped tokens left out.
+        full_ids, present = evs.unpruned_layout(token_ids, pruned) if pruned else (token_ids, None)
+        full_types = evs.unpruned_layout(token_types, pruned)[0] if pruned else token_types
         position_ids, rope_deltas = model.model.get_rope_index(
-            token_ids[None],
-            mm_token_type_ids=token_types[None],
+            full_ids[None],
+            mm_token_type_ids=full_types[None],
             image_grid_thw=torch.cat(grids[IMAGE]) if grids[IMAGE] else None,
             video_grid_thw=torch.cat(grids[VIDEO]) if grids[VIDEO] else None,
-        )  # [3, 1, L], [1, 1]
-        prefill.position_ids = position_ids
-        prefill.rope_delta = int(rope_deltas[0, 0])
+        )  # [3, 1, L_full], [1, 1]
+        dropped = full_ids.shape[0] - token_ids.shape[0]
+        prefill.position_ids = position_ids if present is None else position_ids[:, :, present]
+        prefill.rope_delta = int(rope_deltas[0, 0]) + dropped  # decode positions continue the unpruned prompt's
         return prefill

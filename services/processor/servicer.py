@@ -23,6 +23,7 @@ from services.common.media import MediaLimits, check_media_size, decode_image
 from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
+from services.models import evs
 from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.embeds import EmbeddingSpec, Precomputed, check_rows, read_embeddings
@@ -49,6 +50,7 @@ class _RequestMedia:
     modalities: list[str] = field(default_factory=list)  # one per item, in prompt order
     hashes: list[str] = field(default_factory=list)
     files: list[bytes | None] = field(default_factory=list)
+    pruning_rates: dict[int, float] = field(default_factory=dict)  # item index -> EVS rate of a video to prune
     precomputed: dict[int, Precomputed] = field(default_factory=dict)  # item index -> the caller's embeddings
 
 
@@ -101,6 +103,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                         max_frames=cfg.max_video_frames, max_total_pixels=cfg.max_video_pixels)
         self.audio_limits = AudioLimits(max_seconds=cfg.max_audio_seconds)
         self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
+        evs.check_rate(cfg.video_pruning_rate, "--video-pruning-rate")
+        if cfg.video_pruning_rate and VIDEO in self.family.modalities and not self.family.supports_video_pruning:
+            raise ValueError(f"--video-pruning-rate {cfg.video_pruning_rate}: the {self.family.name} model has no "
+                             "video pruning (EVS); start with 0")
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         self.embedding_spec = EmbeddingSpec(
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
@@ -292,6 +298,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if [item.modality for item in processed.items] != media.modalities:
             raise Internal(f"the {self.family.name} family made media items {[i.modality for i in processed.items]} "
                            f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
+        if media.pruning_rates:  # EVS: as many placeholders as the encoder will keep (known before it runs)
+            processed = evs.prune_prompt(processed, {
+                index: evs.pruning_plan(self.family, processed.items[index], rate)
+                for index, rate in media.pruning_rates.items()})
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=media.hashes, media=media.files,
@@ -324,8 +334,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             name = mm_hash(image, media.uuid, self.checkpoint.fingerprint)
         elif kind == VIDEO:
             video = self._read_video(media, where)
+            rate = self._pruning_rate(media.video_options, where)
+            if rate:
+                into.pruning_rates[len(into.modalities)] = rate
             into.videos.append(video)
-            name = video_hash(video, media.uuid, self.checkpoint.fingerprint)
+            name = video_hash(video, media.uuid, self.checkpoint.fingerprint, rate)
         else:
             rate = self.family.audio_sampling_rate(self.hf_processor)
             audio = decode_audio(read_media(media, self.limits, self.allowed_media_dirs, where), rate,
@@ -335,6 +348,17 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         into.modalities.append(kind)
         into.hashes.append(name)
         into.files.append(file)  # media mode sends images' files; other items go as tensors
+
+    def _pruning_rate(self, options: processor_pb2.VideoOptions, where: str) -> float:
+        """The video's EVS rate: the request's, else the server's; checked (0: no pruning)."""
+        if not options.HasField("pruning_rate"):
+            return self.cfg.video_pruning_rate
+        rate = evs.check_rate(options.pruning_rate, f"{where}.video_options.pruning_rate")
+        if rate and not self.family.supports_video_pruning:
+            raise InvalidArgument(f"{where}.video_options.pruning_rate: the {self.family.name} model has no video "
+                                  "pruning (EVS); send 0 or leave it unset", reason="VIDEO_PRUNING_UNSUPPORTED",
+                                  metadata={"family": self.family.name})
+        return rate
 
     def _read_video(self, media: processor_pb2.Media, where: str) -> Video:
         """The frames the model sees: sampled by the family from the clip's header, and only they decoded;
@@ -385,7 +409,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         modality = modality_to_proto(item.modality)
         if data is not None and self.cfg.encoder_input == "media":  # images only: `data` is None for others
             return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, media=encoder_pb2.EncodedMedia(data=data))
-        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs))
+        pruning = (encoder_pb2.VideoPruning(rate=item.pruning.rate, retained_tokens=item.length)
+                   if item.pruning else None)
+        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs),
+                                     video_pruning=pruning)
 
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
                      sampling: generation_pb2.SamplingParams,
@@ -410,6 +437,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     embeddings=slice_rows(emb.embeddings, rows) if emb else None,
                     deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
                     position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
+                    kept_token_indexes=emb.kept_token_indexes[rows] if emb else [],
                 ))
                 first_row += length
         llm_sampling = generation_pb2.SamplingParams()

@@ -1,0 +1,156 @@
+"""EVS through the three services as separate processes (Qwen2-VL, processor started with
+--video-pruning-rate 0.5): the prompt shrinks by the expected count, the encoder returns the kept rows
+and their indexes, and the tokens equal an independent reference: transformers' whole model fed the
+unpruned prompt's embeddings with the dropped video tokens left out, at the positions transformers'
+own get_rope_index gives the unpruned prompt. A request's rate 0 is token-exact with plain
+transformers; a bad rate is a clear INVALID_ARGUMENT and the services keep serving."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from services.client import build_messages
+from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.errors import error_info
+from tests.checkpoints import tiny_checkpoint
+from tests.media import video_bytes
+from tests.procs import ServiceSet, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.reference import OtherMedia, _inputs, hf_generate, hf_prompt_tokens
+
+PROMPT = "What happens in this video?"
+MAX_NEW_TOKENS = 10
+CLIP = video_bytes(seconds=4, seed=1)  # 8 frames at 2 fps: 4 frame groups of 6 merged tokens
+SERVER_RATE = 0.5
+
+
+@pytest.fixture(scope="module")
+def services():
+    model = tiny_checkpoint("qwen2_vl")
+    encoder, llm = start_encoder(model), start_llm(model)
+    processor = start_processor(model, wait_listening(encoder), wait_listening(llm), None,
+                                "--video-pruning-rate", str(SERVER_RATE))
+    wait_listening(processor)
+    started = ServiceSet(encoder, llm, processor)
+    for proc in (encoder, llm, processor):
+        wait_serving(proc.address)
+    yield started
+    started.stop()
+
+
+def _request(rate: float | None = None, clip: bytes = CLIP) -> list[processor_pb2.ChatMessage]:
+    messages = build_messages(PROMPT, media=[("video", clip)])
+    if rate is not None:
+        messages[0].content[0].video.video_options.pruning_rate = rate
+    return messages
+
+
+def _generate(services, messages) -> processor_pb2.Completion:
+    with grpc.insecure_channel(services.address) as channel:
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+        return stub.Generate(processor_pb2.GenerateRequest(
+            messages=messages, sampling=generation_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS)), timeout=300).completion
+
+
+def _vllm_style_mask(rows: torch.Tensor, frames: int, rate: float) -> torch.Tensor:
+    """The tokens vLLM's EVS keeps, written here from its description: a bool mask over the unpruned rows."""
+    grid = rows.float().reshape(frames, -1, rows.shape[-1])
+    per_frame = grid.shape[1]
+    score = torch.full((frames, per_frame), 255.0)
+    score[1:] = 1 - torch.nn.functional.cosine_similarity(grid[1:], grid[:-1], dim=-1)
+    keep = max(per_frame, int(per_frame * frames * (1 - rate)))
+    top = torch.argsort(score.flatten(), descending=True, stable=True)[:keep]
+    mask = torch.zeros(frames * per_frame, dtype=torch.bool)
+    mask[top] = True
+    return mask
+
+
+def _reference_tokens(rate: float) -> tuple[list[int], int]:
+    """Greedy tokens of transformers' whole Qwen2-VL on the pruned prompt, and the unpruned prompt's
+    length: embeddings from its own get_video_features, positions from its own get_rope_index on the
+    unpruned prompt, the dropped video tokens then left out of ids, embeddings and positions."""
+    model, inputs = _inputs(tiny_checkpoint("qwen2_vl"), PROMPT, [], "AutoModelForImageTextToText",
+                            OtherMedia(videos=(CLIP,)))
+    ids = inputs["input_ids"]  # [1, L]
+    grid = inputs["video_grid_thw"]
+    video = ids[0] == model.config.video_token_id
+    with torch.inference_mode():
+        rows = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
+                                              video_grid_thw=grid).pooler_output[0]
+        positions, delta = model.model.get_rope_index(ids, mm_token_type_ids=video.long()[None] * 2,
+                                                      video_grid_thw=grid)
+        keep_rows = _vllm_style_mask(rows, int(grid[0, 0]), rate)
+        present = ~video.clone()
+        present[video.nonzero()[:, 0][keep_rows]] = True
+        embeds = model.get_input_embeddings()(ids[:, present])
+        embeds[0, video[present]] = rows[keep_rows]
+        length = int(present.sum())
+        delta = int(delta) + (ids.shape[1] - length)  # decode positions continue the unpruned prompt's
+        out = model(inputs_embeds=embeds, position_ids=positions[:, :, present], use_cache=True)
+        tokens: list[int] = []
+        eos = model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            if token in eos or len(tokens) == MAX_NEW_TOKENS:
+                return tokens, ids.shape[1]
+            step = torch.full((3, 1, 1), length + len(tokens) - 1 + delta)
+            out = model(input_ids=torch.tensor([[token]]), position_ids=step, past_key_values=out.past_key_values,
+                        use_cache=True)
+
+
+@pytest.mark.e2e
+def test_pruned_video_matches_the_independent_reference(services):
+    """Server default 0.5: 24 video tokens (4 frame groups x 6) become 12; same tokens as the reference."""
+    completion = _generate(services, _request())
+    expected, unpruned_length = _reference_tokens(SERVER_RATE)
+    assert unpruned_length == hf_prompt_tokens(tiny_checkpoint("qwen2_vl"), PROMPT, [],
+                                               other=OtherMedia(videos=(CLIP,)))
+    assert completion.prompt_tokens == unpruned_length - 12
+    assert list(completion.token_ids) == expected
+    # power: pruning changes the answer on this clip, so the equality above says the kept rows and
+    # their positions are the reference's
+    assert expected != hf_generate(tiny_checkpoint("qwen2_vl"), PROMPT, [], MAX_NEW_TOKENS,
+                                   other=OtherMedia(videos=(CLIP,)))
+
+
+@pytest.mark.e2e
+def test_request_rate_overrides_the_server_default(services):
+    """A request's rate 0 is the unpruned path, token-exact with transformers; 0.75 keeps 6 (one frame)."""
+    other = OtherMedia(videos=(CLIP,))
+    unpruned = _generate(services, _request(0.0))
+    assert list(unpruned.token_ids) == hf_generate(tiny_checkpoint("qwen2_vl"), PROMPT, [], MAX_NEW_TOKENS, other=other)
+    assert unpruned.prompt_tokens == hf_prompt_tokens(tiny_checkpoint("qwen2_vl"), PROMPT, [], other=other)
+    most = _generate(services, _request(0.75))
+    assert most.prompt_tokens == unpruned.prompt_tokens - 18
+    assert list(most.token_ids) == _reference_tokens(0.75)[0]
+
+
+@pytest.mark.e2e
+def test_preprocess_shows_the_pruned_request(services):
+    """The encoder is asked for the retained count; the LLM's placeholder run has that length."""
+    with grpc.insecure_channel(services.address) as channel:
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+        reply = stub.Preprocess(processor_pb2.PreprocessRequest(messages=_request(0.25)), timeout=120)
+        plain = stub.Preprocess(processor_pb2.PreprocessRequest(messages=_request(0.0)), timeout=120)
+    (item,) = reply.encode_request.items
+    assert item.video_pruning.rate == 0.25 and item.video_pruning.retained_tokens == 18
+    assert not plain.encode_request.items[0].HasField("video_pruning")
+    assert item.mm_hash != plain.encode_request.items[0].mm_hash  # the rate is part of the video's identity
+    (mm,) = reply.llm_request.prompt.multimodal_inputs
+    assert mm.placeholder.length == 18
+    assert len(reply.llm_request.prompt.token_ids) == len(plain.llm_request.prompt.token_ids) - 6
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("rate", [1.0, -0.25, float("nan")])
+def test_rate_outside_zero_one_is_invalid(services, rate):
+    with pytest.raises(grpc.RpcError) as caught:
+        _generate(services, _request(rate))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "VIDEO_PRUNING_RATE_INVALID"
+    assert "pruning_rate" in caught.value.details()
+    assert _generate(services, _request(0.5)).completion_tokens > 0  # still serving
