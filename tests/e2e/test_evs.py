@@ -7,12 +7,19 @@ transformers; a bad rate is a clear INVALID_ARGUMENT and the services keep servi
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import grpc
 import pytest
 import torch
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
+from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from tests.checkpoints import tiny_checkpoint
@@ -20,6 +27,7 @@ from tests.media import video_bytes
 from tests.procs import ServiceSet, start_encoder, start_llm, start_processor, wait_listening, wait_serving
 from tests.reference import OtherMedia, _inputs, hf_generate, hf_prompt_tokens
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "What happens in this video?"
 MAX_NEW_TOKENS = 10
 CLIP = video_bytes(seconds=4, seed=1)  # 8 frames at 2 fps: 4 frame groups of 6 merged tokens
@@ -154,3 +162,44 @@ def test_rate_outside_zero_one_is_invalid(services, rate):
     assert error_info(caught.value).reason == "VIDEO_PRUNING_RATE_INVALID"
     assert "pruning_rate" in caught.value.details()
     assert _generate(services, _request(0.5)).completion_tokens > 0  # still serving
+
+
+@pytest.mark.e2e
+def test_router_path_and_the_llms_checks_of_kept_indexes(services):
+    """Preprocess, the encoder and the LLM called directly, as an external router does: the encoder's
+    kept indexes travel with its rows; the LLM refuses indexes that do not fit the item."""
+    with (grpc.insecure_channel(services.address) as p, grpc.insecure_channel(services.encoder.address) as e,
+          grpc.insecure_channel(services.llm.address) as m):
+        pre = processor_pb2_grpc.ProcessorServiceStub(p).Preprocess(processor_pb2.PreprocessRequest(
+            messages=_request(), sampling=generation_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS)), timeout=120)
+        (encoded,) = encoder_pb2_grpc.EncoderServiceStub(e).Encode(pre.encode_request, timeout=120).items
+        llm = llm_pb2_grpc.LlmServiceStub(m)
+        request = llm_pb2.GenerateRequest()
+        request.CopyFrom(pre.llm_request)
+        (mm,) = request.prompt.multimodal_inputs
+        mm.embeddings.CopyFrom(encoded.embeddings)
+        mm.kept_token_indexes[:] = encoded.kept_token_indexes
+        assert list(llm.Generate(request, timeout=120).token_ids) == _reference_tokens(SERVER_RATE)[0]
+        kept = list(encoded.kept_token_indexes)
+        for bad, reason in ((kept[::-1], "VIDEO_KEPT_TOKENS_INVALID"),  # not ascending
+                            ([*kept[:-1], 24], "VIDEO_KEPT_TOKENS_INVALID"),  # past the 24 unpruned tokens
+                            (kept[:-1], "VIDEO_KEPT_TOKENS_INVALID"),  # one short of the placeholders
+                            ([], "POSITION_INPUT_INVALID")):  # unpruned, the grid means 24 tokens, not 12
+            mm.kept_token_indexes[:] = bad
+            with pytest.raises(grpc.RpcError) as caught:
+                llm.Generate(request, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(caught.value).reason == reason, bad
+
+
+@pytest.mark.e2e
+def test_bench_evs_smoke(tmp_path):
+    """bench/evs.py --quick runs and reports the same count saved on both clips, the still clip's later
+    frame groups all near-copies and the moving clip's not."""
+    out = tmp_path / "evs.json"
+    run = subprocess.run([sys.executable, "bench/evs.py", "--quick", "--model", str(tiny_checkpoint("qwen2_vl")),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    still, moving = json.loads(out.read_text())["clips"]
+    assert still["saved"] == moving["saved"] == 12
+    assert still["later_tokens_near_copies"] == still["later_tokens"] > moving["later_tokens_near_copies"]
