@@ -244,3 +244,22 @@ def test_encoder_refuses_a_wrong_count_a_bad_rate_and_pruning_an_image(encoder):
             encoder.encode(item)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, item.mm_hash
         assert error_info(caught.value).reason == reason
+
+
+def test_the_processors_local_encoder_prunes_as_the_encoder_does(encoder):
+    """--local-encode-max-patches: a small pruned video encoded in the processor gets the same rows and
+    indexes as from the encoder service."""
+    from services.processor.local_encoder import LocalEncoder
+
+    family = _qwen2_vl()[0]
+    item = _video_item(motion=True)
+    pruned = evs.prune_prompt(ProcessedPrompt(list(range(item.offset)) + [0] * item.length, [item]),
+                              {0: evs.pruning_plan(family, item, 0.5)}).items[0]
+    local = LocalEncoder(Checkpoint(tiny_checkpoint("qwen2_vl")), max_patches=10_000)
+    try:
+        mine = local._encode({"h": pruned})["h"]
+    finally:
+        local.close()
+    (theirs,) = encoder.encode(_video_media_item("local-0.5", item.encoder_inputs, 0.5, 12)).items
+    assert list(mine.kept_token_indexes) == list(theirs.kept_token_indexes) and len(mine.kept_token_indexes) == 12
+    assert torch.equal(from_proto(mine.embeddings, "e"), from_proto(theirs.embeddings, "e"))
