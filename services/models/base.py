@@ -230,12 +230,12 @@ class ModelFamily(ABC):
 
     def pruned_placeholder_runs(self, item: ProcessedItem, retained: int) -> tuple[int, ...]:
         """The length of each of a video item's placeholder runs once EVS keeps `retained` of its tokens
-        (0: the run goes; the text between runs stays). The processor knows only how many tokens are
-        kept, not which, so the lengths may not depend on which. Default: an item of one run keeps one run."""
-        if len(item.placeholder_runs) != 1:
-            raise NotImplementedError(f"{type(self).__name__}: a video of {len(item.placeholder_runs)} placeholder runs; "
-                                      "override pruned_placeholder_runs")
-        return (retained,)
+        (0: the run goes; the text between runs stays), before the encoder has chosen which: the prompt's
+        length, and so prompt_tokens, is fixed then. Default: one run keeps one run of `retained`; an item
+        of one run per frame group (its text between runs: timestamps, frame labels) puts them all in its
+        first run, as vLLM does, and once the encoder has answered the processor gives each group's run
+        the tokens kept of that group (evs.frame_runs), the prompt's length unchanged."""
+        return (retained,) + (0,) * (len(item.placeholder_runs) - 1)
 
     def image_encoder_inputs(self, processor: ProcessorMixin, image: Any) -> dict[str, torch.Tensor]:
         """One image's encoder inputs, exactly as `preprocess` cuts them out of any prompt holding it:
@@ -275,11 +275,10 @@ class ModelFamily(ABC):
         already checked ascending, one per placeholder) has fewer: its indexes must lie below them."""
         schema = self.position_schema(modality)
         tokens = validate(schema, tensors, where=where, reason="POSITION_INPUT_INVALID").get("tokens")
-        if kept is not None:
-            if tokens is None or (length and int(kept[-1]) >= tokens):
-                shown = "no unpruned token count" if tokens is None else f"{tokens} unpruned tokens"
-                raise InvalidArgument(f"{where}: kept token indexes up to {int(kept[-1]) if length else None} for an "
-                                      f"item of {shown}", reason="VIDEO_KEPT_TOKENS_INVALID")
+        if kept is not None:  # (a family without position inputs has no count to hold them to, nor a use)
+            if tokens is not None and length and int(kept[-1]) >= tokens:
+                raise InvalidArgument(f"{where}: kept token index {int(kept[-1])} is past the item's {tokens} unpruned "
+                                      "tokens", reason="VIDEO_KEPT_TOKENS_INVALID")
             return
         if tokens is not None and tokens != length:
             names = ", ".join(spec.name for spec in schema.tensors)

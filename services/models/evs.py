@@ -110,6 +110,20 @@ def pruning_plan(family, item: ProcessedItem, rate: float) -> tuple[VideoPruning
         family.pruned_placeholder_runs(item, retained)
 
 
+def frame_runs(pruning: VideoPruning, kept: list[int], runs: int) -> tuple[int, ...] | None:
+    """An item of one placeholder run per frame group, once the encoder has kept `kept`: the tokens each
+    group's run holds (0: none kept of that group). None for an item of one run (its run is its count)."""
+    if runs == 1:
+        return None
+    if runs != pruning.frames:
+        raise ValueError(f"a pruned video of {runs} placeholder runs and {pruning.frames} frame groups")
+    per_frame = pruning.unpruned_length // pruning.frames
+    counts = [0] * runs
+    for index in kept:
+        counts[index // per_frame] += 1
+    return tuple(counts)
+
+
 # ---- the LLM's side: the unpruned sequence the positions are computed on ------------------------
 def unpruned_layout(token_ids: torch.Tensor, pruned: list[tuple[int, int, int, torch.Tensor]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:

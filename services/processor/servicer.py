@@ -67,6 +67,9 @@ class Prepared:
     local: frozenset[str] = frozenset()
     # Each item's file bytes as received (media mode sends them); None for an item sent as embeddings.
     media: list[bytes | None] = field(default_factory=list)
+    # EVS: the prompt before pruning, kept when a pruned video has a run per frame group, whose runs are
+    # laid out again once the encoder has chosen (evs.frame_runs); None otherwise.
+    unpruned: ProcessedPrompt | None = None
 
     @property
     def all_items(self) -> dict[str, ProcessedItem]:
@@ -298,13 +301,18 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if [item.modality for item in processed.items] != media.modalities:
             raise Internal(f"the {self.family.name} family made media items {[i.modality for i in processed.items]} "
                            f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
+        unpruned = None
         if media.pruning_rates:  # EVS: as many placeholders as the encoder will keep (known before it runs)
+            unpruned = processed
             processed = evs.prune_prompt(processed, {
                 index: evs.pruning_plan(self.family, processed.items[index], rate)
                 for index, rate in media.pruning_rates.items()})
+            if all(len(unpruned.items[index].placeholder_runs) == 1 for index in media.pruning_rates):
+                unpruned = None  # one run each: the cut prompt is final
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=media.hashes, media=media.files,
+                        unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
 
     def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
@@ -414,6 +422,25 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs),
                                      video_pruning=pruning)
 
+    def _final_layout(self, prepared: Prepared, by_hash: dict[str, encoder_pb2.ItemEmbeddings]) -> ProcessedPrompt:
+        """The prompt the LLM gets: as prepared, except that a pruned video of one run per frame group has
+        each group's kept tokens in that group's run once the encoder has said which (same length)."""
+        if prepared.unpruned is None:
+            return prepared.processed
+        plans = {}
+        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes, strict=True)):
+            if item.pruning is None:
+                continue
+            unpruned = prepared.unpruned.items[index]
+            emb = by_hash.get(h)
+            lengths = (evs.frame_runs(item.pruning, list(emb.kept_token_indexes), len(unpruned.placeholder_runs))
+                       if emb else None)
+            if lengths is None or sum(lengths) != item.length:  # one run, not encoded yet (Preprocess), or a
+                # reply the LLM will refuse: the cut as prepared
+                lengths = self.family.pruned_placeholder_runs(unpruned, item.length)
+            plans[index] = (item.pruning, lengths)
+        return evs.prune_prompt(prepared.unpruned, plans)
+
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
                      sampling: generation_pb2.SamplingParams,
                      local: dict[str, encoder_pb2.ItemEmbeddings] | None = None) -> T:
@@ -425,8 +452,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 raise Internal("the encoders answered for other items than asked",
                                reason="ENCODER_REPLY_MISMATCH")
             by_hash.update((e.mm_hash, e) for e in reply.items)
+        processed = self._final_layout(prepared, by_hash)
         inputs = []
-        for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True):
+        for item, h in zip(processed.items, prepared.mm_hashes, strict=True):
             emb = by_hash.get(h)
             first_row = 0
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
@@ -445,6 +473,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         llm_sampling.ClearField("stop")  # stop strings are applied here, on the text; the LLM refuses them
         return request_cls(
             model_fingerprint=self.checkpoint.fingerprint,
-            prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
+            prompt=llm_pb2.Prompt(token_ids=processed.token_ids, multimodal_inputs=inputs),
             sampling=llm_sampling,
         )

@@ -263,3 +263,20 @@ def test_the_processors_local_encoder_prunes_as_the_encoder_does(encoder):
     (theirs,) = encoder.encode(_video_media_item("local-0.5", item.encoder_inputs, 0.5, 12)).items
     assert list(mine.kept_token_indexes) == list(theirs.kept_token_indexes) and len(mine.kept_token_indexes) == 12
     assert torch.equal(from_proto(mine.embeddings, "e"), from_proto(theirs.embeddings, "e"))
+
+
+def test_frame_runs_follow_the_kept_tokens_and_keep_the_prompts_length():
+    """A video of one run per frame group (Qwen3-VL's timestamps, Nemotron's frame labels between them):
+    lumped into the first run before encoding (vLLM's), then each group's kept tokens in its own run."""
+    v = 7
+    ids = [1, v, v, 5, v, v, 5, v, v, 6]  # three groups of two tokens, text between
+    video = ProcessedItem(modality=VIDEO, offset=1, length=6, encoder_inputs={}, runs=((1, 2), (4, 2), (7, 2)))
+    pruning = evs.VideoPruning(rate=0.5, frames=3, unpruned_length=6)
+    family = _qwen2_vl()[0]
+    lumped = evs.prune_prompt(ProcessedPrompt(ids, [video]), {0: (pruning, family.pruned_placeholder_runs(video, 3))})
+    lengths = evs.frame_runs(pruning, [0, 1, 5], 3)
+    assert lengths == (2, 0, 1)
+    final = evs.prune_prompt(ProcessedPrompt(ids, [video]), {0: (pruning, lengths)})
+    assert final.token_ids == [1, v, v, 5, 5, v, 6] and len(final.token_ids) == len(lumped.token_ids)
+    assert final.items[0].placeholder_runs == ((1, 2), (5, 1))
+    assert evs.frame_runs(evs.VideoPruning(rate=0.5, frames=4, unpruned_length=24), [0, 1], 1) is None
