@@ -96,9 +96,13 @@ def prune_prompt(prompt: ProcessedPrompt, plans: dict[int, tuple[VideoPruning, t
     items = []
     for index, item in enumerate(prompt.items):
         own = runs[index]
-        pruning = plans[index][0] if index in plans else item.pruning
+        pruning, per_run = item.pruning, item.run_position_inputs
+        if index in plans:  # the runs that stay keep their own position inputs
+            pruning = plans[index][0]
+            per_run = tuple(inputs for inputs, new in zip(per_run, plans[index][1]) if new)
         items.append(replace(item, offset=own[0][0], length=sum(n for _, n in own),
-                             runs=tuple(own) if len(own) > 1 or item.runs else (), pruning=pruning))
+                             runs=tuple(own) if len(own) > 1 or item.runs else (), run_position_inputs=per_run,
+                             pruning=pruning))
     return ProcessedPrompt(token_ids=token_ids, items=items)
 
 

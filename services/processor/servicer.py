@@ -464,7 +464,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                                             length=length, mm_hash=h, embedding_offset=first_row),
                     embeddings=slice_rows(emb.embeddings, rows) if emb else None,
                     deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
-                    position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
+                    position_inputs=to_named(item.position_inputs_of_run(run_index)),
                     kept_token_indexes=emb.kept_token_indexes[rows] if emb else [],
                 ))
                 first_row += length
