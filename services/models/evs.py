@@ -129,19 +129,21 @@ def frame_runs(pruning: VideoPruning, kept: list[int], runs: int) -> tuple[int, 
 
 
 # ---- the LLM's side: the unpruned sequence the positions are computed on ------------------------
-def unpruned_layout(token_ids: torch.Tensor, pruned: list[tuple[int, int, int, torch.Tensor]]
+def unpruned_layout(token_ids: torch.Tensor, pruned: list[tuple[int, int, int, torch.Tensor]], fill: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt as it was before pruning, and which of its tokens are present in the pruned one.
 
-    `pruned`: (offset, length, unpruned length, kept indexes) of each pruned one-run item, by offset.
-    Returns (unpruned token ids [L_full], present [L_full] bool); token_ids == unpruned[present].
+    `pruned`: (offset, length, unpruned length, kept indexes into it) of each pruned placeholder run, by
+    offset (length 0: a run all of whose tokens were dropped, to be put back at `offset`); the tokens
+    put back are `fill`. Returns (unpruned token ids [L_full], present [L_full] bool), so that
+    token_ids == unpruned[present].
     """
     pieces, present = [], []
     cursor = 0
     for offset, length, full, kept in pruned:
         pieces.append(token_ids[cursor:offset])
         present.append(torch.ones(offset - cursor, dtype=torch.bool))
-        pieces.append(token_ids[offset].expand(full))
+        pieces.append(torch.full((full,), fill, dtype=token_ids.dtype))
         mask = torch.zeros(full, dtype=torch.bool)
         mask[kept.to(torch.long)] = True
         present.append(mask)

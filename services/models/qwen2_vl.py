@@ -117,6 +117,12 @@ class Qwen2VL(ModelFamily):
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         return [ItemEmbeddings(embeddings=e) for e in self.tower_features(model, modality, items).pooler_output]
 
+    def dropped_video_runs(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> list[tuple[int, torch.Tensor]]:
+        """EVS: where a pruned video's placeholder runs that lost every token were, with their grids (a
+        family whose video is one run per frame group), for the positions of the unpruned prompt; none
+        here (a Qwen2-VL video is one run, and keeps its first frame group)."""
+        return []
+
     def rope_index_kwargs(self, videos: list[PlacedEmbeddings]) -> dict[str, Any]:
         """More get_rope_index arguments from the videos' position inputs (in prompt order); none here."""
         return {}
@@ -126,17 +132,22 @@ class Qwen2VL(ModelFamily):
         if not placed:
             return prefill  # text only: plain 1-D positions, as transformers uses
         token_types = torch.zeros_like(token_ids)
+        runs = [(item.offset, item.length, item.modality, item.position_inputs[f"{item.modality}_grid_thw"].long(),
+                 item.kept) for item in placed]  # grids checked by the LLM
+        runs += [(offset, 0, VIDEO, grid, grid.new_zeros(0)) for offset, grid in self.dropped_video_runs(token_ids, placed)]
         grids: dict[str, list[torch.Tensor]] = {IMAGE: [], VIDEO: []}
-        pruned = []  # (offset, length, unpruned length, kept) of the EVS-pruned items
-        for item in placed:
-            token_types[item.offset : item.offset + item.length] = _TOKEN_TYPE[item.modality]
-            grid = item.position_inputs[f"{item.modality}_grid_thw"].long()  # checked by the LLM
-            grids[item.modality].append(grid)
-            if item.kept is not None:
-                pruned.append((item.offset, item.length, int(grid.prod()) // self.spatial_merge_size**2, item.kept))
+        pruned = []  # (offset, length, unpruned length, kept) of the EVS-pruned runs
+        for offset, length, modality, grid, kept in sorted(runs, key=lambda run: run[0]):
+            token_types[offset : offset + length] = _TOKEN_TYPE[modality]
+            grids[modality].append(grid)
+            if kept is not None:
+                pruned.append((offset, length, int(grid.prod()) // self.spatial_merge_size**2, kept))
         # Positions are those of the unpruned prompt: rebuilt, positioned, and the dropped tokens left out.
-        full_ids, present = evs.unpruned_layout(token_ids, pruned) if pruned else (token_ids, None)
-        full_types = evs.unpruned_layout(token_types, pruned)[0] if pruned else token_types
+        if pruned:
+            full_ids, present = evs.unpruned_layout(token_ids, pruned, fill=model.config.video_token_id)
+            full_types = evs.unpruned_layout(token_types, pruned, fill=_TOKEN_TYPE[VIDEO])[0]
+        else:
+            full_ids, present, full_types = token_ids, None, token_types
         position_ids, rope_deltas = model.model.get_rope_index(
             full_ids[None],
             mm_token_type_ids=full_types[None],

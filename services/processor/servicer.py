@@ -454,8 +454,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             by_hash.update((e.mm_hash, e) for e in reply.items)
         processed = self._final_layout(prepared, by_hash)
         inputs = []
-        for item, h in zip(processed.items, prepared.mm_hashes, strict=True):
+        for index, (item, h) in enumerate(zip(processed.items, prepared.mm_hashes, strict=True)):
             emb = by_hash.get(h)
+            kept = list(emb.kept_token_indexes) if emb else []
+            if kept and prepared.unpruned and len(prepared.unpruned.items[index].placeholder_runs) > 1:
+                per_group = item.pruning.unpruned_length // item.pruning.frames  # a run per frame group:
+                kept = [k % per_group for k in kept]  # each run's indexes are into its own group's tokens
             first_row = 0
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
                 rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
@@ -465,7 +469,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     embeddings=slice_rows(emb.embeddings, rows) if emb else None,
                     deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
                     position_inputs=to_named(item.position_inputs_of_run(run_index)),
-                    kept_token_indexes=emb.kept_token_indexes[rows] if emb else [],
+                    kept_token_indexes=kept[rows],
                 ))
                 first_row += length
         llm_sampling = generation_pb2.SamplingParams()

@@ -146,7 +146,7 @@ def test_prune_prompt_can_move_tokens_between_runs():
 
 def test_unpruned_layout_restores_the_prompt():
     ids = torch.tensor([1, 2, 7, 7, 7, 3])
-    full, present = evs.unpruned_layout(ids, [(2, 3, 6, torch.tensor([0, 2, 5]))])
+    full, present = evs.unpruned_layout(ids, [(2, 3, 6, torch.tensor([0, 2, 5]))], fill=7)
     assert full.tolist() == [1, 2, 7, 7, 7, 7, 7, 7, 3]
     assert present.tolist() == [True, True, True, False, True, False, False, True, True]
     assert torch.equal(full[present], ids)
@@ -280,3 +280,51 @@ def test_frame_runs_follow_the_kept_tokens_and_keep_the_prompts_length():
     assert final.token_ids == [1, v, v, 5, 5, v, 6] and len(final.token_ids) == len(lumped.token_ids)
     assert final.items[0].placeholder_runs == ((1, 2), (5, 1))
     assert evs.frame_runs(evs.VideoPruning(rate=0.5, frames=4, unpruned_length=24), [0, 1], 1) is None
+
+
+# ---- Qwen3-VL: a placeholder run per timestamped frame group -----------------------------------------
+def test_qwen3_vl_positions_with_a_frame_group_dropped_whole():
+    """Qwen3-VL with kept tokens in groups 0, 1 and 3 and none of group 2 (whose timestamp and markers
+    stay, empty): the processor lays each group's kept tokens in its run, and our prefill positions
+    are transformers' get_rope_index on the unpruned prompt with the dropped tokens' columns removed."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model_dir = tiny_checkpoint("qwen3_vl")
+    family = Checkpoint(model_dir).family
+    processor = family.load_processor(model_dir)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    clip = decode_video(video_bytes(seconds=4, motion=True, seed=1), LIMITS, where="video",
+                        choose=lambda meta: family.video_frame_indices(processor, meta, 2.0, 32))
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": VIDEO}, {"type": "text", "text": "?"}]}])
+    unpruned = family.preprocess(processor, text, [], videos=[clip])
+    (item,) = unpruned.items
+    frames, per_frame = family.video_token_grid(item.encoder_inputs)
+    assert frames == len(item.placeholder_runs) >= 4  # (the tiny processor's frames are one merged token each)
+    kept = [*range(per_frame), per_frame, 4 * per_frame - 1]  # group 0, one of group 1, group 2 none, one of 3
+    pruning = evs.VideoPruning(rate=0.5, frames=frames, unpruned_length=frames * per_frame)
+    final = evs.prune_prompt(unpruned, {0: (pruning, evs.frame_runs(pruning, kept, frames))})
+    (video,) = final.items
+    assert len(final.token_ids) == len(unpruned.token_ids) - (item.length - len(kept))
+    hidden = family.hidden_size
+    rows = torch.randn(len(kept), hidden)
+    deep = tuple(torch.randn(len(kept), hidden) for _ in range(family.num_deepstack_layers))
+    placed, first = [], 0
+    for index, (offset, length) in enumerate(video.placeholder_runs):
+        run_kept = torch.tensor(kept[first:first + length]) % per_frame
+        placed.append(PlacedEmbeddings(
+            modality=VIDEO, offset=offset, length=length, kept=run_kept, position_inputs=video.position_inputs_of_run(index),
+            embeddings=ItemEmbeddings(rows[first:first + length], tuple(d[first:first + length] for d in deep))))
+        first += length
+    with torch.inference_mode():
+        prefill = family.prefill_inputs(model, torch.tensor(final.token_ids), placed)
+        ids = torch.tensor(unpruned.token_ids)
+        video_tokens = ids == model.config.video_token_id
+        full_positions, full_delta = model.model.get_rope_index(
+            ids[None], mm_token_type_ids=video_tokens.long()[None] * 2, video_grid_thw=item.encoder_inputs["video_grid_thw"])
+    present = ~video_tokens
+    present[video_tokens.nonzero()[:, 0][kept]] = True
+    assert torch.equal(torch.tensor(final.token_ids), ids[present])
+    assert torch.equal(prefill.position_ids, full_positions[:, :, present])
+    assert prefill.rope_delta == int(full_delta) + int((~present).sum())
+    mask = prefill.layer_kwargs["visual_pos_masks"][0]
+    assert int(mask.sum()) == len(kept) and torch.equal(prefill.inputs_embeds[0, mask], rows)

@@ -61,13 +61,17 @@ class MultimodalInput(_message.Message):
 
     @_builtins.property
     def kept_token_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """A video pruned by EVS: each embedding row's index into the item's
-        unpruned token sequence (the encoder's ItemEmbeddings.kept_token_indexes,
-        this input's rows), one per placeholder token, strictly ascending, below
-        the unpruned token count that position_inputs imply. The LLM gives each
-        row, and the text after it, the position it had unpruned. Empty: not
-        pruned. Otherwise INVALID_ARGUMENT (VIDEO_KEPT_TOKENS_INVALID, or
-        VIDEO_PRUNING_UNSUPPORTED for a family without EVS).
+        """A video pruned by EVS: each embedding row's index into the unpruned
+        tokens of the placeholder run this input fills, one per placeholder
+        token, strictly ascending, below the token count its position_inputs
+        imply. A video of one run (Qwen2-VL, Qwen2.5-VL): the encoder's
+        ItemEmbeddings.kept_token_indexes of these rows. A video of one run per
+        frame group (Qwen3-VL): those indexes modulo the group's token count, and
+        a group that kept no token stays in the prompt as its timestamp and an
+        empty <|vision_start|><|vision_end|>. The LLM gives each row, and every
+        other token, the position it had unpruned. Empty: not pruned. Otherwise
+        INVALID_ARGUMENT (VIDEO_KEPT_TOKENS_INVALID, or VIDEO_PRUNING_UNSUPPORTED
+        for a family without EVS).
         """
 
     def __init__(

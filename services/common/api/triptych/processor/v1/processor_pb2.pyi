@@ -531,7 +531,10 @@ class PreprocessResponse(_message.Message):
         encode_request; their inputs here carry the caller's embeddings. Several inputs may share one mm_hash (a repeated image,
         or one image's several placeholder runs): match embeddings to inputs by
         mm_hash, never by position. A pruned video's inputs also take the
-        encoder's kept_token_indexes (the rows' slice), as its embeddings do.
+        encoder's kept_token_indexes (the rows' slice), as its embeddings do. A
+        pruned video of one run per frame group (Qwen3-VL) has all its kept
+        tokens in its first run here; Generate lays them out per group once the
+        encoder has chosen (MultimodalInput.kept_token_indexes).
         """
 
     def __init__(
