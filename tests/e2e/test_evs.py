@@ -75,39 +75,46 @@ def _vllm_style_mask(rows: torch.Tensor, frames: int, rate: float) -> torch.Tens
     return mask
 
 
-def _reference_tokens(rate: float) -> tuple[list[int], int]:
-    """Greedy tokens of transformers' whole Qwen2-VL on the pruned prompt, and the unpruned prompt's
-    length: embeddings from its own get_video_features, positions from its own get_rope_index on the
-    unpruned prompt, the dropped video tokens then left out of ids, embeddings and positions."""
-    model, inputs = _inputs(tiny_checkpoint("qwen2_vl"), PROMPT, [], "AutoModelForImageTextToText",
-                            OtherMedia(videos=(CLIP,)))
+def _reference_tokens(rate: float, family: str = "qwen2_vl", clip: bytes = CLIP) -> tuple[list[int], int]:
+    """Greedy tokens of transformers' whole model on the pruned prompt, and the unpruned prompt's length:
+    embeddings (and Qwen3-VL's deepstack rows) from its own get_video_features, positions from its own
+    get_rope_index on the unpruned prompt, the dropped video tokens then left out of ids, embeddings
+    and positions; its language model and lm_head run on them."""
+    model, inputs = _inputs(tiny_checkpoint(family), PROMPT, [], "AutoModelForImageTextToText",
+                            OtherMedia(videos=(clip,)))
     ids = inputs["input_ids"]  # [1, L]
     grid = inputs["video_grid_thw"]
+    seconds = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
     video = ids[0] == model.config.video_token_id
+    language_model, embed = model.model.language_model, model.get_input_embeddings()
     with torch.inference_mode():
-        rows = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
-                                              video_grid_thw=grid).pooler_output[0]
+        features = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=grid)
+        rows = features.pooler_output[0]
+        deepstack = [layer[0] for layer in getattr(features, "deepstack_features", None) or []]
         positions, delta = model.model.get_rope_index(ids, mm_token_type_ids=video.long()[None] * 2,
-                                                      video_grid_thw=grid)
+                                                      video_grid_thw=grid, **seconds)
         keep_rows = _vllm_style_mask(rows, int(grid[0, 0]), rate)
-        present = ~video.clone()
+        present = ~video
         present[video.nonzero()[:, 0][keep_rows]] = True
-        embeds = model.get_input_embeddings()(ids[:, present])
-        embeds[0, video[present]] = rows[keep_rows]
+        embeds = embed(ids[:, present])
+        visual = video[present]
+        embeds[0, visual] = rows[keep_rows]
+        extra = ({"visual_pos_masks": visual[None], "deepstack_visual_embeds": [d[keep_rows] for d in deepstack]}
+                 if deepstack else {})
         length = int(present.sum())
         delta = int(delta) + (ids.shape[1] - length)  # decode positions continue the unpruned prompt's
-        out = model(inputs_embeds=embeds, position_ids=positions[:, :, present], use_cache=True)
+        out = language_model(inputs_embeds=embeds, position_ids=positions[:, :, present], use_cache=True, **extra)
         tokens: list[int] = []
         eos = model.generation_config.eos_token_id
         eos = {eos} if isinstance(eos, int) else set(eos or ())
         while True:
-            token = int(out.logits[0, -1].argmax())
+            token = int(model.lm_head(out.last_hidden_state[0, -1]).argmax())
             tokens.append(token)
             if token in eos or len(tokens) == MAX_NEW_TOKENS:
                 return tokens, ids.shape[1]
             step = torch.full((3, 1, 1), length + len(tokens) - 1 + delta)
-            out = model(input_ids=torch.tensor([[token]]), position_ids=step, past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = language_model(inputs_embeds=embed(torch.tensor([[token]])), position_ids=step,
+                                 past_key_values=out.past_key_values, use_cache=True)
 
 
 @pytest.mark.e2e
@@ -203,3 +210,38 @@ def test_bench_evs_smoke(tmp_path):
     still, moving = json.loads(out.read_text())["clips"]
     assert still["saved"] == moving["saved"] == 12
     assert still["later_tokens_near_copies"] == still["later_tokens"] > moving["later_tokens_near_copies"]
+
+
+# Qwen2.5-VL (seconds per grid step in its positions) and Qwen3-VL (a run per timestamped frame group,
+# deepstack): 8 s at 2 fps, 8 frame groups. The tiny Qwen3-VL's groups are one token each, so half of
+# them are dropped whole: their timestamps and empty markers stay, and the positions still match.
+LONG_CLIP = video_bytes(seconds=8, seed=2)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def family_services(request):
+    model = tiny_checkpoint(request.param)
+    encoder, llm = start_encoder(model), start_llm(model)
+    processor = start_processor(model, wait_listening(encoder), wait_listening(llm), None,
+                                "--video-pruning-rate", str(SERVER_RATE))
+    wait_listening(processor)
+    started = ServiceSet(encoder, llm, processor)
+    for proc in (encoder, llm, processor):
+        wait_serving(proc.address)
+    yield request.param, started
+    started.stop()
+
+
+@pytest.mark.e2e
+def test_other_qwen_families_prune_as_the_reference(family_services):
+    family, services = family_services
+    completion = _generate(services, _request(clip=LONG_CLIP))
+    expected, unpruned_length = _reference_tokens(SERVER_RATE, family, LONG_CLIP)
+    with grpc.insecure_channel(services.address) as channel:
+        plain = processor_pb2_grpc.ProcessorServiceStub(channel).Preprocess(
+            processor_pb2.PreprocessRequest(messages=_request(0.0, LONG_CLIP)), timeout=120)
+    full = sum(mm.placeholder.length for mm in plain.llm_request.prompt.multimodal_inputs)
+    per_frame = full // 8
+    assert len(plain.llm_request.prompt.token_ids) == unpruned_length
+    assert completion.prompt_tokens == unpruned_length - (full - max(per_frame, int(full * (1 - SERVER_RATE))))
+    assert list(completion.token_ids) == expected
