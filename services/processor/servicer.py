@@ -108,8 +108,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
         evs.check_rate(cfg.video_pruning_rate, "--video-pruning-rate")
         if cfg.video_pruning_rate and VIDEO in self.family.modalities and not self.family.supports_video_pruning:
-            raise ValueError(f"--video-pruning-rate {cfg.video_pruning_rate}: the {self.family.name} model has no "
-                             "video pruning (EVS); start with 0")
+            raise InvalidArgument(f"--video-pruning-rate {cfg.video_pruning_rate}: the {self.family.name} model has "
+                                  "no video pruning (EVS); start with 0", reason="VIDEO_PRUNING_UNSUPPORTED",
+                                  metadata={"family": self.family.name})
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         self.embedding_spec = EmbeddingSpec(
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,

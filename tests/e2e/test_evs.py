@@ -245,3 +245,15 @@ def test_other_qwen_families_prune_as_the_reference(family_services):
     assert len(plain.llm_request.prompt.token_ids) == unpruned_length
     assert completion.prompt_tokens == unpruned_length - (full - max(per_frame, int(full * (1 - SERVER_RATE))))
     assert list(completion.token_ids) == expected
+    unpruned = hf_generate(tiny_checkpoint(family), PROMPT, [], MAX_NEW_TOKENS, other=OtherMedia(videos=(LONG_CLIP,)))
+    assert expected != unpruned  # power: pruning changes the answer
+    assert _reference_tokens(0.0, family, LONG_CLIP)[0] == unpruned  # and the reference is transformers' at rate 0
+
+
+@pytest.mark.e2e
+def test_processor_refuses_to_start_with_a_bad_default_rate():
+    run = subprocess.run([sys.executable, "-m", "services.cli", "serve", "processor", "--model",
+                          str(tiny_checkpoint("qwen2_vl")), "--encoder", "127.0.0.1:1", "--llm", "127.0.0.1:1",
+                          "--video-pruning-rate", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "VIDEO_PRUNING_RATE_INVALID" in run.stderr and "--video-pruning-rate" in run.stderr
