@@ -11,18 +11,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
+from transformers.video_utils import VideoMetadata
 
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
-from services.common.errors import Internal, InvalidArgument, TriptychError
 from services.common.audio import Audio, AudioLimits, decode_audio
+from services.common.errors import Internal, InvalidArgument, TriptychError
 from services.common.media import MediaLimits, check_media_size, decode_image
-from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
+from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.models import evs
 from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
@@ -373,8 +374,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         """The frames the model sees: sampled by the family from the clip's header, and only they decoded;
         or the frames the caller sent, every one."""
         options = media.video_options
-        if options.fps < 0 or options.max_frames < 0 or media.frames.fps < 0:
-            raise InvalidArgument(f"{where}: video fps and max_frames must not be negative", reason="VIDEO_DECODE_FAILED")
+        for name, value in (("video_options.fps", options.fps), ("video_options.max_frames", options.max_frames),
+                            ("frames.fps", media.frames.fps)):
+            if not 0 <= value < float("inf"):
+                raise InvalidArgument(f"{where}.{name} is {value}; it must be finite and at least 0 (0: the "
+                                      "server's default)", reason="VIDEO_OPTIONS_INVALID")
         if media.WhichOneof("source") == "frames":
             if len(media.frames.frames) > self.video_limits.max_frames:
                 raise InvalidArgument(f"{where}: {len(media.frames.frames)} frames; the limit is "
@@ -387,8 +391,16 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         fps = options.fps or self.cfg.video_fps
         max_frames = min(options.max_frames or self.video_limits.max_frames, self.video_limits.max_frames)
         data = read_media(media, self.limits, self.allowed_media_dirs, where)
-        return decode_video(data, self.video_limits, where=where, choose=lambda metadata: self.family.video_frame_indices(
-            self.hf_processor, metadata, fps, max_frames))
+
+        def choose(metadata: VideoMetadata) -> list[int]:
+            try:
+                return self.family.video_frame_indices(self.hf_processor, metadata, fps, max_frames)
+            except ValueError as err:  # the video processor's sampler refuses, e.g. more frames than the clip has
+                raise InvalidArgument(f"{where}: the model's video processor cannot sample {metadata.total_num_frames} "
+                                      f"frames at {fps:g} fps, at most {max_frames}: {err}",
+                                      reason="PROCESSOR_REJECTED") from err
+
+        return decode_video(data, self.video_limits, choose, where)
 
     def _check_text(self, text: str, where: str) -> None:
         for token in self.reserved_tokens:

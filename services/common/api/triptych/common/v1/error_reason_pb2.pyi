@@ -436,6 +436,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """More videos or audio clips in one request than the processor allows.
     Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
     """
+    VIDEO_OPTIONS_INVALID: _ErrorReason.ValueType  # 112
+    """A video's sampling options are out of range: a negative or non-finite
+    fps or max_frames. Code: INVALID_ARGUMENT.
+    """
     VIDEO_PRUNING_RATE_INVALID: _ErrorReason.ValueType  # 120
     """A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
     on the encoder) outside [0, 1). Code: INVALID_ARGUMENT. Send a rate in
@@ -896,6 +900,10 @@ of (for example one sample). Code: INVALID_ARGUMENT.
 TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 111
 """More videos or audio clips in one request than the processor allows.
 Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
+"""
+VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
+"""A video's sampling options are out of range: a negative or non-finite
+fps or max_frames. Code: INVALID_ARGUMENT.
 """
 VIDEO_PRUNING_RATE_INVALID: ErrorReason.ValueType  # 120
 """A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
