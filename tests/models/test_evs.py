@@ -328,3 +328,48 @@ def test_qwen3_vl_positions_with_a_frame_group_dropped_whole():
     assert prefill.rope_delta == int(full_delta) + int((~present).sum())
     mask = prefill.layer_kwargs["visual_pos_masks"][0]
     assert int(mask.sum()) == len(kept) and torch.equal(prefill.inputs_embeds[0, mask], rows)
+
+
+# ---- the hook a family of one run per frame group implements (Nemotron-H Omni's labelled chunks) ----------
+def test_a_family_of_labelled_frame_runs_needs_only_the_grid():
+    """Nemotron-H Omni's video is a labelled run per temporal patch (1-D positions). With EVS's two
+    members (defined here on a subclass, as its family file would), the generic path does the rest: the
+    prompt cut to the retained count (lumped, vLLM's), the tower's rows pruned, then each group's kept
+    rows in its own run behind its label; the final prompt is the unpruned one less the dropped tokens."""
+    import math
+
+    from services.models.nemotron_h_omni import NemotronHOmni
+
+    class NemotronWithEvs(NemotronHOmni):
+        supports_video_pruning = True
+
+        def video_token_grid(self, encoder_inputs):
+            groups = math.ceil(encoder_inputs["pixel_values_videos"].shape[0] / self.temporal_patch)
+            return groups, self.check_encoder_item(VIDEO, encoder_inputs, where="video")["tokens"] // groups
+
+    checkpoint = Checkpoint(tiny_checkpoint("nemotron_h_omni"))
+    family = NemotronWithEvs(checkpoint.family.config)
+    processor = family.load_processor(checkpoint.path)
+    model = load_towers(checkpoint, "cpu")
+    clip = decode_video(video_bytes(seconds=4, motion=True, seed=1), LIMITS, where="video",
+                        choose=lambda meta: family.video_frame_indices(processor, meta, 2.0, 32))
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": VIDEO}, {"type": "text", "text": "?"}]}])
+    unpruned = family.preprocess(processor, text, [], videos=[clip])
+    (item,) = unpruned.items
+    plan = evs.pruning_plan(family, item, 0.5)
+    frames, per_frame = family.video_token_grid(item.encoder_inputs)
+    assert len(item.placeholder_runs) == frames >= 2 and plan[1] == (item.length // 2,) + (0,) * (frames - 1)
+    lumped = evs.prune_prompt(unpruned, {0: plan})
+    (emb,) = family.encode(model, VIDEO, [item.encoder_inputs])
+    pruned = evs.prune(emb, frames, 0.5)
+    kept = pruned.kept.tolist()
+    final = evs.prune_prompt(unpruned, {0: (plan[0], evs.frame_runs(plan[0], kept, frames))})
+    assert len(final.token_ids) == len(lumped.token_ids) == len(unpruned.token_ids) - (item.length - len(kept))
+    ids = torch.tensor(unpruned.token_ids)
+    present = torch.ones(len(ids), dtype=torch.bool)
+    tokens = torch.cat([torch.arange(offset, offset + length) for offset, length in item.placeholder_runs])
+    present[tokens] = False
+    present[tokens[pruned.kept]] = True
+    assert final.token_ids == ids[present].tolist()  # every label stays; each run holds its group's kept tokens
+    runs = final.items[0].placeholder_runs
+    assert sum(n for _, n in runs) == len(kept) and torch.equal(pruned.embeddings, emb.embeddings[pruned.kept])
