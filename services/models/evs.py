@@ -11,9 +11,12 @@ The rule is vLLM's (vllm/multimodal/evs.py, used by its Qwen2.5-VL, Qwen3-VL and
   token), returned in their original order.
 
 The encoder decides (it has the embeddings) and returns the kept rows with their indexes into the
-item's unpruned token sequence (`ItemEmbeddings.kept`); the LLM places the rows and gives each the
-mRoPE position it would have had unpruned. Scores are computed in float32 whatever the model's dtype,
-so the choice does not depend on the device's reduced-precision arithmetic.
+item's unpruned token sequence (`ItemEmbeddings.kept`); the LLM places the rows and gives every token
+the mRoPE position it had in the unpruned prompt (`unpruned_layout`). A video of one placeholder run
+per frame group (Qwen3-VL's timestamps, Nemotron's frame labels between runs) has its kept count in
+its first run until the encoder has chosen, then each group's kept tokens in that group's run
+(`frame_runs`): the prompt's length never changes. Scores are computed in float32 whatever the
+model's dtype, so the choice does not hang on the device's reduced-precision arithmetic.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from services.common.errors import InvalidArgument
-from services.models.base import ItemEmbeddings, ProcessedItem, ProcessedPrompt, VideoPruning
+from services.models.base import ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, VideoPruning
 
 FIRST_FRAME_SCORE = 255.0  # vLLM's: above 1 - cos for any pair, so group 0 is never dropped
 
@@ -106,12 +109,12 @@ def prune_prompt(prompt: ProcessedPrompt, plans: dict[int, tuple[VideoPruning, t
     return ProcessedPrompt(token_ids=token_ids, items=items)
 
 
-def pruning_plan(family, item: ProcessedItem, rate: float) -> tuple[VideoPruning, tuple[int, ...]]:
+def pruning_plan(family: ModelFamily, item: ProcessedItem, rate: float) -> tuple[VideoPruning, tuple[int, ...]]:
     """What EVS at `rate` makes of a video item: its pruning and the new length of each placeholder run."""
     frames, per_frame = family.video_token_grid(item.encoder_inputs)
     retained = retained_count(per_frame, frames, rate)
-    return VideoPruning(rate=rate, frames=frames, unpruned_length=frames * per_frame), \
-        family.pruned_placeholder_runs(item, retained)
+    pruning = VideoPruning(rate=rate, frames=frames, unpruned_length=frames * per_frame)
+    return pruning, family.pruned_placeholder_runs(item, retained)
 
 
 def frame_runs(pruning: VideoPruning, kept: list[int], runs: int) -> tuple[int, ...] | None:
