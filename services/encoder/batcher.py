@@ -52,6 +52,8 @@ class Job:
     items: list[dict[str, torch.Tensor]]
     num_patches: int  # tower input rows of all items, for --max-batch-patches
     batchable: bool  # False: runs by itself (a batch-dependent family's group)
+    # What becomes of the job's embeddings before they land (EVS pruning), on the torch thread.
+    finish: Callable[[list[ItemEmbeddings]], list[ItemEmbeddings]] | None = None
     future: Future = field(default_factory=Future)  # -> list[ItemEmbeddings]
     enqueued_s: float = field(default_factory=time.perf_counter)
 
@@ -254,5 +256,9 @@ class Batcher:
                 self.policy.record(jobs[0].modality, len(jobs), sum(job.num_patches for job in jobs), seconds)
         start = 0
         for job in jobs:
-            job.future.set_result(out[start:start + len(job.items)])
+            rows = out[start:start + len(job.items)]
             start += len(job.items)
+            try:
+                job.future.set_result(job.finish(rows) if job.finish else rows)
+            except BaseException as err:  # noqa: BLE001 -- this job's own step failed, not the forward
+                job.future.set_exception(err)

@@ -30,7 +30,8 @@ from services.encoder.batcher import Batcher, BatchLimits, Job
 from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, item_signature, signatures_agree
 from services.encoder.media_inputs import MediaInputs
 from services.encoder.towers import item_embeddings_proto, load_towers, run_tower
-from services.models.base import ItemEmbeddings
+from services.models import evs
+from services.models.base import VIDEO, ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 from services.models.inputs import evaluate
 
@@ -46,6 +47,8 @@ class Unit:
     key: Key | None
     num_patches: int
     signature: Signature  # what a cache entry under `key` must agree with (cache.py)
+    # Per item: EVS's (frame groups, rate) for a video to prune after the tower, else None.
+    prunes: tuple[tuple[int, float] | None, ...] = ()
 
     @property
     def is_reference(self) -> bool:
@@ -88,6 +91,18 @@ def _awaitable(future: Future) -> asyncio.Future:
 
     future.add_done_callback(landed)
     return out
+
+
+def _pruner(prunes: tuple[tuple[int, float] | None, ...]):
+    """The job's finishing step when it has videos to prune (EVS after the tower; the cache keeps the
+    pruned rows, under an mm_hash that holds the rate), else None."""
+    if not any(prunes):
+        return None
+
+    def finish(out: list[ItemEmbeddings]) -> list[ItemEmbeddings]:
+        return [emb if spec is None else evs.prune(emb, *spec) for emb, spec in zip(out, prunes, strict=True)]
+
+    return finish
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
@@ -177,12 +192,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         inputs: list[dict[str, torch.Tensor] | None] = []
         patches: list[int] = []
         signatures: list = []
+        prunes: list[tuple[int, float] | None] = []
         for index, item in enumerate(request.items):
             where = f"items[{index}]"
             modality = modality_from_proto(item.modality)
             if modality not in self.family.modalities:
                 raise InvalidArgument(f"{where}: this model does not take {modality}", reason="MODALITY_UNSUPPORTED")
             by_modality.setdefault(modality, []).append(index)
+            rate = self._pruning_rate(item, modality, where)
             if is_reference(item):
                 if not item.mm_hash:
                     raise InvalidArgument(f"{where}: no tensors and no mm_hash; send the item's tensors, or the "
@@ -194,6 +211,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 inputs.append(None)
                 patches.append(0)
                 signatures.append(None)
+                prunes.append(None)  # a cached pruned item was cached pruned (its mm_hash holds the rate)
                 continue
             tensors = (self.media_inputs.encoder_inputs(item, modality, where) if item.HasField("media")
                        else from_named(item.tensors))
@@ -202,18 +220,47 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             expression = self.family.encoder_schema(modality).patches
             inputs.append(tensors)
             patches.append(evaluate(expression, bindings) if expression else 1)
-            signatures.append(item_signature(tensors, bindings.get("tokens")))
+            prune = self._prune_spec(item, tensors, rate, where) if rate else None
+            prunes.append(prune)
+            # A pruned item's rows are its retained count: the same media at another count is another entry.
+            rows = item.video_pruning.retained_tokens if prune else bindings.get("tokens")
+            signatures.append(item_signature(tensors, rows))
         hashes = [item.mm_hash for item in request.items]
         if self.family.encoder_batching != "alone":
             return [Unit(modality, [i], [inputs[i]], (modality, (hashes[i],)) if hashes[i] else None, patches[i],
-                         (signatures[i],))
+                         (signatures[i],), (prunes[i],))
                     for modality, indexes in by_modality.items() for i in indexes]
         # The family's embeddings depend on the call's other items: its items of a modality are one unit,
         # cached under all their hashes together.
         return [Unit(modality, indexes, [inputs[i] for i in indexes],
                      (modality, tuple(hashes[i] for i in indexes)) if all(hashes[i] for i in indexes) else None,
-                     sum(patches[i] for i in indexes), tuple(signatures[i] for i in indexes))
+                     sum(patches[i] for i in indexes), tuple(signatures[i] for i in indexes),
+                     tuple(prunes[i] for i in indexes))
                 for modality, indexes in by_modality.items()]
+
+    def _pruning_rate(self, item: encoder_pb2.MediaItem, modality: str, where: str) -> float:
+        """The item's EVS rate (0: none), checked: in [0, 1), and above 0 only for a video of a family with EVS."""
+        if not item.HasField("video_pruning"):
+            return 0.0
+        rate = evs.check_rate(item.video_pruning.rate, f"{where}.video_pruning.rate")
+        if rate and (modality != VIDEO or not self.family.supports_video_pruning):
+            what = f"{self.family.name} model" if modality == VIDEO else f"{modality} item"
+            raise InvalidArgument(f"{where}: video pruning (EVS) at rate {rate} for a {what}, which has none; "
+                                  "send rate 0", reason="VIDEO_PRUNING_UNSUPPORTED",
+                                  metadata={"family": self.family.name})
+        return rate
+
+    def _prune_spec(self, item: encoder_pb2.MediaItem, tensors: dict[str, torch.Tensor], rate: float,
+                    where: str) -> tuple[int, float]:
+        """(frame groups, rate) of a video to prune, once its retained count agrees with the caller's."""
+        frames, per_frame = self.family.video_token_grid(tensors)
+        retained = evs.retained_count(per_frame, frames, rate)
+        if item.video_pruning.retained_tokens != retained:
+            raise InvalidArgument(
+                f"{where}.video_pruning: retained_tokens is {item.video_pruning.retained_tokens}; EVS keeps {retained} "
+                f"of {frames} frames x {per_frame} tokens at rate {rate}", reason="VIDEO_RETAINED_COUNT_MISMATCH",
+                metadata={"retainedTokens": str(retained)})
+        return frames, rate
 
     def _plan(self, units: list[Unit], results: list[ItemEmbeddings | None], hits: list[bool]) -> list[_Pending]:
         """Serves units from the cache, joins those in flight (also an identical unit earlier in this call)
@@ -238,7 +285,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 else:
                     counters.misses += len(unit.indexes)
                     job = Job(unit.modality, list(unit.inputs), unit.num_patches,  # type: ignore[arg-type]
-                              batchable=self.family.encoder_batching != "alone")
+                              batchable=self.family.encoder_batching != "alone", finish=_pruner(unit.prunes))
                     flight = self.cache.start(unit.key, job.future, unit.signature) if unit.key else None
                     pending.append(_Pending(unit, self.batcher.submit(job), flight))
         except BaseException:

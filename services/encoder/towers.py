@@ -56,4 +56,5 @@ def run_tower(family: ModelFamily, model: PreTrainedModel, modality: str,
 def item_embeddings_proto(mm_hash: str, emb: ItemEmbeddings) -> encoder_pb2.ItemEmbeddings:
     """One item's embeddings as EncoderService answers them."""
     return encoder_pb2.ItemEmbeddings(mm_hash=mm_hash, embeddings=to_proto(emb.embeddings),
-                                      deepstack_embeddings=[to_proto(d) for d in emb.deepstack])
+                                      deepstack_embeddings=[to_proto(d) for d in emb.deepstack],
+                                      kept_token_indexes=[] if emb.kept is None else emb.kept.tolist())

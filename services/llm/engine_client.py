@@ -214,6 +214,7 @@ class EngineClient:
                 embeddings=block.add(p.embeddings.embeddings),
                 deepstack=tuple(block.add(d) for d in p.embeddings.deepstack),
                 position_inputs={name: block.add(t) for name, t in p.position_inputs.items()},
+                kept=None if p.kept is None else block.add(p.kept),
             ) for p in placed)
             fd, inline = block.write()
         except Exception as err:

@@ -71,6 +71,7 @@ class PlacedRef:
     embeddings: TensorRef
     deepstack: tuple[TensorRef, ...]
     position_inputs: dict[str, TensorRef]
+    kept: TensorRef | None = None  # EVS: the rows' indexes into the unpruned video
 
 
 # ---- messages -----------------------------------------------------------------------------------
@@ -287,6 +288,7 @@ def _placed(block, ref: PlacedRef):
         embeddings=ItemEmbeddings(tensor_from(block, ref.embeddings),
                                   tuple(tensor_from(block, d) for d in ref.deepstack)),
         position_inputs={name: tensor_from(block, t) for name, t in ref.position_inputs.items()},
+        kept=None if ref.kept is None else tensor_from(block, ref.kept),
     )
 
 

@@ -29,7 +29,8 @@ from services.llm.engine import Finished
 from services.llm.engine_client import EngineClient
 from services.llm.engine_process import EngineSpec
 from services.llm.sampling import SampledToken, SamplingSpec
-from services.models.base import ItemEmbeddings, PlacedEmbeddings
+from services.models import evs
+from services.models.base import VIDEO, ItemEmbeddings, PlacedEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
 
 log = logging.getLogger(__name__)
@@ -211,11 +212,13 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
             tensors = [self._parse_embeddings(name, proto, length, external) for name, proto in named]
             position_inputs = from_named(mm.position_inputs)
-            self.family.check_position_inputs(modality, position_inputs, length, where=f"{where}.position_inputs")
+            kept = self._parse_kept(mm, modality, length, where)
+            self.family.check_position_inputs(modality, position_inputs, length, where=f"{where}.position_inputs",
+                                              kept=kept)
             placed.append(PlacedEmbeddings(
                 modality=modality, offset=offset, length=length,
                 embeddings=ItemEmbeddings(tensors[0], tuple(tensors[1:])),
-                position_inputs=position_inputs,
+                position_inputs=position_inputs, kept=kept,
             ))
         for modality, token_id in self.placeholder_ids.items():
             uncovered = int(((token_ids == token_id) & ~covered).sum())
@@ -224,6 +227,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       reason="PLACEHOLDER_COUNT_MISMATCH")
         placed.sort(key=lambda p: p.offset)
         return placed
+
+    def _parse_kept(self, mm: llm_pb2.MultimodalInput, modality: str, length: int, where: str) -> torch.Tensor | None:
+        """A pruned video's kept token indexes (EVS), checked; None for an item not pruned."""
+        if not mm.kept_token_indexes:
+            return None
+        if modality != VIDEO or not self.family.supports_video_pruning:
+            what = f"the {self.family.name} model" if modality == VIDEO else f"a {modality} item"
+            raise InvalidArgument(f"{where}: kept_token_indexes for {what}, which has no video pruning (EVS)",
+                                  reason="VIDEO_PRUNING_UNSUPPORTED", metadata={"family": self.family.name})
+        kept = torch.tensor(list(mm.kept_token_indexes), dtype=torch.long)
+        evs.check_kept(kept, length, f"{where}.kept_token_indexes")
+        return kept
 
     def _check_deepstack_count(self, mm: llm_pb2.MultimodalInput, where: str) -> None:
         num_layers = self.family.num_deepstack_layers

@@ -31,6 +31,16 @@ IMAGE, VIDEO, AUDIO = "image", "video", "audio"
 
 
 @dataclass(frozen=True)
+class VideoPruning:
+    """EVS on one video item (services/models/evs.py): the rate, and the item before pruning; the kept
+    token count is the item's `length`."""
+
+    rate: float  # in (0, 1)
+    frames: int  # frame groups of its embedding rows
+    unpruned_length: int  # frames x merged tokens per frame
+
+
+@dataclass(frozen=True)
 class ProcessedItem:
     """One media item after the HF processor, ready for the encoder and the LLM."""
 
@@ -50,6 +60,7 @@ class ProcessedItem:
     # when the prompt has images); the processor appends it to the item's mm_hash, so that caches keyed
     # by mm_hash keep the variants apart. Empty: the media alone decide.
     hash_context: str = ""
+    pruning: VideoPruning | None = None  # a video whose placeholders were cut to EVS's retained count
 
     @property
     def placeholder_runs(self) -> tuple[tuple[int, int], ...]:
@@ -76,6 +87,8 @@ class ItemEmbeddings:
 
     embeddings: torch.Tensor  # [num_tokens, hidden_size]
     deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one [num_tokens, hidden_size] per layer
+    # EVS: the rows' indexes (int64, ascending) into the item's unpruned token sequence; None: not pruned.
+    kept: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,9 @@ class PlacedEmbeddings:
     length: int
     embeddings: ItemEmbeddings
     position_inputs: dict[str, torch.Tensor]
+    # EVS: each row's index into the item's unpruned token sequence ([length] int64, ascending, checked
+    # by the LLM); None: not pruned, row i is token i.
+    kept: torch.Tensor | None = None
 
 
 @dataclass
@@ -223,6 +239,27 @@ class ModelFamily(ABC):
         """The rate (Hz) the model's feature extractor takes; the processor resamples every clip to it."""
         return int(processor.feature_extractor.sampling_rate)
 
+    # ---- EVS (efficient video sampling, services/models/evs.py) -------------------------------
+    # A family that sets this implements video_token_grid, and its LLM side places pruned video items
+    # (PlacedEmbeddings.kept) where they were unpruned: its prefill_inputs gives each kept row the
+    # position it had in the unpruned prompt (a family with 1-D positions needs nothing more).
+    supports_video_pruning: ClassVar[bool] = False
+
+    def video_token_grid(self, encoder_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(frame groups, merged tokens per group) of a video item's embedding rows, which the tower
+        returns group by group: EVS compares each group with the one before. The item was checked
+        against encoder_schema."""
+        raise NotImplementedError(f"{type(self).__name__} has no EVS")
+
+    def pruned_placeholder_runs(self, item: ProcessedItem, retained: int) -> tuple[int, ...]:
+        """The length of each of a video item's placeholder runs once EVS keeps `retained` of its tokens
+        (0: the run goes; the text between runs stays), before the encoder has chosen which: the prompt's
+        length, and so prompt_tokens, is fixed then. Default: one run keeps one run of `retained`; an item
+        of one run per frame group (its text between runs: timestamps, frame labels) puts them all in its
+        first run, as vLLM does, and once the encoder has answered the processor gives each group's run
+        the tokens kept of that group (evs.frame_runs), the prompt's length unchanged."""
+        return (retained,) + (0,) * (len(item.placeholder_runs) - 1)
+
     def image_encoder_inputs(self, processor: ProcessorMixin, image: Any) -> dict[str, torch.Tensor]:
         """One image's encoder inputs, exactly as `preprocess` cuts them out of any prompt holding it:
         what an encoder makes of an image it receives as compressed bytes (services/encoder/media_inputs.py).
@@ -255,11 +292,17 @@ class ModelFamily(ABC):
                         max_patches=max_patches)
 
     def check_position_inputs(self, modality: str, tensors: dict[str, torch.Tensor], length: int, *,
-                              where: str) -> None:
+                              where: str, kept: torch.Tensor | None = None) -> None:
         """The LLM's check of an item's position inputs: the schema, and the tokens they imply against
-        its placeholder length (so a claimed grid never sizes an allocation)."""
+        its placeholder length (so a claimed grid never sizes an allocation). A pruned item (`kept`,
+        already checked ascending, one per placeholder) has fewer: its indexes must lie below them."""
         schema = self.position_schema(modality)
         tokens = validate(schema, tensors, where=where, reason="POSITION_INPUT_INVALID").get("tokens")
+        if kept is not None:  # (a family without position inputs has no count to hold them to, nor a use)
+            if tokens is not None and length and int(kept[-1]) >= tokens:
+                raise InvalidArgument(f"{where}: kept token index {int(kept[-1])} is past the item's {tokens} unpruned "
+                                      "tokens", reason="VIDEO_KEPT_TOKENS_INVALID")
+            return
         if tokens is not None and tokens != length:
             names = ", ".join(spec.name for spec in schema.tensors)
             raise InvalidArgument(f"{where}: {names} mean {tokens} tokens, the placeholder range has {length}",

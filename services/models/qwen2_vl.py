@@ -3,6 +3,12 @@
 Video is the same tower on frames grouped by its temporal patch (2 frames per grid step t): one
 `<|video_pad|>` run per video, `pixel_values_videos` + `video_grid_thw`, and mRoPE positions that
 advance along t. The processor chooses the frames (ModelFamily.video_frame_indices) before decoding.
+
+EVS (services/models/evs.py): a video's merged tokens come frame group by frame group (t, then h/2,
+w/2), which is the grid EVS compares. A pruned video keeps one shorter run; its kept rows take the
+mRoPE positions they had unpruned, and the text after the video too (positions computed on the
+unpruned prompt, then the dropped tokens' left out), so pruning changes which tokens attend, never
+where the others sit.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from services.common.video import Video
+from services.models import evs
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, PlacedEmbeddings, PrefillInputs, ProcessedItem, ProcessedPrompt
 from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
@@ -30,6 +37,7 @@ class Qwen2VL(ModelFamily):
     # bitwise equal on this CPU, but the GEMMs over more rows may pick other blocking elsewhere.
     encoder_batching = "tolerance"
     encoder_batch_tolerance = 1e-5
+    supports_video_pruning = True
 
     @property
     def spatial_merge_size(self) -> int:
@@ -65,6 +73,10 @@ class Qwen2VL(ModelFamily):
 
     def position_schema(self, modality: str) -> ItemSchema:
         return ItemSchema(tensors=(self._grid(modality),), derive=self._tokens)
+
+    def video_token_grid(self, encoder_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        t, h, w = (int(v) for v in encoder_inputs["video_grid_thw"][0])
+        return t, h * w // self.spatial_merge_size**2
 
     # ---- processor ---------------------------------------------------------------------
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any],
@@ -105,6 +117,12 @@ class Qwen2VL(ModelFamily):
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         return [ItemEmbeddings(embeddings=e) for e in self.tower_features(model, modality, items).pooler_output]
 
+    def dropped_video_runs(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> list[tuple[int, torch.Tensor]]:
+        """EVS: where a pruned video's placeholder runs that lost every token were, with their grids (a
+        family whose video is one run per frame group), for the positions of the unpruned prompt; none
+        here (a Qwen2-VL video is one run, and keeps its first frame group)."""
+        return []
+
     def rope_index_kwargs(self, videos: list[PlacedEmbeddings]) -> dict[str, Any]:
         """More get_rope_index arguments from the videos' position inputs (in prompt order); none here."""
         return {}
@@ -114,17 +132,30 @@ class Qwen2VL(ModelFamily):
         if not placed:
             return prefill  # text only: plain 1-D positions, as transformers uses
         token_types = torch.zeros_like(token_ids)
+        runs = [(item.offset, item.length, item.modality, item.position_inputs[f"{item.modality}_grid_thw"].long(),
+                 item.kept) for item in placed]  # grids checked by the LLM
+        runs += [(offset, 0, VIDEO, grid, grid.new_zeros(0)) for offset, grid in self.dropped_video_runs(token_ids, placed)]
         grids: dict[str, list[torch.Tensor]] = {IMAGE: [], VIDEO: []}
-        for item in placed:
-            token_types[item.offset : item.offset + item.length] = _TOKEN_TYPE[item.modality]
-            grids[item.modality].append(item.position_inputs[f"{item.modality}_grid_thw"].long())  # checked by the LLM
+        pruned = []  # (offset, length, unpruned length, kept) of the EVS-pruned runs
+        for offset, length, modality, grid, kept in sorted(runs, key=lambda run: run[0]):
+            token_types[offset : offset + length] = _TOKEN_TYPE[modality]
+            grids[modality].append(grid)
+            if kept is not None:
+                pruned.append((offset, length, int(grid.prod()) // self.spatial_merge_size**2, kept))
+        # Positions are those of the unpruned prompt: rebuilt, positioned, and the dropped tokens left out.
+        if pruned:
+            full_ids, present = evs.unpruned_layout(token_ids, pruned, fill=model.config.video_token_id)
+            full_types = evs.unpruned_layout(token_types, pruned, fill=_TOKEN_TYPE[VIDEO])[0]
+        else:
+            full_ids, present, full_types = token_ids, None, token_types
         position_ids, rope_deltas = model.model.get_rope_index(
-            token_ids[None],
-            mm_token_type_ids=token_types[None],
+            full_ids[None],
+            mm_token_type_ids=full_types[None],
             image_grid_thw=torch.cat(grids[IMAGE]) if grids[IMAGE] else None,
             video_grid_thw=torch.cat(grids[VIDEO]) if grids[VIDEO] else None,
             **self.rope_index_kwargs([item for item in placed if item.modality == VIDEO]),
-        )  # [3, 1, L], [1, 1]
-        prefill.position_ids = position_ids
-        prefill.rope_delta = int(rope_deltas[0, 0])
+        )  # [3, 1, L_full], [1, 1]
+        dropped = full_ids.shape[0] - token_ids.shape[0]
+        prefill.position_ids = position_ids if present is None else position_ids[:, :, present]
+        prefill.rope_delta = int(rope_deltas[0, 0]) + dropped  # decode positions continue the unpruned prompt's
         return prefill

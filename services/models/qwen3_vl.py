@@ -87,6 +87,24 @@ class Qwen3VL(Qwen2VL):
                              encoder_inputs=encoder_inputs, runs=tuple(runs),
                              run_position_inputs=tuple({GRID: step} for _ in runs))
 
+    def dropped_video_runs(self, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> list[tuple[int, torch.Tensor]]:
+        """EVS: a frame group that kept no token is `<ts><|vision_start|><|vision_end|>` in the prompt (its
+        timestamp and markers stay, as vLLM keeps them); its tokens go back between the two markers, with
+        the grid of the pruned video before it (a video's first group is always kept, so one is)."""
+        if not any(item.kept is not None for item in placed if item.modality == VIDEO):
+            return []
+        start, end = self.config.vision_start_token_id, self.config.vision_end_token_id
+        empty = ((token_ids[:-1] == start) & (token_ids[1:] == end)).nonzero()[:, 0] + 1  # each block's <|vision_end|>
+        found = []
+        for offset in empty.tolist():
+            before = [item for item in placed if item.modality == VIDEO and item.offset < offset]
+            if not before or before[-1].kept is None:
+                raise InvalidArgument(f"an empty <|vision_start|><|vision_end|> block at token {offset - 1} follows no "
+                                      "pruned video: only a frame group that EVS dropped whole is empty",
+                                      reason="VIDEO_KEPT_TOKENS_INVALID")
+            found.append((offset, before[-1].position_inputs[GRID].long()))
+        return found
+
     # ---- encoder and LLM ---------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:

@@ -23,6 +23,7 @@ import torch
 
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.encoder.towers import item_embeddings_proto, load_towers, run_tower
+from services.models import evs
 from services.models.base import ModelFamily, ProcessedItem
 from services.models.checkpoint import Checkpoint
 from services.models.inputs import evaluate
@@ -81,6 +82,7 @@ class LocalEncoder:
         for modality, hashes in by_modality.items():
             results = run_tower(self.family, self.model, modality, [items[h].encoder_inputs for h in hashes])
             for h, emb in zip(hashes, results, strict=True):
-                out[h] = item_embeddings_proto(h, emb)
+                pruning = items[h].pruning  # EVS as the encoder service does it, after the tower
+                out[h] = item_embeddings_proto(h, evs.prune(emb, pruning.frames, pruning.rate) if pruning else emb)
         self.num_items_encoded += len(items)
         return out

@@ -59,11 +59,16 @@ def mm_hash(image: Image.Image, uuid: str, fingerprint: str) -> str:
     return content_hash(uuid, fingerprint, f"image\0{image.mode}\0{image.size}", image.tobytes())
 
 
-def video_hash(video: Video, uuid: str, fingerprint: str) -> str:
-    """A video's identity: its sampled frames (which frames, of what size) and the model. Frames are
-    hashed as decoded, so a clip and the same frames re-encoded may differ: the pixels decide."""
+def video_hash(video: Video, uuid: str, fingerprint: str, pruning_rate: float = 0.0) -> str:
+    """A video's identity: its sampled frames (which frames, of what size), its EVS pruning rate and the
+    model. Frames are hashed as decoded, so a clip and the same frames re-encoded may differ: the pixels
+    decide. A pruned video's embeddings are other rows than the unpruned one's: the rate is part of
+    its hash, and of a caller's uuid (`uuid@evs=rate`); rate 0 leaves both as they were."""
     meta = video.metadata
     header = f"video\0{video.frames.shape}\0{meta.fps}\0{meta.total_num_frames}\0{list(meta.frames_indices)}"
+    if pruning_rate:
+        header += f"\0evs={pruning_rate!r}"
+        uuid = uuid and f"{uuid}@evs={pruning_rate!r}"
     return content_hash(uuid, fingerprint, header, video.frames.tobytes())
 
 

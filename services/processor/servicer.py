@@ -24,6 +24,7 @@ from services.common.media import MediaLimits, check_media_size, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.common.video import Video, VideoLimits, decode_video, video_from_frames
+from services.models import evs
 from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
 from services.processor.embeds import EmbeddingSpec, Precomputed, check_rows, read_embeddings
@@ -50,6 +51,7 @@ class _RequestMedia:
     modalities: list[str] = field(default_factory=list)  # one per item, in prompt order
     hashes: list[str] = field(default_factory=list)
     files: list[bytes | None] = field(default_factory=list)
+    pruning_rates: dict[int, float] = field(default_factory=dict)  # item index -> EVS rate of a video to prune
     precomputed: dict[int, Precomputed] = field(default_factory=dict)  # item index -> the caller's embeddings
 
 
@@ -66,6 +68,9 @@ class Prepared:
     local: frozenset[str] = frozenset()
     # Each item's file bytes as received (media mode sends them); None for an item sent as embeddings.
     media: list[bytes | None] = field(default_factory=list)
+    # EVS: the prompt before pruning, kept when a pruned video has a run per frame group, whose runs are
+    # laid out again once the encoder has chosen (evs.frame_runs); None otherwise.
+    unpruned: ProcessedPrompt | None = None
 
     @property
     def all_items(self) -> dict[str, ProcessedItem]:
@@ -102,6 +107,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                         max_frames=cfg.max_video_frames, max_total_pixels=cfg.max_video_pixels)
         self.audio_limits = AudioLimits(max_seconds=cfg.max_audio_seconds)
         self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
+        evs.check_rate(cfg.video_pruning_rate, "--video-pruning-rate")
+        if cfg.video_pruning_rate and VIDEO in self.family.modalities and not self.family.supports_video_pruning:
+            raise InvalidArgument(f"--video-pruning-rate {cfg.video_pruning_rate}: the {self.family.name} model has "
+                                  "no video pruning (EVS); start with 0", reason="VIDEO_PRUNING_UNSUPPORTED",
+                                  metadata={"family": self.family.name})
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         self.embedding_spec = EmbeddingSpec(
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
@@ -294,10 +304,19 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if [item.modality for item in processed.items] != media.modalities:
             raise Internal(f"the {self.family.name} family made media items {[i.modality for i in processed.items]} "
                            f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
+        unpruned = None
+        if media.pruning_rates:  # EVS: as many placeholders as the encoder will keep (known before it runs)
+            unpruned = processed
+            processed = evs.prune_prompt(processed, {
+                index: evs.pruning_plan(self.family, processed.items[index], rate)
+                for index, rate in media.pruning_rates.items()})
+            if all(len(unpruned.items[index].placeholder_runs) == 1 for index in media.pruning_rates):
+                unpruned = None  # one run each: the cut prompt is final
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
         hashes = [f"{h}+{item.hash_context}" if item.hash_context else h for h, item in zip(media.hashes, processed.items)]
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
+                        unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
 
     def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
@@ -327,8 +346,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             name = mm_hash(image, media.uuid, self.checkpoint.fingerprint)
         elif kind == VIDEO:
             video = self._read_video(media, where)
+            rate = self._pruning_rate(media.video_options, where)
+            if rate:
+                into.pruning_rates[len(into.modalities)] = rate
             into.videos.append(video)
-            name = video_hash(video, media.uuid, self.checkpoint.fingerprint)
+            name = video_hash(video, media.uuid, self.checkpoint.fingerprint, rate)
         else:
             rate = self.family.audio_sampling_rate(self.hf_processor)
             audio = decode_audio(read_media(media, self.limits, self.allowed_media_dirs, where), rate,
@@ -338,6 +360,17 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         into.modalities.append(kind)
         into.hashes.append(name)
         into.files.append(file)  # media mode sends images' files; other items go as tensors
+
+    def _pruning_rate(self, options: processor_pb2.VideoOptions, where: str) -> float:
+        """The video's EVS rate: the request's, else the server's; checked (0: no pruning)."""
+        if not options.HasField("pruning_rate"):
+            return self.cfg.video_pruning_rate
+        rate = evs.check_rate(options.pruning_rate, f"{where}.video_options.pruning_rate")
+        if rate and not self.family.supports_video_pruning:
+            raise InvalidArgument(f"{where}.video_options.pruning_rate: the {self.family.name} model has no video "
+                                  "pruning (EVS); send 0 or leave it unset", reason="VIDEO_PRUNING_UNSUPPORTED",
+                                  metadata={"family": self.family.name})
+        return rate
 
     def _read_video(self, media: processor_pb2.Media, where: str) -> Video:
         """The frames the model sees: sampled by the family from the clip's header, and only they decoded;
@@ -399,7 +432,29 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         modality = modality_to_proto(item.modality)
         if data is not None and self.cfg.encoder_input == "media":  # images only: `data` is None for others
             return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, media=encoder_pb2.EncodedMedia(data=data))
-        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs))
+        pruning = (encoder_pb2.VideoPruning(rate=item.pruning.rate, retained_tokens=item.length)
+                   if item.pruning else None)
+        return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs),
+                                     video_pruning=pruning)
+
+    def _final_layout(self, prepared: Prepared, by_hash: dict[str, encoder_pb2.ItemEmbeddings]) -> ProcessedPrompt:
+        """The prompt the LLM gets: as prepared, except that a pruned video of one run per frame group has
+        each group's kept tokens in that group's run once the encoder has said which (same length)."""
+        if prepared.unpruned is None:
+            return prepared.processed
+        plans = {}
+        for index, (item, h) in enumerate(zip(prepared.processed.items, prepared.mm_hashes, strict=True)):
+            if item.pruning is None:
+                continue
+            unpruned = prepared.unpruned.items[index]
+            emb = by_hash.get(h)
+            lengths = (evs.frame_runs(item.pruning, list(emb.kept_token_indexes), len(unpruned.placeholder_runs))
+                       if emb else None)
+            if lengths is None or sum(lengths) != item.length:  # one run, not encoded yet (Preprocess), or a
+                # reply the LLM will refuse: the cut as prepared
+                lengths = self.family.pruned_placeholder_runs(unpruned, item.length)
+            plans[index] = (item.pruning, lengths)
+        return evs.prune_prompt(prepared.unpruned, plans)
 
     def _llm_request(self, request_cls: type[T], prepared: Prepared, reply: encoder_pb2.EncodeResponse | None,
                      sampling: generation_pb2.SamplingParams,
@@ -412,9 +467,14 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 raise Internal("the encoders answered for other items than asked",
                                reason="ENCODER_REPLY_MISMATCH")
             by_hash.update((e.mm_hash, e) for e in reply.items)
+        processed = self._final_layout(prepared, by_hash)
         inputs = []
-        for item, h in zip(prepared.processed.items, prepared.mm_hashes, strict=True):
+        for index, (item, h) in enumerate(zip(processed.items, prepared.mm_hashes, strict=True)):
             emb = by_hash.get(h)
+            kept = list(emb.kept_token_indexes) if emb else []
+            if kept and prepared.unpruned and len(prepared.unpruned.items[index].placeholder_runs) > 1:
+                per_group = item.pruning.unpruned_length // item.pruning.frames  # a run per frame group:
+                kept = [k % per_group for k in kept]  # each run's indexes are into its own group's tokens
             first_row = 0
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
                 rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
@@ -424,6 +484,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     embeddings=slice_rows(emb.embeddings, rows) if emb else None,
                     deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
                     position_inputs=to_named(item.position_inputs_of_run(run_index)),
+                    kept_token_indexes=kept[rows],
                 ))
                 first_row += length
         llm_sampling = generation_pb2.SamplingParams()
@@ -431,6 +492,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         llm_sampling.ClearField("stop")  # stop strings are applied here, on the text; the LLM refuses them
         return request_cls(
             model_fingerprint=self.checkpoint.fingerprint,
-            prompt=llm_pb2.Prompt(token_ids=prepared.processed.token_ids, multimodal_inputs=inputs),
+            prompt=llm_pb2.Prompt(token_ids=processed.token_ids, multimodal_inputs=inputs),
             sampling=llm_sampling,
         )

@@ -440,6 +440,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A video's sampling options are out of range: a negative or non-finite
     fps or max_frames. Code: INVALID_ARGUMENT.
     """
+    VIDEO_PRUNING_RATE_INVALID: _ErrorReason.ValueType  # 120
+    """A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
+    on the encoder) outside [0, 1). Code: INVALID_ARGUMENT. Send a rate in
+    [0, 1): 0 keeps every video token, 0.75 a quarter.
+    """
+    VIDEO_PRUNING_UNSUPPORTED: _ErrorReason.ValueType  # 121
+    """A video pruning rate above 0 for a model family without EVS (efficient
+    video sampling), or for an item that is not a video; or kept token
+    indexes for such an item. Code: INVALID_ARGUMENT. Metadata: family. Send
+    rate 0 (or none).
+    """
+    VIDEO_KEPT_TOKENS_INVALID: _ErrorReason.ValueType  # 122
+    """Kept token indexes of a pruned video do not fit its item: not one per
+    placeholder token, not strictly ascending, negative, or past the item's
+    unpruned token count. Code: INVALID_ARGUMENT. Send the encoder's
+    ItemEmbeddings.kept_token_indexes with their rows.
+    """
+    VIDEO_RETAINED_COUNT_MISMATCH: _ErrorReason.ValueType  # 123
+    """A video item's MediaItem.video_pruning.retained_tokens differs from the
+    count EVS keeps of it at that rate (the caller computed it with another
+    rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
+    count the processor's placeholder run has.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -881,5 +904,28 @@ Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
 VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
 """A video's sampling options are out of range: a negative or non-finite
 fps or max_frames. Code: INVALID_ARGUMENT.
+"""
+VIDEO_PRUNING_RATE_INVALID: ErrorReason.ValueType  # 120
+"""A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
+on the encoder) outside [0, 1). Code: INVALID_ARGUMENT. Send a rate in
+[0, 1): 0 keeps every video token, 0.75 a quarter.
+"""
+VIDEO_PRUNING_UNSUPPORTED: ErrorReason.ValueType  # 121
+"""A video pruning rate above 0 for a model family without EVS (efficient
+video sampling), or for an item that is not a video; or kept token
+indexes for such an item. Code: INVALID_ARGUMENT. Metadata: family. Send
+rate 0 (or none).
+"""
+VIDEO_KEPT_TOKENS_INVALID: ErrorReason.ValueType  # 122
+"""Kept token indexes of a pruned video do not fit its item: not one per
+placeholder token, not strictly ascending, negative, or past the item's
+unpruned token count. Code: INVALID_ARGUMENT. Send the encoder's
+ItemEmbeddings.kept_token_indexes with their rows.
+"""
+VIDEO_RETAINED_COUNT_MISMATCH: ErrorReason.ValueType  # 123
+"""A video item's MediaItem.video_pruning.retained_tokens differs from the
+count EVS keeps of it at that rate (the caller computed it with another
+rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
+count the processor's placeholder run has.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

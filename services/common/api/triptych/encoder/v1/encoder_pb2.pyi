@@ -82,6 +82,7 @@ class MediaItem(_message.Message):
     MM_HASH_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
     MEDIA_FIELD_NUMBER: _builtins.int
+    VIDEO_PRUNING_FIELD_NUMBER: _builtins.int
     modality: _tensor_pb2.Modality.ValueType
     """Modality of the item."""
     mm_hash: _builtins.str
@@ -112,6 +113,15 @@ class MediaItem(_message.Message):
         "triptych.encoder".
         """
 
+    @_builtins.property
+    def video_pruning(self) -> Global___VideoPruning:
+        """EVS for a video item: the encoder runs the tower on every frame, then
+        keeps the tokens that change most from the previous frame (the rule of
+        services/models/evs.py) and returns only those rows, with their indexes
+        (ItemEmbeddings.kept_token_indexes). Unset or rate 0: no pruning. Part of
+        the item's identity: equal mm_hash must mean equal pruning.
+        """
+
     def __init__(
         self,
         *,
@@ -119,14 +129,49 @@ class MediaItem(_message.Message):
         mm_hash: _builtins.str = ...,
         tensors: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
         media: Global___EncodedMedia | None = ...,
+        video_pruning: Global___VideoPruning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["media", b"media"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "video_pruning", b"video_pruning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "mm_hash", b"mm_hash", "modality", b"modality", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media", b"media", "mm_hash", b"mm_hash", "modality", b"modality", "tensors", b"tensors", "video_pruning", b"video_pruning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MediaItem: _TypeAlias = MediaItem  # noqa: Y015
+
+@_typing.final
+class VideoPruning(_message.Message):
+    """EVS (efficient video sampling) of one video item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_FIELD_NUMBER: _builtins.int
+    RETAINED_TOKENS_FIELD_NUMBER: _builtins.int
+    rate: _builtins.float
+    """Share of the video's tokens dropped, in [0, 1); otherwise
+    INVALID_ARGUMENT (VIDEO_PRUNING_RATE_INVALID). Above 0 for an item that
+    is not a video, or for a model family without EVS: INVALID_ARGUMENT
+    (VIDEO_PRUNING_UNSUPPORTED).
+    """
+    retained_tokens: _builtins.int
+    """The tokens kept: max(tokens per frame, int(tokens x (1 - rate))), the
+    length of the video's placeholder run(s) in the prompt. The encoder
+    computes it from the item's grid and checks it
+    (VIDEO_RETAINED_COUNT_MISMATCH); not checked for a cache reference.
+    """
+    def __init__(
+        self,
+        *,
+        rate: _builtins.float = ...,
+        retained_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate", b"rate", "retained_tokens", b"retained_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoPruning: _TypeAlias = VideoPruning  # noqa: Y015
 
 @_typing.final
 class EncodedMedia(_message.Message):
@@ -202,6 +247,7 @@ class ItemEmbeddings(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
+    KEPT_TOKEN_INDEXES_FIELD_NUMBER: _builtins.int
     mm_hash: _builtins.str
     """mm_hash of the MediaItem these embeddings belong to."""
     cache_hit: _builtins.bool
@@ -222,6 +268,14 @@ class ItemEmbeddings(_message.Message):
         Carried as `embeddings` is.
         """
 
+    @_builtins.property
+    def kept_token_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A pruned video (MediaItem.video_pruning): each row's index into the
+        item's unpruned token sequence (frame by frame, row-major within a
+        frame), strictly ascending, one per row. Empty when not pruned. The LLM
+        takes them with the rows (MultimodalInput.kept_token_indexes).
+        """
+
     def __init__(
         self,
         *,
@@ -229,10 +283,11 @@ class ItemEmbeddings(_message.Message):
         embeddings: _tensor_pb2.Tensor | None = ...,
         deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         cache_hit: _builtins.bool = ...,
+        kept_token_indexes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "mm_hash", b"mm_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "mm_hash", b"mm_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,7 @@ class MultimodalInput(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     POSITION_INPUTS_FIELD_NUMBER: _builtins.int
+    KEPT_TOKEN_INDEXES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def placeholder(self) -> _tensor_pb2.PlaceholderRange:
         """Where the embeddings go in the prompt. length must equal the number of
@@ -58,6 +59,21 @@ class MultimodalInput(_message.Message):
         example "image_grid_thw" (int64 [1, 3]) for Qwen-VL mRoPE.
         """
 
+    @_builtins.property
+    def kept_token_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A video pruned by EVS: each embedding row's index into the unpruned
+        tokens of the placeholder run this input fills, one per placeholder
+        token, strictly ascending, below the token count its position_inputs
+        imply. A video of one run (Qwen2-VL, Qwen2.5-VL): the encoder's
+        ItemEmbeddings.kept_token_indexes of these rows. A video of one run per
+        frame group (Qwen3-VL): those indexes modulo the group's token count, and
+        a group that kept no token stays in the prompt as its timestamp and an
+        empty <|vision_start|><|vision_end|>. The LLM gives each row, and every
+        other token, the position it had unpruned. Empty: not pruned. Otherwise
+        INVALID_ARGUMENT (VIDEO_KEPT_TOKENS_INVALID, or VIDEO_PRUNING_UNSUPPORTED
+        for a family without EVS).
+        """
+
     def __init__(
         self,
         *,
@@ -65,10 +81,11 @@ class MultimodalInput(_message.Message):
         embeddings: _tensor_pb2.Tensor | None = ...,
         deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         position_inputs: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
+        kept_token_indexes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "placeholder", b"placeholder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "placeholder", b"placeholder", "position_inputs", b"position_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "placeholder", b"placeholder", "position_inputs", b"position_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

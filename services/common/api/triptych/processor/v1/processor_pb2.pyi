@@ -129,6 +129,7 @@ class VideoOptions(_message.Message):
 
     FPS_FIELD_NUMBER: _builtins.int
     MAX_FRAMES_FIELD_NUMBER: _builtins.int
+    PRUNING_RATE_FIELD_NUMBER: _builtins.int
     fps: _builtins.float
     """Frames taken per second of video, sampled by the model's own video
     processor (Qwen-VL rounds to its temporal patch). 0: the processor's
@@ -139,17 +140,31 @@ class VideoOptions(_message.Message):
     ceiling). A clip that would give more at `fps` gets this many, evenly
     spaced. 0: the processor's --max-video-frames.
     """
+    pruning_rate: _builtins.float
+    """EVS (efficient video sampling, as vLLM's video_pruning_rate): the share
+    of this video's tokens dropped, those that change least from the same
+    token of the previous frame (the first frame is always kept whole). In
+    [0, 1); unset: the processor's --video-pruning-rate; 0: no pruning.
+    The prompt keeps max(tokens per frame, int(tokens x (1 - rate))) video
+    placeholders, so Completion.prompt_tokens shrinks by the rest. Outside
+    [0, 1): INVALID_ARGUMENT (VIDEO_PRUNING_RATE_INVALID); above 0 for a
+    model family without EVS: INVALID_ARGUMENT (VIDEO_PRUNING_UNSUPPORTED).
+    Part of the video's mm_hash (with a uuid: the uuid plus the rate).
+    """
     def __init__(
         self,
         *,
         fps: _builtins.float = ...,
         max_frames: _builtins.int = ...,
+        pruning_rate: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_pruning_rate", b"_pruning_rate", "pruning_rate", b"pruning_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "max_frames", b"max_frames"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_pruning_rate", b"_pruning_rate", "fps", b"fps", "max_frames", b"max_frames", "pruning_rate", b"pruning_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__pruning_rate: _TypeAlias = _typing.Literal["pruning_rate"]  # noqa: Y015
+    _WhichOneofArgType__pruning_rate: _TypeAlias = _typing.Literal["_pruning_rate", b"_pruning_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pruning_rate) -> _WhichOneofReturnType__pruning_rate | None: ...
 
 Global___VideoOptions: _TypeAlias = VideoOptions  # noqa: Y015
 
@@ -515,7 +530,11 @@ class PreprocessResponse(_message.Message):
         the same mm_hash. Items the caller sent as MediaEmbeddings are not in
         encode_request; their inputs here carry the caller's embeddings. Several inputs may share one mm_hash (a repeated image,
         or one image's several placeholder runs): match embeddings to inputs by
-        mm_hash, never by position.
+        mm_hash, never by position. A pruned video's inputs also take the
+        encoder's kept_token_indexes (the rows' slice), as its embeddings do. A
+        pruned video of one run per frame group (Qwen3-VL) has all its kept
+        tokens in its first run here; Generate lays them out per group once the
+        encoder has chosen (MultimodalInput.kept_token_indexes).
         """
 
     def __init__(
