@@ -440,6 +440,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A video's sampling options are out of range: a negative or non-finite
     fps or max_frames. Code: INVALID_ARGUMENT.
     """
+    AUTH_TOKEN_MISSING: _ErrorReason.ValueType  # 155
+    """---- Authentication and start-up security settings -----------------------
+
+    The processor requires a bearer token (--auth-token-file) and the call
+    sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
+    Bearer <token>". Health checks need no token.
+    """
+    AUTH_TOKEN_INVALID: _ErrorReason.ValueType  # 156
+    """The call's bearer token is not the processor's, or its scheme is not
+    "Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
+    """
+    AUTH_CONFIG_INVALID: _ErrorReason.ValueType  # 157
+    """At start-up: --auth-token-file cannot be read or is empty. Code:
+    INVALID_ARGUMENT. Fix the file; the service does not start.
+    """
+    TLS_CONFIG_INVALID: _ErrorReason.ValueType  # 158
+    """At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
+    --tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
+    is not PEM, or a certificate was given without its key. Code:
+    INVALID_ARGUMENT. The service does not start.
+    """
+    TRACING_CONFIG_INVALID: _ErrorReason.ValueType  # 159
+    """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
+    installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -881,5 +906,30 @@ Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
 VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
 """A video's sampling options are out of range: a negative or non-finite
 fps or max_frames. Code: INVALID_ARGUMENT.
+"""
+AUTH_TOKEN_MISSING: ErrorReason.ValueType  # 155
+"""---- Authentication and start-up security settings -----------------------
+
+The processor requires a bearer token (--auth-token-file) and the call
+sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
+Bearer <token>". Health checks need no token.
+"""
+AUTH_TOKEN_INVALID: ErrorReason.ValueType  # 156
+"""The call's bearer token is not the processor's, or its scheme is not
+"Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
+"""
+AUTH_CONFIG_INVALID: ErrorReason.ValueType  # 157
+"""At start-up: --auth-token-file cannot be read or is empty. Code:
+INVALID_ARGUMENT. Fix the file; the service does not start.
+"""
+TLS_CONFIG_INVALID: ErrorReason.ValueType  # 158
+"""At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
+--tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
+is not PEM, or a certificate was given without its key. Code:
+INVALID_ARGUMENT. The service does not start.
+"""
+TRACING_CONFIG_INVALID: ErrorReason.ValueType  # 159
+"""At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
+installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
