@@ -29,6 +29,7 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class EncoderCollector(Collector):
         buckets, total = [], 0
         for b, count in enumerate(batches.forwards_by_items_log2):
             total += count
-            buckets.append((str(2 ** (b + 1) - 1), total))
+            buckets.append((floatToGoString(2 ** (b + 1) - 1), total))
         buckets.append(("+Inf", batches.forwards))
         yield HistogramMetricFamily("triptych_encoder_batch_items", "items per tower forward (the batch size)",
                                     buckets=buckets, sum_value=batches.items)
