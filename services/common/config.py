@@ -87,6 +87,21 @@ def torch_threads(configured: int) -> int:
 
 
 @dataclass(frozen=True)
+class ClientConfig:
+    """How `triptych generate` connects to a processor: TLS (mutual when it has a certificate), bearer token."""
+
+    tls: bool = field(default=False, metadata=doc(
+        "connect over TLS, checking the processor's certificate against --tls-ca (else the system's roots)"))
+    tls_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA that signed the processor's certificate; implies --tls"))
+    tls_client_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate to present (a processor with --tls-ca requires one); implies --tls"))
+    tls_client_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-client-cert"))
+    auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the processor's bearer token (else TRIPTYCH_AUTH_TOKEN, if set)"))
+
+
+@dataclass(frozen=True)
 class EncoderConfig:
     model: Path = field(metadata=_MODEL_HELP)
     server: ServerConfig = field(default_factory=ServerConfig)
