@@ -71,8 +71,9 @@ class CertificateAuthority:
         self.pem = folder / f"{name}.pem"
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, *, server: bool) -> Issued:
-        """A leaf certificate: for a server, valid for localhost and 127.0.0.1; else a client certificate."""
+    def issue(self, stem: str, *, server: bool, names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Issued:
+        """A leaf certificate: for a server, valid for `names` (host names and IP addresses); else a client
+        certificate."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (x509.CertificateBuilder().subject_name(_name(stem)).issuer_name(self.cert.subject)
@@ -83,7 +84,8 @@ class CertificateAuthority:
                                                          else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n) for n in names]),
+                critical=False)
         return _write(self.folder, stem, builder.sign(self.key, hashes.SHA256()), key)
 
 
@@ -204,3 +206,45 @@ def test_the_token_is_in_no_log(services, pki):
     logs = "".join(line for proc in services.values() for line in proc.lines)
     assert "UNAUTHENTICATED" in logs  # the refusals were logged...
     assert TOKEN not in logs  # ...without the token (right or wrong)
+
+
+def test_replicas_of_a_host_name_are_checked_for_that_name(qwen2_vl_dir, pki):
+    """The pool dials each address an encoder name resolves to, but checks the certificate for the name:
+    one certificate for a (headless) service name serves every replica, whose IPs it cannot list."""
+    import asyncio
+
+    from services.common.config import EncoderConfig, ServerConfig
+    from services.common.errors import Unavailable
+    from services.common.tls import ClientTLS
+    from services.encoder import server as encoder_server
+    from services.encoder.servicer import EncoderServicer
+    from services.models.checkpoint import Checkpoint
+    from services.processor.pool import EncoderPool
+
+    named = pki.ca.issue("encoders", server=True, names=("encoders.test",))  # no IP address in it
+    checkpoint = Checkpoint(qwen2_vl_dir)
+    tls = ClientTLS(ca=pki.ca.pem.read_bytes(), cert=pki.processor_client.cert.read_bytes(),
+                    key=pki.processor_client.key.read_bytes())
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "encoders.test"
+        return ["127.0.0.1"]
+
+    async def run() -> None:
+        servicer = EncoderServicer(checkpoint, EncoderConfig(model=qwen2_vl_dir))
+        server, port = await encoder_server.start_server(servicer, ServerConfig(
+            port=0, tls_cert=named.cert, tls_key=named.key, tls_ca=pki.ca.pem))
+        try:
+            by_name = EncoderPool([f"encoders.test:{port}"], checkpoint.fingerprint, resolver=resolve, tls=tls)
+            await by_name.connect(30)
+            assert [s.healthy for s in by_name.stats()] == [True]
+            await by_name.close()
+            by_address = EncoderPool([f"127.0.0.1:{port}"], checkpoint.fingerprint, tls=tls)
+            with pytest.raises(Unavailable):  # the certificate does not name 127.0.0.1
+                await by_address.connect(3)
+            await by_address.close()
+        finally:
+            await server.stop(0)
+            servicer.close()
+
+    asyncio.run(run())
