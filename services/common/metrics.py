@@ -174,10 +174,16 @@ class MetricsEndpoint:
     """The /metrics HTTP server of one service process, with the collectors it added."""
 
     def __init__(self, host: str, port: int, collectors: Iterable[Collector] = ()):
+        try:
+            self.server, self.thread = start_http_server(port, addr=host)
+        except OSError as err:
+            from services.common.errors import FailedPrecondition
+
+            raise FailedPrecondition(f"--metrics-port {port}: cannot listen on {host}:{port} ({err.strerror})",
+                                     reason="METRICS_PORT_UNAVAILABLE") from err
         self.collectors = list(collectors)
         for collector in self.collectors:
             REGISTRY.register(collector)
-        self.server, self.thread = start_http_server(port, addr=host)
         self.port = self.server.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 

@@ -159,3 +159,19 @@ def test_tls_settings_are_checked_at_start(tmp_path):
     assert server_credentials(None, None, None) is None
     assert ClientTLS.from_files(None, None, None) is None
     assert ClientTLS.from_files(None, None, None, enabled=True) == ClientTLS()  # TLS with the system's roots
+
+
+def test_the_endpoint_serves_metrics_and_a_taken_port_is_a_clear_error():
+    import urllib.request
+
+    from services.common.errors import FailedPrecondition
+
+    endpoint = metrics.MetricsEndpoint("127.0.0.1", 0)
+    try:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=10).read().decode()
+        assert "# TYPE triptych_rpc_requests_total counter" in page
+        with pytest.raises(FailedPrecondition) as taken:
+            metrics.MetricsEndpoint("127.0.0.1", endpoint.port)
+        assert taken.value.reason == "METRICS_PORT_UNAVAILABLE"
+    finally:
+        endpoint.close()

@@ -465,6 +465,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
     installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
     """
+    METRICS_PORT_UNAVAILABLE: _ErrorReason.ValueType  # 160
+    """At start-up: the service cannot listen on its --metrics-port (in use, or
+    not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
+    metrics endpoint.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -931,5 +936,10 @@ INVALID_ARGUMENT. The service does not start.
 TRACING_CONFIG_INVALID: ErrorReason.ValueType  # 159
 """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
 installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
+"""
+METRICS_PORT_UNAVAILABLE: ErrorReason.ValueType  # 160
+"""At start-up: the service cannot listen on its --metrics-port (in use, or
+not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
+metrics endpoint.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
