@@ -125,3 +125,45 @@ def test_health_checks_are_not_traced(traced):
     with grpc.insecure_channel(services.address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert exporter.get_finished_spans() == ()
+
+
+def test_chunked_streams_are_traced_too(traced, qwen2_vl_dir):
+    """A request larger than the LLM's message budget goes through the bidirectional ChunkedStreamGenerate:
+    the client interceptors of every call shape carry the context (here a budget of a few KB forces it)."""
+    import asyncio
+
+    from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
+    from services.common.api.triptych.llm.v1 import llm_pb2
+    from services.models.checkpoint import Checkpoint
+    from services.processor.router import LlmClient
+
+    services, exporter = traced
+    with grpc.insecure_channel(services.address) as channel:
+        prepared = processor_pb2_grpc.ProcessorServiceStub(channel).Preprocess(processor_pb2.PreprocessRequest(
+            messages=build_messages("Describe.", [image_bytes(256, 256, seed=9)]),
+            sampling=generation_pb2.SamplingParams(max_new_tokens=3, ignore_eos=True)), timeout=60)
+    with grpc.insecure_channel(services.encoder_address) as channel:
+        encoded = encoder_pb2_grpc.EncoderServiceStub(channel).Encode(prepared.encode_request, timeout=60)
+    request = llm_pb2.StreamGenerateRequest(model_fingerprint=prepared.llm_request.model_fingerprint,
+                                            prompt=prepared.llm_request.prompt, sampling=prepared.llm_request.sampling)
+    (mm,) = request.prompt.multimodal_inputs
+    mm.embeddings.CopyFrom(encoded.items[0].embeddings)
+    assert len(mm.embeddings.data) > 8192
+
+    async def generate() -> list[int]:
+        client = LlmClient(services.llm_address, Checkpoint(qwen2_vl_dir).fingerprint, max_message_bytes=70_000)
+        client.chunk_bytes = 4096  # the smallest chunk: the embeddings take several messages
+        try:
+            with tracing.span("test.root"):
+                return [t async for reply in client.stream_generate(request, 60) for t in reply.token_ids]
+        finally:
+            await client.close()
+
+    exporter.clear()
+    assert len(asyncio.run(generate())) == 3
+    spans = exporter.get_finished_spans()
+    chunked = {s.kind: s for s in spans if s.name == "/triptych.llm.v1.LlmService/ChunkedStreamGenerate"}
+    root = next(s for s in spans if s.name == "test.root")
+    assert chunked[SpanKind.CLIENT].parent.span_id == root.context.span_id
+    assert chunked[SpanKind.SERVER].parent.span_id == chunked[SpanKind.CLIENT].context.span_id
+    assert any(s.name == "llm.decode" and s.parent.span_id == chunked[SpanKind.SERVER].context.span_id for s in spans)
