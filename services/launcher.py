@@ -93,7 +93,7 @@ def torch_shares(torch_threads: int, cores: int, encoders: int = 1) -> tuple[int
 
 def run_up(args: argparse.Namespace) -> int:
     # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
-    skip = frozenset({"port", "encoder_addrs", "llm_addr", "metrics_port"})
+    skip = frozenset({"port", "encoder_addrs", "llm_addr", "metrics_port", "health_port"})
     # --metrics-port P: the processor P, the LLM P+1, the encoders P+2, P+3, ...
     metrics = [[] if not args.metrics_port else ["--metrics-port", str(args.metrics_port + i)]
                for i in range(args.encoders + 2)]

@@ -46,6 +46,10 @@ class ServerConfig:
     tls_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-cert"))
     tls_ca: Path | None = field(default=None, metadata=doc(
         "PEM CA certificates that sign client certificates; set: mutual TLS, clients without one are refused"))
+    # Kubernetes' own gRPC probe speaks no TLS: under mutual TLS it checks this port instead.
+    health_port: int = field(default=0, metadata=doc(
+        "port of a plaintext gRPC endpoint serving only grpc.health.v1 (for probes without a client "
+        "certificate); 0: none"))
     # Traces also turn on when the standard OTEL_TRACES_EXPORTER names an exporter (services/common/tracing.py).
     otel: bool = field(default=False, metadata=doc(
         "OpenTelemetry traces, exported as the standard OTEL_* variables say (default OTLP to localhost:4317)"))

@@ -62,6 +62,13 @@ class Server:
                      else self.grpc.add_insecure_port(cfg.listen_addr))
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.listen_addr}")
+        # Health alone, in plaintext, for probes that cannot present a certificate; same statuses.
+        self.health_grpc: grpc.aio.Server | None = None
+        if cfg.health_port:
+            self.health_grpc = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            if self.health_grpc.add_insecure_port(f"{cfg.host}:{cfg.health_port}") == 0:
+                raise OSError(f"cannot listen on {cfg.host}:{cfg.health_port} (--health-port)")
 
     @property
     def address(self) -> str:
@@ -71,6 +78,8 @@ class Server:
         if self.cfg.metrics_port:
             self.metrics = MetricsEndpoint(self.cfg.host, self.cfg.metrics_port, self.collectors)
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -78,6 +87,8 @@ class Server:
         """Stops taking new calls (health NOT_SERVING), lets in-flight ones finish within the grace."""
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

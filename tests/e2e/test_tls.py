@@ -109,6 +109,17 @@ def pki(tmp_path_factory) -> Pki:
 TOKEN = f"tok-{uuid.uuid4().hex}"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HEALTH_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def services(qwen2_vl_dir, pki, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secret") / "token"
@@ -118,7 +129,8 @@ def services(qwen2_vl_dir, pki, tmp_path_factory):
     processor = start_processor(
         qwen2_vl_dir, wait_listening(encoder), wait_listening(llm), None, *mtls,
         "--tls-upstream-ca", str(pki.ca.pem), "--tls-client-cert", str(pki.processor_client.cert),
-        "--tls-client-key", str(pki.processor_client.key), "--auth-token-file", str(token_file))
+        "--tls-client-key", str(pki.processor_client.key), "--auth-token-file", str(token_file),
+        "--health-port", str(HEALTH_PORT))
     procs = {"encoder": encoder, "llm": llm, "processor": processor}
     try:
         wait_listening(processor)
@@ -199,6 +211,16 @@ def test_health_needs_no_token(services, pki):
     with grpc.secure_channel(services["processor"].address, credentials(pki, pki.client)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_probes_without_a_certificate_use_the_plaintext_health_port(services):
+    with grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="triptych.processor.v1.ProcessorService"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refused = _refusal(lambda: processor_pb2_grpc.ProcessorServiceStub(channel).Generate(
+            processor_pb2.GenerateRequest(), timeout=10))
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED  # that port serves health and nothing else
 
 
 def test_the_token_is_in_no_log(services, pki):
