@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from services.common.config import DEFAULT_PROCESSOR_PORT, EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.config import DEFAULT_PROCESSOR_PORT, ClientConfig, EncoderConfig, LlmConfig, ProcessorConfig
 from services.common.flags import add_config_flags, config_from_args
 
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, ...")
     p.add_argument("--timeout-s", type=float, default=600.0)
+    add_config_flags(p, ClientConfig)  # TLS and the bearer token
     return parser
 
 

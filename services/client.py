@@ -11,8 +11,12 @@ import grpc
 
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from services.common.errors import error_info
+from services.common.config import ClientConfig
+from services.common.errors import TriptychError, error_info
+from services.common.flags import config_from_args
+from services.common.interceptors import load_auth_token
 from services.common.server import channel_options
+from services.common.tls import ClientTLS
 
 _FINISH_NAMES = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
 
@@ -54,21 +58,36 @@ def sampling_params(args: argparse.Namespace) -> generation_pb2.SamplingParams:
         stop=args.stop, logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0, **optional)
 
 
+def connect(server: str, cfg: ClientConfig) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to the processor (TLS as `cfg` says) and the metadata every call sends (the token)."""
+    tls = ClientTLS.from_files(cfg.tls_ca, cfg.tls_client_cert, cfg.tls_client_key, enabled=cfg.tls)
+    token = load_auth_token(cfg.auth_token_file)
+    metadata = (("authorization", "Bearer " + token.decode()),) if token else ()
+    if tls is None:
+        return grpc.insecure_channel(server, options=channel_options()), metadata
+    return grpc.secure_channel(server, tls.credentials(), options=channel_options()), metadata
+
+
 def run_generate(args: argparse.Namespace) -> int:
     try:
         media = [(kind, path.read_bytes()) for kind, path in args.media]
     except OSError as err:
         print(f"error: cannot read media file: {err}", file=sys.stderr)
         return 2
+    try:
+        channel, metadata = connect(args.server, config_from_args(ClientConfig, args))
+    except TriptychError as err:
+        print(f"error: [{err.reason}] {err.message}", file=sys.stderr)
+        return 2
     sampling = sampling_params(args)
     messages = build_messages(args.prompt, media=media)
-    with grpc.insecure_channel(args.server, options=channel_options()) as channel:
+    with channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         try:
             if args.stream:
                 completion = None
                 request = processor_pb2.StreamGenerateRequest(messages=messages, sampling=sampling)
-                for event in stub.StreamGenerate(request, timeout=args.timeout_s):
+                for event in stub.StreamGenerate(request, timeout=args.timeout_s, metadata=metadata):
                     if event.HasField("completion"):
                         completion = event.completion
                     elif not args.json:
@@ -77,7 +96,7 @@ def run_generate(args: argparse.Namespace) -> int:
                     print()
             else:
                 request = processor_pb2.GenerateRequest(messages=messages, sampling=sampling)
-                completion = stub.Generate(request, timeout=args.timeout_s).completion
+                completion = stub.Generate(request, timeout=args.timeout_s, metadata=metadata).completion
                 if not args.json:
                     print(completion.text)
         except grpc.RpcError as err:

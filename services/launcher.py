@@ -25,7 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.errors import TriptychError
 from services.common.flags import child_argv
+from services.common.tls import ClientTLS
 
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 
@@ -59,8 +61,12 @@ class Child:
             self.proc.send_signal(signal.SIGTERM)
 
 
-def _wait_serving(address: str, timeout_s: float) -> None:
-    with grpc.insecure_channel(address) as channel:
+def _health_channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
+    return grpc.secure_channel(address, tls.credentials()) if tls else grpc.insecure_channel(address)
+
+
+def _wait_serving(address: str, timeout_s: float, tls: ClientTLS | None = None) -> None:
+    with _health_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -87,7 +93,17 @@ def torch_shares(torch_threads: int, cores: int, encoders: int = 1) -> tuple[int
 
 def run_up(args: argparse.Namespace) -> int:
     # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
-    skip = frozenset({"port", "encoder_addrs", "llm_addr"})
+    skip = frozenset({"port", "encoder_addrs", "llm_addr", "metrics_port", "health_port"})
+    # --metrics-port P: the processor P, the LLM P+1, the encoders P+2, P+3, ...
+    metrics = [[] if not args.metrics_port else ["--metrics-port", str(args.metrics_port + i)]
+               for i in range(args.encoders + 2)]
+    # With --tls-cert the children serve TLS: our health checks use the processor's client side.
+    try:
+        tls = (ClientTLS.from_files(args.tls_upstream_ca, args.tls_client_cert, args.tls_client_key, enabled=True)
+               if args.tls_cert else None)
+    except TriptychError as err:
+        print(f"error: [{err.reason}] {err.message}", file=sys.stderr)
+        return 2
     children: list[Child] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -99,20 +115,20 @@ def run_up(args: argparse.Namespace) -> int:
     torch_skip = skip | {"torch_threads"}  # each gets its own share below
     try:
         encoders = [Child("encoder", ["serve", "encoder", *child_argv(EncoderConfig, args, skip=torch_skip),
-                                      "--port", "0", "--torch-threads", str(encoder_threads)])
-                    for _ in range(args.encoders)]
+                                      "--port", "0", "--torch-threads", str(encoder_threads), *metrics[2 + i]])
+                    for i in range(args.encoders)]
         llm = Child("llm", ["serve", "llm", *child_argv(LlmConfig, args, skip=torch_skip), "--port", "0",
-                            "--torch-threads", str(llm_threads)])
+                            "--torch-threads", str(llm_threads), *metrics[1]])
         children += [*encoders, llm]
         encoder_flags = [x for e in encoders for x in ("--encoder", e.wait_address(600))]
         llm_addr = llm.wait_address(600)
         processor = Child("processor", ["serve", "processor", *child_argv(ProcessorConfig, args, skip=skip),
-                                        "--port", str(args.port), *encoder_flags, "--llm", llm_addr],
+                                        "--port", str(args.port), *encoder_flags, "--llm", llm_addr, *metrics[0]],
                           env={"OMP_NUM_THREADS": "1"})
         children.append(processor)
         processor_addr = processor.wait_address(600)
         for child in children:
-            _wait_serving(child.address, 60)
+            _wait_serving(child.address, 60, tls)
         print(f"processor listening on {processor_addr}", flush=True)
         while not stop.is_set():
             if any(c.proc.poll() is not None for c in children):

@@ -68,8 +68,10 @@ def wait_listening(proc: Proc, timeout_s: float = 300) -> str:
     return proc.address
 
 
-def wait_serving(address: str, timeout_s: float = 60) -> None:
-    with grpc.insecure_channel(address) as channel:
+def wait_serving(address: str, timeout_s: float = 60, credentials: grpc.ChannelCredentials | None = None) -> None:
+    """`credentials`: for a service that serves TLS (tls_flags)."""
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -94,6 +96,11 @@ def start_processor(model: Path, encoder: str, llm: str, allowed_media_dir: Path
     extra = ["--allowed-media-dir", str(allowed_media_dir)] if allowed_media_dir else []
     return spawn("processor", "serve", "processor", "--model", str(model), "--port", "0",
                  "--encoder", encoder, "--llm", llm, *extra, *flags)
+
+
+def tls_flags(cert: Path, key: Path, ca: Path | None = None) -> tuple[str, ...]:
+    """A service's flags to serve TLS with `cert`, mutual TLS (client certificates signed by `ca`) with `ca`."""
+    return ("--tls-cert", str(cert), "--tls-key", str(key), *(("--tls-ca", str(ca)) if ca else ()))
 
 
 @dataclass

@@ -37,6 +37,22 @@ class ServerConfig:
     keepalive_time_s: int = field(default=30, metadata=doc("seconds between keepalive pings"))
     keepalive_timeout_s: int = field(default=10, metadata=doc("seconds to wait for a keepalive ack"))
     grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    # Off by default: `up` and tests run several services on one host, where one default port would clash.
+    metrics_port: int = field(default=0, metadata=doc(
+        "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
+    # TLS (services/common/tls.py): a certificate and its key turn TLS on; a CA also requires client certificates.
+    tls_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate chain this service presents; with --tls-key: serve TLS only"))
+    tls_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-cert"))
+    tls_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign client certificates; set: mutual TLS, clients without one are refused"))
+    # Kubernetes' own gRPC probe speaks no TLS: under mutual TLS it checks this port instead.
+    health_port: int = field(default=0, metadata=doc(
+        "port of a plaintext gRPC endpoint serving only grpc.health.v1 (for probes without a client "
+        "certificate); 0: none"))
+    # Traces also turn on when the standard OTEL_TRACES_EXPORTER names an exporter (services/common/tracing.py).
+    otel: bool = field(default=False, metadata=doc(
+        "OpenTelemetry traces, exported as the standard OTEL_* variables say (default OTLP to localhost:4317)"))
 
     @property
     def listen_addr(self) -> str:
@@ -72,6 +88,21 @@ EncoderInput = Literal["tensors", "media"]
 def torch_threads(configured: int) -> int:
     """A torch_threads field's value, 0 resolved to half of os.cpu_count() (at least 1)."""
     return configured if configured > 0 else max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How `triptych generate` connects to a processor: TLS (mutual when it has a certificate), bearer token."""
+
+    tls: bool = field(default=False, metadata=doc(
+        "connect over TLS, checking the processor's certificate against --tls-ca (else the system's roots)"))
+    tls_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA that signed the processor's certificate; implies --tls"))
+    tls_client_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate to present (a processor with --tls-ca requires one); implies --tls"))
+    tls_client_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-client-cert"))
+    auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the processor's bearer token (else TRIPTYCH_AUTH_TOKEN, if set)"))
 
 
 @dataclass(frozen=True)
@@ -177,3 +208,13 @@ class ProcessorConfig:
     encoder_input: EncoderInput = field(default="media", metadata=doc(
         "what the processor sends the encoder per item: tensors (the HF processor's outputs) or media "
         "(the compressed file; the encoder runs the HF processor)"))
+    # The processor as a client of the encoder and the LLM (their --tls-cert / --tls-ca).
+    tls_upstream_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign the encoder's and LLM's certificates; set: connect to them over TLS"))
+    tls_client_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate the processor presents to the encoder and LLM (mutual TLS; implies TLS to them)"))
+    tls_client_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-client-cert"))
+    # A file, not the token itself: a flag's value is visible in `ps` and in --help (TRIPTYCH_AUTH_TOKEN also works).
+    auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the bearer token every call but health checks must send (authorization: Bearer ...); "
+        "unset: no token required"))

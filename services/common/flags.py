@@ -91,7 +91,9 @@ class ConfigFlag:
         """The command-line arguments that give this field `value` (for child processes)."""
         if self.is_list:
             return [x for v in value for x in (self.flag, str(v))]
-        return [self.flag, str(value).lower() if self.is_bool else str(value)]
+        if self.is_bool:  # argparse.BooleanOptionalAction: --flag / --no-flag, no argument
+            return [self.flag if value else "--no-" + self.flag.removeprefix("--")]
+        return [self.flag, str(value)]
 
 
 def _resolve(kind: Any) -> Any:

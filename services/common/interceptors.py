@@ -1,22 +1,30 @@
-"""The production server interceptors: request ids (and their log lines) and errors -> statuses.
+"""The production server interceptors: metrics, request ids (and their log lines), errors -> statuses,
+and the processor's optional bearer token.
 
-Every server is built with `[RequestIdInterceptor(), ErrorInterceptor(domain)]`, in that
-order: the request id is set before anything of the call runs, so even the error log
-line of a failed call carries it.
+Every server is built with `[MetricsInterceptor(), RequestIdInterceptor(), ErrorInterceptor(domain)]`
+(+ `AuthInterceptor(token)` on a processor with a token; tracing's own interceptor goes first when on),
+in that order, outermost first: every call is counted, refusals included; the request id is set before
+anything of the call runs, so even the error log line of a failed call carries it; a refused token
+becomes UNAUTHENTICATED through ErrorInterceptor like any other error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import hmac
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
-from services.common.errors import Internal, TriptychError, Unimplemented
+from services.common import metrics, tracing
+from services.common.errors import Internal, InvalidArgument, TriptychError, Unimplemented
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +113,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
         async def begin(context: grpc.aio.ServicerContext) -> float:
             bind_request_id(request_id)  # the call's own task and context: no reset needed
+            tracing.annotate(**{"triptych.request_id": request_id})
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             return time.perf_counter()
 
@@ -132,6 +141,118 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             return behavior
 
         return wrap_handler(handler, unary, stream)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code, and times it (services/common/metrics.py)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        counter, timer = metrics.RPC_REQUESTS, metrics.RPC_SECONDS.labels(method)
+
+        def end(context: grpc.aio.ServicerContext, started: float, fallback: grpc.StatusCode) -> None:
+            # An abort leaves its code on the context; otherwise the call ended as `fallback` says.
+            code = context.code() or fallback
+            counter.labels(method, getattr(code, "name", str(code))).inc()
+            timer.observe(time.perf_counter() - started)
+            tracing.set_status_code(code if isinstance(code, grpc.StatusCode) else None)
+
+        def unary(inner: Behavior) -> Behavior:
+            async def behavior(request, context):
+                started, fallback = time.perf_counter(), grpc.StatusCode.UNKNOWN
+                try:
+                    response = await inner(request, context)
+                    fallback = grpc.StatusCode.OK
+                    return response
+                except (asyncio.CancelledError, GeneratorExit):
+                    fallback = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    end(context, started, fallback)
+            return behavior
+
+        def stream(inner: Behavior) -> Behavior:
+            async def behavior(request, context):
+                started, fallback = time.perf_counter(), grpc.StatusCode.UNKNOWN
+                try:
+                    async for response in stream_responses(inner, request, context):
+                        yield response
+                    fallback = grpc.StatusCode.OK
+                except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+                    fallback = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    end(context, started, fallback)
+            return behavior
+
+        return wrap_handler(handler, unary, stream)
+
+
+class Unauthenticated(TriptychError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+AUTH_TOKEN_ENV = "TRIPTYCH_AUTH_TOKEN"  # the token itself, where no --auth-token-file is given
+_UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
+
+
+def load_auth_token(path: Path | None) -> bytes | None:
+    """The bearer token from --auth-token-file (surrounding whitespace dropped), else TRIPTYCH_AUTH_TOKEN;
+    None: no token required. Never logged."""
+    if path is not None:
+        try:
+            token = path.read_bytes().strip()
+        except OSError as err:
+            raise InvalidArgument(f"--auth-token-file {path}: cannot read it ({err.strerror})",
+                                  reason="AUTH_CONFIG_INVALID") from err
+        if not token:
+            raise InvalidArgument(f"--auth-token-file {path} is empty", reason="AUTH_CONFIG_INVALID")
+        return token
+    token = os.environ.get(AUTH_TOKEN_ENV, "").strip()
+    return token.encode() if token else None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` (UNAUTHENTICATED); health checks pass.
+    Compared in constant time; neither the expected nor the sent token reaches a log line or a message."""
+
+    def __init__(self, token: bytes):
+        self._token = token
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_UNAUTHENTICATED_METHODS):
+            return handler
+        refusal = self._check(handler_call_details.invocation_metadata or ())
+        if refusal is None:
+            return handler
+
+        def unary(inner: Behavior) -> Behavior:
+            async def behavior(request, context):
+                raise refusal
+            return behavior
+
+        def stream(inner: Behavior) -> Behavior:
+            async def behavior(request, context):
+                raise refusal
+                yield  # an async generator, as the streaming handler expects
+            return behavior
+
+        return wrap_handler(handler, unary, stream)
+
+    def _check(self, metadata) -> Unauthenticated | None:
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            return Unauthenticated("this processor requires a bearer token: send the metadata "
+                                   "'authorization: Bearer <token>'", reason="AUTH_TOKEN_MISSING")
+        scheme, _, sent = (values[0] if isinstance(values[0], str) else values[0].decode("latin-1")).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), self._token):
+            return Unauthenticated("the bearer token is not valid for this processor",
+                                   reason="AUTH_TOKEN_INVALID")
+        return None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

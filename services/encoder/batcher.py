@@ -166,6 +166,12 @@ class Batcher:
             self._cond.notify()
         return job.future
 
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a forward (the metrics' queue length)."""
+        with self._cond:
+            return sum(len(job.items) for job in self._queue)
+
     def withdraw(self, future: Future) -> bool:
         """Takes the job of `future` out of the queue if it has not started (the future is cancelled);
         False if it runs or ran."""

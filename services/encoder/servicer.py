@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from services.common import chunks, shm
+from services.common import chunks, metrics, shm, tracing
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
@@ -126,13 +126,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
-        units = await loop.run_in_executor(self._parse_pool, self._parse, request)
+        with tracing.span("encoder.inputs", items=len(request.items)):  # media mode: decode + HF processor
+            units = await loop.run_in_executor(self._parse_pool, self._parse, request)
         results: list[ItemEmbeddings | None] = [None] * len(request.items)
         hits = [False] * len(request.items)
         pending = self._plan(units, results, hits)
         waits = [_awaitable(p.future) for p in pending]
         try:
-            done = await asyncio.gather(*waits)
+            with tracing.span("encoder.tower", units=len(pending)):  # queue + forward; cache hits skip it
+                done = await asyncio.gather(*waits)
         except BaseException:  # cancelled, past its deadline, or a unit failed: the rest need not run
             for wait in waits:
                 wait.cancel()
@@ -142,6 +144,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             for i, emb in zip(p.unit.indexes, out):
                 results[i] = emb
         response = await loop.run_in_executor(self._parse_pool, self._reply, request, results, hits)
+        metrics.count_sent(metrics.ENCODER_REPLY, metrics.tensor_bytes(t for _, t in chunks.item_tensors(response.items)))
         if request.embeddings_transport == encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY and self._shm.enabled:
             tensors = [t for _, t in chunks.item_tensors(response.items)]
             await loop.run_in_executor(self._parse_pool, self._shm.export, tensors)  # inline when full

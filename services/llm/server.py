@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from grpc_health.v1 import health_pb2
 
+from services.common import tracing
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, ServerConfig
 from services.common.server import Server, start_server as start_common
@@ -40,6 +41,7 @@ async def serve(cfg: LlmConfig, checkpoint: Checkpoint) -> None:
     """Starts the engine process (SERVING only once it has loaded the model), serves until SIGTERM,
     finishes in-flight requests, then stops the engine process."""
     torch.set_num_threads(1)  # this process only parses requests; the engine process has the cores
+    tracing.setup("llm", cfg.server.otel)
     servicer = LlmServicer(checkpoint, cfg)
     try:
         server, _ = await start_server(servicer, cfg.server)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from services.common import chunks, shm
+from services.common import chunks, metrics, shm, tracing
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import LlmConfig, torch_threads
@@ -64,6 +64,13 @@ def _logprobs(token: SampledToken) -> list[generation_pb2.TokenLogprobs]:
         token=generation_pb2.TokenLogprob(token_id=token.token_id, logprob=token.logprob),
         top_logprobs=[generation_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs],
     )]
+
+
+def _stage_spans(finished: Finished) -> None:
+    """The engine's stages of a finished request as spans of the current call (tracing on)."""
+    tracing.record_span("llm.queue", finished.queued_ns, finished.prefill_start_ns)
+    tracing.record_span("llm.prefill", finished.prefill_start_ns, finished.prefill_end_ns)
+    tracing.record_span("llm.decode", finished.prefill_end_ns, finished.end_ns, tokens=finished.num_generated)
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,22 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     # ---- parsing ------------------------------------------------------------------------
     async def _generate(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest,
                         assembler: chunks.Assembler | None = None):
-        parsed = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, request, assembler)
-        async for event in self.engine.generate(parsed.token_ids, parsed.placed, parsed.sampling):
-            yield event
+        timer = metrics.TokenTimer()
+        with tracing.span("llm.parse"):
+            parsed = await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, request, assembler)
+        gauges = metrics.LlmRequestGauges(len(parsed.token_ids))
+        try:
+            async for event in self.engine.generate(parsed.token_ids, parsed.placed, parsed.sampling):
+                if isinstance(event, Finished):
+                    timer.finished()
+                    gauges.close()  # now: Generate returns at Finished, before this generator is closed
+                    _stage_spans(event)
+                else:
+                    timer.tokens_arrived(1)
+                    gauges.token()
+                yield event
+        finally:
+            gauges.close()
 
     def _parse(self, request: llm_pb2.GenerateRequest | llm_pb2.StreamGenerateRequest,
                assembler: chunks.Assembler | None = None) -> ParsedRequest:

@@ -29,11 +29,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import metrics
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.config import ServerConfig
 from services.common.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
                                     TriptychError, Unavailable)
+from services.common.tls import ClientTLS
 from services.processor.ring import HashRing
 from services.processor.router import EncoderClient
 
@@ -119,9 +121,10 @@ class ReplicaStats:
 class Replica:
     """One encoder address: its channel, health, load and counters."""
 
-    def __init__(self, address: str, fingerprint: str, max_message_bytes: int):
+    def __init__(self, address: str, fingerprint: str, max_message_bytes: int, tls: ClientTLS | None = None,
+                 server_name: str | None = None):
         self.address = address
-        self.client = EncoderClient(address, fingerprint, RECONNECT_OPTIONS, max_message_bytes)
+        self.client = EncoderClient(address, fingerprint, RECONNECT_OPTIONS, max_message_bytes, tls, server_name)
         self.health = health_pb2_grpc.HealthStub(self.client.channel)
         self.healthy = False
         self.state = "connecting"
@@ -167,6 +170,12 @@ def _header(request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeRequest:
                                      embeddings_transport=request.embeddings_transport)
 
 
+def item_bytes(items: Iterable[encoder_pb2.MediaItem]) -> int:
+    """What the items carry: their tensors' bytes, or their media files' (tensor_bytes_sent metric)."""
+    return sum(len(item.media.data) if item.HasField("media") else metrics.tensor_bytes(t.tensor for t in item.tensors)
+               for item in items)
+
+
 def reference(item: encoder_pb2.MediaItem) -> encoder_pb2.MediaItem:
     """The item as a cache reference: its identity without tensors or media."""
     return encoder_pb2.MediaItem(modality=item.modality, mm_hash=item.mm_hash)
@@ -192,7 +201,8 @@ class EncoderPool:
     """The encoder replicas behind one processor; `encode` is what the servicer calls."""
 
     def __init__(self, targets: Sequence[str], fingerprint: str, *, resolve_interval_s: float = 30.0,
-                 resolver: Resolver = resolve_host, max_message_bytes: int = ServerConfig.max_message_mib << 20):
+                 resolver: Resolver = resolve_host, max_message_bytes: int = ServerConfig.max_message_mib << 20,
+                 tls: ClientTLS | None = None):
         if not targets:
             raise InvalidArgument("no encoder address; pass --encoder HOST:PORT (repeatable)",
                                   reason="ENCODER_ADDRESS_INVALID")
@@ -200,6 +210,7 @@ class EncoderPool:
         self.fingerprint = fingerprint
         self.max_message_bytes = max_message_bytes  # the largest reply message taken; larger ones come in chunks
         self.resolve_interval_s = resolve_interval_s
+        self.tls = tls
         self._resolver = resolver
         self._resolved: dict[Target, set[str]] = {}  # each target's addresses at its last good resolution
         self.replicas: dict[str, Replica] = {}
@@ -274,8 +285,11 @@ class EncoderPool:
                 self._resolved[target] = {format_address(h, target.port) for h in hosts}
         wanted = set().union(*self._resolved.values())
         added, gone = wanted - self.replicas.keys(), self.replicas.keys() - wanted
+        # TLS checks a replica's certificate for the name it was resolved from, not its IP address.
+        names = {address: t.host for t, addresses in self._resolved.items() if t.is_name for address in addresses}
         for address in sorted(added):
-            replica = self.replicas[address] = Replica(address, self.fingerprint, self.max_message_bytes)
+            replica = self.replicas[address] = Replica(address, self.fingerprint, self.max_message_bytes, self.tls,
+                                                       names.get(address))
             replica.watch = self._spawn(self._watch(replica))
         for address in sorted(gone):
             self._spawn(self._retire(self.replicas.pop(address)))
@@ -462,6 +476,7 @@ class EncoderPool:
                 request = encoder_pb2.EncodeRequest(
                     model_fingerprint=header.model_fingerprint, embeddings_transport=header.embeddings_transport,
                     items=[reference(items[k]) if k in references else items[k] for k in keys])
+                metrics.count_sent(metrics.ENCODER_REQUEST, item_bytes(items[k] for k in keys if k not in references))
                 try:
                     reply = await replica.client.encode(request, deadline - loop.time())
                     break

@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from services.common import chunks
+from services.common import chunks, metrics
 from services.common.api.triptych.common.v1 import model_info_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.config import ServerConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
 from services.common.interceptors import outgoing_metadata
-from services.common.server import channel_options
+from services.common.server import channel_options, open_channel
+from services.common.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,12 @@ class Downstream:
     """One channel to an encoder or LLM service, checked to serve our model."""
 
     def __init__(self, service: str, address: str, stub_class, fingerprint: str,
-                 extra_options: Sequence[tuple[str, int]] = ()):
+                 extra_options: Sequence[tuple[str, int]] = (), tls: ClientTLS | None = None,
+                 server_name: str | None = None):
         self.service = service
         self.address = address
         self.fingerprint = fingerprint
-        self.channel = grpc.aio.insecure_channel(address, options=[*channel_options(), *extra_options])
+        self.channel = open_channel(address, [*channel_options(), *extra_options], tls=tls, server_name=server_name)
         self.stub = stub_class(self.channel)
 
     async def connect(self, timeout_s: float) -> model_info_pb2.ModelInfo:
@@ -72,8 +74,10 @@ class EncoderClient(Downstream):
     reply comes in chunks of StreamEncode."""
 
     def __init__(self, address: str, fingerprint: str, extra_options: Sequence[tuple[str, int]] = (),
-                 max_message_bytes: int = ServerConfig.max_message_mib << 20):
-        super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint, extra_options)
+                 max_message_bytes: int = ServerConfig.max_message_mib << 20, tls: ClientTLS | None = None,
+                 server_name: str | None = None):
+        super().__init__("encoder", address, encoder_pb2_grpc.EncoderServiceStub, fingerprint, extra_options,
+                         tls, server_name)
         self.chunk_bytes = chunks.chunk_budget(max_message_bytes)
 
     async def encode(self, request: encoder_pb2.EncodeRequest, timeout_s: float) -> encoder_pb2.EncodeResponse:
@@ -90,15 +94,17 @@ class LlmClient(Downstream):
     """`max_message_bytes`: the largest message the LLM takes (the processor assumes its own
     --max-message-mib); a larger request goes in chunks through ChunkedStreamGenerate."""
 
-    def __init__(self, address: str, fingerprint: str, max_message_bytes: int = ServerConfig.max_message_mib << 20):
-        super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint)
+    def __init__(self, address: str, fingerprint: str, max_message_bytes: int = ServerConfig.max_message_mib << 20,
+                 tls: ClientTLS | None = None):
+        super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint, tls=tls)
         self.chunk_bytes = chunks.chunk_budget(max_message_bytes)
 
     async def stream_generate(self, request: llm_pb2.StreamGenerateRequest,
                               timeout_s: float) -> AsyncIterator[llm_pb2.StreamGenerateResponse]:
         if timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before generation", reason="DEADLINE_EXCEEDED")
-        tensors = (t for _, t in chunks.prompt_tensors(request.prompt))
+        tensors = [t for _, t in chunks.prompt_tensors(request.prompt)]
+        metrics.count_sent(metrics.LLM_REQUEST, metrics.tensor_bytes(tensors))
         if chunks.fits_one_message(tensors, self.chunk_bytes):
             call = self.stub.StreamGenerate(request, timeout=timeout_s, metadata=outgoing_metadata())
         else:  # cutting a large request copies its bytes: not on the event loop

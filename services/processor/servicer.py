@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 from transformers.video_utils import VideoMetadata
 
+from services.common import metrics, tracing
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
@@ -23,6 +24,7 @@ from services.common.errors import Internal, InvalidArgument, TriptychError
 from services.common.media import MediaLimits, check_media_size, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
+from services.common.tls import ClientTLS
 from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.models import evs
 from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
@@ -122,10 +124,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                               if cfg.local_encode_max_patches else None)
         # Media decoding, the HF processor and proto <-> tensor conversion are CPU work: never on the event loop.
         self._cpu = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="preprocess")
+        upstream_tls = ClientTLS.from_files(cfg.tls_upstream_ca, cfg.tls_client_cert, cfg.tls_client_key,
+                                            flags=("--tls-upstream-ca", "--tls-client-cert", "--tls-client-key"))
         self.encoders = EncoderPool(cfg.encoder_addrs, checkpoint.fingerprint,
                                     resolve_interval_s=cfg.encoder_resolve_interval_s,
-                                    max_message_bytes=cfg.server.max_message_mib << 20)
-        self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20)
+                                    max_message_bytes=cfg.server.max_message_mib << 20, tls=upstream_tls)
+        self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20, tls=upstream_tls)
         self._transport = (encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY if cfg.embeddings_transport == "shm"
                            else encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE)
 
@@ -169,6 +173,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     # ---- the pipeline -------------------------------------------------------------------
     async def _generate(self, request, context) -> AsyncIterator[processor_pb2.StreamGenerateResponse]:
         loop = asyncio.get_running_loop()
+        timer = metrics.TokenTimer()
         remaining = context.time_remaining()
         deadline = loop.time() + (remaining if remaining is not None else self.cfg.default_timeout_s)
         self._check_sampling(request.sampling)
@@ -180,7 +185,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         if prepared.unique_items:
             encode_request = await self._offload(self._encode_request, prepared)
             encode_request.embeddings_transport = self._transport  # not in Preprocess's: its caller decides
-            encoded = await self.encoders.encode(encode_request, deadline - loop.time())
+            with tracing.span("encode", items=len(encode_request.items)):
+                encoded = await self.encoders.encode(encode_request, deadline - loop.time())
         local_embeddings = await local if local is not None else {}
         text = TextStream(self.tokenizer, list(request.sampling.stop))
         token_ids: list[int] = []
@@ -189,6 +195,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         async for reply in self._llm_replies(prepared, encode_request, encoded, local_embeddings, request.sampling,
                                              deadline):
             if reply.token_ids:
+                timer.tokens_arrived(len(reply.token_ids))
                 token_ids.extend(reply.token_ids)
                 delta = text.push(list(reply.token_ids))
                 step_logprobs = self._with_token_text(reply.logprobs)
@@ -199,6 +206,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     break
             else:
                 finish_reason = reply.finish_reason
+        timer.finished()
         tail = text.finish()
         if tail:
             yield processor_pb2.StreamGenerateResponse(text_delta=tail)
@@ -295,9 +303,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     parts.append({"type": kind})
             hf_messages.append({"role": message.role, "content": parts})
         try:
-            prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
-            more = {name: items for name, items in (("videos", media.videos), ("audios", media.audios)) if items}
-            processed = self.family.preprocess(self.hf_processor, prompt_text, media.images, **more)
+            with tracing.span("hf_processor"):
+                prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
+                more = {name: items for name, items in (("videos", media.videos), ("audios", media.audios)) if items}
+                processed = self.family.preprocess(self.hf_processor, prompt_text, media.images, **more)
         except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
             raise InvalidArgument(f"the model's processor rejected the request: {err}",
                                   reason="PROCESSOR_REJECTED") from err
@@ -319,6 +328,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                         unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
 
+    @tracing.traced("media.decode")
     def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
         """Decodes one media part (within the limits) and names it; appends it to the request's media."""
         cap = {IMAGE: self.cfg.max_images_per_request, VIDEO: self.cfg.max_videos_per_request,

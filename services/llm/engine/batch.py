@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +25,12 @@ class Finished:
 
     finish_reason: str  # "stop" | "length"
     num_generated: int
+    # When the request was queued, its prefill began and ended, and it finished: time.time_ns() of the
+    # engine's process, the clock of the service too (trace spans of the queue, prefill and decode loop).
+    queued_ns: int = 0
+    prefill_start_ns: int = 0
+    prefill_end_ns: int = 0
+    end_ns: int = 0
 
 
 async def events_until_finished(events: asyncio.Queue) -> AsyncIterator[SampledToken | Finished]:
@@ -52,6 +59,9 @@ class Row:
     length: int = 0  # real tokens in the cache (padding not counted): the next token's position
     aborted: bool = False  # set by any thread; the row leaves at the next step
     done: bool = False  # finished, failed or aborted: leaves at the next step
+    queued_ns: int = field(default_factory=time.time_ns)  # stage times, as Finished reports them
+    prefill_start_ns: int = 0
+    prefill_end_ns: int = 0
 
     def accept(self, token: SampledToken) -> None:
         """Emits a sampled token and finishes the request on a stop id or at max_new_tokens."""
@@ -63,7 +73,8 @@ class Row:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
-        self.emit(Finished(reason, len(self.generated)))
+        self.emit(Finished(reason, len(self.generated), self.queued_ns, self.prefill_start_ns, self.prefill_end_ns,
+                           time.time_ns()))
         self.done = True
 
 

@@ -25,6 +25,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from functools import partial
 
@@ -188,6 +189,7 @@ class Engine:
     def _prefill(self, row: Row):
         """Runs the request's prompt alone through the family's hooks and samples its first token."""
         device = self.model.device
+        row.prefill_start_ns = time.time_ns()
         try:
             row.prefill = self.family.prefill_inputs(self.model, row.token_ids.to(device), row.placed)
             cache = self.family.new_cache(self.model)
@@ -204,7 +206,9 @@ class Engine:
             row.placed = []  # the embeddings now live in the cache
             row.prefill = row.prefill.for_decode()  # deepstack rows, prefill masks, embeddings: prefill only
             row.length = length
-            row.accept(row.sampler.sample(self.lm_head(out.last_hidden_state[:, -1])[0]))
+            first = row.sampler.sample(self.lm_head(out.last_hidden_state[:, -1])[0])
+            row.prefill_end_ns = time.time_ns()
+            row.accept(first)
             return cache
         except Exception as err:  # noqa: BLE001 — a failed request must not stop the engine
             self._fail(row, err)

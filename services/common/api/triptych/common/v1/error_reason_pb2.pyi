@@ -462,6 +462,35 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     count EVS keeps of it at that rate (the caller computed it with another
     rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
     count the processor's placeholder run has.
+    ---- Authentication and start-up security settings -----------------------
+    """
+    AUTH_TOKEN_MISSING: _ErrorReason.ValueType  # 155
+    """The processor requires a bearer token (--auth-token-file) and the call
+    sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
+    Bearer <token>". Health checks need no token.
+    """
+    AUTH_TOKEN_INVALID: _ErrorReason.ValueType  # 156
+    """The call's bearer token is not the processor's, or its scheme is not
+    "Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
+    """
+    AUTH_CONFIG_INVALID: _ErrorReason.ValueType  # 157
+    """At start-up: --auth-token-file cannot be read or is empty. Code:
+    INVALID_ARGUMENT. Fix the file; the service does not start.
+    """
+    TLS_CONFIG_INVALID: _ErrorReason.ValueType  # 158
+    """At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
+    --tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
+    is not PEM, or a certificate was given without its key. Code:
+    INVALID_ARGUMENT. The service does not start.
+    """
+    TRACING_CONFIG_INVALID: _ErrorReason.ValueType  # 159
+    """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
+    installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
+    """
+    METRICS_PORT_UNAVAILABLE: _ErrorReason.ValueType  # 160
+    """At start-up: the service cannot listen on its --metrics-port (in use, or
+    not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
+    metrics endpoint.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -927,5 +956,34 @@ VIDEO_RETAINED_COUNT_MISMATCH: ErrorReason.ValueType  # 123
 count EVS keeps of it at that rate (the caller computed it with another
 rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
 count the processor's placeholder run has.
+---- Authentication and start-up security settings -----------------------
+"""
+AUTH_TOKEN_MISSING: ErrorReason.ValueType  # 155
+"""The processor requires a bearer token (--auth-token-file) and the call
+sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
+Bearer <token>". Health checks need no token.
+"""
+AUTH_TOKEN_INVALID: ErrorReason.ValueType  # 156
+"""The call's bearer token is not the processor's, or its scheme is not
+"Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
+"""
+AUTH_CONFIG_INVALID: ErrorReason.ValueType  # 157
+"""At start-up: --auth-token-file cannot be read or is empty. Code:
+INVALID_ARGUMENT. Fix the file; the service does not start.
+"""
+TLS_CONFIG_INVALID: ErrorReason.ValueType  # 158
+"""At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
+--tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
+is not PEM, or a certificate was given without its key. Code:
+INVALID_ARGUMENT. The service does not start.
+"""
+TRACING_CONFIG_INVALID: ErrorReason.ValueType  # 159
+"""At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
+installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
+"""
+METRICS_PORT_UNAVAILABLE: ErrorReason.ValueType  # 160
+"""At start-up: the service cannot listen on its --metrics-port (in use, or
+not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
+metrics endpoint.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
