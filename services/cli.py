@@ -192,6 +192,9 @@ def _serve(args: argparse.Namespace) -> int:
     except TriptychError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    # Progress for the slow part of a start; "<service> listening on ..." follows once it serves.
+    print(f"{args.service}: loading {checkpoint.family.name} from {checkpoint.path} ({cfg.dtype}) ...",
+          file=sys.stderr, flush=True)
     if args.service == "encoder":
         from services.encoder.server import serve
     elif args.service == "llm":
