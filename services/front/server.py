@@ -77,7 +77,8 @@ async def serve(cfg: FrontConfig) -> None:
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         host, port = sock.getsockname()[:2]
-        log.info("front listening on %s:%d, serving %r from the processor at %s", host, port, backend.model_name,
+        # Worded unlike the "front listening on HOST:PORT" line below, which launchers and tests parse.
+        log.info("front: serving %r at http://%s:%d from the processor at %s", backend.model_name, host, port,
                  backend.address)
         print(f"front listening on {host}:{port}", flush=True)
         await task

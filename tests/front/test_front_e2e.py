@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 
 import grpc
@@ -201,19 +202,37 @@ def test_bodies_the_front_cannot_read(front, model):
     assert httpx.get(f"http://{front}/v1/nothing").json()["error"]["message"] == "Not Found"
 
 
-def test_client_disconnect_cancels_the_processor_call(front, qwen2_vl_services, model):
-    """A long stream, dropped after its first chunk: the processor's call and the LLM's end within seconds
-    (20000 tokens would take minutes), both logged with the request id the client sent."""
-    request_id = f"front-disconnect-{time.time_ns()}"
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
-            "max_tokens": 20000, "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", f"http://{front}/v1/chat/completions", json=body,
-                      headers={"x-request-id": request_id}, timeout=60) as reply:
-        assert reply.status_code == 200 and reply.headers["x-request-id"] == request_id
-        next(reply.iter_lines())
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_client_disconnect_cancels_the_processor_call(front, qwen2_vl_services, model, stream):
+    """A long request, dropped (after the first chunk of a stream; at a 2 s client timeout when unary): the
+    processor's call and the LLM's end within seconds (30000 tokens would take more than 30 s), both logged with
+    the request id the client sent."""
+    request_id = f"front-disconnect-{'stream' if stream else 'unary'}-{time.time_ns()}"
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me everything."}], "stream": stream,
+            "max_tokens": 30000, "ignore_eos": True, "temperature": 0}
+    headers = {"x-request-id": request_id}
+    if stream:
+        with httpx.stream("POST", f"http://{front}/v1/chat/completions", json=body, headers=headers,
+                          timeout=60) as reply:
+            assert reply.status_code == 200 and reply.headers["x-request-id"] == request_id
+            next(reply.iter_lines())
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://{front}/v1/chat/completions", json=body, headers=headers, timeout=2)
+    method = "/StreamGenerate" if stream else "/Generate"
     deadline = time.monotonic() + 30
-    ended = lambda proc: any(request_id in line and "StreamGenerate" in line for line in proc.lines)  # noqa: E731
-    while not (ended(qwen2_vl_services.processor) and ended(qwen2_vl_services.llm)) and time.monotonic() < deadline:
+
+    def call_ms(proc, method: str) -> float | None:
+        """How long the call the request id names lasted, as the service's log line says."""
+        for line in proc.lines:
+            found = re.search(rf"\[{request_id}\] \S+{method} \w+ ([\d.]+) ms", line)
+            if found:
+                return float(found.group(1))
+        return None
+
+    while time.monotonic() < deadline and None in (call_ms(qwen2_vl_services.processor, method),
+                                                   call_ms(qwen2_vl_services.llm, "/StreamGenerate")):
         time.sleep(0.2)
-    assert ended(qwen2_vl_services.processor), qwen2_vl_services.processor.output()
-    assert ended(qwen2_vl_services.llm), qwen2_vl_services.llm.output()
+    # 30000 tokens take more than 30 s here (~1-2 ms each); a cancelled call ends within seconds.
+    assert (call_ms(qwen2_vl_services.processor, method) or 1e9) < 10_000, qwen2_vl_services.processor.output()
+    assert (call_ms(qwen2_vl_services.llm, "/StreamGenerate") or 1e9) < 10_000, qwen2_vl_services.llm.output()
