@@ -159,7 +159,7 @@ def run_aiperf(aiperf: Path, front: str, model_name: str, tokenizer: Path, datas
     # aiperf's offline mode looks a local tokenizer folder up in the hub cache, and fails; online, it loads
     # the folder as it is (nothing here reaches the network: the tokenizer and the dataset are local).
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=out_dir)
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, cwd=out_dir)
     (out_dir / "aiperf-console.txt").write_text(done.stdout + done.stderr)
     export = out_dir / "profile_export_aiperf.json"
     if done.returncode != 0 or not export.exists():

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def triptych(*argv: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout_s, env={**os.environ, "TRIPTYCH_DEBUG": "", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "services.cli", *argv], check=False, capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout_s, env={**os.environ, "TRIPTYCH_DEBUG": "", **(env or {})})
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> str:

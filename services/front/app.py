@@ -31,8 +31,19 @@ from services.common.errors import NotFound, TriptychError
 from services.common.interceptors import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, bind_request_id, outgoing_metadata
 from services.front import convert
 from services.front.errors import DOMAIN, ApiError, from_domain, from_rpc, invalid_request
-from services.front.schema import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                   Choice, ChunkChoice, Delta, ErrorBody, ErrorResponse, ModelCard, ModelList)
+from services.front.schema import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,8 +168,9 @@ def create_app(backend: Backend) -> FastAPI:
         except grpc.aio.AioRpcError as err:
             raise from_rpc(err, backend.address) from err
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise ApiError(503, f"the processor at {backend.address} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
-                           "PROCESSOR_UNAVAILABLE", retry_after_s=1.0)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise ApiError(503, f"the processor at {backend.address} is {status}", "PROCESSOR_UNAVAILABLE",
+                           retry_after_s=1.0)
         return {"status": "ready", "processor": backend.address}
 
     @app.get("/v1/models")
@@ -185,7 +197,8 @@ def create_app(backend: Backend) -> FastAPI:
         except ClientGone:
             log.info("client disconnected; processor call cancelled")
             return Response(status_code=499)
-        choice = Choice(message=AssistantMessage(content=completion.text), logprobs=convert.logprobs(completion.logprobs),
+        choice = Choice(message=AssistantMessage(content=completion.text),
+                        logprobs=convert.logprobs(completion.logprobs),
                         finish_reason=convert.FINISH_REASONS.get(completion.finish_reason, "stop"),
                         token_ids=list(completion.token_ids) if body.return_token_ids else None)
         reply = ChatCompletion(id=reply_id, created=created, model=backend.model_name, choices=[choice],

@@ -16,8 +16,19 @@ import binascii
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2
 from services.front.errors import invalid_request
-from services.front.schema import (AudioUrlPart, ChatCompletionRequest, ChoiceLogprobs, ImagePart, InputAudioPart,
-                                   Message, TextPart, TokenLogprob, TopLogprob, Usage, VideoPart)
+from services.front.schema import (
+    AudioUrlPart,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ImagePart,
+    InputAudioPart,
+    Message,
+    TextPart,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    VideoPart,
+)
 
 FINISH_REASONS = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
 # OpenAI reports an impossible token's logprob as this, not -inf (JSON has no infinities).

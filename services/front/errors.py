@@ -14,8 +14,15 @@ from dataclasses import dataclass
 import grpc
 from fastapi.responses import JSONResponse
 
-from services.common.errors import (DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, TriptychError,
-                                    Unavailable, error_info)
+from services.common.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    TriptychError,
+    Unavailable,
+    error_info,
+)
 from services.front.schema import ErrorBody, ErrorResponse
 
 DOMAIN = "triptych.front"

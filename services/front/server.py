@@ -45,7 +45,8 @@ async def connect(cfg: FrontConfig) -> Backend:
     except grpc.aio.AioRpcError as err:
         await channel.close()
         raise Unavailable(f"the processor at {cfg.processor_addr} did not answer within {cfg.connect_timeout_s:g} s "
-                          f"({err.code().name}: {err.details()})", reason="PROCESSOR_UNAVAILABLE", domain=DOMAIN) from err
+                          f"({err.code().name}: {err.details()})", reason="PROCESSOR_UNAVAILABLE",
+                          domain=DOMAIN) from err
     info = reply.model_info
     return Backend(address=cfg.processor_addr, channel=channel, model_name=cfg.served_model_name or info.model_path,
                    model_info=info, created=int(time.time()))

@@ -75,8 +75,8 @@ def test_unary_and_stream_give_the_grpc_paths_tokens(qwen2_vl_services, client, 
     prompt, media = CASES[case]
     expected = grpc_completion(qwen2_vl_services.address, prompt, media)
     assert len(expected.token_ids) == MAX_TOKENS
-    request = dict(model=model, messages=openai_messages(prompt, media), max_completion_tokens=MAX_TOKENS,
-                   temperature=0, extra_body={"return_token_ids": True})
+    request = {"model": model, "messages": openai_messages(prompt, media), "max_completion_tokens": MAX_TOKENS,
+               "temperature": 0, "extra_body": {"return_token_ids": True}}
 
     reply = client.chat.completions.create(**request)
     choice = reply.choices[0]
@@ -144,7 +144,8 @@ def _error(err: openai.APIStatusError) -> dict:
 @pytest.mark.parametrize(("stream"), [False, True], ids=["unary", "stream"])
 def test_errors_have_openais_shape_and_the_status_of_their_code(client, model, media_dir, stream):
     user = [{"role": "user", "content": "hi"}]
-    bad_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url("image/png", b"not an image")}}]}]
+    bad_image = [{"role": "user", "content": [{"type": "image_url",
+                                               "image_url": {"url": data_url("image/png", b"not an image")}}]}]
     outside = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}]}]
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(audio_bytes()).decode(), "format": "wav"}}]}]
