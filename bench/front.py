@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave the encoder's embedding cache on (by default --cache-mib 0: the second side would "
                         "otherwise find the first side's images already encoded)")
     p.add_argument("--aiperf-venv", type=Path, default=ROOT / "build" / "aiperf-venv")
+    # Measured here (tiny model, text, concurrency 1): with aiperf's pooled connections every request after the
+    # first waits ~40 ms more for its first token (55-75 ms against 12-36 ms on new connections) - the
+    # signature of a delayed ACK meeting the client's Nagle on a reused connection - while gRPC keeps one
+    # HTTP/2 connection without it. A fresh connection per request costs ~0.1 ms on loopback.
+    p.add_argument("--aiperf-connection-reuse", default="never", choices=["never", "pooled"],
+                   help="aiperf's --connection-reuse-strategy (default never; see the comment above)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "front.json")
     p.add_argument("--artifacts-dir", type=Path, default=ROOT / "bench" / "results" / "front-aiperf",
                    help="aiperf's datasets and exports, one folder per measurement")
@@ -148,14 +154,15 @@ def write_dataset(requests: list[Request], new_tokens: int, folder: Path) -> Pat
 
 
 def run_aiperf(aiperf: Path, front: str, model_name: str, tokenizer: Path, dataset: Path, count: int,
-               concurrency: int, out_dir: Path) -> dict:
+               concurrency: int, out_dir: Path, connection_reuse: str) -> dict:
     """aiperf profile against the front; its summary figures (seconds, tokens/s)."""
     argv = [str(aiperf), "profile", "--model", model_name, "--url", f"http://{front}", "--endpoint-type", "chat",
             "--streaming", "--input-file", str(dataset), "--custom-dataset-type", "single_turn",
             "--dataset-sampling-strategy", "sequential", "--request-count", str(count),
             "--concurrency", str(concurrency), "--warmup-request-count", "1", "--tokenizer", str(tokenizer),
             "--use-server-token-count", "--output-artifact-dir", str(out_dir), "--ui-type", "none",
-            "--no-server-metrics", "--no-gpu-telemetry", "--export-outputs-json"]
+            "--no-server-metrics", "--no-gpu-telemetry", "--export-outputs-json",
+            "--connection-reuse-strategy", connection_reuse]
     # aiperf's offline mode looks a local tokenizer folder up in the hub cache, and fails; online, it loads
     # the folder as it is (nothing here reaches the network: the tokenizer and the dataset are local).
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir = args.artifacts_dir / f"{mode}-c{level}"
                 out_dir.mkdir(parents=True, exist_ok=True)
                 front = run_aiperf(aiperf, deployment.addresses["front"], str(model), model, dataset, count, level,
-                                   out_dir)
+                                   out_dir, args.aiperf_connection_reuse)
                 progress(f"[{step}/{steps}] {mode}, concurrency {level}: gRPC StreamGenerate ({count} requests) ...")
                 via_grpc = run_grpc(deployment.addresses["processor"], requests, args.new_tokens, mode, level)
                 # The same answers both ways (greedy): aiperf's order is its own, so compared as multisets.
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": str(model), "model_size": args.model_size, "new_tokens": args.new_tokens,
                      "requests": count, "concurrency": levels, "modes": modes, "image_px": args.image_px,
                      "greedy": True, "ignore_eos": True, "aiperf": AIPERF_VERSION, "triptych_up_args": up_args,
+                     "aiperf_connection_reuse": args.aiperf_connection_reuse,
                      "quick": args.quick},
         "results": rows,
         "wall_s": time.time() - started,
