@@ -76,3 +76,20 @@ def test_make_model_says_what_it_does_on_stderr_and_prints_only_the_path(tmp_pat
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "m")
     assert "make-model: building a tiny qwen2_vl checkpoint" in out.stderr and "make-model: done in" in out.stderr
+
+
+def test_a_port_in_use_is_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = triptych("serve", "front", "--processor", "127.0.0.1:1", "--port", str(port))
+    assert_one_line_error(out, "cannot listen on", str(port))
+
+
+def test_python_m_services_front_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "services.front", "--help"], check=False, capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "triptych serve front" in out.stdout and "--processor" in out.stdout
