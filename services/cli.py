@@ -147,9 +147,12 @@ def _list_models(as_json: bool) -> int:
             architectures = list(status.architectures)
         else:
             architectures = ["any ImageTextToText model with get_image_features"] if name == status.name else []
+        modalities = status.family.modalities if status.family else ()  # unknown if unavailable
+        if status.family and not own_file and name != status.name:  # a tiny builder's model type, served generically
+            modalities = status.family.model_type_modalities(name)
         return {
             "family": name,
-            "modalities": ["text", *status.family.modalities] if status.family else [],  # unknown if unavailable
+            "modalities": ["text", *modalities] if status.family else [],
             "served_by": f"services/models/{name}.py" if own_file else "generic path (services/models/generic.py)",
             "architectures": architectures,
             "tiny_model": name in TINY_FAMILIES,

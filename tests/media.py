@@ -34,7 +34,8 @@ def video_bytes(seconds: float = 2.0, fps: int = 8, width: int = 96, height: int
     side = max(4, min(width, height) // 4)
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
+        # One encoder thread: with several, x264 output varied between calls under load.
+        stream = container.add_stream(codec, rate=fps, options={"threads": "1"})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if gop:
             stream.codec_context.gop_size = gop

@@ -6,7 +6,7 @@ import io
 import tempfile
 import wave
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,13 @@ class OtherMedia:
     videos: tuple[bytes, ...] = ()
     audios: tuple[bytes, ...] = ()  # 16-bit PCM wav at the feature extractor's rate
     video_fps: float = 2.0
+    # Where a processor labels frames with times from the metadata it is given (Nemotron-H Omni), the
+    # loader samples instead: transformers' pyav loader keeps the frames the video processor's own
+    # sample_frames picks at video_fps, and the processor gets them with do_sample_frames=False and
+    # that metadata, one VideoMetadata per video. (With do_sample_frames=True, transformers 5.23's
+    # Nemotron-H Omni processor samples a copy of the metadata and labels the sampled frames with the
+    # times of the clip's first frames.)
+    sample_in_loader: bool = False
 
 
 NO_MEDIA = OtherMedia()
@@ -46,7 +53,13 @@ def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, 
     templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
     text = templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     kwargs = {}
-    if other.videos:  # transformers' own pyav loader decodes every frame; its video processor samples them
+    if other.videos and other.sample_in_loader:
+        sample = partial(processor.video_processor.sample_frames, fps=other.video_fps)
+        loaded = [_load_video(data, sample) for data in other.videos]
+        metadata = [meta for _, meta in loaded]
+        kwargs.update(videos=[frames for frames, _ in loaded], do_sample_frames=False,
+                      video_metadata=metadata[0] if len(metadata) == 1 else metadata)
+    elif other.videos:  # transformers' own pyav loader decodes every frame; its video processor samples them
         loaded = [_load_video(data) for data in other.videos]
         kwargs.update(videos=[frames for frames, _ in loaded], video_metadata=[meta for _, meta in loaded],
                       do_sample_frames=True, fps=other.video_fps)
@@ -55,11 +68,11 @@ def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, 
     return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs)
 
 
-def _load_video(data: bytes):
+def _load_video(data: bytes, sample_indices_fn=None):
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(data)
         file.flush()
-        return load_video(file.name, backend="pyav")
+        return load_video(file.name, backend="pyav", sample_indices_fn=sample_indices_fn)
 
 
 def _read_wav(data: bytes) -> np.ndarray:
@@ -74,8 +87,25 @@ def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_token
     """Greedy tokens of one user message (images, videos, audios, then the prompt), as transformers generates them."""
     model, inputs = _inputs(model_dir, prompt, images, auto_class, other)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**_video_rows_as_sequence(model, inputs), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _video_rows_as_sequence(model, inputs):
+    """The inputs for generate(). Where the model's get_video_features returns pooler_output as one tensor
+    but its forward torch.cat()s it as a sequence of tensors (transformers 5.23's Nemotron-H Omni: a
+    TypeError on any video), the video is encoded by that same get_video_features and handed to generate()
+    as mm_encoder_outputs, its rows as the sequence the forward expects; the forward merges them itself."""
+    if "pixel_values_videos" not in inputs or not hasattr(model, "get_video_features"):
+        return inputs
+    with torch.inference_mode():
+        grid = {"video_grid_thw": inputs["video_grid_thw"]} if "video_grid_thw" in inputs else {}  # Qwen-VL
+        video = model.get_video_features(inputs["pixel_values_videos"], **grid, return_dict=True)
+    if not isinstance(video.pooler_output, torch.Tensor):
+        return inputs
+    video.pooler_output = tuple(video.pooler_output)  # [groups, tokens, hidden] -> groups x [tokens, hidden]
+    rest = {key: value for key, value in inputs.items() if key != "pixel_values_videos"}
+    return {**rest, "mm_encoder_outputs": {"video": video}}
 
 
 def hf_prompt_tokens(model_dir: Path, prompt: str, images: list[bytes],

@@ -43,10 +43,23 @@ class ProcessedItem:
     # (tiles between row/column tokens); they take consecutive embedding rows and sum to `length`.
     # Empty: one run, (offset, length).
     runs: tuple[tuple[int, int], ...] = ()
+    # Position inputs of each run, where every run has its own (Qwen3-VL video: a run per timestamped
+    # frame group, each with its grid [[1, h, w]]). Empty: `position_inputs` go with the first run.
+    run_position_inputs: tuple[dict[str, torch.Tensor], ...] = ()
+    # What besides the item's media decides its embeddings (Phi-4-MM projects audio with other layers
+    # when the prompt has images); the processor appends it to the item's mm_hash, so that caches keyed
+    # by mm_hash keep the variants apart. Empty: the media alone decide.
+    hash_context: str = ""
 
     @property
     def placeholder_runs(self) -> tuple[tuple[int, int], ...]:
         return self.runs or ((self.offset, self.length),)
+
+    def position_inputs_of_run(self, index: int) -> dict[str, torch.Tensor]:
+        """What the LLM gets for the placeholder run `index` to compute its positions."""
+        if self.run_position_inputs:
+            return self.run_position_inputs[index]
+        return self.position_inputs if index == 0 else {}
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,11 @@ class ModelFamily(ABC):
         Items of all modalities come back in prompt order (their offsets ascending).
         """
 
+    def modality_refusal(self, modality: str) -> str | None:
+        """Why this checkpoint does not take `modality`, for the error a request with it gets (the generic
+        family: a model without a video path); None: nothing more to say than `modalities`."""
+        return None
+
     # ---- video and audio: what the processor decodes for the HF processor ----------------------
     def video_frame_indices(self, processor: ProcessorMixin, metadata: Any, fps: float, max_frames: int) -> list[int]:
         """The frames of a clip the model sees, from its metadata alone (nothing is decoded yet): the
@@ -183,7 +201,12 @@ class ModelFamily(ABC):
         samples in transformers), or `max_frames` of them evenly spread where `fps` would give more.
         The processor then decodes only these frames and passes them with `do_sample_frames=False`."""
         video_processor = processor.video_processor
-        indices = [int(i) for i in video_processor.sample_frames(metadata, fps=fps)]
+        try:
+            indices = [int(i) for i in video_processor.sample_frames(metadata, fps=fps)]
+        except ValueError:  # transformers' default and InternVL's samplers refuse a clip with fewer frames
+            # than `fps` asks for (a 1-fps slideshow at 2 fps): every frame, as Qwen2-VL's sampler clamps
+            indices = [int(i) for i in video_processor.sample_frames(
+                metadata, num_frames=min(metadata.total_num_frames, max_frames))]
         if len(indices) > max_frames:
             indices = [int(i) for i in video_processor.sample_frames(metadata, num_frames=max_frames)]
         return indices
