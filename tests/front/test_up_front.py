@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import httpx
@@ -17,8 +18,11 @@ def test_up_starts_the_front_too(qwen2_vl_dir):
     up = spawn("up", "up", "--model", str(qwen2_vl_dir), "--port", "0", "--front-port", "0", "--cache-mib", "0",
                listen_name="front")
     try:
-        front = wait_listening(up, 600)
-        assert any(line.startswith("processor listening on ") for line in up.lines)  # printed before the front's
+        wait_listening(up, 600)
+        # The launcher's own lines (its children's carry a "[name] " prefix); the processor's comes first.
+        own = [line.strip() for line in up.lines if re.fullmatch(r"(processor|front) listening on \S+\s*", line)]
+        assert [line.split()[0] for line in own] == ["processor", "front"], up.output()
+        front = own[1].split()[-1]
         assert httpx.get(f"http://{front}/health/ready", timeout=10).json()["status"] == "ready"
         client = openai.OpenAI(base_url=f"http://{front}/v1", api_key="unused", max_retries=0, timeout=120)
         [model] = client.models.list().data
