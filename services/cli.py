@@ -1,4 +1,7 @@
-"""The `triptych` command: models, make-model, serve, up, generate."""
+"""The `triptych` command: models, make-model, serve, up, generate.
+
+An error prints one line, `error: ...`, and exits non-zero; `--debug` (or TRIPTYCH_DEBUG=1) adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,30 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
-from services.common.config import DEFAULT_PROCESSOR_PORT, ClientConfig, EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.config import (DEFAULT_PROCESSOR_PORT, ClientConfig, EncoderConfig, FrontConfig, LlmConfig,
+                                     ProcessorConfig)
 from services.common.flags import add_config_flags, config_from_args
 
-SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
-# `up` wires the processor to the encoder and LLM it starts itself.
-UP_SKIPS = frozenset({"encoder_addrs", "llm_addr"})
+SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig,
+                                    "front": FrontConfig}
+SERVICE_HELP = {"front": "run the OpenAI-compatible HTTP front over a processor"}
+# `up` wires the processor to the encoder and LLM it starts itself, and the front to the processor.
+UP_SKIPS = frozenset({"encoder_addrs", "llm_addr", "processor_addr"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (subcommands' parsers are of this class as well)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 
 
 def _media_arg(kind: str, value: str) -> tuple[str, Path]:
@@ -22,7 +40,8 @@ def _media_arg(kind: str, value: str) -> tuple[str, Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="triptych", description=__doc__)
+    parser = _Parser(prog="triptych", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show an error's traceback (also TRIPTYCH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model families, their modalities and how each is served")
@@ -36,13 +55,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one service").add_subparsers(dest="service", required=True)
     for name, config_cls in SERVICE_CONFIGS.items():
-        add_config_flags(serve.add_parser(name, help=f"run the {name} service"), config_cls)
+        add_config_flags(serve.add_parser(name, help=SERVICE_HELP.get(name, f"run the {name} service")), config_cls)
 
     p = sub.add_parser("up", help="start processor, encoder and LLM on loopback")
-    for config_cls in (ProcessorConfig, EncoderConfig, LlmConfig):  # every service's flags; --port is the processor's
+    for config_cls in (ProcessorConfig, EncoderConfig, LlmConfig, FrontConfig):  # --port is the processor's
         add_config_flags(p, config_cls, skip=UP_SKIPS, overrides={"port": DEFAULT_PROCESSOR_PORT})
     p.add_argument("--encoders", type=int, default=1, metavar="N",
                    help="encoder replicas behind the processor (each its own process, sharing the encoder's cores)")
+    p.add_argument("--front-port", type=int, metavar="PORT",
+                   help="also start the OpenAI-compatible HTTP front on this port (0: a free one); default: no front")
 
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
@@ -71,11 +92,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Runs one command; any failure is one line on stderr (the traceback too with --debug)."""
+    args = _parser().parse_args(argv)  # a usage error exits here, with status 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 — the one place a command's failure becomes its message
+        from services.common.errors import TriptychError
+
+        if args.debug or os.environ.get("TRIPTYCH_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        message = f"[{err.reason}] {err.message}" if isinstance(err, TriptychError) else f"{err}"
+        kind = "" if isinstance(err, (TriptychError, OSError, ValueError)) else f"{type(err).__name__}: "
+        print(f"error: {kind}{' '.join(message.split())}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "make-model":
         from services.tiny_checkpoints import make_model
 
-        print(make_model(args.family, args.out, seed=args.seed, size=args.size))
+        started = time.monotonic()
+        print(f"make-model: building a {args.size} {args.family} checkpoint (seed {args.seed}) in {args.out} ...",
+              file=sys.stderr, flush=True)
+        path = make_model(args.family, args.out, seed=args.seed, size=args.size)
+        print(f"make-model: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(path)
         return 0
     if args.command == "models":
         return _list_models(args.json)
@@ -140,11 +183,23 @@ def _serve(args: argparse.Namespace) -> int:
     from services.models.checkpoint import DTYPES, Checkpoint
 
     cfg = config_from_args(SERVICE_CONFIGS[args.service], args)
+    if args.service == "front":  # no model of its own: it serves the processor's
+        from services.front.server import serve as serve_front
+
+        try:
+            asyncio.run(serve_front(cfg))
+        except TriptychError as err:
+            print(f"error: front: [{err.reason}] {err.message}", file=sys.stderr)
+            return 1
+        return 0
     try:
         checkpoint = Checkpoint(cfg.model.resolve(), DTYPES[cfg.dtype])
     except TriptychError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
+    # Progress for the slow part of a start; "<service> listening on ..." follows once it serves.
+    print(f"{args.service}: loading {checkpoint.family.name} from {checkpoint.path} ({cfg.dtype}) ...",
+          file=sys.stderr, flush=True)
     if args.service == "encoder":
         from services.encoder.server import serve
     elif args.service == "llm":

@@ -102,7 +102,8 @@ def run_generate(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             info = error_info(err)
             reason = f" [{info.reason}]" if info else ""
-            print(f"error: {err.code().name}{reason}: {err.details()}", file=sys.stderr)
+            details = " ".join((err.details() or "").split())  # one line, whatever the server's message holds
+            print(f"error: {err.code().name}{reason}: {details}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps(completion_json(completion)))

@@ -1,9 +1,11 @@
-"""`triptych up`: encoder, LLM and processor as child processes on loopback.
+"""`triptych up`: encoder, LLM and processor (and, with --front-port, the HTTP front) as child
+processes on loopback.
 
 Each child listens on the port it is given (0 = free port) and prints
 "NAME listening on HOST:PORT"; we read that line, pass the addresses on, wait
-for health SERVING on all three, then print the processor's line. SIGINT or
-SIGTERM stops all three (each finishes its in-flight requests).
+for health SERVING on all three, then print the processor's line (and the front's,
+once it has the processor's model). SIGINT or SIGTERM stops them all (each finishes
+its in-flight requests).
 
 The machine's cores are split between the two torch processes (the encoder and the LLM's engine
 process) unless --torch-threads says otherwise; the processor's torch (image resizing in its
@@ -24,7 +26,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig
+from services.common.config import EncoderConfig, FrontConfig, LlmConfig, ProcessorConfig
 from services.common.errors import TriptychError
 from services.common.flags import child_argv
 from services.common.tls import ClientTLS
@@ -130,6 +132,11 @@ def run_up(args: argparse.Namespace) -> int:
         for child in children:
             _wait_serving(child.address, 60, tls)
         print(f"processor listening on {processor_addr}", flush=True)
+        if args.front_port is not None:
+            front = Child("front", ["serve", "front", *child_argv(FrontConfig, args, skip=skip | {"processor_addr"}),
+                                    "--port", str(args.front_port), "--processor", processor_addr])
+            children.append(front)
+            print(f"front listening on {front.wait_address(args.connect_timeout_s + 60)}", flush=True)
         while not stop.is_set():
             if any(c.proc.poll() is not None for c in children):
                 dead = [c.name for c in children if c.proc.poll() is not None]

@@ -37,7 +37,7 @@ import typing  # noqa: E402
 
 import pytest  # noqa: E402
 
-from services.cli import SERVICE_CONFIGS, _parser  # noqa: E402
+from services.cli import SERVICE_CONFIGS, UP_SKIPS, _parser  # noqa: E402
 from services.common.config import EncoderConfig, LlmConfig, ProcessorConfig  # noqa: E402
 from services.common.flags import ConfigFlag, child_argv, config_flags, config_from_args  # noqa: E402
 
@@ -124,12 +124,13 @@ def test_up_passes_each_child_its_own_config(monkeypatch):
                                  "--max-items-per-request", "5", "--allowed-media-dir", "/a", "--grace-s", "4"])
     assert args.port == 50051  # `up`'s own default: where `generate` looks
     for service, config_cls in SERVICE_CONFIGS.items():
-        extra = ["--encoder", "e:1", "--llm", "l:2"] if service == "processor" else []
-        argv = child_argv(config_cls, args, skip=frozenset({"encoder_addrs", "llm_addr"}))
+        extra = {"processor": ["--encoder", "e:1", "--llm", "l:2"], "front": ["--processor", "p:3"]}.get(service, [])
+        argv = child_argv(config_cls, args, skip=UP_SKIPS)
         cfg = config_from_args(config_cls, _parser().parse_args(["serve", service, *argv, *extra]))
-        assert cfg.dtype == "bfloat16" and cfg.server.grace_s == 4
+        if service != "front":  # the front has no model, no dtype, and its server fields at the top
+            assert cfg.dtype == "bfloat16" and cfg.server.grace_s == 4
         expected = {"encoder": ("max_items_per_request", 5), "llm": ("max_running_requests", 3),
-                    "processor": ("allowed_media_dirs", (Path("/a"),))}[service]
+                    "processor": ("allowed_media_dirs", (Path("/a"),)), "front": ("grace_s", 4)}[service]
         assert getattr(cfg, expected[0]) == expected[1]
 
 

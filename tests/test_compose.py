@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_compose_describes_the_three_services():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"encoder", "llm", "processor"}
+    assert set(services) == {"encoder", "llm", "processor", "front"}
     ports = {}
     for name, svc in services.items():
+        if name == "front":  # HTTP, and no model: checked below
+            continue
         command = svc["command"]
         assert command[:2] == ["serve", name]
         _parser().parse_args([*command, "--model", "/model"])  # the CLI accepts exactly these flags
@@ -29,3 +31,15 @@ def test_compose_describes_the_three_services():
     assert processor[processor.index("--encoder") + 1] == f"encoder:{ports['encoder']}"
     assert processor[processor.index("--llm") + 1] == f"llm:{ports['llm']}"
     assert set(services["processor"]["depends_on"]) == {"encoder", "llm"}
+
+
+def test_compose_describes_the_front():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    front, processor = compose["services"]["front"], compose["services"]["processor"]["command"]
+    command = front["command"]
+    args = _parser().parse_args(command)  # the CLI accepts exactly these flags
+    assert command[:2] == ["serve", "front"] and front["volumes"] == []
+    assert args.processor_addr == f"processor:{processor[processor.index('--port') + 1]}"
+    assert front["ports"] == [f"{args.port}:{args.port}"] and front["environment"]["TRIPTYCH_HOST"] == "0.0.0.0"
+    assert f"127.0.0.1:{args.port}/health/ready" in front["healthcheck"]["test"][-1]
+    assert front["depends_on"] == {"processor": {"condition": "service_healthy"}}

@@ -218,3 +218,19 @@ class ProcessorConfig:
     auth_token_file: Path | None = field(default=None, metadata=doc(
         "file holding the bearer token every call but health checks must send (authorization: Bearer ...); "
         "unset: no token required"))
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """The OpenAI-compatible HTTP front (services/front/): its own process, a client of one processor."""
+
+    processor_addr: str = field(default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}", metadata=doc(
+        "processor address HOST:PORT the front sends every request to", flag="--processor"))
+    host: str = field(default="127.0.0.1", metadata=doc("address to listen on (0.0.0.0: all interfaces)"))
+    # vLLM's and most OpenAI-compatible servers' port.
+    port: int = field(default=8000, metadata=doc("HTTP port to listen on; 0 picks a free one"))
+    served_model_name: str | None = field(default=None, metadata=doc(
+        "the model name clients send (and GET /v1/models lists); default: the processor's --model as given"))
+    max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
+    connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for the processor"))
+    grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))

@@ -491,6 +491,38 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """At start-up: the service cannot listen on its --metrics-port (in use, or
     not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
     metrics endpoint.
+    ---- The OpenAI-compatible HTTP front (triptych serve front) -------------
+    The front answers in OpenAI's error shape, {"error": {"message", "type",
+    "param", "code"}}, with `code` the reason, and the HTTP status of the gRPC
+    code (INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
+    UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...). Its own errors have domain
+    "triptych.front"; the processor's reach the client with their reasons.
+    """
+    MODEL_NAME_UNKNOWN: _ErrorReason.ValueType  # 150
+    """A request names a model the front does not serve. Code: NOT_FOUND.
+    Metadata: servedModelName. GET /v1/models lists the name to send.
+    """
+    REQUEST_INVALID: _ErrorReason.ValueType  # 151
+    """A request body is not a chat completion the front takes: not JSON, a
+    field of the wrong type or range, a data: URL that is not base64, or a
+    parameter the front does not implement (n other than 1, tools,
+    logit_bias, a response_format other than text). Code: INVALID_ARGUMENT.
+    The error's `param` names the field.
+    """
+    PROCESSOR_UNAVAILABLE: _ErrorReason.ValueType  # 152
+    """The processor did not answer (down, unreachable, or the call was
+    cancelled). Code: UNAVAILABLE. Retry with backoff; GET /health/ready
+    tells when the processor serves again.
+    """
+    PROCESSOR_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 153
+    """The deadline passed while the processor worked, and it sent no reason of
+    its own. Code: DEADLINE_EXCEEDED.
+    """
+    PROCESSOR_CALL_FAILED: _ErrorReason.ValueType  # 154
+    """The processor failed with a status that carries no ErrorInfo (gRPC
+    itself failed, e.g. a request larger than --max-message-mib, or the
+    server is not Triptych's processor); the message quotes it. Code: as the
+    processor's, INTERNAL when unknown.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -985,5 +1017,37 @@ METRICS_PORT_UNAVAILABLE: ErrorReason.ValueType  # 160
 """At start-up: the service cannot listen on its --metrics-port (in use, or
 not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
 metrics endpoint.
+---- The OpenAI-compatible HTTP front (triptych serve front) -------------
+The front answers in OpenAI's error shape, {"error": {"message", "type",
+"param", "code"}}, with `code` the reason, and the HTTP status of the gRPC
+code (INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
+UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...). Its own errors have domain
+"triptych.front"; the processor's reach the client with their reasons.
+"""
+MODEL_NAME_UNKNOWN: ErrorReason.ValueType  # 150
+"""A request names a model the front does not serve. Code: NOT_FOUND.
+Metadata: servedModelName. GET /v1/models lists the name to send.
+"""
+REQUEST_INVALID: ErrorReason.ValueType  # 151
+"""A request body is not a chat completion the front takes: not JSON, a
+field of the wrong type or range, a data: URL that is not base64, or a
+parameter the front does not implement (n other than 1, tools,
+logit_bias, a response_format other than text). Code: INVALID_ARGUMENT.
+The error's `param` names the field.
+"""
+PROCESSOR_UNAVAILABLE: ErrorReason.ValueType  # 152
+"""The processor did not answer (down, unreachable, or the call was
+cancelled). Code: UNAVAILABLE. Retry with backoff; GET /health/ready
+tells when the processor serves again.
+"""
+PROCESSOR_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 153
+"""The deadline passed while the processor worked, and it sent no reason of
+its own. Code: DEADLINE_EXCEEDED.
+"""
+PROCESSOR_CALL_FAILED: ErrorReason.ValueType  # 154
+"""The processor failed with a status that carries no ErrorInfo (gRPC
+itself failed, e.g. a request larger than --max-message-mib, or the
+server is not Triptych's processor); the message quotes it. Code: as the
+processor's, INTERNAL when unknown.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

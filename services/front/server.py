@@ -1,0 +1,87 @@
+"""The front's process: asks the processor which model it serves, then serves HTTP with uvicorn
+until SIGTERM/SIGINT, letting in-flight requests (streams included) finish within --grace-s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+
+import grpc
+import uvicorn
+
+from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.config import FrontConfig
+from services.common.errors import Unavailable
+from services.common.server import channel_options
+from services.front.app import Backend, create_app
+from services.front.errors import DOMAIN
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our signal handling: uvicorn's own raises the signal again once it has
+    stopped, which would end the process with the signal's status instead of 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def connect(cfg: FrontConfig) -> Backend:
+    """The processor's channel and model; UNAVAILABLE PROCESSOR_UNAVAILABLE if it does not answer in time."""
+    channel = grpc.aio.insecure_channel(cfg.processor_addr, options=channel_options(cfg.max_message_mib))
+    stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+    print(f"front: waiting for the processor at {cfg.processor_addr} (up to {cfg.connect_timeout_s:g} s)",
+          file=sys.stderr, flush=True)
+    try:
+        reply = await stub.GetModelInfo(processor_pb2.GetModelInfoRequest(), timeout=cfg.connect_timeout_s,
+                                        wait_for_ready=True)
+    except grpc.aio.AioRpcError as err:
+        await channel.close()
+        raise Unavailable(f"the processor at {cfg.processor_addr} did not answer within {cfg.connect_timeout_s:g} s "
+                          f"({err.code().name}: {err.details()})", reason="PROCESSOR_UNAVAILABLE",
+                          domain=DOMAIN) from err
+    info = reply.model_info
+    return Backend(address=cfg.processor_addr, channel=channel, model_name=cfg.served_model_name or info.model_path,
+                   model_info=info, created=int(time.time()))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here: uvicorn would exit the process on a port it cannot take."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise OSError(f"front: cannot listen on {host}:{port}: {err.strerror or err}") from err
+    return sock
+
+
+async def serve(cfg: FrontConfig) -> None:
+    sock = _listen(cfg.host, cfg.port)
+    backend = await connect(cfg)
+    config = uvicorn.Config(create_app(backend), log_config=None, access_log=False,
+                            timeout_graceful_shutdown=cfg.grace_s, lifespan="off")
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        host, port = sock.getsockname()[:2]
+        # Worded unlike the "front listening on HOST:PORT" line below, which launchers and tests parse.
+        log.info("front: serving %r at http://%s:%d from the processor at %s", backend.model_name, host, port,
+                 backend.address)
+        print(f"front listening on {host}:{port}", flush=True)
+        await task
+    finally:
+        await backend.channel.close()
