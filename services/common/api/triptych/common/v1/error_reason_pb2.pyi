@@ -405,6 +405,35 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The processor's model family made another number of media items than
     the request has media. Code: INTERNAL.
     """
+    TRITON_UNAVAILABLE: _ErrorReason.ValueType  # 100
+    """---- Triton backend (`triptych serve encoder --backend triton`) ----------
+
+    The encoder's Triton Inference Server does not answer (down, restarting,
+    or the network between them). Code: UNAVAILABLE. Metadata: tritonUrl.
+    Retry: the encoder reconnects on the next call once Triton is back.
+    """
+    TRITON_MODEL_MISSING: _ErrorReason.ValueType  # 101
+    """At the encoder's start, Triton does not serve a model the encoder needs
+    (not in its model repository, or not loaded). Code: FAILED_PRECONDITION.
+    Metadata: tritonUrl, tritonModel. Export the checkpoint with `triptych
+    export-triton` into Triton's repository, or pass the right --triton-model.
+    """
+    TRITON_MODEL_MISMATCH: _ErrorReason.ValueType  # 102
+    """At the encoder's start, the Triton model was exported from another
+    checkpoint, dtype or modality than the encoder's --model and --dtype.
+    Code: FAILED_PRECONDITION. Metadata: tritonModel, expected, served.
+    Export the encoder's checkpoint again, or start the encoder with the one
+    Triton serves.
+    """
+    TRITON_INFER_FAILED: _ErrorReason.ValueType  # 103
+    """Triton answered an inference with an error (its Python backend failed on
+    valid inputs). Code: INTERNAL. Metadata: tritonModel. The message carries
+    Triton's; its log has the rest.
+    """
+    TRITON_EXPORT_UNSUPPORTED: _ErrorReason.ValueType  # 104
+    """`triptych export-triton` cannot write a Triton model for this checkpoint;
+    the message says why. Code: FAILED_PRECONDITION (a command-line error).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -811,5 +840,34 @@ item's placeholders. Code: INTERNAL.
 PREPROCESS_ITEM_MISMATCH: ErrorReason.ValueType  # 56
 """The processor's model family made another number of media items than
 the request has media. Code: INTERNAL.
+"""
+TRITON_UNAVAILABLE: ErrorReason.ValueType  # 100
+"""---- Triton backend (`triptych serve encoder --backend triton`) ----------
+
+The encoder's Triton Inference Server does not answer (down, restarting,
+or the network between them). Code: UNAVAILABLE. Metadata: tritonUrl.
+Retry: the encoder reconnects on the next call once Triton is back.
+"""
+TRITON_MODEL_MISSING: ErrorReason.ValueType  # 101
+"""At the encoder's start, Triton does not serve a model the encoder needs
+(not in its model repository, or not loaded). Code: FAILED_PRECONDITION.
+Metadata: tritonUrl, tritonModel. Export the checkpoint with `triptych
+export-triton` into Triton's repository, or pass the right --triton-model.
+"""
+TRITON_MODEL_MISMATCH: ErrorReason.ValueType  # 102
+"""At the encoder's start, the Triton model was exported from another
+checkpoint, dtype or modality than the encoder's --model and --dtype.
+Code: FAILED_PRECONDITION. Metadata: tritonModel, expected, served.
+Export the encoder's checkpoint again, or start the encoder with the one
+Triton serves.
+"""
+TRITON_INFER_FAILED: ErrorReason.ValueType  # 103
+"""Triton answered an inference with an error (its Python backend failed on
+valid inputs). Code: INTERNAL. Metadata: tritonModel. The message carries
+Triton's; its log has the rest.
+"""
+TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 104
+"""`triptych export-triton` cannot write a Triton model for this checkpoint;
+the message says why. Code: FAILED_PRECONDITION (a command-line error).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
