@@ -10,6 +10,7 @@ from pathlib import Path
 
 from services.common.config import DEFAULT_PROCESSOR_PORT, EncoderConfig, LlmConfig, ProcessorConfig
 from services.common.flags import add_config_flags, config_from_args
+from services.encoder.triton_export import add_export_flags
 
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
 # `up` wires the processor to the encoder and LLM it starts itself.
@@ -39,19 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoders", type=int, default=1, metavar="N",
                    help="encoder replicas behind the processor (each its own process, sharing the encoder's cores)")
 
-    p = sub.add_parser("export-triton", help="write a Triton model repository serving a checkpoint's towers")
-    p.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint folder")
-    p.add_argument("--out", type=Path, required=True, help="the Triton model repository (created if absent)")
-    p.add_argument("--name", default="triptych", help="models are NAME_<modality>; the encoder's --triton-model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and embeddings dtype; the encoder's --dtype")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests Triton's dynamic batcher groups")
-    p.add_argument("--max-queue-delay-us", type=int, default=0, help="how long the dynamic batcher waits for more")
-    p.add_argument("--instances", type=int, default=1, help="model instances (processes) per modality")
-    p.add_argument("--instance-kind", default="cpu", choices=["cpu", "gpu"], help="where instances run")
-    p.add_argument("--checkpoint-path", type=Path,
-                   help="the checkpoint folder as Triton sees it (e.g. a container's mount); default --model")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads per instance; 0: half the cores")
+    add_export_flags(sub.add_parser("export-triton", help="write a Triton model repository serving a checkpoint's towers"))
 
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
@@ -85,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         return _list_models(args.json)
     if args.command == "export-triton":
-        return _export_triton(args)
+        from services.encoder.triton_export import run_export
+
+        return run_export(args)
     if args.command == "generate":
         from services.client import run_generate
 
@@ -136,23 +127,6 @@ def _list_models(as_json: bool) -> int:
         print(f"{r['family']:<18} {modalities:<20} {'yes' if r['tiny_model'] else 'no':<5} {r['served_by']}")
         if not r["available"]:
             print(f"{'':<18} unavailable: {r['unavailable_reason']}")
-    return 0
-
-
-def _export_triton(args: argparse.Namespace) -> int:
-    from services.common.errors import TriptychError
-    from services.encoder.triton_export import ExportOptions, export
-    from services.models.checkpoint import DTYPES, Checkpoint
-
-    options = ExportOptions(name=args.name, max_batch_size=args.max_batch_size, instances=args.instances,
-                            instance_kind=args.instance_kind, max_queue_delay_us=args.max_queue_delay_us,
-                            checkpoint_path=args.checkpoint_path, torch_threads=args.torch_threads)
-    try:
-        for folder in export(Checkpoint(args.model.resolve(), DTYPES[args.dtype]), args.out, options):
-            print(folder)
-    except TriptychError as err:
-        print(f"error: export-triton: [{err.reason}] {err.message}", file=sys.stderr)
-        return 2
     return 0
 
 

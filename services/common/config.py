@@ -117,9 +117,10 @@ class EncoderConfig:
         "name the Triton models were exported under (`export-triton --name`); one model per modality, NAME_image ..."))
     # Each worker holds one request in flight: Triton's dynamic batcher can only group concurrent requests.
     triton_workers: int = field(default=8, metadata=doc("Triton requests in flight at once (one thread each)"))
-    # Co-located only: Triton must be able to open this host's /dev/shm (same host, same IPC namespace).
-    triton_shm: bool = field(default=False, metadata=doc(
-        "send tensors to Triton through system shared memory instead of HTTP bodies (Triton on this host)"))
+    # shm is for a co-located Triton only: it must open this host's /dev/shm (same host, same IPC namespace).
+    triton_transport: Literal["http", "shm"] = field(default="http", metadata=doc(
+        "how tensors go to Triton: http (binary tensors in the request body) or shm (system shared memory, "
+        "for Triton on this host)"))
     triton_timeout_s: float = field(default=600.0, metadata=doc("seconds one Triton inference may take"))
     triton_start_timeout_s: float = field(default=120.0, metadata=doc(
         "how long start-up waits for Triton and its models to be ready"))

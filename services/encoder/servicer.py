@@ -26,10 +26,10 @@ from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
 from services.common.media import MediaLimits
 from services.common.tensors import from_named
+from services.encoder.backends import open_backend
 from services.encoder.batcher import Batcher, BatchLimits, Job
 from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, item_signature, signatures_agree
 from services.encoder.media_inputs import MediaInputs
-from services.encoder.backends import open_backend
 from services.encoder.towers import item_embeddings_proto
 from services.models.base import ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto

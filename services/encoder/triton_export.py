@@ -17,13 +17,18 @@ fingerprint and dtype are parameters of the config, checked by the encoder at st
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.common.errors import FailedPrecondition
-from services.encoder.backends import triton_wire
-from services.models.checkpoint import DTYPES, Checkpoint
+from services.common.config import DType
+
+if TYPE_CHECKING:  # torch-heavy: imported where used, so `triptych --help` stays quick
+    from services.models.checkpoint import Checkpoint
 
 SERVICES_DIR = Path(__file__).resolve().parent.parent
 MODEL_PY = Path(__file__).resolve().parent / "backends" / "triton_model.py"
@@ -49,6 +54,10 @@ def _dims(dims: tuple[int, ...]) -> str:
 
 
 def config_pbtxt(checkpoint: Checkpoint, modality: str, options: ExportOptions) -> str:
+    from services.common.errors import FailedPrecondition
+    from services.encoder.backends import triton_wire
+    from services.models.checkpoint import DTYPES
+
     family = checkpoint.family
     try:
         schema = family.encoder_schema(modality)
@@ -94,6 +103,8 @@ parameters [
 
 def export(checkpoint: Checkpoint, out: Path, options: ExportOptions) -> list[Path]:
     """Writes one model folder per modality into `out` (replacing those of the same names); their paths."""
+    from services.common.errors import FailedPrecondition
+
     if options.max_batch_size < 1:
         raise FailedPrecondition("--max-batch-size must be at least 1: Triton batches only models with "
                                  "max_batch_size > 0", reason="TRITON_EXPORT_UNSUPPORTED")
@@ -110,3 +121,40 @@ def export(checkpoint: Checkpoint, out: Path, options: ExportOptions) -> list[Pa
         (folder / "config.pbtxt").write_text(config)
         written.append(folder)
     return written
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    """`triptych export-triton`'s flags (an offline command, not a service: no config dataclass)."""
+    defaults = ExportOptions()
+    p.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="the Triton model repository (created if absent)")
+    p.add_argument("--name", default=defaults.name, help="models are NAME_<modality>; the encoder's --triton-model")
+    p.add_argument("--dtype", default="float32", choices=typing.get_args(DType),
+                   help="weights and embeddings dtype; the encoder's --dtype")
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                   help="requests Triton's dynamic batcher hands the model at once")
+    p.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us,
+                   help="how long the dynamic batcher waits for more requests, microseconds")
+    p.add_argument("--instances", type=int, default=defaults.instances, help="model instances (processes) per modality")
+    p.add_argument("--instance-kind", default=defaults.instance_kind, choices=["cpu", "gpu"], help="where instances run")
+    p.add_argument("--checkpoint-path", type=Path,
+                   help="the checkpoint folder as Triton sees it (e.g. a container's mount); default --model")
+    p.add_argument("--torch-threads", type=int, default=defaults.torch_threads,
+                   help="torch CPU threads per instance; 0: half the cores")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The command: prints each model folder written; a refusal goes to stderr (exit 2)."""
+    from services.common.errors import TriptychError
+    from services.models.checkpoint import DTYPES, Checkpoint
+
+    options = ExportOptions(name=args.name, max_batch_size=args.max_batch_size, instances=args.instances,
+                            instance_kind=args.instance_kind, max_queue_delay_us=args.max_queue_delay_us,
+                            checkpoint_path=args.checkpoint_path, torch_threads=args.torch_threads)
+    try:
+        for folder in export(Checkpoint(args.model.resolve(), DTYPES[args.dtype]), args.out, options):
+            print(folder)
+    except TriptychError as err:
+        print(f"error: export-triton: [{err.reason}] {err.message}", file=sys.stderr)
+        return 2
+    return 0

@@ -86,7 +86,7 @@ def test_shared_memory_inputs_same_bytes(triton):
     checkpoint = Checkpoint(tiny_checkpoint("qwen2_vl"))
     items = _items(checkpoint, [(160, 120), (448, 448), (96, 200)])  # the second outgrows the first region
     local = TorchBackend(checkpoint, "cpu")
-    remote = _backend(checkpoint, triton, "qwen2_vl", triton_shm=True)
+    remote = _backend(checkpoint, triton, "qwen2_vl", triton_transport="shm")
     try:
         for item in items:
             _assert_same_bytes(local.run("image", [item]), remote.run("image", [item]))

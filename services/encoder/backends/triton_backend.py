@@ -3,7 +3,7 @@
 HTTP, not gRPC: tritonclient's gRPC client needs protobuf < 7, the project's generated code
 protobuf 7, and one process holds one protobuf. tritonclient[http] has no protobuf dependency;
 with the binary tensor extension the tensors travel as raw bytes after a small JSON header, the
-same bytes a gRPC request would carry. Co-located (--triton-shm), the inputs go through system
+same bytes a gRPC request would carry. Co-located (--triton-transport shm), the inputs go through system
 shared memory regions instead (one per worker, grown as needed) and only the outputs by HTTP.
 
 At start the encoder waits for Triton (--triton-start-timeout-s) and checks each modality's model
@@ -68,13 +68,13 @@ class TritonBackend:
         self.url = cfg.triton_url
         self.workers = max(1, cfg.triton_workers)
         self.timeout_s = cfg.triton_timeout_s
-        self.use_shm = cfg.triton_shm
+        self.use_shm = cfg.triton_transport == "shm"
         self.family = checkpoint.family
         self.dtype = checkpoint.dtype
         self.models = {modality: model_name(cfg.triton_model, modality) for modality in self.family.modalities}
         self.schemas = {modality: self.family.encoder_schema(modality) for modality in self.family.modalities}
         self._worker = _Worker()
-        self._regions: list[tuple[httpclient.InferenceServerClient | None, _Region]] = []
+        self._regions: list[_Region] = []  # every worker's, for close()
         self._lock = threading.Lock()
         self._check_models(checkpoint, cfg.triton_start_timeout_s)
 
@@ -108,10 +108,11 @@ class TritonBackend:
         while True:
             client = self._new_client()
             try:
-                if client.is_server_live():
-                    return client
+                live = client.is_server_live()
             except Exception:  # noqa: BLE001 -- not listening yet
-                pass
+                live = False
+            if live:
+                return client
             client.close()
             if time.monotonic() > deadline:
                 raise Unavailable(f"Triton at {self.url} did not answer (KServe v2 /v2/health/live) within the "
@@ -192,18 +193,18 @@ class TritonBackend:
         handle = system_shm.create_shared_memory_region(name, "/" + name, size)
         worker.region = _Region(name, handle, size)
         with self._lock:
-            self._regions.append((worker.client, worker.region))
+            self._regions.append(worker.region)
         worker.client.register_system_shared_memory(name, "/" + name, size)
         return worker.region
 
     def _free(self, client: httpclient.InferenceServerClient | None, region: _Region) -> None:
         with self._lock:
-            self._regions = [(c, r) for c, r in self._regions if r is not region]
+            self._regions = [r for r in self._regions if r is not region]
         try:
             if client is not None:
                 client.unregister_system_shared_memory(region.name)
-        except Exception:  # noqa: BLE001 -- Triton gone: its registration went with it
-            pass
+        except Exception as err:  # noqa: BLE001 -- Triton gone: its registration went with it
+            log.debug("unregistering %s from Triton: %s", region.name, err)
         system_shm.destroy_shared_memory_region(region.handle)
 
     def _drop(self, worker: _Worker) -> None:
@@ -230,7 +231,7 @@ class TritonBackend:
     def close(self) -> None:
         """Unregisters and frees every worker's region (a client of this thread: one is not shared across threads)."""
         with self._lock:
-            regions = [region for _, region in self._regions]
+            regions = list(self._regions)
         if not regions:
             return
         client = self._new_client()

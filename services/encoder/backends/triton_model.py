@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "triptych"))  # the exporter's services package
 
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402  (Triton's Python backend provides it)
-from torch.utils.dlpack import to_dlpack  # noqa: E402
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
 
-from services.common.config import torch_threads  # noqa: E402
-from services.encoder.backends import triton_wire  # noqa: E402
-from services.encoder.towers import is_out_of_memory, load_towers  # noqa: E402
-from services.models.checkpoint import DTYPES, Checkpoint  # noqa: E402
+from services.common.config import torch_threads
+from services.encoder.backends import triton_wire
+from services.encoder.towers import is_out_of_memory, load_towers
+from services.models.checkpoint import DTYPES, Checkpoint
 
 log = logging.getLogger("triptych.triton")
 
@@ -69,7 +69,7 @@ class TritonPythonModel:
             items = [item for i in group for item in units[i]]  # type: ignore[union-attr]
             try:
                 out = self.family.encode(self.model, self.modality, items)
-            except Exception as err:  # noqa: BLE001 -- every request of the forward fails with it
+            except Exception as err:
                 log.exception("encoding %d %s items failed", len(items), self.modality)
                 for i in group:
                     results[i] = err
