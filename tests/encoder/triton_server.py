@@ -1,7 +1,8 @@
-"""A real tritonserver on this machine's CPU, from scripts/setup_triton.sh's unpacked nvidia-pytriton wheel.
+"""A real tritonserver on this machine's CPU, from scripts/setup_triton.sh's unpacked nvidia-pytriton wheel
+(the tests' and bench/triton.py's).
 
-Tests never skip for want of it: a missing build/triton/env fails them, naming the script to run
-(scripts/test.sh runs it).
+Tests never skip for want of it: a missing build/triton/env fails them (TritonMissing), naming the
+script to run (scripts/test.sh runs it).
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 ENV_FILE = ROOT / "build" / "triton" / "env"
+
+
+class TritonMissing(RuntimeError):
+    """scripts/setup_triton.sh has not run here."""
 
 
 def triton_env() -> dict[str, str]:
     """The environment tritonserver and its Python backend stub need (DESIGN.md §4.5)."""
     if not ENV_FILE.is_file():
-        pytest.fail(f"{ENV_FILE} is missing: run scripts/setup_triton.sh (scripts/test.sh runs it) to unpack "
+        raise TritonMissing(f"{ENV_FILE} is missing: run scripts/setup_triton.sh (scripts/test.sh runs it) to unpack "
                     "tritonserver from the nvidia-pytriton wheel")
     pairs = dict(line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line)
     if not Path(pairs["TRITONSERVER"]).is_file():
-        pytest.fail(f"{pairs['TRITONSERVER']} is missing: run scripts/setup_triton.sh again")
+        raise TritonMissing(f"{pairs['TRITONSERVER']} is missing: run scripts/setup_triton.sh again")
     return pairs
 
 
