@@ -1,13 +1,16 @@
 """`triptych serve encoder --backend triton` as its own process in front of a real tritonserver: it serves
-the torch backend's bytes and names its backend; Triton down -> UNAVAILABLE naming Triton, and served
-again once Triton is back (same port); a model missing from the repository or exported from another
+the torch backend's bytes and names its backend; Triton down -> UNAVAILABLE naming Triton and health
+NOT_SERVING, and served again once Triton is back (same port); a model missing from the repository or exported from another
 checkpoint -> FAILED_PRECONDITION at start."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import main as cli_main
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -16,12 +19,22 @@ from services.common.errors import FailedPrecondition, error_info
 from services.common.tensors import from_proto
 from services.encoder.backends.torch_backend import TorchBackend
 from services.encoder.backends.triton_backend import TritonBackend
+from services.encoder.server import SERVICE as ENCODER_SERVICE
 from services.models.checkpoint import Checkpoint
 from tests.encoder.helpers import CHANNEL_OPTIONS, item_inputs, media_item
 from tests.encoder.triton_server import TritonServer
 from tests.procs import start_encoder, wait_listening, wait_serving
 
 pytestmark = pytest.mark.e2e
+SERVICE = ENCODER_SERVICE.full_name
+
+
+def wait_health(channel: grpc.Channel, status: int, timeout_s: float = 30) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while (got := stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status) != status:
+        assert time.monotonic() < deadline, f"health stayed {got}, expected {status}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +78,10 @@ def test_encoder_in_front_of_triton_survives_triton_restarts(triton, qwen2_vl_di
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(caught.value).reason == "TRITON_UNAVAILABLE"
             assert f"Triton at {triton.url}" in caught.value.details()
+            wait_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)  # a processor's pool ejects it
 
             triton.start()
+            wait_health(channel, health_pb2.HealthCheckResponse.SERVING)
             assert torch.equal(encode(1), expected[1])
             assert torch.equal(encode(2), expected[2])
     finally:

@@ -29,9 +29,14 @@ class TowerBackend(Protocol):
     workers: int
     # The towers when they are in this process (torch), else None.
     model: PreTrainedModel | None
+    # Seconds between `ready` checks that the encoder's health follows; 0: nothing to follow (torch).
+    health_interval_s: float
 
     def run(self, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         """The embeddings of items the tower encodes as one forward, one per item."""
+
+    def ready(self) -> bool:
+        """Whether the towers can run now (blocking; called off the event loop)."""
 
     def close(self) -> None:
         """Frees what the backend holds (connections, shared memory)."""

@@ -13,6 +13,7 @@ from services.models.checkpoint import Checkpoint
 class TorchBackend:
     proto = encoder_pb2.ENCODER_BACKEND_TORCH
     workers = 1  # one thread owns torch
+    health_interval_s = 0.0  # the towers are this process: ready while it runs
 
     def __init__(self, checkpoint: Checkpoint, device: str):
         self.family = checkpoint.family
@@ -20,6 +21,9 @@ class TorchBackend:
 
     def run(self, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         return run_tower(self.family, self.model, modality, items)
+
+    def ready(self) -> bool:
+        return True
 
     def close(self) -> None:
         pass

@@ -12,7 +12,8 @@ FAILED_PRECONDITION (TRITON_MODEL_MISSING); exported from this checkpoint, dtype
 config's parameters), else FAILED_PRECONDITION (TRITON_MODEL_MISMATCH). The encoder never loads
 the weights itself. A Triton that stops answering makes calls fail with UNAVAILABLE
 (TRITON_UNAVAILABLE); the worker's connection is dropped, so the first call after Triton is back
-succeeds.
+succeeds. The encoder's grpc.health follows `ready` (server.py): NOT_SERVING while Triton or a model
+is down, so a processor's pool takes the replica out before its calls fail.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class _Worker(threading.local):
 class TritonBackend:
     proto = encoder_pb2.ENCODER_BACKEND_TRITON
     model = None  # the weights live in Triton
+    health_interval_s = 2.0  # the encoder's health follows Triton's models (server.py)
 
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.url = cfg.triton_url
@@ -227,6 +229,17 @@ class TritonBackend:
                                reason="TRITON_UNAVAILABLE", metadata={"tritonUrl": self.url})
         return Internal(f"Triton model {name!r} failed: {message}", reason="TRITON_INFER_FAILED",
                         metadata={"tritonModel": name})
+
+    def ready(self) -> bool:
+        """Whether Triton answers and every model the encoder needs is ready (a client of its own: this runs
+        in whatever thread asks)."""
+        client = httpclient.InferenceServerClient(self.url, connection_timeout=2.0, network_timeout=2.0)
+        try:
+            return all(client.is_model_ready(name) for name in self.models.values())
+        except Exception:  # noqa: BLE001 -- refused, reset, timed out: not ready
+            return False
+        finally:
+            client.close()
 
     def close(self) -> None:
         """Unregisters and frees every worker's region (a client of this thread: one is not shared across threads)."""

@@ -12,7 +12,7 @@ item's tensors exactly as the torch backend does and the embedding bytes are the
 Floating tensors travel as FP32 and integer ones as INT64: every dtype a processor makes (fp32,
 bf16, fp16; int32, int64) widens to those exactly, and the family casts to the model's dtype as it
 does for the torch backend. Embeddings come back in the model's dtype, items concatenated by rows.
-Every tensor has Triton's leading batch dim of 1 (max_batch_size > 0, ragged batching: export.py).
+Every tensor has Triton's leading batch dim of 1 (max_batch_size > 0, ragged batching: triton_export.py).
 """
 
 from __future__ import annotations
