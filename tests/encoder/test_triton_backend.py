@@ -31,7 +31,7 @@ from tests.media import image_bytes
 
 # One family per way a tower treats a batch (exact: llava, gemma3, internvl; tolerance: qwen2_vl, qwen3_vl with
 # deepstack; alone: phi4mm): each Python-backend stub costs ~10 CPU-seconds to start on this 2-core machine.
-# TRIPTYCH_TRITON_FAMILIES=all runs every family we have a tiny checkpoint of (all pass; ~2 min more).
+# TRIPTYCH_TRITON_FAMILIES=all runs every family we have a tiny checkpoint of.
 FAMILIES = (TINY_FAMILIES if os.environ.get("TRIPTYCH_TRITON_FAMILIES") == "all"
             else ("qwen2_vl", "qwen3_vl", "llava", "gemma3", "internvl", "phi4mm"))
 
@@ -42,7 +42,9 @@ def triton(tmp_path_factory):
     for family in FAMILIES:  # the command a user runs; models are <family>_image
         assert cli_main(["export-triton", "--model", str(tiny_checkpoint(family)), "--out", str(repo),
                          "--name", family, "--max-queue-delay-us", "20000"]) == 0
-    server = TritonServer(repo, repo.parent / "tritonserver.log").start(timeout_s=300)
+    assert cli_main(["export-triton", "--model", str(tiny_checkpoint("qwen2_vl")), "--out", str(repo),
+                     "--name", "qwen2_vl_bf16", "--dtype", "bfloat16"]) == 0
+    server = TritonServer(repo, repo.parent / "tritonserver.log").start(timeout_s=120 + 60 * len(FAMILIES))
     yield server
     server.stop()
 
@@ -80,6 +82,18 @@ def test_same_embedding_bytes_as_torch(triton, family):
             assert len(remote.run("image", items[:1])[0].deepstack) == checkpoint.family.num_deepstack_layers >= 2
     finally:
         remote.close()
+
+
+def test_bfloat16_embeddings_same_bytes(triton):
+    """BF16 crosses KServe v2 as 2-byte words (numpy has no bf16 of its own): the bytes survive."""
+    checkpoint = Checkpoint(tiny_checkpoint("qwen2_vl"), torch.bfloat16)
+    items = _items(checkpoint, [(160, 120), (96, 200)])
+    expected = TorchBackend(checkpoint, "cpu").run("image", items)
+    remote = TritonBackend(checkpoint, EncoderConfig(model=checkpoint.path, dtype="bfloat16", backend="triton",
+                                                     triton_url=triton.url, triton_model="qwen2_vl_bf16"))
+    got = remote.run("image", items)
+    assert [e.embeddings.dtype for e in got] == [torch.bfloat16] * 2
+    assert all(torch.equal(e.embeddings, g.embeddings) for e, g in zip(expected, got))
 
 
 def test_shared_memory_inputs_same_bytes(triton):

@@ -61,6 +61,14 @@ class _Worker(threading.local):
     region: _Region | None = None
 
 
+def _as_torch(array: np.ndarray) -> torch.Tensor:
+    """A tensor of its own (the reply's buffer is read-only); BF16 comes as ml_dtypes' bfloat16, which torch
+    takes by its 16-bit words."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.array(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
 class TritonBackend:
     proto = encoder_pb2.ENCODER_BACKEND_TRITON
     model = None  # the weights live in Triton
@@ -72,7 +80,6 @@ class TritonBackend:
         self.timeout_s = cfg.triton_timeout_s
         self.use_shm = cfg.triton_transport == "shm"
         self.family = checkpoint.family
-        self.dtype = checkpoint.dtype
         self.models = {modality: model_name(cfg.triton_model, modality) for modality in self.family.modalities}
         self.schemas = {modality: self.family.encoder_schema(modality) for modality in self.family.modalities}
         self._worker = _Worker()
@@ -156,12 +163,7 @@ class TritonBackend:
             self._drop(worker)
             raise Unavailable(f"Triton at {self.url} did not answer ({type(err).__name__}: {err}); retry when it is "
                               "back", reason="TRITON_UNAVAILABLE", metadata={"tritonUrl": self.url}) from err
-        arrays = {out.name(): result.as_numpy(out.name()) for out in outputs}
-        as_torch = {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
-        for key in (triton_wire.EMBEDDINGS, triton_wire.DEEPSTACK):
-            if key in as_torch:  # BF16 arrives widened to float32 (numpy has no bf16): back exactly
-                as_torch[key] = as_torch[key].to(self.dtype)
-        results = triton_wire.unpack_embeddings(as_torch)
+        results = triton_wire.unpack_embeddings({out.name(): _as_torch(result.as_numpy(out.name())) for out in outputs})
         if len(results) != len(items):
             raise Internal(f"Triton model {name!r} answered {len(results)} items for {len(items)}",
                            reason="TRITON_INFER_FAILED", metadata={"tritonModel": name})
