@@ -54,6 +54,10 @@ def test_encoder_in_front_of_triton_survives_triton_restarts(triton, qwen2_vl_di
     local = TorchBackend(checkpoint, "cpu")
     expected = [local.run("image", [tensors])[0].embeddings for tensors in inputs]
 
+    # In this process, through shared memory: a restarted Triton has forgotten the region it registered.
+    shm = TritonBackend(checkpoint, EncoderConfig(model=qwen2_vl_dir, backend="triton", triton_url=triton.url,
+                                                  triton_model="tiny", triton_transport="shm"))
+    assert torch.equal(shm.run("image", inputs[:1])[0].embeddings, expected[0])
     proc = start_encoder(qwen2_vl_dir, "--backend", "triton", "--triton-url", triton.url, "--triton-model", "tiny",
                          "--cache-mib", "0")
     try:
@@ -84,7 +88,9 @@ def test_encoder_in_front_of_triton_survives_triton_restarts(triton, qwen2_vl_di
             wait_health(channel, health_pb2.HealthCheckResponse.SERVING)
             assert torch.equal(encode(1), expected[1])
             assert torch.equal(encode(2), expected[2])
+            assert torch.equal(shm.run("image", inputs[2:])[0].embeddings, expected[2])
     finally:
+        shm.close()
         assert proc.stop() == 0, proc.output()
 
 

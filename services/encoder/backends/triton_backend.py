@@ -147,22 +147,27 @@ class TritonBackend:
     def run(self, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         name = self.models[modality]
         tensors = triton_wire.pack_items(self.schemas[modality], items)
+        outputs = [httpclient.InferRequestedOutput(out, binary_data=True)
+                   for out in (triton_wire.EMBEDDINGS, triton_wire.EMBEDDING_ROWS)]
+        if self.family.num_deepstack_layers:
+            outputs.append(httpclient.InferRequestedOutput(triton_wire.DEEPSTACK, binary_data=True))
         worker = self._worker
-        if worker.client is None:
-            worker.client = self._new_client()
-        try:
-            inputs = self._inputs(worker, tensors)
-            outputs = [httpclient.InferRequestedOutput(out, binary_data=True)
-                       for out in (triton_wire.EMBEDDINGS, triton_wire.EMBEDDING_ROWS)]
-            if self.family.num_deepstack_layers:
-                outputs.append(httpclient.InferRequestedOutput(triton_wire.DEEPSTACK, binary_data=True))
-            result = worker.client.infer(name, inputs, outputs=outputs)
-        except InferenceServerException as err:
-            raise self._status(name, err) from err
-        except Exception as err:  # the connection: refused, reset, timed out
-            self._drop(worker)
-            raise Unavailable(f"Triton at {self.url} did not answer ({type(err).__name__}: {err}); retry when it is "
-                              "back", reason="TRITON_UNAVAILABLE", metadata={"tritonUrl": self.url}) from err
+        for attempt in (1, 2):
+            if worker.client is None:
+                worker.client = self._new_client()
+            try:
+                result = worker.client.infer(name, self._inputs(worker, tensors), outputs=outputs)
+                break
+            except InferenceServerException as err:
+                # A Triton restarted since this worker registered its region no longer knows it: register anew.
+                if attempt == 1 and self.use_shm and "shared memory" in (err.message() or "").lower():
+                    self._drop(worker)
+                    continue
+                raise self._status(name, err) from err
+            except Exception as err:  # the connection: refused, reset, timed out
+                self._drop(worker)
+                raise Unavailable(f"Triton at {self.url} did not answer ({type(err).__name__}: {err}); retry when "
+                                  "it is back", reason="TRITON_UNAVAILABLE", metadata={"tritonUrl": self.url}) from err
         results = triton_wire.unpack_embeddings({out.name(): _as_torch(result.as_numpy(out.name())) for out in outputs})
         if len(results) != len(items):
             raise Internal(f"Triton model {name!r} answered {len(results)} items for {len(items)}",
@@ -214,7 +219,7 @@ class TritonBackend:
     def _drop(self, worker: _Worker) -> None:
         """Forgets the worker's connection (and region: a restarted Triton knows neither)."""
         if worker.region is not None:
-            self._free(None, worker.region)
+            self._free(worker.client, worker.region)
             worker.region = None
         if worker.client is not None:
             worker.client.close()
