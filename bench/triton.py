@@ -13,7 +13,8 @@ calls in flight.
 
 Where the time goes: for Triton runs, Triton's own statistics split each request into queue,
 compute_input (tensors into the Python stub), compute_infer (model.py: the tower) and compute_output;
-what is left of the encoder's latency is HTTP, (de)serialisation and the encoder itself. Also
+what is left of the encoder's latency (`encoder_overhead_ms`: the p50 latency less Triton's mean
+per-request parts) is gRPC, HTTP, (de)serialisation and the encoder itself. Also
 `executions_per_request` (below 1: Triton's dynamic batcher put requests in one execute).
 Writes one JSON (--out).
 """
