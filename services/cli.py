@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,10 @@ from services.encoder.triton_export import add_export_flags
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig}
 # `up` wires the processor to the encoder and LLM it starts itself.
 UP_SKIPS = frozenset({"encoder_addrs", "llm_addr"})
+
+
+def _media_arg(kind: str, value: str) -> tuple[str, Path]:
+    return kind, Path(value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    # One list in command-line order: the parts go to the model in the order given.
+    for kind in ("image", "video", "audio"):
+        p.add_argument(f"--{kind}", dest="media", type=functools.partial(_media_arg, kind), action="append",
+                       default=[], metavar="PATH", help=f"{kind} file (repeatable; media parts keep their order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.0)
@@ -104,9 +112,12 @@ def _list_models(as_json: bool) -> int:
             architectures = list(status.architectures)
         else:
             architectures = ["any ImageTextToText model with get_image_features"] if name == status.name else []
+        modalities = status.family.modalities if status.family else ()  # unknown if unavailable
+        if status.family and not own_file and name != status.name:  # a tiny builder's model type, served generically
+            modalities = status.family.model_type_modalities(name)
         return {
             "family": name,
-            "modalities": ["text", *status.family.modalities] if status.family else [],  # unknown if unavailable
+            "modalities": ["text", *modalities] if status.family else [],
             "served_by": f"services/models/{name}.py" if own_file else "generic path (services/models/generic.py)",
             "architectures": architectures,
             "tiny_model": name in TINY_FAMILIES,

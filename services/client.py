@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import grpc
 
@@ -16,9 +17,12 @@ from services.common.server import channel_options
 _FINISH_NAMES = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
 
 
-def build_messages(prompt: str, images: list[bytes]) -> list[processor_pb2.ChatMessage]:
-    """One user message: the images first (as HF chat templates order them), then the prompt."""
-    parts = [processor_pb2.ContentPart(image=processor_pb2.Media(data=data)) for data in images]
+def build_messages(prompt: str, images: Sequence[bytes] = (), *,
+                   media: Sequence[tuple[str, bytes]] = ()) -> list[processor_pb2.ChatMessage]:
+    """One user message: the media first (as HF chat templates order them: `images`, then each
+    (modality, file bytes) of `media` in order), then the prompt."""
+    parts = [processor_pb2.ContentPart(**{kind: processor_pb2.Media(data=data)})
+             for kind, data in [*(("image", data) for data in images), *media]]
     parts.append(processor_pb2.ContentPart(text=prompt))
     return [processor_pb2.ChatMessage(role="user", content=parts)]
 
@@ -52,12 +56,12 @@ def sampling_params(args: argparse.Namespace) -> generation_pb2.SamplingParams:
 
 def run_generate(args: argparse.Namespace) -> int:
     try:
-        images = [path.read_bytes() for path in args.image]
+        media = [(kind, path.read_bytes()) for kind, path in args.media]
     except OSError as err:
-        print(f"error: cannot read image: {err}", file=sys.stderr)
+        print(f"error: cannot read media file: {err}", file=sys.stderr)
         return 2
     sampling = sampling_params(args)
-    messages = build_messages(args.prompt, images)
+    messages = build_messages(args.prompt, media=media)
     with grpc.insecure_channel(args.server, options=channel_options()) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         try:

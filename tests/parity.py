@@ -21,9 +21,9 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
-from tests.media import image_bytes
+from tests.media import audio_bytes, image_bytes, video_bytes
 from tests.procs import start_services
-from tests.reference import hf_generate, hf_prompt_tokens
+from tests.reference import NO_MEDIA, OtherMedia, hf_generate, hf_prompt_tokens
 
 MAX_NEW_TOKENS = 10
 
@@ -70,6 +70,47 @@ def parity_tests(family: str, auto_class: str = "AutoModelForImageTextToText", s
             assert expected != hf_generate(model_dir, *CASES["text-only"], MAX_NEW_TOKENS, auto_class)
 
     return test_parity
+
+
+# Video and audio cases: (prompt, images, other media). The first two of a modality differ only in the
+# media, so their parity has power only if the outputs differ (checked in media_parity_tests).
+VIDEO_CASES = {
+    "video": ("Describe this video.", [], OtherMedia(videos=(video_bytes(seed=1),))),
+    "video-other": ("Describe this video.", [], OtherMedia(videos=(video_bytes(seed=2, width=64, height=96),))),
+    "image-and-video": ("Compare them.", [image_bytes(96, 96, seed=5)], OtherMedia(videos=(video_bytes(seed=3),))),
+}
+AUDIO_CASES = {
+    "audio": ("What do you hear?", [], OtherMedia(audios=(audio_bytes(seed=1),))),
+    "audio-other": ("What do you hear?", [], OtherMedia(audios=(audio_bytes(seconds=2.5, seed=2),))),
+}
+
+
+def media_parity_tests(family: str, cases: dict[str, tuple[str, list[bytes], OtherMedia]],
+                       auto_class: str = "AutoModelForImageTextToText", seed: int = 0):
+    """Parametrized test: each video/audio case's greedy tokens equal transformers' (which decodes every
+    frame with its own pyav loader and samples them with do_sample_frames=True), token by token."""
+
+    @pytest.mark.e2e
+    @pytest.mark.parametrize("case", list(cases))
+    def test_media_parity(services, case):
+        model_dir = tiny_checkpoint(family, seed)
+        prompt, images, other = cases[case]
+        expected = hf_generate(model_dir, prompt, images, MAX_NEW_TOKENS, auto_class, other)
+        media = [*(("video", v) for v in other.videos), *(("audio", a) for a in other.audios)]
+        with grpc.insecure_channel(services.address) as channel:
+            stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+            request = processor_pb2.GenerateRequest(
+                messages=build_messages(prompt, images, media=media),
+                sampling=generation_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
+            completion = stub.Generate(request, timeout=300).completion
+        assert list(completion.token_ids) == expected
+        assert completion.prompt_tokens == hf_prompt_tokens(model_dir, prompt, images, auto_class, other)
+        first, second = list(cases)[:2]
+        if case == second:  # power: the media change the answer, and the answer is not the text-only one
+            assert expected != hf_generate(model_dir, *cases[first][:2], MAX_NEW_TOKENS, auto_class, cases[first][2])
+            assert expected != hf_generate(model_dir, prompt, [], MAX_NEW_TOKENS, auto_class, NO_MEDIA)
+
+    return test_media_parity
 
 
 def model_info_test(family: str, seed: int = 0):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import tempfile
+import wave
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
 from transformers import AutoProcessor
+from transformers.video_utils import load_video
 
 
 @lru_cache(maxsize=4)
@@ -19,29 +23,93 @@ def _load(model_dir: Path, auto_class: str):
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
-def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str):
+@dataclass(frozen=True)
+class OtherMedia:
+    """A request's video and audio parts (after its images, before the prompt), and how transformers
+    samples the videos: `do_sample_frames=True` at `video_fps` (the processor service's --video-fps)."""
+
+    videos: tuple[bytes, ...] = ()
+    audios: tuple[bytes, ...] = ()  # 16-bit PCM wav at the feature extractor's rate
+    video_fps: float = 2.0
+    # Where a processor labels frames with times from the metadata it is given (Nemotron-H Omni), the
+    # loader samples instead: transformers' pyav loader keeps the frames the video processor's own
+    # sample_frames picks at video_fps, and the processor gets them with do_sample_frames=False and
+    # that metadata, one VideoMetadata per video. (With do_sample_frames=True, transformers 5.23's
+    # Nemotron-H Omni processor samples a copy of the metadata and labels the sampled frames with the
+    # times of the clip's first frames.)
+    sample_in_loader: bool = False
+
+
+NO_MEDIA = OtherMedia()
+
+
+def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, other: OtherMedia = NO_MEDIA):
     model, processor = _load(model_dir, auto_class)
     pil_images = [Image.open(io.BytesIO(data)) for data in images]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in other.videos]
+               + [{"type": "audio"} for _ in other.audios] + [{"type": "text", "text": prompt}])
     messages = [{"role": "user", "content": content}]
     # Some processors (Phi-4-MM) leave the chat template on the tokenizer.
     templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
     text = templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return model, processor(text=[text], images=pil_images or None, return_tensors="pt")
+    kwargs = {}
+    if other.videos and other.sample_in_loader:
+        sample = partial(processor.video_processor.sample_frames, fps=other.video_fps)
+        loaded = [_load_video(data, sample) for data in other.videos]
+        metadata = [meta for _, meta in loaded]
+        kwargs.update(videos=[frames for frames, _ in loaded], do_sample_frames=False,
+                      video_metadata=metadata[0] if len(metadata) == 1 else metadata)
+    elif other.videos:  # transformers' own pyav loader decodes every frame; its video processor samples them
+        loaded = [_load_video(data) for data in other.videos]
+        kwargs.update(videos=[frames for frames, _ in loaded], video_metadata=[meta for _, meta in loaded],
+                      do_sample_frames=True, fps=other.video_fps)
+    if other.audios:
+        kwargs["audio"] = [_read_wav(data) for data in other.audios]
+    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs)
+
+
+def _load_video(data: bytes, sample_indices_fn=None):
+    with tempfile.NamedTemporaryFile(suffix=".video") as file:
+        file.write(data)
+        file.flush()
+        return load_video(file.name, backend="pyav", sample_indices_fn=sample_indices_fn)
+
+
+def _read_wav(data: bytes) -> np.ndarray:
+    """A 16-bit PCM wav's samples as float32 in [-1, 1] (the standard library's reader, not av)."""
+    with wave.open(io.BytesIO(data)) as clip:
+        assert clip.getsampwidth() == 2 and clip.getnchannels() == 1, "reference clips are 16-bit mono"
+        return np.frombuffer(clip.readframes(clip.getnframes()), np.int16).astype(np.float32) / 32768
 
 
 def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_tokens: int,
-                auto_class: str = "AutoModelForImageTextToText") -> list[int]:
-    """Greedy tokens of one user message (images first, then the prompt), as transformers generates them."""
-    model, inputs = _inputs(model_dir, prompt, images, auto_class)
+                auto_class: str = "AutoModelForImageTextToText", other: OtherMedia = NO_MEDIA) -> list[int]:
+    """Greedy tokens of one user message (images, videos, audios, then the prompt), as transformers generates them."""
+    model, inputs = _inputs(model_dir, prompt, images, auto_class, other)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**_video_rows_as_sequence(model, inputs), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def _video_rows_as_sequence(model, inputs):
+    """The inputs for generate(). Where the model's get_video_features returns pooler_output as one tensor
+    but its forward torch.cat()s it as a sequence of tensors (transformers 5.23's Nemotron-H Omni: a
+    TypeError on any video), the video is encoded by that same get_video_features and handed to generate()
+    as mm_encoder_outputs, its rows as the sequence the forward expects; the forward merges them itself."""
+    if "pixel_values_videos" not in inputs or not hasattr(model, "get_video_features"):
+        return inputs
+    with torch.inference_mode():
+        video = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+    if not isinstance(video.pooler_output, torch.Tensor):
+        return inputs
+    video.pooler_output = tuple(video.pooler_output)  # [groups, tokens, hidden] -> groups x [tokens, hidden]
+    rest = {key: value for key, value in inputs.items() if key != "pixel_values_videos"}
+    return {**rest, "mm_encoder_outputs": {"video": video}}
+
+
 def hf_prompt_tokens(model_dir: Path, prompt: str, images: list[bytes],
-                     auto_class: str = "AutoModelForImageTextToText") -> int:
-    return _inputs(model_dir, prompt, images, auto_class)[1]["input_ids"].shape[1]
+                     auto_class: str = "AutoModelForImageTextToText", other: OtherMedia = NO_MEDIA) -> int:
+    return _inputs(model_dir, prompt, images, auto_class, other)[1]["input_ids"].shape[1]
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,16 @@ class ProcessorConfig:
     max_media_mib: int = field(default=32, metadata=_MAX_MEDIA_HELP)
     max_image_pixels: int = field(default=50_000_000, metadata=_MAX_PIXELS_HELP)
     max_images_per_request: int = field(default=32, metadata=doc("images in one request"))
+    # Video: frames are chosen by the model's own video processor at this rate, then only they are decoded.
+    video_fps: float = field(default=2.0, metadata=doc("frames per second sampled from a video (a request's "
+                                                       "video_options may ask otherwise)"))
+    max_video_frames: int = field(default=32, metadata=doc("frames sampled from one video, at most"))
+    max_video_seconds: float = field(default=3600.0, metadata=doc("duration of one video, seconds"))
+    max_video_pixels: int = field(default=1 << 27, metadata=doc(
+        "sampled frames x width x height of one video (the decoded frames' memory is 3 bytes each)"))
+    max_videos_per_request: int = field(default=4, metadata=doc("videos in one request"))
+    max_audio_seconds: float = field(default=600.0, metadata=doc("duration of one audio clip, seconds"))
+    max_audios_per_request: int = field(default=8, metadata=doc("audio clips in one request"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))
     encoder_resolve_interval_s: float = field(default=30.0, metadata=doc(
         "seconds between resolutions of --encoder host names (replicas come and go with DNS); 0: only at start"))

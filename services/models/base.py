@@ -22,7 +22,9 @@ import torch
 from transformers import (AutoModelForImageTextToText, AutoProcessor, Cache, DynamicCache, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin)
 
+from services.common.audio import Audio
 from services.common.errors import InvalidArgument
+from services.common.video import Video
 from services.models.inputs import Bindings, ItemSchema, validate
 
 IMAGE, VIDEO, AUDIO = "image", "video", "audio"
@@ -166,7 +168,47 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
-        """Runs the HF processor and cuts its output into per-item inputs."""
+        """Runs the HF processor and cuts its output into per-item inputs, in prompt order.
+
+        A family that takes video or audio adds keyword parameters `videos: list[Video]` and/or
+        `audios: list[Audio]` (services/common/{video,audio}.py); the processor service passes them
+        only when the request has such media, and only to a family whose `modalities` name them.
+        Items of all modalities come back in prompt order (their offsets ascending).
+        """
+
+    def modality_refusal(self, modality: str) -> str | None:
+        """Why this checkpoint does not take `modality`, for the error a request with it gets (the generic
+        family: a model without a video path); None: nothing more to say than `modalities`."""
+        return None
+
+    # ---- video and audio: what the processor decodes for the HF processor ----------------------
+    def video_frame_indices(self, processor: ProcessorMixin, metadata: Any, fps: float, max_frames: int) -> list[int]:
+        """The frames of a clip the model sees, from its metadata alone (nothing is decoded yet): the
+        family's own video processor's `sample_frames` at `fps` (as `do_sample_frames=True, fps=...`
+        samples in transformers), or `max_frames` of them evenly spread where `fps` would give more.
+        The processor then decodes only these frames and passes them with `do_sample_frames=False`."""
+        video_processor = processor.video_processor
+        try:
+            indices = [int(i) for i in video_processor.sample_frames(metadata, fps=fps)]
+        except ValueError:  # transformers' default and InternVL's samplers refuse a clip with fewer frames
+            # than `fps` asks for (a 1-fps slideshow at 2 fps): every frame, as Qwen2-VL's sampler clamps
+            indices = [int(i) for i in video_processor.sample_frames(
+                metadata, num_frames=min(metadata.total_num_frames, max_frames))]
+        if len(indices) > max_frames:
+            indices = [int(i) for i in video_processor.sample_frames(metadata, num_frames=max_frames)]
+        return indices
+
+    @staticmethod
+    def video_processor_kwargs(videos: list[Video]) -> dict[str, Any]:
+        """The HF processor's video arguments for frames chosen by `video_frame_indices`."""
+        if not videos:
+            return {}
+        return {"videos": [video.frames for video in videos], "video_metadata": [video.metadata for video in videos],
+                "do_sample_frames": False}
+
+    def audio_sampling_rate(self, processor: ProcessorMixin) -> int:
+        """The rate (Hz) the model's feature extractor takes; the processor resamples every clip to it."""
+        return int(processor.feature_extractor.sampling_rate)
 
     def image_encoder_inputs(self, processor: ProcessorMixin, image: Any) -> dict[str, torch.Tensor]:
         """One image's encoder inputs, exactly as `preprocess` cuts them out of any prompt holding it:

@@ -39,6 +39,15 @@ transformers VLMs do in their whole-model forward, and nothing model-specific:
              1-D positions 0..L-1; the decoder (`model.model.get_decoder()`) called as the outer
              forward calls it; then lm_head.
 
+Video, when the model has `get_video_features` and its config a video token id
+(`video_token_id` / `video_token_index`): the same three steps with the video token, the processor's
+video outputs that `get_video_features` takes (one entry per video: [videos, frames, ...]) and that
+method's `pooler_output` (LLaVA-NeXT-Video: frames pooled 2x2, one run of `<video>` per video). The
+processor service hands it the frames the model's own video processor samples (`sample_frames`). The
+probe runs the processor on two short clips too; a checkpoint whose video path it cannot lay out is
+refused. A model without both serves images only, and a video part is refused (MODALITY_UNSUPPORTED,
+with `modality_refusal`'s reason).
+
 Not covered, so `can_serve` answers a refusal with the reason (the services do not start:
 FailedPrecondition MODEL_UNSUPPORTED) rather than serve wrong tokens:
   - positions the outer model computes (`get_rope_index` / `rope_deltas`: Qwen-VL, GLM-4V mRoPE);
@@ -76,13 +85,15 @@ from transformers import (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, Auto
 from transformers.utils import ModelOutput
 
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument, TriptychError
-from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
+from services.common.video import Video, VideoLimits, video_from_frames
+from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
 from services.models.inputs import FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
 
 log = logging.getLogger(__name__)
 
-# Model types whose parity with transformers is proven by tests/e2e/test_generic_parity.py.
-VERIFIED_MODEL_TYPES = frozenset({"idefics3", "aya_vision", "mistral3"})
+# Model types whose parity with transformers is proven by tests/e2e/test_generic_parity.py (video:
+# tests/e2e/test_generic_video.py).
+VERIFIED_MODEL_TYPES = frozenset({"idefics3", "aya_vision", "mistral3", "llava_next_video"})
 
 # Source markers of the outer and inner model classes, each a behaviour the generic LLM path lacks.
 _REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -102,10 +113,14 @@ _REFUSED_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
 _TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
 # Processor outputs the replacement bookkeeping adds (not model inputs).
 _BOOKKEEPING = ("text_replacement_offsets", "offset_mapping")
-# mm_token_type_ids value of image tokens (transformers' processors: 0 text, 1 image, 2 video).
-_IMAGE_TOKEN_TYPE = 1
+# mm_token_type_ids value of each modality's tokens (transformers' processors: 0 text, 1 image, 2 video).
+_TOKEN_TYPE = {IMAGE: 1, VIDEO: 2}
+# The model method that runs the towers on a modality's processor outputs.
+_FEATURES = {IMAGE: "get_image_features", VIDEO: "get_video_features"}
 # Probe images for can_serve: (width, height). The large one makes tiling processors tile.
 _PROBE_SIZES = ((64, 48), (1024, 768))
+# Probe clips: two of 4 frames (width, height), at 2 fps.
+_PROBE_VIDEO_SIZE, _PROBE_VIDEO_FRAMES = (64, 48), 4
 
 
 def _model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
@@ -115,8 +130,9 @@ def _model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
         return None
 
 
-def _image_token_id(config: PretrainedConfig) -> int | None:
-    for name in ("image_token_id", "image_token_index"):
+def _token_id(config: PretrainedConfig, modality: str) -> int | None:
+    """The config's placeholder token id of `modality` (`image_token_id` or `image_token_index`, ...)."""
+    for name in (f"{modality}_token_id", f"{modality}_token_index"):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
@@ -129,11 +145,20 @@ def _params(fn: Any) -> set[str]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _video_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
+    """Why the generic family takes no video of this model; None when it does."""
+    if not hasattr(model_class, _FEATURES[VIDEO]):
+        return f"{model_class.__name__} has no get_video_features"
+    if _token_id(config, VIDEO) is None:
+        return "its config has no video_token_id / video_token_index"
+    return None
+
+
 def _model_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
     """Why the generic path would not reproduce this model's forward; None when it would."""
     if getattr(config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model"
-    if _image_token_id(config) is None:
+    if _token_id(config, IMAGE) is None:
         return "its config has no image_token_id / image_token_index"
     try:
         with torch.device("meta"):  # the module tree only: no weights, no memory
@@ -169,10 +194,20 @@ def _probe_images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in _PROBE_SIZES]
 
 
+def _probe_videos() -> list[Video]:
+    rng = np.random.default_rng(1)
+    width, height = _PROBE_VIDEO_SIZE
+    limits = VideoLimits(max_frame_pixels=width * height, max_seconds=60, max_frames=_PROBE_VIDEO_FRAMES,
+                         max_total_pixels=_PROBE_VIDEO_FRAMES * width * height)
+    return [video_from_frames(list(rng.integers(0, 256, (_PROBE_VIDEO_FRAMES, height, width, 3), dtype=np.uint8)),
+                              2.0, limits, "probe video") for _ in range(2)]
+
+
 class Generic(ModelFamily):
     name = "generic"
     hf_architectures = ()
-    modalities = (IMAGE,)
+    # What a checkpoint may take; an instance narrows it to its model's (video: see the module docstring).
+    modalities = (IMAGE, VIDEO)
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
@@ -181,9 +216,24 @@ class Generic(ModelFamily):
             raise FailedPrecondition(f"{config.model_type} is not an image-text-to-text model with get_image_features",
                                      reason="MODEL_UNSUPPORTED")
         self.model_class = model_class
-        self.image_token_id = _image_token_id(config)
-        self.tower_inputs = _params(model_class.get_image_features)  # e.g. pixel_values, pixel_attention_mask
+        self.token_ids = {IMAGE: _token_id(config, IMAGE), VIDEO: _token_id(config, VIDEO)}
+        self.image_token_id = self.token_ids[IMAGE]
+        self.video_refusal = _video_refusal(config, model_class)
+        self.modalities = (IMAGE,) if self.video_refusal else (IMAGE, VIDEO)
+        # Each modality's tower inputs, e.g. pixel_values, pixel_attention_mask; pixel_values_videos
+        self.tower_inputs = {modality: _params(getattr(model_class, _FEATURES[modality])) for modality in self.modalities}
         self.forward_inputs = _params(model_class.forward)
+
+    def modality_refusal(self, modality: str) -> str | None:
+        return self.video_refusal if modality == VIDEO else None
+
+    @staticmethod
+    def model_type_modalities(model_type: str) -> tuple[str, ...]:
+        """What the family takes of a checkpoint of `model_type` with its default config (`triptych models`
+        lists the tiny builders it serves)."""
+        config = AutoConfig.for_model(model_type)
+        model_class = _model_class(config)
+        return (IMAGE,) if model_class is None or _video_refusal(config, model_class) else (IMAGE, VIDEO)
 
     # ---- which checkpoints -------------------------------------------------------------
     @classmethod
@@ -212,33 +262,38 @@ class Generic(ModelFamily):
         return ServeVerdict(serves=True)
 
     def _processor_refusal(self, model_dir: Path) -> str | None:
-        """Runs the processor on a chat with a small and a large image, as the processor service will."""
-        try:
-            processor = self.load_processor(model_dir)
-            if processor.tokenizer.convert_tokens_to_ids(self.placeholder_token(IMAGE)) != self.image_token_id:
-                return f"the tokenizer does not map image token id {self.image_token_id} back to itself"
-            self._probe_layout(processor)
-        except TriptychError as err:
-            return err.message
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            return f"the processor probe failed: {type(err).__name__}: {err}"
+        """Runs the processor on a chat with a small and a large image (and two clips, for a model with
+        video), as the processor service will."""
+        for modality in self.modalities:
+            try:
+                processor = self.load_processor(model_dir)
+                token_id = self.token_ids[modality]
+                if processor.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality)) != token_id:
+                    return f"the tokenizer does not map {modality} token id {token_id} back to itself"
+                self._probe_layout(processor, modality)
+            except TriptychError as err:
+                return f"{modality}: {err.message}"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                return f"the processor probe failed on {modality}: {type(err).__name__}: {err}"
         return None
 
-    def _probe_layout(self, processor: ProcessorMixin) -> dict[str, _Layout]:
+    def _probe_layout(self, processor: ProcessorMixin, modality: str) -> dict[str, _Layout]:
         """What one item's tower inputs look like, read from the processor's outputs for the probe chat."""
-        images = _probe_images()
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the images."}]
+        images, videos = (_probe_images(), []) if modality == IMAGE else ([], _probe_videos())
+        count = len(images) + len(videos)
+        content = [{"type": modality} for _ in range(count)] + [{"type": "text", "text": f"Describe the {modality}s."}]
         text = self.render_chat(processor, [{"role": "user", "content": content}])
-        out, _, _, counts = self._process(processor, text, images)
-        splits, sizes, grid = self._splits(out, counts)
-        split_items(out, splits, len(images), sizes)  # raises ValueError if the outputs do not split so
+        out, _, per_item = self._process(processor, text, images, videos)
+        counts = [sum(n for _, n in runs) for _, runs in per_item]
+        splits, sizes, grid = self._splits(out, counts, modality)
+        split_items(out, splits, count, sizes)  # raises ValueError if the outputs do not split so
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
             value = out[name]
             dims: list[Dim] = [f"{name}_{i}" for i in range(value.ndim)]  # free: not tied to other tensors
             if split.dim == 1:
                 dims[0] = 1  # the batch-of-one layout
-            dims[split.dim] = 1 if split.how == "batched" else "units"  # images, or this item's tiles
+            dims[split.dim] = 1 if split.how == "batched" else "units"  # items, or this item's tiles
             values: tuple[str, ...] = ()
             if name == grid:
                 values = tuple(f"g{i}" for i in range(value.shape[1]))
@@ -250,66 +305,79 @@ class Generic(ModelFamily):
         return layout
 
     @cached_property
-    def _layout(self) -> dict[str, _Layout]:
-        return self._probe_layout(self.load_processor(Path(self.config.name_or_path)))
+    def _layout(self) -> dict[str, dict[str, _Layout]]:
+        """Each modality's layout of one item's tower inputs, by input name."""
+        processor = self.load_processor(Path(self.config.name_or_path))
+        return {modality: self._probe_layout(processor, modality) for modality in self.modalities}
 
     # ---- processor ---------------------------------------------------------------------
     @cached_property
-    def _placeholder(self) -> str:
+    def _placeholders(self) -> dict[str, str]:
         tokenizer = AutoTokenizer.from_pretrained(self.config.name_or_path)
-        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+        return {modality: tokenizer.convert_ids_to_tokens(self.token_ids[modality]) for modality in self.modalities}
 
     def placeholder_token(self, modality: str) -> str:
-        return self._placeholder
+        return self._placeholders[modality]
 
-    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
-        out, token_ids, per_image, counts = self._process(processor, text, images)
-        if not images:
-            return ProcessedPrompt(token_ids=token_ids, items=[])
-        splits, sizes, _ = self._splits(out, counts)
-        inputs = split_items(out, splits, len(images), sizes)
-        return ProcessedPrompt(token_ids=token_ids, items=[
-            ProcessedItem(modality=IMAGE, offset=image_runs[0][0], length=count, encoder_inputs=item_inputs,
-                          runs=tuple(image_runs) if len(image_runs) > 1 else ())
-            for image_runs, count, item_inputs in zip(per_image, counts, inputs)
-        ])
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any],
+                   videos: list[Video] = ()) -> ProcessedPrompt:
+        out, token_ids, per_item = self._process(processor, text, images, videos)
+        items = []
+        for modality, count in ((IMAGE, len(images)), (VIDEO, len(videos))):
+            if not count:
+                continue
+            item_runs = [runs for kind, runs in per_item if kind == modality]
+            counts = [sum(n for _, n in runs) for runs in item_runs]
+            splits, sizes, _ = self._splits(out, counts, modality)
+            inputs = split_items(out, splits, count, sizes)
+            items += [ProcessedItem(modality=modality, offset=runs[0][0], length=n, encoder_inputs=item_inputs,
+                                    runs=tuple(runs) if len(runs) > 1 else ())
+                      for runs, n, item_inputs in zip(item_runs, counts, inputs)]
+        return ProcessedPrompt(token_ids=token_ids, items=sorted(items, key=lambda item: item.offset))
 
-    def _process(self, processor: ProcessorMixin, text: str, images: list[Any]
-                 ) -> tuple[dict[str, Any], list[int], list[list[tuple[int, int]]], list[int]]:
-        """The processor's outputs, the token ids, each image's placeholder runs and its placeholder count."""
-        out, spans = self._run_processor(processor, text, images)
+    def _process(self, processor: ProcessorMixin, text: str, images: list[Any], videos: list[Video] = ()
+                 ) -> tuple[dict[str, Any], list[int], list[tuple[str, list[tuple[int, int]]]]]:
+        """The processor's outputs, the token ids, and each item's modality and placeholder runs (images,
+        then videos, each in prompt order)."""
+        counts = {IMAGE: len(images), VIDEO: len(videos)}
+        out, spans = self._run_processor(processor, text, images, videos)
         self._check_forward_inputs(out)
         token_ids = out["input_ids"][0].tolist()
-        per_image = self._runs_per_image(self._placeholder_runs(out, token_ids), spans, len(images))
-        return out, token_ids, per_image, [sum(n for _, n in image_runs) for image_runs in per_image]
+        per_item = []
+        for modality in self.modalities:
+            runs = self._placeholder_runs(out, token_ids, modality)
+            per_item += [(modality, item_runs) for item_runs in self._runs_per_item(
+                runs, None if spans is None else spans[modality], counts[modality], modality)]
+        return out, token_ids, per_item
 
-    @staticmethod
-    def _run_processor(processor: ProcessorMixin, text: str, images: list[Any]
-                       ) -> tuple[dict[str, Any], list[tuple[int, int]] | None]:
-        """The processor's outputs, and each image's token span [first, last] in the prompt when the
-        processor reports what it replaced each image marker with (None when it cannot)."""
-        if not images:
+    def _run_processor(self, processor: ProcessorMixin, text: str, images: list[Any], videos: list[Video]
+                       ) -> tuple[dict[str, Any], dict[str, list[tuple[int, int]]] | None]:
+        """The processor's outputs, and each item's token span [first, last] in the prompt by modality, when
+        the processor reports what it replaced each media marker with (None when it cannot)."""
+        media = {"images": images or None, **self.video_processor_kwargs(videos)}
+        if not images and not videos:
             return processor(text=[text], return_tensors="pt"), None
         try:
-            out = processor(text=[text], images=images, return_tensors="pt",
-                            return_text_replacement_offsets=True, return_offsets_mapping=True)
+            out = processor(text=[text], return_tensors="pt", return_text_replacement_offsets=True,
+                            return_offsets_mapping=True, **media)
         except (NotImplementedError, TypeError):  # a tokenizer without offsets, a processor without the kwargs
-            out = processor(text=[text], images=images, return_tensors="pt")
+            out = processor(text=[text], return_tensors="pt", **media)
         replaced, offsets = (out.pop(name, None) for name in _BOOKKEEPING)
         if not replaced or offsets is None:
             return out, None
-        char_spans = [r["new_span"] for r in replaced[0] if r.get("type", "image") == "image"]
         token_chars = offsets[0].tolist()
-        spans = []
-        for start, end in char_spans:
+        spans: dict[str, list[tuple[int, int]]] = {IMAGE: [], VIDEO: []}
+        for replacement in replaced[0]:
+            start, end = replacement["new_span"]
             inside = [i for i, (a, b) in enumerate(token_chars) if start <= a < b <= end]
-            spans.append((inside[0], inside[-1]) if inside else (-1, -2))
+            spans.setdefault(replacement.get("type", IMAGE), []).append((inside[0], inside[-1]) if inside else (-1, -2))
         return out, spans
 
-    def _runs_per_image(self, runs: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
-                        num_images: int) -> list[list[tuple[int, int]]]:
-        """Each image's placeholder runs, in prompt order: those inside its expansion (module docstring)."""
-        token = self.placeholder_token(IMAGE)
+    def _runs_per_item(self, runs: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
+                       num_images: int, modality: str = IMAGE) -> list[list[tuple[int, int]]]:
+        """Each item's placeholder runs, in prompt order: those inside its expansion (module docstring).
+        (Messages say images; for video read videos.)"""
+        token = self.placeholder_token(modality)
         if spans is None:  # the processor cannot say which runs are whose: one run per image
             if len(runs) != num_images:
                 raise InvalidArgument(
@@ -336,33 +404,37 @@ class Generic(ModelFamily):
         return per_image
 
     def _check_forward_inputs(self, out: dict[str, Any]) -> None:
-        dropped = sorted((set(out) & self.forward_inputs) - self.tower_inputs - _TEXT_INPUTS)
+        towers = set().union(*self.tower_inputs.values())
+        dropped = sorted((set(out) & self.forward_inputs) - towers - _TEXT_INPUTS)
         if dropped:
+            methods = " / ".join(_FEATURES[modality] for modality in self.modalities)
             raise FailedPrecondition(
                 f"the processor returns {dropped}, which {self.model_class.__name__}.forward takes and "
-                "get_image_features does not; the generic family would drop them",
+                f"{methods} does not; the generic family would drop them",
                 reason="MODEL_UNSUPPORTED")
 
-    def _placeholder_runs(self, out: dict[str, Any], token_ids: list[int]) -> list[tuple[int, int]]:
-        """(offset, length) of each run of the image token; mm_token_type_ids, if any, must agree."""
+    def _placeholder_runs(self, out: dict[str, Any], token_ids: list[int], modality: str) -> list[tuple[int, int]]:
+        """(offset, length) of each run of the modality's token; mm_token_type_ids, if any, must agree."""
+        token_id = self.token_ids[modality]
         types = out.get("mm_token_type_ids")
         if types is not None:
-            is_image = torch.tensor(token_ids) == self.image_token_id
-            if not (types[0][is_image] == _IMAGE_TOKEN_TYPE).all():
+            is_placeholder = torch.tensor(token_ids) == token_id
+            if not (types[0][is_placeholder] == _TOKEN_TYPE[modality]).all():
                 raise FailedPrecondition(
-                    f"the processor's mm_token_type_ids do not mark every {self.placeholder_token(IMAGE)} as image",
-                    reason="MODEL_UNSUPPORTED")
-        return self.placeholder_runs(token_ids, self.image_token_id)
+                    f"the processor's mm_token_type_ids do not mark every {self.placeholder_token(modality)} as "
+                    f"{modality}", reason="MODEL_UNSUPPORTED")
+        return self.placeholder_runs(token_ids, token_id)
 
-    def _splits(self, out: dict[str, Any], counts: list[int]
+    def _splits(self, out: dict[str, Any], counts: list[int], modality: str = IMAGE
                 ) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
-        """How each processor output that get_image_features takes holds its images (module docstring),
-        the per-image sizes the splits name, and the name of the grid that counts patches (if any).
-        `counts` are the images' placeholder tokens, which cut tiles."""
+        """How each processor output that the modality's tower method takes holds its items (module
+        docstring), the per-item sizes the splits name, and the name of the grid that counts patches (if
+        any). `counts` are the items' placeholder tokens, which cut tiles."""
         num_images = len(counts)
-        names = sorted(self.tower_inputs & set(out))
+        tower_inputs = self.tower_inputs[modality]
+        names = sorted(tower_inputs & set(out))
         if not names:
-            raise FailedPrecondition(f"the processor returns none of get_image_features' inputs {sorted(self.tower_inputs)}",
+            raise FailedPrecondition(f"the processor returns none of {_FEATURES[modality]}' inputs {sorted(tower_inputs)}",
                                      reason="MODEL_UNSUPPORTED")
         for name in names:
             if not torch.is_tensor(out[name]):
@@ -405,28 +477,29 @@ class Generic(ModelFamily):
     def encoder_schema(self, modality: str) -> ItemSchema:
         """The probe's layout. The budget caps patches a grid claims; without a grid every dim is a
         received tensor's, bounded by the message size."""
-        specs = tuple(layout.spec for layout in self._layout.values())
+        specs = tuple(layout.spec for layout in self._layout[modality].values())
         grid = next((spec for spec in specs if spec.values), None)
         return ItemSchema(tensors=specs, patches="*".join(grid.values) if grid else "")
 
-    def _units(self, item: dict[str, torch.Tensor]) -> int:
+    def _units(self, layout: dict[str, _Layout], item: dict[str, torch.Tensor]) -> int:
         """The item's images, tiles or patches: the most entries any of its tensors has along its image dim."""
-        return max(t.shape[self._layout[name].dim] for name, t in item.items())
+        return max(t.shape[layout[name].dim] for name, t in item.items())
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         # Items are concatenated along their image dim, as the processor lays out one prompt's images;
         # items whose tensors differ elsewhere (another request's padding) run in their own call.
+        layout = self._layout[modality]
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
-            key = tuple((name, _without(t.shape, self._layout[name].dim), t.dtype) for name, t in sorted(item.items()))
+            key = tuple((name, _without(t.shape, layout[name].dim), t.dtype) for name, t in sorted(item.items()))
             groups.setdefault(key, []).append(index)
         results: list[ItemEmbeddings | None] = [None] * len(items)
         for indexes in groups.values():
-            inputs = {name: torch.cat([items[i][name] for i in indexes], dim=self._layout[name].dim).to(model.device)
+            inputs = {name: torch.cat([items[i][name] for i in indexes], dim=layout[name].dim).to(model.device)
                       for name in items[indexes[0]]}
-            out = model.get_image_features(**inputs)
-            rows = self._rows(out, [self._units(items[i]) for i in indexes])
+            out = getattr(model, _FEATURES[modality])(**inputs)  # get_image_features / get_video_features
+            rows = self._rows(out, [self._units(layout, items[i]) for i in indexes])
             for i, item_rows in zip(indexes, rows):
                 results[i] = ItemEmbeddings(embeddings=item_rows.to(model.dtype))
         return results  # type: ignore[return-value]
@@ -437,7 +510,7 @@ class Generic(ModelFamily):
         hidden = self.hidden_size
         features = out.pooler_output if isinstance(out, ModelOutput) else out
         if features is None:
-            raise FailedPrecondition(f"{self.model_class.__name__}.get_image_features returned no pooler_output",
+            raise FailedPrecondition(f"{self.model_class.__name__}'s tower method returned no pooler_output",
                                      reason="MODEL_UNSUPPORTED")
         parts = list(features) if isinstance(features, (list, tuple)) else [features]
         if any(p.shape[-1] != hidden for p in parts):

@@ -10,9 +10,11 @@ Videos would also need `second_per_grid_ts` among their position inputs; only im
 
 from __future__ import annotations
 
+from services.models.base import IMAGE
 from services.models.qwen2_vl import Qwen2VL
 
 
 class Qwen2_5_VL(Qwen2VL):
     name = "qwen2_5_vl"
     hf_architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    modalities = (IMAGE,)  # video: Qwen2-VL's path lacks second_per_grid_ts (2.5) and timestamps (3)

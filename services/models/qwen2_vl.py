@@ -1,4 +1,9 @@
-"""Qwen2-VL: variable patches per image (grid_thw), merged 2x2, and mRoPE positions."""
+"""Qwen2-VL: variable patches per image (grid_thw), merged 2x2, and mRoPE positions.
+
+Video is the same tower on frames grouped by its temporal patch (2 frames per grid step t): one
+`<|video_pad|>` run per video, `pixel_values_videos` + `video_grid_thw`, and mRoPE positions that
+advance along t. The processor chooses the frames (ModelFamily.video_frame_indices) before decoding.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,20 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from services.common.video import Video
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, PlacedEmbeddings, PrefillInputs, ProcessedItem, ProcessedPrompt
 from services.models.inputs import INT, Bindings, ItemSchema, Split, TensorSpec, split_items
 
 # mm_token_type_ids values that get_rope_index expects
 _TOKEN_TYPE = {IMAGE: 1, VIDEO: 2}
+# The processor's patches of an item, by modality.
+_PIXELS = {IMAGE: "pixel_values", VIDEO: "pixel_values_videos"}
 
 
 class Qwen2VL(ModelFamily):
     name = "qwen2_vl"
     hf_architectures = ("Qwen2VLForConditionalGeneration",)
-    modalities = (IMAGE,)
+    modalities = (IMAGE, VIDEO)
     # Items are packed into one patch sequence, each attending only to itself (cu_seqlens); measured
     # bitwise equal on this CPU, but the GEMMs over more rows may pick other blocking elsewhere.
     encoder_batching = "tolerance"
@@ -52,37 +60,50 @@ class Qwen2VL(ModelFamily):
         return {"tokens": t * h * w // merge**2}
 
     def encoder_schema(self, modality: str) -> ItemSchema:
-        pixels = TensorSpec("pixel_values", ("t*h*w", self.patch_dim))  # [patches, patch values]
+        pixels = TensorSpec(_PIXELS[modality], ("t*h*w", self.patch_dim))  # [patches, patch values]
         return ItemSchema(tensors=(pixels, self._grid(modality)), patches="t*h*w", derive=self._tokens)
 
     def position_schema(self, modality: str) -> ItemSchema:
         return ItemSchema(tensors=(self._grid(modality),), derive=self._tokens)
 
     # ---- processor ---------------------------------------------------------------------
-    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
-        out = processor(text=[text], images=images or None, return_tensors="pt")
+    def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any],
+                   videos: list[Video] = ()) -> ProcessedPrompt:
+        out = processor(text=[text], images=images or None, return_tensors="pt", **self.video_processor_kwargs(videos))
         token_ids = out["input_ids"][0].tolist()
-        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, IMAGE))
-        grids = out["image_grid_thw"] if images else torch.zeros(0, 3, dtype=torch.long)  # [num_images, 3]
-        self.check_counts("images", [int(g.prod()) // self.spatial_merge_size**2 for g in grids], [n for _, n in runs])
-        inputs = split_items(out, {"pixel_values": Split.flat("patches"), "image_grid_thw": Split.batched()},
-                             len(images), sizes={"patches": [int(g.prod()) for g in grids]}) if images else []
-        items = [ProcessedItem(modality=IMAGE, offset=offset, length=length, encoder_inputs=item_inputs,
-                               position_inputs={"image_grid_thw": item_inputs["image_grid_thw"]})
-                 for (offset, length), item_inputs in zip(runs, inputs)]
-        return ProcessedPrompt(token_ids=token_ids, items=items)
+        items = [*self._items(processor, out, token_ids, IMAGE, len(images)),
+                 *self._items(processor, out, token_ids, VIDEO, len(videos))]
+        return ProcessedPrompt(token_ids=token_ids, items=sorted(items, key=lambda item: item.offset))
+
+    def _items(self, processor: ProcessorMixin, out: Any, token_ids: list[int], modality: str,
+               count: int) -> list[ProcessedItem]:
+        """The items of one modality: one placeholder run each, its patches and grid cut from the batch."""
+        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, modality))
+        grid = f"{modality}_grid_thw"
+        grids = out[grid] if count else torch.zeros(0, 3, dtype=torch.long)  # [count, 3]
+        self.check_counts(f"{modality}s", [int(g.prod()) // self.spatial_merge_size**2 for g in grids],
+                          [n for _, n in runs])
+        if not count:
+            return []
+        inputs = split_items(out, {_PIXELS[modality]: Split.flat("patches"), grid: Split.batched()}, count,
+                             sizes={"patches": [int(g.prod()) for g in grids]})
+        return [ProcessedItem(modality=modality, offset=offset, length=length, encoder_inputs=item_inputs,
+                              position_inputs={grid: item_inputs[grid]})
+                for (offset, length), item_inputs in zip(runs, inputs)]
 
     @staticmethod
-    def image_features(model: PreTrainedModel, items: list[dict[str, torch.Tensor]]) -> Any:
-        """The tower on the items' patches, concatenated as the processor lays out one prompt's images."""
+    def tower_features(model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> Any:
+        """The tower on the items' patches, concatenated as the processor lays out one prompt's media."""
         device = model.device
-        pixel_values = torch.cat([it["pixel_values"] for it in items]).to(device)  # [all patches, patch values]
-        grid_thw = torch.cat([it["image_grid_thw"] for it in items]).to(device)  # [items, 3]
+        pixel_values = torch.cat([it[_PIXELS[modality]] for it in items]).to(device)  # [all patches, patch values]
+        grid_thw = torch.cat([it[f"{modality}_grid_thw"] for it in items]).to(device)  # [items, 3]
+        if modality == VIDEO:
+            return model.model.get_video_features(pixel_values_videos=pixel_values, video_grid_thw=grid_thw)
         return model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        return [ItemEmbeddings(embeddings=e) for e in self.image_features(model, items).pooler_output]
+        return [ItemEmbeddings(embeddings=e) for e in self.tower_features(model, modality, items).pooler_output]
 
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         prefill = super().prefill_inputs(model, token_ids, placed)

@@ -15,13 +15,14 @@ import torch
 from transformers import PreTrainedModel
 
 from services.common.errors import InvalidArgument
-from services.models.base import ItemEmbeddings, PlacedEmbeddings, PrefillInputs
+from services.models.base import IMAGE, ItemEmbeddings, PlacedEmbeddings, PrefillInputs
 from services.models.qwen2_vl import Qwen2VL
 
 
 class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     hf_architectures = ("Qwen3VLForConditionalGeneration",)
+    modalities = (IMAGE,)  # video: Qwen2-VL's path lacks second_per_grid_ts (2.5) and timestamps (3)
 
     @property
     def num_deepstack_layers(self) -> int:
@@ -29,7 +30,7 @@ class Qwen3VL(Qwen2VL):
 
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        out = self.image_features(model, items)
+        out = self.tower_features(model, modality, items)
         # pooler_output: one [n_i, H] per item; deepstack_features: per layer, one [n_i, H] per item
         per_layer = out.deepstack_features
         return [

@@ -33,6 +33,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
+    "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),

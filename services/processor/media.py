@@ -14,8 +14,10 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from services.common.api.triptych.processor.v1 import processor_pb2
+from services.common.audio import Audio
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.media import MediaLimits, check_media_size
+from services.common.video import Video
 
 
 def read_media(media: processor_pb2.Media, limits: MediaLimits, allowed_dirs: tuple[Path, ...], where: str) -> bytes:
@@ -54,8 +56,26 @@ def _read_url(url: str, limits: MediaLimits, allowed_dirs: tuple[Path, ...], whe
 
 def mm_hash(image: Image.Image, uuid: str, fingerprint: str) -> str:
     """The item's identity: the caller's uuid, or a hash of the decoded pixels and the model."""
+    return content_hash(uuid, fingerprint, f"image\0{image.mode}\0{image.size}", image.tobytes())
+
+
+def video_hash(video: Video, uuid: str, fingerprint: str) -> str:
+    """A video's identity: its sampled frames (which frames, of what size) and the model. Frames are
+    hashed as decoded, so a clip and the same frames re-encoded may differ: the pixels decide."""
+    meta = video.metadata
+    header = f"video\0{video.frames.shape}\0{meta.fps}\0{meta.total_num_frames}\0{list(meta.frames_indices)}"
+    return content_hash(uuid, fingerprint, header, video.frames.tobytes())
+
+
+def audio_hash(audio: Audio, uuid: str, fingerprint: str) -> str:
+    """An audio clip's identity: its samples at the model's rate, and the model."""
+    return content_hash(uuid, fingerprint, f"audio\0{audio.sampling_rate}", audio.samples.tobytes())
+
+
+def content_hash(uuid: str, fingerprint: str, header: str, content: bytes) -> str:
+    """The caller's uuid if set, else sha256 of the model, what the content is (`header`) and its bytes."""
     if uuid:
         return uuid
-    digest = hashlib.sha256(f"{fingerprint}\0image\0{image.mode}\0{image.size}\0".encode())
-    digest.update(image.tobytes())
+    digest = hashlib.sha256(f"{fingerprint}\0{header}\0".encode())
+    digest.update(content)
     return digest.hexdigest()

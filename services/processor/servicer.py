@@ -10,20 +10,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import numpy as np
+from transformers.video_utils import VideoMetadata
+
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
+from services.common.audio import Audio, AudioLimits, decode_audio
 from services.common.errors import Internal, InvalidArgument, TriptychError
-from services.common.media import MediaLimits, decode_image
+from services.common.media import MediaLimits, check_media_size, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
-from services.models.base import IMAGE, ProcessedItem, ProcessedPrompt
+from services.common.video import Video, VideoLimits, decode_video, video_from_frames
+from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
-from services.processor.embeds import EmbeddingSpec, check_rows, read_embeddings
+from services.processor.embeds import EmbeddingSpec, Precomputed, check_rows, read_embeddings
 from services.processor.local_encoder import LocalEncoder
-from services.processor.media import mm_hash, read_media
+from services.processor.media import audio_hash, mm_hash, read_media, video_hash
 from services.processor.pool import EncoderPool
 from services.processor.router import LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
@@ -33,6 +38,19 @@ log = logging.getLogger(__name__)
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 T = TypeVar("T")
+
+
+@dataclass
+class _RequestMedia:
+    """A request's media parts as they are read, in prompt order."""
+
+    images: list[Any] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    audios: list[Audio] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=list)  # one per item, in prompt order
+    hashes: list[str] = field(default_factory=list)
+    files: list[bytes | None] = field(default_factory=list)
+    precomputed: dict[int, Precomputed] = field(default_factory=dict)  # item index -> the caller's embeddings
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.hf_processor = self.family.load_processor(checkpoint.path)
         self.tokenizer = self.hf_processor.tokenizer
         self.limits = MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels)
+        self.video_limits = VideoLimits(max_frame_pixels=cfg.max_image_pixels, max_seconds=cfg.max_video_seconds,
+                                        max_frames=cfg.max_video_frames, max_total_pixels=cfg.max_video_pixels)
+        self.audio_limits = AudioLimits(max_seconds=cfg.max_audio_seconds)
         self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
         self.embedding_spec = EmbeddingSpec(
@@ -240,8 +261,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
-        images, hashes, files = [], [], []
-        precomputed = {}  # image index -> the caller's embeddings (MediaEmbeddings)
+        media = _RequestMedia()
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidArgument(f"messages[{m_index}].role is {message.role!r}; use one of {sorted(ROLES)}",
@@ -256,41 +276,99 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 elif kind is None:
                     raise InvalidArgument(f"{where}: set one of text, image, video, audio", reason="CONTENT_EMPTY")
                 elif kind not in self.family.modalities:
+                    why = self.family.modality_refusal(kind)
                     raise InvalidArgument(f"{where}: the {self.family.name} model does not take {kind} input "
-                                          f"(it takes text, {', '.join(self.family.modalities)})",
-                                          reason="MODALITY_UNSUPPORTED")
-                else:  # image; video and audio decoding arrive with their families
-                    if len(images) >= self.cfg.max_images_per_request:
-                        raise InvalidArgument(f"more than {self.cfg.max_images_per_request} images in one request",
-                                              reason="TOO_MANY_IMAGES",
-                                              metadata={"maxImagesPerRequest": str(self.cfg.max_images_per_request)})
-                    media = getattr(part, kind)
-                    if media.WhichOneof("source") == "embeddings":  # a stand-in image of the original size
-                        image, given = read_embeddings(media, self.embedding_spec, f"{where}.{kind}")
-                        precomputed[len(images)] = given
-                        hashes.append(given.item.mm_hash)
-                        files.append(None)
-                    else:
-                        data = read_media(media, self.limits, self.allowed_media_dirs, where)
-                        image = decode_image(data, self.limits, where)
-                        hashes.append(mm_hash(image, media.uuid, self.checkpoint.fingerprint))
-                        files.append(data)
-                    images.append(image)
-                    parts.append({"type": IMAGE})
+                                          f"(it takes text, {', '.join(self.family.modalities)})"
+                                          + (f": {why}" if why else ""), reason="MODALITY_UNSUPPORTED")
+                else:
+                    self._read_part(kind, getattr(part, kind), f"{where}.{kind}", media)
+                    parts.append({"type": kind})
             hf_messages.append({"role": message.role, "content": parts})
         try:
             prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
-            processed = self.family.preprocess(self.hf_processor, prompt_text, images)
+            more = {name: items for name, items in (("videos", media.videos), ("audios", media.audios)) if items}
+            processed = self.family.preprocess(self.hf_processor, prompt_text, media.images, **more)
         except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
             raise InvalidArgument(f"the model's processor rejected the request: {err}",
                                   reason="PROCESSOR_REJECTED") from err
-        if len(processed.items) != len(images):
-            raise Internal(f"the {self.family.name} family made {len(processed.items)} media items of "
-                           f"{len(images)} images", reason="PREPROCESS_ITEM_MISMATCH")
-        for index, given in precomputed.items():
+        if [item.modality for item in processed.items] != media.modalities:
+            raise Internal(f"the {self.family.name} family made media items {[i.modality for i in processed.items]} "
+                           f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
+        for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=files,
-                        precomputed={given.item.mm_hash: given.item for given in precomputed.values()})
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=media.hashes, media=media.files,
+                        precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
+
+    def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
+        """Decodes one media part (within the limits) and names it; appends it to the request's media."""
+        cap = {IMAGE: self.cfg.max_images_per_request, VIDEO: self.cfg.max_videos_per_request,
+               AUDIO: self.cfg.max_audios_per_request}[kind]
+        if into.modalities.count(kind) >= cap:
+            if kind == IMAGE:
+                raise InvalidArgument(f"more than {cap} images in one request", reason="TOO_MANY_IMAGES",
+                                      metadata={"maxImagesPerRequest": str(cap)})
+            raise InvalidArgument(f"more than {cap} {kind} items in one request", reason="TOO_MANY_MEDIA_ITEMS",
+                                  metadata={"modality": kind, "maxItems": str(cap)})
+        source = media.WhichOneof("source")
+        if kind != IMAGE and source == "embeddings" or kind != VIDEO and source == "frames":
+            raise InvalidArgument(f"{where}: {source} are for {'image' if source == 'embeddings' else 'video'} "
+                                  "parts only", reason="MEDIA_MISSING")
+        file = None
+        if kind == IMAGE and source == "embeddings":  # a stand-in image of the original size
+            image, given = read_embeddings(media, self.embedding_spec, where)
+            into.precomputed[len(into.modalities)] = given
+            into.images.append(image)
+            name = given.item.mm_hash
+        elif kind == IMAGE:
+            file = read_media(media, self.limits, self.allowed_media_dirs, where)
+            image = decode_image(file, self.limits, where)
+            into.images.append(image)
+            name = mm_hash(image, media.uuid, self.checkpoint.fingerprint)
+        elif kind == VIDEO:
+            video = self._read_video(media, where)
+            into.videos.append(video)
+            name = video_hash(video, media.uuid, self.checkpoint.fingerprint)
+        else:
+            rate = self.family.audio_sampling_rate(self.hf_processor)
+            audio = decode_audio(read_media(media, self.limits, self.allowed_media_dirs, where), rate,
+                                 self.audio_limits, where)
+            into.audios.append(audio)
+            name = audio_hash(audio, media.uuid, self.checkpoint.fingerprint)
+        into.modalities.append(kind)
+        into.hashes.append(name)
+        into.files.append(file)  # media mode sends images' files; other items go as tensors
+
+    def _read_video(self, media: processor_pb2.Media, where: str) -> Video:
+        """The frames the model sees: sampled by the family from the clip's header, and only they decoded;
+        or the frames the caller sent, every one."""
+        options = media.video_options
+        for name, value in (("video_options.fps", options.fps), ("video_options.max_frames", options.max_frames),
+                            ("frames.fps", media.frames.fps)):
+            if not 0 <= value < float("inf"):
+                raise InvalidArgument(f"{where}.{name} is {value}; it must be finite and at least 0 (0: the "
+                                      "server's default)", reason="VIDEO_OPTIONS_INVALID")
+        if media.WhichOneof("source") == "frames":
+            if len(media.frames.frames) > self.video_limits.max_frames:
+                raise InvalidArgument(f"{where}: {len(media.frames.frames)} frames; the limit is "
+                                      f"{self.video_limits.max_frames}", reason="VIDEO_TOO_LARGE",
+                                      metadata={"maxVideoFrames": str(self.video_limits.max_frames)})
+            frames = [np.asarray(decode_image(check_media_size(data, self.limits, f"{where}.frames[{i}]"), self.limits,
+                                              f"{where}.frames[{i}]").convert("RGB"))
+                      for i, data in enumerate(media.frames.frames)]
+            return video_from_frames(frames, media.frames.fps or self.cfg.video_fps, self.video_limits, where)
+        fps = options.fps or self.cfg.video_fps
+        max_frames = min(options.max_frames or self.video_limits.max_frames, self.video_limits.max_frames)
+        data = read_media(media, self.limits, self.allowed_media_dirs, where)
+
+        def choose(metadata: VideoMetadata) -> list[int]:
+            try:
+                return self.family.video_frame_indices(self.hf_processor, metadata, fps, max_frames)
+            except ValueError as err:  # the video processor's sampler refuses, e.g. more frames than the clip has
+                raise InvalidArgument(f"{where}: the model's video processor cannot sample {metadata.total_num_frames} "
+                                      f"frames at {fps:g} fps, at most {max_frames}: {err}",
+                                      reason="PROCESSOR_REJECTED") from err
+
+        return decode_video(data, self.video_limits, choose, where)
 
     def _check_text(self, text: str, where: str) -> None:
         for token in self.reserved_tokens:
@@ -318,7 +396,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         """One item for the encoder: in media mode its file as received (the encoder makes the same tensors
         of it, encoder/media_inputs.py), else (or without a file) the HF processor's tensors."""
         modality = modality_to_proto(item.modality)
-        if data is not None and self.cfg.encoder_input == "media":
+        if data is not None and self.cfg.encoder_input == "media":  # images only: `data` is None for others
             return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, media=encoder_pb2.EncodedMedia(data=data))
         return encoder_pb2.MediaItem(modality=modality, mm_hash=mm_hash, tensors=to_named(item.encoder_inputs))
 

@@ -2,7 +2,9 @@
 
 The language model keeps the family's hybrid shape: Mamba-2 layers (conv + SSM state), one attention
 layer and MoE layers (`hybrid_override_pattern` "MEM*E"), so a split that dropped the recurrent
-state or mis-ordered it would change the tokens. No audio tower (`audio_config=None`): images only.
+state or mis-ordered it would change the tokens. Video goes through the same RADIO tower (two frames
+per temporal patch); audio through a small Parakeet (FastConformer) tower and its projector, from the
+processor's 80-bin log-mel features.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ NEMOTRON_H_OMNI_CHAT_TEMPLATE = (
 
 # text: hidden, hybrid pattern (M mamba, E moe, * attention, - mlp), attention heads, kv heads,
 # head_dim, mamba heads x head_dim, groups, state, chunk, experts; vision: RADIO width, depth, heads;
-# image: min/max 16-px patches per image (4 patches = 1 token after the 2x2 pixel shuffle).
+# image: min/max 16-px patches per image (4 patches = 1 token after the 2x2 pixel shuffle);
+# audio: Parakeet width, depth, heads, subsampling conv channels, projector width.
 _SIZES: dict[str, dict] = {
     "tiny": dict(
         hidden=64, pattern="MEM*E", heads=4, kv_heads=2, head_dim=16, intermediate=128,
@@ -76,6 +79,7 @@ _SIZES: dict[str, dict] = {
         experts=4, experts_per_tok=2, moe_intermediate=64, shared_intermediate=64,
         vision_hidden=32, vision_layers=2, vision_heads=2, projector=64,
         min_patches=16, max_patches=64,  # 4..16 image tokens
+        audio_hidden=32, audio_layers=2, audio_heads=2, audio_channels=8, audio_projector=64,
     ),
     "bench": dict(
         hidden=384, pattern="MEM*EMEM*E", heads=6, kv_heads=2, head_dim=64, intermediate=1024,
@@ -83,8 +87,12 @@ _SIZES: dict[str, dict] = {
         experts=8, experts_per_tok=2, moe_intermediate=256, shared_intermediate=256,
         vision_hidden=256, vision_layers=6, vision_heads=4, projector=1024,
         min_patches=64, max_patches=1024,  # 16..256 image tokens
+        audio_hidden=256, audio_layers=4, audio_heads=4, audio_channels=64, audio_projector=1024,
     ),
 }  # fmt: skip
+
+
+_MEL_BINS = 80  # the Parakeet feature extractor's log-mel bins, the audio tower's input width
 
 
 def _std(hidden: int) -> common.StdFor:
@@ -113,8 +121,8 @@ def _std(hidden: int) -> common.StdFor:
         base = common.variance_preserving_std(param)
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             return 2.0 * base
-        if name.endswith("multi_modal_projector.linear_2.weight"):
-            return 2.0 * base
+        if name.endswith(("multi_modal_projector.linear_2.weight", "embed_audio.linear_2.weight")):
+            return 2.0 * base  # media rows as large as token embeddings, so the media change the answer
         return base
 
     return std_for
@@ -196,13 +204,25 @@ def build(ctx: common.BuildContext) -> None:
             initializer_range=0.1,
             dtype="float32",
         ),
-        audio_config=None,
+        audio_config=dict(
+            hidden_size=p["audio_hidden"],
+            num_hidden_layers=p["audio_layers"],
+            num_attention_heads=p["audio_heads"],
+            intermediate_size=2 * p["audio_hidden"],
+            subsampling_factor=8,  # the processor's audio_subsampling_factor: 8 mel frames per token
+            subsampling_conv_channels=p["audio_channels"],
+            num_mel_bins=_MEL_BINS,
+            projection_hidden_size=p["audio_projector"],
+            projection_bias=False,
+            dtype="float32",
+        ),
         downsample_ratio=0.5,
         projector_hidden_size=p["projector"],
         vision_hidden_size=p["vision_hidden"],
         video_temporal_patch_size=2,
         image_token_id=vocab.ids["<image>"],
         video_token_id=vocab.ids["<video>"],
+        audio_token_id=vocab.ids["<so_embedding>"],
         tie_word_embeddings=False,
         dtype="float32",
     )
@@ -227,8 +247,7 @@ def build(ctx: common.BuildContext) -> None:
         image_processor=image_processor,
         video_processor=video_processor,
         tokenizer=vocab.tokenizer,
-        # The processor requires one although this checkpoint has no audio tower.
-        feature_extractor=ParakeetFeatureExtractor(),
+        feature_extractor=ParakeetFeatureExtractor(feature_size=_MEL_BINS, sampling_rate=16000),
         chat_template=NEMOTRON_H_OMNI_CHAT_TEMPLATE,
         video_temporal_patch_dim=2,
     )

@@ -21,9 +21,13 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from services.client import build_messages
+from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.errors import error_info
+from tests.media import video_bytes
 from tests.parity import family_services, model_info_test, parity_tests
 
 idefics3_services = family_services("idefics3")
@@ -67,6 +71,19 @@ class TestIdefics3:
     test_parity = staticmethod(parity_tests("idefics3"))
     test_model_info = staticmethod(model_info_test("idefics3"))
     test_generic = staticmethod(served_by_generic_test("Idefics3ForConditionalGeneration", "<image>"))
+
+    @pytest.mark.e2e
+    def test_a_video_is_refused_with_the_reason(self, services):
+        """Idefics3 has no get_video_features: a video part is refused before any decoding, naming why."""
+        with grpc.insecure_channel(services.address) as channel:
+            request = processor_pb2.GenerateRequest(
+                messages=build_messages("Describe this video.", media=[("video", video_bytes(seed=1))]),
+                sampling=generation_pb2.SamplingParams(max_new_tokens=4))
+            with pytest.raises(grpc.RpcError) as caught:
+                processor_pb2_grpc.ProcessorServiceStub(channel).Generate(request, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "MODALITY_UNSUPPORTED"
+        assert "get_video_features" in caught.value.details()
 
 
 class TestAyaVision:

@@ -20,7 +20,7 @@ PHI_SIZES = [(448, 448), (640, 320), (500, 300)]
 
 EXPECTED = {"qwen2_vl": "tolerance", "qwen2_5_vl": "tolerance", "qwen3_vl": "tolerance", "llava": "exact",
             "llava_next": "exact", "gemma3": "exact", "internvl": "exact", "nemotron_h_omni": "tolerance",
-            "phi4mm": "alone"}
+            "phi4mm": "alone", "llava_onevision": "exact"}
 
 
 def _family_and_items(name: str):

@@ -13,7 +13,7 @@ from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
 
 CHECKPOINTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
-               "nemotron_h_omni", "idefics3"]
+               "nemotron_h_omni", "idefics3", "llava_onevision"]
 
 
 def _kept(family: ModelFamily, strip) -> set[str]:

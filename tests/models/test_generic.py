@@ -144,7 +144,7 @@ def test_encoder_gives_what_get_image_features_gives(family):
     model = generic.load_model(tiny_checkpoint(family), torch.float32, "cpu")
     out = processor(text=[text], images=images, return_tensors="pt")
     with torch.inference_mode():
-        features = model.get_image_features(**{k: v for k, v in out.items() if k in generic.tower_inputs})
+        features = model.get_image_features(**{k: v for k, v in out.items() if k in generic.tower_inputs["image"]})
     pooled = features.pooler_output
     expected = torch.cat([p.reshape(-1, generic.hidden_size) for p in (pooled if isinstance(pooled, (list, tuple))
                                                                       else [pooled])])
@@ -156,14 +156,14 @@ def test_runs_outside_every_image_are_refused():
     generic = family_for(tiny_checkpoint("idefics3"))
     spans = [(4, 20), (30, 50)]
     with pytest.raises(InvalidArgument) as caught:  # a run straddling the end of the first image
-        generic._runs_per_image([(6, 8), (18, 4), (32, 8)], spans, 2)
+        generic._runs_per_item([(6, 8), (18, 4), (32, 8)], spans, 2)
     assert caught.value.reason == "PLACEHOLDER_COUNT_MISMATCH"
     with pytest.raises(InvalidArgument, match="images \\[1\\] have no"):
-        generic._runs_per_image([(6, 8), (12, 8)], spans, 2)
+        generic._runs_per_item([(6, 8), (12, 8)], spans, 2)
     with pytest.raises(InvalidArgument) as caught:  # no replacement offsets: one run per image
-        generic._runs_per_image([(6, 8), (16, 8), (32, 8)], None, 2)
+        generic._runs_per_item([(6, 8), (16, 8), (32, 8)], None, 2)
     assert caught.value.reason == "PLACEHOLDER_COUNT_MISMATCH"
-    assert generic._runs_per_image([(6, 8), (12, 8), (32, 8)], spans, 2) == [[(6, 8), (12, 8)], [(32, 8)]]
+    assert generic._runs_per_item([(6, 8), (12, 8), (32, 8)], spans, 2) == [[(6, 8), (12, 8)], [(32, 8)]]
 
 
 def test_tiles_must_divide_evenly():
@@ -216,3 +216,26 @@ def test_encoder_rejects_malformed_items(idefics3_encoder, bad):
         family.check_encoder_item("image", item, where="items[0].tensors")
     assert caught.value.reason == "ENCODER_INPUT_INVALID" and caught.value.message.startswith("items[0].tensors: ")
 
+
+
+def test_a_model_without_a_video_path_takes_images_only():
+    """Idefics3 has no get_video_features: the generic family serves its images and names why a video
+    part is refused (the processor service adds it to MODALITY_UNSUPPORTED)."""
+    generic = family_for(tiny_checkpoint("idefics3"))
+    assert generic.modalities == ("image",)
+    assert "get_video_features" in generic.modality_refusal("video")
+    assert generic.modality_refusal("image") is None
+
+
+def test_a_model_with_a_video_path_takes_video():
+    """LLaVA-NeXT-Video: get_video_features and a video token; its clip is one item of one run, whose
+    tower inputs are the probe's video layout ([1, frames, 3, H, W])."""
+    model_dir = tiny_checkpoint("llava_next_video")
+    generic = family_for(model_dir)
+    assert isinstance(generic, Generic) and generic.modalities == ("image", "video")
+    assert Generic.can_serve(model_dir) == ServeVerdict(serves=True)
+    assert generic.placeholder_token("video") == "<video>"
+    schema = generic.encoder_schema("video")
+    assert [spec.name for spec in schema.tensors] == ["pixel_values_videos"]
+    with pytest.raises(InvalidArgument):  # two clips in one item: not the probe's one-per-item layout
+        generic.check_encoder_item("video", {"pixel_values_videos": torch.zeros(2, 4, 3, 56, 56)}, where="item")

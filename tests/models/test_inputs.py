@@ -125,7 +125,7 @@ def test_split_items_refuses_counts_the_outputs_do_not_hold(split, sizes):
 
 # ---- every family ------------------------------------------------------------------------------
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
-            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3"]
+            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3", "llava_onevision", "llava_next_video"]
 
 
 def _processed(name: str):

@@ -13,19 +13,22 @@ import asyncio
 import io
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
 
+from services.common.audio import Audio, AudioLimits, decode_audio
 from services.common.errors import InvalidArgument
+from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.llm.engine import Engine, Finished
 from services.llm.sampling import SamplingSpec
-from services.models.base import IMAGE, PlacedEmbeddings
+from services.models.base import AUDIO, IMAGE, VIDEO, ItemEmbeddings, PlacedEmbeddings
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
-from tests.media import image_bytes
+from tests.media import audio_bytes, image_bytes, video_bytes
 
 MAX_NEW_TOKENS = 12
 
@@ -61,7 +64,8 @@ def test_checkpoint_has_the_omni_shape():
     assert type(processor.image_processor).__name__ == "NemotronH_Omni_Reasoning_V3ImageProcessor"
     assert config.vision_config.model_type == "radio" and config.text_config.model_type == "nemotron_h"
     assert config.vision_config.video_temporal_patch_size == config.video_temporal_patch_size == 2
-    assert config.vision_config.patch_dim == 768 and config.audio_config is None
+    assert config.vision_config.patch_dim == 768 and config.audio_config.model_type == "parakeet_encoder"
+    assert config.audio_token_id == tok.convert_tokens_to_ids("<so_embedding>") == processor.audio_token_id
     # hybrid: Mamba, MoE and attention blocks, as hybrid_override_pattern "MEM*E"
     assert config.text_config.hybrid_override_pattern == "MEM*E"
     assert config.image_token_id == tok.convert_tokens_to_ids("<image>") == processor.image_token_id
@@ -248,3 +252,212 @@ def test_strip_for_llm_and_encoder_keep_what_each_half_needs():
     (expected,) = family.encode(whole, IMAGE, [item.encoder_inputs])
     torch.testing.assert_close(rows.embeddings, expected.embeddings, rtol=0, atol=0)
 
+
+
+# ---- video and audio ---------------------------------------------------------------------------
+_VIDEO_LIMITS = VideoLimits(max_frame_pixels=10**7, max_seconds=600, max_frames=32, max_total_pixels=10**9)
+
+
+def _video(family, processor, data: bytes, fps: float = 2.0) -> Video:
+    """The clip as the processor service decodes it: the family's frames at `fps`, only those decoded."""
+    return decode_video(data, _VIDEO_LIMITS, lambda meta: family.video_frame_indices(processor, meta, fps, 32), "video")
+
+
+def _audio(family, processor, data: bytes) -> Audio:
+    return decode_audio(data, family.audio_sampling_rate(processor), AudioLimits(max_seconds=600), "audio")
+
+
+def _media_prompt(family, processor, kinds: list[str], text: str) -> str:
+    content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": text}]
+    return family.render_chat(processor, [{"role": "user", "content": content}])
+
+
+def _placed(family, model, processed) -> list[PlacedEmbeddings]:
+    """Each item encoded alone, its rows placed run by run (as the processor sends them to the LLM)."""
+    placed = []
+    for item in processed.items:
+        (rows,) = family.encode(model, item.modality, [item.encoder_inputs])
+        first = 0
+        for offset, length in item.placeholder_runs:
+            placed.append(PlacedEmbeddings(item.modality, offset, length,
+                                           ItemEmbeddings(rows.embeddings[first : first + length]), {}))
+            first += length
+        assert first == rows.embeddings.shape[0] == item.length
+    return placed
+
+
+def test_video_runs_are_labelled_with_the_chosen_frames_times():
+    """A 2 s clip at 8 fps, sampled at 2 fps: frames 0, 4, 8, 12, two per temporal patch, each chunk labelled
+    with its frames' times; one wrapped run per chunk, the rows of get_video_features in order."""
+    family, processor, model = _loaded()
+    video = _video(family, processor, video_bytes(seed=1))
+    assert list(video.metadata.frames_indices) == [0, 4, 8, 12]
+    processed = family.preprocess(processor, _media_prompt(family, processor, [VIDEO], "Describe."), [], videos=[video])
+    (item,) = processed.items
+    text = processor.tokenizer.decode(processed.token_ids).replace("<image>", "")
+    assert ("Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.50 seconds: <img></img>\n"
+            "Frame 3 sampled at 1.00 seconds and frame 4 sampled at 1.50 seconds: <img></img>Describe.") in text
+    tokens = processor.tokenizer.convert_ids_to_tokens(processed.token_ids)
+    assert item.modality == VIDEO and len(item.placeholder_runs) == 2 and item.offset == item.runs[0][0]
+    for offset, length in item.runs:
+        assert tokens[offset - 1] == "<img>" and tokens[offset + length] == "</img>"
+        assert set(tokens[offset : offset + length]) == {"<image>"} and length == item.length // 2
+    (rows,) = family.encode(model, VIDEO, [item.encoder_inputs])
+    with torch.inference_mode():
+        whole = model.get_video_features(item.encoder_inputs["pixel_values_videos"]).pooler_output  # [2, n, hidden]
+    torch.testing.assert_close(rows.embeddings, whole.flatten(0, 1), rtol=0, atol=0)
+
+
+def test_transformers_own_sampling_labels_the_frames_with_the_wrong_times():
+    """Why the reference samples in its loader (tests/reference.py OtherMedia.sample_in_loader): given every
+    frame and do_sample_frames=True, transformers 5.23's processor samples frames 0, 4, 8, 12 but labels them
+    with the times of frames 0..3. If this starts failing, transformers fixed it: drop sample_in_loader."""
+    family, processor, _ = _loaded()
+    data = video_bytes(seed=1)  # encoded once: x264's threads may encode a clip differently from one call to the next
+    everything = _video(family, processor, data, fps=8.0)
+    assert list(everything.metadata.frames_indices) == list(range(16))
+    text = _media_prompt(family, processor, [VIDEO], "Describe.")
+    out = processor(text=[text], videos=[everything.frames], video_metadata=everything.metadata, do_sample_frames=True,
+                    fps=2.0, return_tensors="pt")
+    assert "frame 2 sampled at 0.12 seconds" in processor.tokenizer.decode(out["input_ids"][0])
+    chosen = _video(family, processor, data)  # the same frames, as the processor service has them
+    assert list(processor.video_processor.sample_frames(everything.metadata, fps=2.0)) == [0, 4, 8, 12]
+    assert np.array_equal(everything.frames[[0, 4, 8, 12]], chosen.frames) and out["pixel_values_videos"].shape[0] == 4
+    ours = family.preprocess(processor, text, [], videos=[chosen])
+    assert "frame 2 sampled at 0.50 seconds" in processor.tokenizer.decode(ours.token_ids)
+
+
+def test_odd_frame_count_makes_a_short_last_chunk():
+    family, processor, model = _loaded()
+    video = _video(family, processor, video_bytes(seconds=2.5, seed=4))  # 5 frames at 2 fps
+    processed = family.preprocess(processor, _media_prompt(family, processor, [VIDEO], "Go."), [], videos=[video])
+    (item,) = processed.items
+    assert len(item.runs) == 3 and "Frame 5 sampled at 2.00 seconds: <img>" in processor.tokenizer.decode(processed.token_ids)
+    (rows,) = family.encode(model, VIDEO, [item.encoder_inputs])
+    assert rows.embeddings.shape[0] == item.length == 3 * item.runs[0][1]
+
+
+def test_image_video_and_audio_in_one_prompt_are_placed_in_prompt_order():
+    """transformers 5.23 cannot run an image and a video in one prompt (its forward scatters the image rows
+    over the video's image tokens too, and raises); the split places each item's own rows at its runs, in
+    prompt order, which is the whole model's merge for each modality alone."""
+    family, processor, model = _loaded()
+    image = _image(96, 96, 5)
+    video = _video(family, processor, video_bytes(seed=3))
+    audio = _audio(family, processor, audio_bytes(seed=3))
+    text = _media_prompt(family, processor, [VIDEO, IMAGE, AUDIO], "All of it.")
+    processed = family.preprocess(processor, text, [image], videos=[video], audios=[audio])
+    assert [item.modality for item in processed.items] == [VIDEO, IMAGE, AUDIO]
+    inputs = processor(text=[text], images=[image], audio=[audio.samples], return_tensors="pt",
+                       **family.video_processor_kwargs([video]))
+    assert inputs["input_ids"][0].tolist() == processed.token_ids
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="feature vectors"):
+            model(**inputs)
+        rows = {VIDEO: model.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1),
+                IMAGE: model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"]).pooler_output[0],
+                AUDIO: model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output}
+        prefill = family.prefill_inputs(model, torch.tensor(processed.token_ids), _placed(family, model, processed))
+        embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+        for item in processed.items:
+            positions = torch.cat([torch.arange(offset, offset + length) for offset, length in item.placeholder_runs])
+            embeds[positions] = rows[item.modality]
+    torch.testing.assert_close(prefill.inputs_embeds[0], embeds, rtol=0, atol=0)
+
+
+def test_audio_items_are_each_clips_own_features_and_two_clips_decode_like_generate():
+    """Two clips in one prompt: the feature extractor pads them to the longer; each item keeps its own
+    frames, the features of that clip processed alone (up to float rounding: the batched STFT sums in
+    another order), and the engine's tokens over the clips encoded one by one are generate()'s over the
+    padded batch."""
+    family, processor, model = _loaded()
+    clips = [_audio(family, processor, audio_bytes(seed=1)), _audio(family, processor, audio_bytes(seconds=2.5, seed=2))]
+    text = _media_prompt(family, processor, [AUDIO, AUDIO], "Which is longer?")
+    processed = family.preprocess(processor, text, [], audios=clips)
+    tokens = processor.tokenizer.convert_ids_to_tokens(processed.token_ids)
+    for item, clip in zip(processed.items, clips, strict=True):
+        alone = processor.feature_extractor([clip.samples], sampling_rate=16000, return_tensors="pt")
+        torch.testing.assert_close(item.encoder_inputs["input_features"], alone["input_features"], rtol=0, atol=1e-5)
+        assert torch.equal(item.encoder_inputs["input_features_mask"].bool(), alone["attention_mask"])
+        assert tokens[item.offset - 1] == "<so_start>" and tokens[item.offset + item.length] == "<so_end>"
+        assert item.length == processor._estimate_audio_num_embeddings(clip.samples.size)
+    eos = frozenset(model.generation_config.eos_token_id)
+    inputs = processor(text=[text], audio=[clip.samples for clip in clips], return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    placed = _placed(family, model, processed)
+    assert _engine_tokens(family, model, processed.token_ids, placed, eos) == expected.tolist()
+
+
+def test_silence_is_encoded():
+    family, processor, model = _loaded()
+    silence = Audio(samples=np.zeros(16000, np.float32), sampling_rate=16000)
+    processed = family.preprocess(processor, _media_prompt(family, processor, [AUDIO], "Hm?"), [], audios=[silence])
+    (rows,) = family.encode(model, AUDIO, [processed.items[0].encoder_inputs])
+    assert torch.isfinite(rows.embeddings).all() and rows.embeddings.shape[0] == processed.items[0].length
+
+
+def test_media_the_processor_would_get_wrong_are_refused():
+    family, processor, _ = _loaded()
+    video = _video(family, processor, video_bytes(seed=1))
+
+    def reason(text: str, **media) -> str:
+        with pytest.raises(InvalidArgument) as err:
+            family.preprocess(processor, text, [], **media)
+        return err.value.reason
+
+    two = _media_prompt(family, processor, [VIDEO, VIDEO], "Compare.")
+    assert reason(two, videos=[video, video]) == "TOO_MANY_MEDIA_ITEMS"
+    typed = _media_prompt(family, processor, [VIDEO], "What is <video>?")
+    assert reason(typed, videos=[video]) == "RESERVED_TOKEN_IN_TEXT"
+    assert reason(_media_prompt(family, processor, [IMAGE], "Hm?"), audios=[]) == "RESERVED_TOKEN_IN_TEXT"  # no image
+    text_only = _media_prompt(family, processor, [], "What is <video>?")  # stays text, as in transformers
+    assert family.preprocess(processor, text_only, []).token_ids == processor(text=[text_only])["input_ids"][0]
+    short = Audio(samples=np.full(319, 0.1, np.float32), sampling_rate=16000)  # under two 160-sample hops
+    assert reason(_media_prompt(family, processor, [AUDIO], "Hm?"), audios=[short]) == "AUDIO_TOO_SHORT"
+    no_tower = type(family)(family.config.__class__(**{**family.config.to_dict(), "audio_config": None}))
+    with pytest.raises(InvalidArgument) as err:
+        no_tower.preprocess(processor, _media_prompt(family, processor, [AUDIO], "Hm?"), [],
+                            audios=[_audio(family, processor, audio_bytes(seed=1))])
+    assert err.value.reason == "MODALITY_UNSUPPORTED"
+
+
+def test_encoder_refuses_video_and_audio_inputs_that_would_misplace_rows():
+    family, processor, _ = _loaded()
+    video = _video(family, processor, video_bytes(seed=1))
+    audio = _audio(family, processor, audio_bytes(seed=1))
+    processed = family.preprocess(processor, _media_prompt(family, processor, [VIDEO, AUDIO], "Go."), [],
+                                  videos=[video], audios=[audio])
+    frames = processed.items[0].encoder_inputs["pixel_values_videos"]
+    features, mask = (processed.items[1].encoder_inputs[name] for name in ("input_features", "input_features_mask"))
+    assert family.check_encoder_item(VIDEO, {"pixel_values_videos": frames}, where="v")["tokens"] == processed.items[0].length
+    assert family.check_encoder_item(AUDIO, processed.items[1].encoder_inputs, where="a")["tokens"] == processed.items[1].length
+    holes = mask.clone()
+    holes[0, 3] = 0
+    bad = [
+        (VIDEO, {"pixel_values_videos": frames[..., :-16]}),  # a side that is not whole merged patches
+        (VIDEO, {"pixel_values_videos": frames[:, :2]}),  # two channels
+        (VIDEO, {"pixel_values_videos": frames[0]}),
+        (AUDIO, {"input_features": features, "input_features_mask": holes}),  # not ones then zeros
+        (AUDIO, {"input_features": features, "input_features_mask": torch.ones_like(mask)}),  # no STFT tail
+        (AUDIO, {"input_features": features, "input_features_mask": mask.bool()}),
+        (AUDIO, {"input_features": features[..., :40], "input_features_mask": mask}),
+        (AUDIO, {"input_features": features, "input_features_mask": mask[:, :-1]}),
+    ]
+    for modality, inputs in bad:
+        with pytest.raises(InvalidArgument) as err:
+            family.check_encoder_item(modality, inputs, where="item 1")
+        assert err.value.reason == "ENCODER_INPUT_INVALID", (modality, list(inputs))
+
+
+def test_video_sent_as_frames_is_labelled_at_its_rate():
+    """Media.frames: every frame kept, times from the rate the caller gives (here 4 fps: 0.25 s apart)."""
+    family, processor, model = _loaded()
+    frames = list(_video(family, processor, video_bytes(seed=1)).frames[:3])
+    video = video_from_frames(frames, 4.0, _VIDEO_LIMITS, "video")
+    processed = family.preprocess(processor, _media_prompt(family, processor, [VIDEO], "Go."), [], videos=[video])
+    text = processor.tokenizer.decode(processed.token_ids).replace("<image>", "")
+    assert ("Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.25 seconds: <img></img>\n"
+            "Frame 3 sampled at 0.50 seconds: <img></img>Go.") in text
+    (rows,) = family.encode(model, VIDEO, [processed.items[0].encoder_inputs])
+    assert rows.embeddings.shape[0] == processed.items[0].length

@@ -405,6 +405,41 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The processor's model family made another number of media items than
     the request has media. Code: INTERNAL.
     """
+    VIDEO_DECODE_FAILED: _ErrorReason.ValueType  # 95
+    """A video could not be decoded: not a video FFmpeg reads, no video stream,
+    no frames, a corrupt stream, or frames of different sizes. Code:
+    INVALID_ARGUMENT.
+    """
+    VIDEO_TOO_LONG: _ErrorReason.ValueType  # 96
+    """A video lasts longer than the processor's --max-video-seconds. Code:
+    INVALID_ARGUMENT. Metadata: maxVideoSeconds. Send a shorter clip.
+    """
+    VIDEO_TOO_LARGE: _ErrorReason.ValueType  # 97
+    """A video's frames are larger than --max-image-pixels, or the sampled
+    frames more than --max-video-frames or --max-video-pixels in all. Code:
+    INVALID_ARGUMENT. Metadata: maxFramePixels, maxVideoFrames or
+    maxVideoPixels. Sample fewer frames or send a smaller video.
+    """
+    AUDIO_DECODE_FAILED: _ErrorReason.ValueType  # 98
+    """An audio clip could not be decoded: not audio FFmpeg reads, no audio
+    stream, a corrupt stream, or non-finite samples. Code: INVALID_ARGUMENT.
+    """
+    AUDIO_TOO_LONG: _ErrorReason.ValueType  # 99
+    """An audio clip lasts longer than the processor's --max-audio-seconds.
+    Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
+    """
+    AUDIO_TOO_SHORT: _ErrorReason.ValueType  # 110
+    """An audio clip has too few samples at the model's rate to make features
+    of (for example one sample). Code: INVALID_ARGUMENT.
+    """
+    TOO_MANY_MEDIA_ITEMS: _ErrorReason.ValueType  # 111
+    """More videos or audio clips in one request than the processor allows.
+    Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
+    """
+    VIDEO_OPTIONS_INVALID: _ErrorReason.ValueType  # 112
+    """A video's sampling options are out of range: a negative or non-finite
+    fps or max_frames. Code: INVALID_ARGUMENT.
+    """
     TRITON_UNAVAILABLE: _ErrorReason.ValueType  # 100
     """---- Triton backend (`triptych serve encoder --backend triton`) ----------
 
@@ -840,6 +875,41 @@ item's placeholders. Code: INTERNAL.
 PREPROCESS_ITEM_MISMATCH: ErrorReason.ValueType  # 56
 """The processor's model family made another number of media items than
 the request has media. Code: INTERNAL.
+"""
+VIDEO_DECODE_FAILED: ErrorReason.ValueType  # 95
+"""A video could not be decoded: not a video FFmpeg reads, no video stream,
+no frames, a corrupt stream, or frames of different sizes. Code:
+INVALID_ARGUMENT.
+"""
+VIDEO_TOO_LONG: ErrorReason.ValueType  # 96
+"""A video lasts longer than the processor's --max-video-seconds. Code:
+INVALID_ARGUMENT. Metadata: maxVideoSeconds. Send a shorter clip.
+"""
+VIDEO_TOO_LARGE: ErrorReason.ValueType  # 97
+"""A video's frames are larger than --max-image-pixels, or the sampled
+frames more than --max-video-frames or --max-video-pixels in all. Code:
+INVALID_ARGUMENT. Metadata: maxFramePixels, maxVideoFrames or
+maxVideoPixels. Sample fewer frames or send a smaller video.
+"""
+AUDIO_DECODE_FAILED: ErrorReason.ValueType  # 98
+"""An audio clip could not be decoded: not audio FFmpeg reads, no audio
+stream, a corrupt stream, or non-finite samples. Code: INVALID_ARGUMENT.
+"""
+AUDIO_TOO_LONG: ErrorReason.ValueType  # 99
+"""An audio clip lasts longer than the processor's --max-audio-seconds.
+Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
+"""
+AUDIO_TOO_SHORT: ErrorReason.ValueType  # 110
+"""An audio clip has too few samples at the model's rate to make features
+of (for example one sample). Code: INVALID_ARGUMENT.
+"""
+TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 111
+"""More videos or audio clips in one request than the processor allows.
+Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
+"""
+VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
+"""A video's sampling options are out of range: a negative or non-finite
+fps or max_frames. Code: INVALID_ARGUMENT.
 """
 TRITON_UNAVAILABLE: ErrorReason.ValueType  # 100
 """---- Triton backend (`triptych serve encoder --backend triton`) ----------

@@ -29,7 +29,7 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2 as triptych_dot_
 from services.common.api.triptych.llm.v1 import llm_pb2 as triptych_dot_llm_dot_v1_dot_llm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%triptych/processor/v1/processor.proto\x12\x15triptych.processor.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\x1a!triptych/encoder/v1/encoder.proto\x1a\x19triptych/llm/v1/llm.proto\"|\n\x05Media\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12<\n\nembeddings\x18\x04 \x01(\x0b\x32&.triptych.processor.v1.MediaEmbeddingsH\x00\x12\x0c\n\x04uuid\x18\x03 \x01(\tB\x08\n\x06source\"\xa0\x01\n\x0fMediaEmbeddings\x12.\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x02 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\"\xb2\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05image\x18\x02 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x12-\n\x05video\x18\x03 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x12-\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x42\x06\n\x04part\"P\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x33\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\".triptych.processor.v1.ContentPart\"}\n\x0fGenerateRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xcd\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"I\n\x10GenerateResponse\x12\x35\n\ncompletion\x18\x01 \x01(\x0b\x32!.triptych.processor.v1.Completion\"\x83\x01\n\x15StreamGenerateRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xb8\x01\n\x16StreamGenerateResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12\x37\n\ncompletion\x18\x02 \x01(\x0b\x32!.triptych.processor.v1.CompletionH\x00\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobsB\x07\n\x05\x65vent\"\x7f\n\x11PreprocessRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\x9c\x01\n\x12PreprocessResponse\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12:\n\x0e\x65ncode_request\x18\x02 \x01(\x0b\x32\".triptych.encoder.v1.EncodeRequest\x12\x35\n\x0bllm_request\x18\x03 \x01(\x0b\x32 .triptych.llm.v1.GenerateRequest\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\xac\x03\n\x10ProcessorService\x12[\n\x08Generate\x12&.triptych.processor.v1.GenerateRequest\x1a\'.triptych.processor.v1.GenerateResponse\x12o\n\x0eStreamGenerate\x12,.triptych.processor.v1.StreamGenerateRequest\x1a-.triptych.processor.v1.StreamGenerateResponse0\x01\x12\x61\n\nPreprocess\x12(.triptych.processor.v1.PreprocessRequest\x1a).triptych.processor.v1.PreprocessResponse\x12g\n\x0cGetModelInfo\x12*.triptych.processor.v1.GetModelInfoRequest\x1a+.triptych.processor.v1.GetModelInfoResponseB\xb0\x01\n\x19\x63om.triptych.processor.v1B\x0eProcessorProtoP\x01Z1triptych/gen/go/triptych/processor/v1;processorv1\xa2\x02\x03TPX\xaa\x02\x15Triptych.Processor.V1\xca\x02\x15Triptych\\Processor\\V1\xea\x02\x17Triptych::Processor::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%triptych/processor/v1/processor.proto\x12\x15triptych.processor.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\x1a!triptych/encoder/v1/encoder.proto\x1a\x19triptych/llm/v1/llm.proto\"\xee\x01\n\x05Media\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12<\n\nembeddings\x18\x04 \x01(\x0b\x32&.triptych.processor.v1.MediaEmbeddingsH\x00\x12\x34\n\x06\x66rames\x18\x06 \x01(\x0b\x32\".triptych.processor.v1.VideoFramesH\x00\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12:\n\rvideo_options\x18\x05 \x01(\x0b\x32#.triptych.processor.v1.VideoOptionsB\x08\n\x06source\"*\n\x0bVideoFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"/\n\x0cVideoOptions\x12\x0b\n\x03\x66ps\x18\x01 \x01(\x01\x12\x12\n\nmax_frames\x18\x02 \x01(\x05\"\xa0\x01\n\x0fMediaEmbeddings\x12.\n\nembeddings\x18\x01 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x02 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\"\xb2\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05image\x18\x02 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x12-\n\x05video\x18\x03 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x12-\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x1c.triptych.processor.v1.MediaH\x00\x42\x06\n\x04part\"P\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x33\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\".triptych.processor.v1.ContentPart\"}\n\x0fGenerateRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xcd\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x37\n\rfinish_reason\x18\x03 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\x33\n\x08logprobs\x18\x06 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"I\n\x10GenerateResponse\x12\x35\n\ncompletion\x18\x01 \x01(\x0b\x32!.triptych.processor.v1.Completion\"\x83\x01\n\x15StreamGenerateRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xb8\x01\n\x16StreamGenerateResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12\x37\n\ncompletion\x18\x02 \x01(\x0b\x32!.triptych.processor.v1.CompletionH\x00\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobsB\x07\n\x05\x65vent\"\x7f\n\x11PreprocessRequest\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".triptych.processor.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\x9c\x01\n\x12PreprocessResponse\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12:\n\x0e\x65ncode_request\x18\x02 \x01(\x0b\x32\".triptych.encoder.v1.EncodeRequest\x12\x35\n\x0bllm_request\x18\x03 \x01(\x0b\x32 .triptych.llm.v1.GenerateRequest\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\xac\x03\n\x10ProcessorService\x12[\n\x08Generate\x12&.triptych.processor.v1.GenerateRequest\x1a\'.triptych.processor.v1.GenerateResponse\x12o\n\x0eStreamGenerate\x12,.triptych.processor.v1.StreamGenerateRequest\x1a-.triptych.processor.v1.StreamGenerateResponse0\x01\x12\x61\n\nPreprocess\x12(.triptych.processor.v1.PreprocessRequest\x1a).triptych.processor.v1.PreprocessResponse\x12g\n\x0cGetModelInfo\x12*.triptych.processor.v1.GetModelInfoRequest\x1a+.triptych.processor.v1.GetModelInfoResponseB\xb0\x01\n\x19\x63om.triptych.processor.v1B\x0eProcessorProtoP\x01Z1triptych/gen/go/triptych/processor/v1;processorv1\xa2\x02\x03TPX\xaa\x02\x15Triptych.Processor.V1\xca\x02\x15Triptych\\Processor\\V1\xea\x02\x17Triptych::Processor::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.processor.v1.proce
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\031com.triptych.processor.v1B\016ProcessorProtoP\001Z1triptych/gen/go/triptych/processor/v1;processorv1\242\002\003TPX\252\002\025Triptych.Processor.V1\312\002\025Triptych\\Processor\\V1\352\002\027Triptych::Processor::V1'
-  _globals['_MEDIA']._serialized_start=233
-  _globals['_MEDIA']._serialized_end=357
-  _globals['_MEDIAEMBEDDINGS']._serialized_start=360
-  _globals['_MEDIAEMBEDDINGS']._serialized_end=520
-  _globals['_CONTENTPART']._serialized_start=523
-  _globals['_CONTENTPART']._serialized_end=701
-  _globals['_CHATMESSAGE']._serialized_start=703
-  _globals['_CHATMESSAGE']._serialized_end=783
-  _globals['_GENERATEREQUEST']._serialized_start=785
-  _globals['_GENERATEREQUEST']._serialized_end=910
-  _globals['_COMPLETION']._serialized_start=913
-  _globals['_COMPLETION']._serialized_end=1118
-  _globals['_GENERATERESPONSE']._serialized_start=1120
-  _globals['_GENERATERESPONSE']._serialized_end=1193
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=1196
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=1327
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1330
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1514
-  _globals['_PREPROCESSREQUEST']._serialized_start=1516
-  _globals['_PREPROCESSREQUEST']._serialized_end=1643
-  _globals['_PREPROCESSRESPONSE']._serialized_start=1646
-  _globals['_PREPROCESSRESPONSE']._serialized_end=1802
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1804
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1825
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1827
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1900
-  _globals['_PROCESSORSERVICE']._serialized_start=1903
-  _globals['_PROCESSORSERVICE']._serialized_end=2331
+  _globals['_MEDIA']._serialized_start=234
+  _globals['_MEDIA']._serialized_end=472
+  _globals['_VIDEOFRAMES']._serialized_start=474
+  _globals['_VIDEOFRAMES']._serialized_end=516
+  _globals['_VIDEOOPTIONS']._serialized_start=518
+  _globals['_VIDEOOPTIONS']._serialized_end=565
+  _globals['_MEDIAEMBEDDINGS']._serialized_start=568
+  _globals['_MEDIAEMBEDDINGS']._serialized_end=728
+  _globals['_CONTENTPART']._serialized_start=731
+  _globals['_CONTENTPART']._serialized_end=909
+  _globals['_CHATMESSAGE']._serialized_start=911
+  _globals['_CHATMESSAGE']._serialized_end=991
+  _globals['_GENERATEREQUEST']._serialized_start=993
+  _globals['_GENERATEREQUEST']._serialized_end=1118
+  _globals['_COMPLETION']._serialized_start=1121
+  _globals['_COMPLETION']._serialized_end=1326
+  _globals['_GENERATERESPONSE']._serialized_start=1328
+  _globals['_GENERATERESPONSE']._serialized_end=1401
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=1404
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=1535
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1538
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1722
+  _globals['_PREPROCESSREQUEST']._serialized_start=1724
+  _globals['_PREPROCESSREQUEST']._serialized_end=1851
+  _globals['_PREPROCESSRESPONSE']._serialized_start=1854
+  _globals['_PREPROCESSRESPONSE']._serialized_end=2010
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2012
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2033
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2035
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2108
+  _globals['_PROCESSORSERVICE']._serialized_start=2111
+  _globals['_PROCESSORSERVICE']._serialized_end=2539
 # @@protoc_insertion_point(module_scope)

@@ -32,10 +32,14 @@ class Media(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
+    VIDEO_OPTIONS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
-    """The encoded file (PNG, JPEG, WebP, GIF, BMP, TIFF for images). At most
-    the processor's --max-media-mib.
+    """The encoded file: PNG, JPEG, WebP, GIF, BMP, TIFF for images; any
+    container FFmpeg reads for video (mp4, webm, mkv, mov, animated GIF) and
+    audio (wav, flac, mp3, ogg, webm). At most the processor's
+    --max-media-mib.
     """
     url: _builtins.str
     """A URL of the file. Only "file://" URLs are accepted, and only for paths
@@ -53,23 +57,101 @@ class Media(_message.Message):
         image_embeds). Image parts only. No encoder is called for the item.
         """
 
+    @_builtins.property
+    def frames(self) -> Global___VideoFrames:
+        """A video sent as its frames, each an encoded image, in order. Video parts
+        only; every frame is used (no sampling).
+        """
+
+    @_builtins.property
+    def video_options(self) -> Global___VideoOptions:
+        """How the processor samples this video's frames. Video parts only; unset
+        fields take the processor's defaults (--video-fps, --max-video-frames).
+        """
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         url: _builtins.str = ...,
         embeddings: Global___MediaEmbeddings | None = ...,
+        frames: Global___VideoFrames | None = ...,
         uuid: _builtins.str = ...,
+        video_options: Global___VideoOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "source", b"source", "url", b"url"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "frames", b"frames", "source", b"source", "url", b"url", "video_options", b"video_options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "source", b"source", "url", b"url", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "embeddings", b"embeddings", "frames", b"frames", "source", b"source", "url", b"url", "uuid", b"uuid", "video_options", b"video_options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "embeddings"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "embeddings", "frames"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___Media: _TypeAlias = Media  # noqa: Y015
+
+@_typing.final
+class VideoFrames(_message.Message):
+    """A video as its frames."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    fps: _builtins.float
+    """The rate the frames were taken at, in frames per second, which gives
+    each frame's timestamp. 0: the processor's --video-fps.
+    """
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The frames in order, each an encoded image (PNG, JPEG, WebP...) of the
+        same size. At least one; at most the processor's --max-video-frames.
+        """
+
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[_builtins.bytes] | None = ...,
+        fps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoFrames: _TypeAlias = VideoFrames  # noqa: Y015
+
+@_typing.final
+class VideoOptions(_message.Message):
+    """How a video's frames are sampled for the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FPS_FIELD_NUMBER: _builtins.int
+    MAX_FRAMES_FIELD_NUMBER: _builtins.int
+    fps: _builtins.float
+    """Frames taken per second of video, sampled by the model's own video
+    processor (Qwen-VL rounds to its temporal patch). 0: the processor's
+    --video-fps. Ignored for VideoFrames.
+    """
+    max_frames: _builtins.int
+    """At most this many frames (the processor's --max-video-frames is the
+    ceiling). A clip that would give more at `fps` gets this many, evenly
+    spaced. 0: the processor's --max-video-frames.
+    """
+    def __init__(
+        self,
+        *,
+        fps: _builtins.float = ...,
+        max_frames: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "max_frames", b"max_frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoOptions: _TypeAlias = VideoOptions  # noqa: Y015
 
 @_typing.final
 class MediaEmbeddings(_message.Message):
