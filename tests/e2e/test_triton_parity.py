@@ -1,7 +1,9 @@
 """Processor, encoder (--backend triton) and LLM as three processes, the towers in a real tritonserver:
-greedy tokens equal transformers' run whole (tests/parity.py's cases), for Qwen3-VL whose deepstack
-rows travel Triton -> encoder -> LLM. The processor and the LLM cannot tell the backends apart: the
-three services' ModelInfo agree; only the encoder's GetModelInfo names Triton."""
+greedy tokens equal transformers' run whole (tests/parity.py's image and video cases), for Qwen2-VL,
+whose two towers (image, video) are two Triton models. (Qwen3-VL's deepstack rows are compared
+bitwise with the torch backend's in tests/encoder/test_triton_backend.py.) The processor and the LLM
+cannot tell the backends apart: the three services' ModelInfo agree; only the encoder's GetModelInfo
+names Triton."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from services.cli import main as cli_main
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.encoder.triton_server import TritonServer
-from tests.parity import model_info_test, parity_tests
+from tests.parity import VIDEO_CASES, media_parity_tests, model_info_test, parity_tests
 from tests.procs import ServiceSet, start_encoder, start_llm, start_processor, wait_listening, wait_serving
 
-FAMILY = "qwen3_vl"
+FAMILY = "qwen2_vl"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def services(tmp_path_factory):
 
 
 test_parity = parity_tests(FAMILY)
+test_video_parity = media_parity_tests(FAMILY, VIDEO_CASES)
 test_model_info = model_info_test(FAMILY)
 
 

@@ -1,7 +1,7 @@
-"""The Triton backend against a real tritonserver on the CPU: every family's tiny checkpoint exported with
+"""The Triton backend against a real tritonserver on the CPU: families' tiny checkpoints exported with
 `triptych export-triton` into one repository (one server start for the module), and the Triton backend's
-embeddings compared bitwise (float32) with the torch backend's on the same items -- alone, two of
-different sizes in one unit, and through system shared memory. Triton's dynamic batcher is seen
+embeddings compared bitwise with the torch backend's on the same items -- alone, two of different
+sizes in one unit, video items, bfloat16, and through system shared memory. Triton's dynamic batcher is seen
 grouping concurrent requests of a family whose batch does not change its bytes."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from PIL import Image
 from services.cli import main as cli_main
 from services.common.config import EncoderConfig
 from services.common.errors import FailedPrecondition
+from services.common.video import VideoLimits, decode_video
 from services.encoder.backends.torch_backend import TorchBackend
 from services.encoder.backends.triton_backend import TritonBackend
 from services.encoder.triton_export import ExportOptions, export
@@ -27,7 +28,7 @@ from services.models.checkpoint import Checkpoint
 from services.tiny_checkpoints import TINY_FAMILIES
 from tests.checkpoints import tiny_checkpoint
 from tests.encoder.triton_server import TritonServer
-from tests.media import image_bytes
+from tests.media import image_bytes, video_bytes
 
 # One family per way a tower treats a batch (exact: llava, gemma3, internvl; tolerance: qwen2_vl, qwen3_vl with
 # deepstack; alone: phi4mm): each Python-backend stub costs ~10 CPU-seconds to start on this 2-core machine.
@@ -42,8 +43,8 @@ def triton(tmp_path_factory):
     for family in FAMILIES:  # the command a user runs; models are <family>_image
         assert cli_main(["export-triton", "--model", str(tiny_checkpoint(family)), "--out", str(repo),
                          "--name", family, "--max-queue-delay-us", "20000"]) == 0
-    assert cli_main(["export-triton", "--model", str(tiny_checkpoint("qwen2_vl")), "--out", str(repo),
-                     "--name", "qwen2_vl_bf16", "--dtype", "bfloat16"]) == 0
+    assert cli_main(["export-triton", "--model", str(tiny_checkpoint("llava")), "--out", str(repo),
+                     "--name", "llava_bf16", "--dtype", "bfloat16"]) == 0
     server = TritonServer(repo, repo.parent / "tritonserver.log").start(timeout_s=120 + 60 * len(FAMILIES))
     yield server
     server.stop()
@@ -53,6 +54,21 @@ def _items(checkpoint: Checkpoint, sizes: list[tuple[int, int]]) -> list[dict[st
     processor = checkpoint.family.load_processor(checkpoint.path)
     images = [Image.open(io.BytesIO(image_bytes(w, h, seed=i))).convert("RGB") for i, (w, h) in enumerate(sizes)]
     return [checkpoint.family.image_encoder_inputs(processor, image) for image in images]
+
+
+def _video_items(checkpoint: Checkpoint, seeds: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Real clips (made with av) through the family's frame choice and processor, one item each."""
+    family = checkpoint.family
+    processor = family.load_processor(checkpoint.path)
+    limits = VideoLimits(max_frame_pixels=1 << 20, max_seconds=60, max_frames=16, max_total_pixels=1 << 24)
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": "video"}]}])
+    items = []
+    for seed in seeds:
+        video = decode_video(video_bytes(seed=seed, width=64 + 32 * seed, height=64), limits,
+                             lambda metadata: family.video_frame_indices(processor, metadata, 2.0, 16), "v")
+        (item,) = family.preprocess(processor, text, [], videos=[video]).items
+        items.append(dict(item.encoder_inputs))
+    return items
 
 
 def _backend(checkpoint: Checkpoint, triton: TritonServer, name: str, **cfg) -> TritonBackend:
@@ -84,13 +100,28 @@ def test_same_embedding_bytes_as_torch(triton, family):
         remote.close()
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("qwen2_vl", "internvl")])
+def test_video_embeddings_same_bytes_as_torch(triton, family):
+    """A family's video tower is a Triton model of its own (<name>_video), typed from its video schema."""
+    checkpoint = Checkpoint(tiny_checkpoint(family))
+    assert "video" in checkpoint.family.modalities
+    items = _video_items(checkpoint, [1, 2])
+    local = TorchBackend(checkpoint, "cpu")
+    remote = _backend(checkpoint, triton, family)
+    try:
+        _assert_same_bytes(local.run("video", items[:1]), remote.run("video", items[:1]))
+        _assert_same_bytes(local.run("video", items), remote.run("video", items))
+    finally:
+        remote.close()
+
+
 def test_bfloat16_embeddings_same_bytes(triton):
     """BF16 crosses KServe v2 as 2-byte words (numpy has no bf16 of its own): the bytes survive."""
-    checkpoint = Checkpoint(tiny_checkpoint("qwen2_vl"), torch.bfloat16)
+    checkpoint = Checkpoint(tiny_checkpoint("llava"), torch.bfloat16)
     items = _items(checkpoint, [(160, 120), (96, 200)])
     expected = TorchBackend(checkpoint, "cpu").run("image", items)
     remote = TritonBackend(checkpoint, EncoderConfig(model=checkpoint.path, dtype="bfloat16", backend="triton",
-                                                     triton_url=triton.url, triton_model="qwen2_vl_bf16"))
+                                                     triton_url=triton.url, triton_model="llava_bf16"))
     got = remote.run("image", items)
     assert [e.embeddings.dtype for e in got] == [torch.bfloat16] * 2
     assert all(torch.equal(e.embeddings, g.embeddings) for e, g in zip(expected, got))
