@@ -20,6 +20,7 @@ from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.models.checkpoint import modality_to_proto
 from tests.checkpoints import tiny_checkpoint
 from tests.media import audio_bytes, image_bytes, video_bytes
 from tests.procs import start_services
@@ -113,8 +114,9 @@ def media_parity_tests(family: str, cases: dict[str, tuple[str, list[bytes], Oth
     return test_media_parity
 
 
-def model_info_test(family: str, seed: int = 0):
-    """Test: GetModelInfo of the three services agree and match the checkpoint folder."""
+def model_info_test(family: str, seed: int = 0, modality: str = "image"):
+    """Test: GetModelInfo of the three services agree and match the checkpoint folder (which takes
+    `modality`, with its placeholder token)."""
 
     @pytest.mark.e2e
     def test_model_info_agrees(services):
@@ -135,7 +137,7 @@ def model_info_test(family: str, seed: int = 0):
         assert info.hidden_size == text_config["hidden_size"]
         assert info.embedding_dtype == tensor_pb2.DATA_TYPE_FLOAT32
         assert info.architecture == config["architectures"][0]
-        assert tensor_pb2.MODALITY_IMAGE in info.modalities and info.placeholder_tokens["image"]
+        assert modality_to_proto(modality) in info.modalities and info.placeholder_tokens[modality]
         assert len(info.fingerprint) == 16
 
     return test_model_info_agrees

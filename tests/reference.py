@@ -99,7 +99,8 @@ def _video_rows_as_sequence(model, inputs):
     if "pixel_values_videos" not in inputs or not hasattr(model, "get_video_features"):
         return inputs
     with torch.inference_mode():
-        video = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+        grid = {"video_grid_thw": inputs["video_grid_thw"]} if "video_grid_thw" in inputs else {}  # Qwen-VL
+        video = model.get_video_features(inputs["pixel_values_videos"], **grid, return_dict=True)
     if not isinstance(video.pooler_output, torch.Tensor):
         return inputs
     video.pooler_output = tuple(video.pooler_output)  # [groups, tokens, hidden] -> groups x [tokens, hidden]

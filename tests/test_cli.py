@@ -18,8 +18,10 @@ def test_models_lists_every_family_file():
     family_files = {p.stem for p in (ROOT / "services" / "models").glob("*.py")} - not_families
     for name in family_files:
         assert rows[name]["served_by"] == f"services/models/{name}.py"
-        assert "image" in rows[name]["modalities"]
+        assert rows[name]["modalities"][0] == "text" and {"image", "audio"} & set(rows[name]["modalities"])
     assert rows["qwen2_vl"]["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    assert rows["qwen2_audio"]["modalities"] == ["text", "audio"]
+    assert rows["phi4mm"]["modalities"] == ["text", "image", "audio"]
 
 
 def test_make_model_writes_a_loadable_checkpoint(tmp_path):

@@ -43,10 +43,23 @@ class ProcessedItem:
     # (tiles between row/column tokens); they take consecutive embedding rows and sum to `length`.
     # Empty: one run, (offset, length).
     runs: tuple[tuple[int, int], ...] = ()
+    # Position inputs of each run, where every run has its own (Qwen3-VL video: a run per timestamped
+    # frame group, each with its grid [[1, h, w]]). Empty: `position_inputs` go with the first run.
+    run_position_inputs: tuple[dict[str, torch.Tensor], ...] = ()
+    # What besides the item's media decides its embeddings (Phi-4-MM projects audio with other layers
+    # when the prompt has images); the processor appends it to the item's mm_hash, so that caches keyed
+    # by mm_hash keep the variants apart. Empty: the media alone decide.
+    hash_context: str = ""
 
     @property
     def placeholder_runs(self) -> tuple[tuple[int, int], ...]:
         return self.runs or ((self.offset, self.length),)
+
+    def position_inputs_of_run(self, index: int) -> dict[str, torch.Tensor]:
+        """What the LLM gets for the placeholder run `index` to compute its positions."""
+        if self.run_position_inputs:
+            return self.run_position_inputs[index]
+        return self.position_inputs if index == 0 else {}
 
 
 @dataclass(frozen=True)

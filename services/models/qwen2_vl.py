@@ -105,6 +105,10 @@ class Qwen2VL(ModelFamily):
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         return [ItemEmbeddings(embeddings=e) for e in self.tower_features(model, modality, items).pooler_output]
 
+    def rope_index_kwargs(self, videos: list[PlacedEmbeddings]) -> dict[str, Any]:
+        """More get_rope_index arguments from the videos' position inputs (in prompt order); none here."""
+        return {}
+
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         prefill = super().prefill_inputs(model, token_ids, placed)
         if not placed:
@@ -119,6 +123,7 @@ class Qwen2VL(ModelFamily):
             mm_token_type_ids=token_types[None],
             image_grid_thw=torch.cat(grids[IMAGE]) if grids[IMAGE] else None,
             video_grid_thw=torch.cat(grids[VIDEO]) if grids[VIDEO] else None,
+            **self.rope_index_kwargs([item for item in placed if item.modality == VIDEO]),
         )  # [3, 1, L], [1, 1]
         prefill.position_ids = position_ids
         prefill.rope_delta = int(rope_deltas[0, 0])

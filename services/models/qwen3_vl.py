@@ -2,32 +2,92 @@
 
 Deepstack: besides the merged rows that replace the placeholders, the tower returns one more
 [num_tokens, hidden] tensor per `deepstack_visual_indexes` block. The language model adds the
-k-th of them to its hidden states at the image positions after its k-th layer. The encoder sends
+k-th of them to its hidden states at the visual positions after its k-th layer. The encoder sends
 them as ItemEmbeddings.deepstack; the LLM passes them to `language_model` as Qwen3VLModel.forward
-does: `visual_pos_masks` [1, L] (True at every placeholder) and `deepstack_visual_embeds`, one
-[num_visual_tokens, hidden] tensor per layer, items concatenated in prompt order. Decode steps pass
-neither (the image rows are in the cache by then), as transformers' generate does.
+does: `visual_pos_masks` [1, L] (True at every image and video placeholder) and
+`deepstack_visual_embeds`, one [num_visual_tokens, hidden] tensor per layer, items concatenated in
+prompt order. Decode steps pass neither (the visual rows are in the cache by then), as
+transformers' generate does.
+
+Video: the processor writes a timestamp before each frame group (grid step t, `temporal_patch_size`
+frames): `<2.3 seconds><|vision_start|><|video_pad|>...<|vision_end|>` per step, the time being the
+mean of the group's frames' `frames_indices / fps`. So one video is t placeholder runs of h*w/merge²
+tokens each, which take consecutive rows of its embeddings (`video_item`). Its mRoPE positions are
+per run as well: get_rope_index splits video_grid_thw [[t, h, w]] into t grids [[1, h, w]], one per
+run, with the timestamp tokens between them as text; each run carries its own [[1, h, w]] to the LLM.
+The frames are the video processor's own `sample_frames` (ModelFamily.video_frame_indices), and
+their indices in the metadata give the same timestamps as transformers sampling them itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, ProcessorMixin
 
 from services.common.errors import InvalidArgument
-from services.models.base import IMAGE, ItemEmbeddings, PlacedEmbeddings, PrefillInputs
+from services.models.base import IMAGE, VIDEO, ItemEmbeddings, PlacedEmbeddings, PrefillInputs, ProcessedItem
+from services.models.inputs import Bindings, ItemSchema, Split, split_items
 from services.models.qwen2_vl import Qwen2VL
+
+GRID = "video_grid_thw"
 
 
 class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     hf_architectures = ("Qwen3VLForConditionalGeneration",)
-    modalities = (IMAGE,)  # video: Qwen2-VL's path lacks second_per_grid_ts (2.5) and timestamps (3)
+    modalities = (IMAGE, VIDEO)
 
     @property
     def num_deepstack_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
 
+    # ---- video: one placeholder run per timestamped frame group --------------------------
+    def position_schema(self, modality: str) -> ItemSchema:
+        schema = super().position_schema(modality)
+        if modality != VIDEO:
+            return schema
+
+        def derive(item: Mapping[str, torch.Tensor], bindings: Bindings) -> Bindings:
+            if bindings["t"] != 1:  # get_rope_index would give such a run the positions of one step only
+                raise ValueError(f"{GRID} {[bindings['t'], bindings['h'], bindings['w']]}: a video's positions go "
+                                 "per timestamped frame group, one placeholder run each with t = 1")
+            return schema.derive(item, bindings)
+
+        return replace(schema, derive=derive)
+
+    def _items(self, processor: ProcessorMixin, out: Any, token_ids: list[int], modality: str,
+               count: int) -> list[ProcessedItem]:
+        if modality != VIDEO:
+            return super()._items(processor, out, token_ids, modality, count)
+        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, VIDEO))
+        grids = out[GRID].tolist() if count else []  # [[t, h, w]] per video
+        merge = self.spatial_merge_size
+        self.check_counts("video frame groups", [h * w // merge**2 for t, h, w in grids for _ in range(t)],
+                          [n for _, n in runs])
+        if not count:
+            return []
+        inputs = split_items(out, {"pixel_values_videos": Split.flat("patches"), GRID: Split.batched()}, count,
+                             sizes={"patches": [t * h * w for t, h, w in grids]})
+        items, first = [], 0
+        for (t, _, _), encoder_inputs in zip(grids, inputs):
+            items.append(self.video_item(runs[first : first + t], encoder_inputs))
+            first += t
+        return items
+
+    def video_item(self, runs: Sequence[tuple[int, int]], encoder_inputs: dict[str, torch.Tensor]) -> ProcessedItem:
+        """One video from its placeholder runs (one per grid step t, in order) and its encoder inputs: the
+        runs take consecutive rows of its embeddings, and each carries its frame group's grid [[1, h, w]]."""
+        step = encoder_inputs[GRID].clone()
+        step[0, 0] = 1
+        return ProcessedItem(modality=VIDEO, offset=runs[0][0], length=sum(n for _, n in runs),
+                             encoder_inputs=encoder_inputs, runs=tuple(runs),
+                             run_position_inputs=tuple({GRID: step} for _ in runs))
+
+    # ---- encoder and LLM ---------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         out = self.tower_features(model, modality, items)
@@ -53,7 +113,8 @@ class Qwen3VL(Qwen2VL):
                     reason="DEEPSTACK_COUNT_MISMATCH",
                     metadata={"deepstackLayers": str(num_layers)},
                 )
-        ordered = sorted(placed, key=lambda item: item.offset)  # visual_pos_masks selects in prompt order
+        # visual_pos_masks selects in prompt order, images and video runs alike
+        ordered = sorted(placed, key=lambda item: item.offset)
         embeds = prefill.inputs_embeds
         visual_pos_masks = torch.zeros(1, token_ids.shape[0], dtype=torch.bool, device=embeds.device)  # [1, L]
         for item in ordered:

@@ -36,6 +36,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
+    "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),
+    "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),

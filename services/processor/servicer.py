@@ -296,7 +296,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                            f"of a request with {media.modalities}", reason="PREPROCESS_ITEM_MISMATCH")
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
-        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=media.hashes, media=media.files,
+        hashes = [f"{h}+{item.hash_context}" if item.hash_context else h for h, item in zip(media.hashes, processed.items)]
+        return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
 
     def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
@@ -422,7 +423,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                                             length=length, mm_hash=h, embedding_offset=first_row),
                     embeddings=slice_rows(emb.embeddings, rows) if emb else None,
                     deepstack_embeddings=[slice_rows(d, rows) for d in emb.deepstack_embeddings] if emb else [],
-                    position_inputs=to_named(item.position_inputs) if run_index == 0 else [],
+                    position_inputs=to_named(item.position_inputs_of_run(run_index)),
                 ))
                 first_row += length
         llm_sampling = generation_pb2.SamplingParams()

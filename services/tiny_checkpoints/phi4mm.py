@@ -4,7 +4,9 @@ Phi-4-MM cuts an image into 448x448 crops plus one global 448x448 view and its t
 the image processor is written for 448 px crops of 14 px patches (32x32 patches, pooled 2x2 to 16x16
 tokens per crop). So the tiny vision tower keeps image_size 448 and patch 14 and is made small in width
 and depth instead; `dynamic_hd` caps the crops per image so a CPU encodes an image in milliseconds.
-The audio tower is always part of the model: it is built small too, ready for when audio is served.
+The audio tower (a conformer over the real 80-bin log-mel feature extractor's frames, 8x time
+reduction) is built small too, with both projection pairs (speech, and vision-speech for prompts with
+images); outputs vary with the clip at the shared weight scales, so it needs no scale of its own.
 """
 
 from __future__ import annotations

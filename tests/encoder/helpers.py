@@ -14,12 +14,13 @@ from PIL import Image
 
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.audio import AudioLimits, decode_audio
 from services.common.config import EncoderConfig, ServerConfig
 from services.common.tensors import to_named
 from services.encoder.server import start_server
 from services.encoder.servicer import EncoderServicer
 from services.models.checkpoint import Checkpoint
-from tests.media import image_bytes
+from tests.media import audio_bytes, image_bytes
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
@@ -29,6 +30,15 @@ def item_inputs(family, processor, width: int, height: int, seed: int) -> dict[s
     image = Image.open(io.BytesIO(image_bytes(width, height, seed=seed))).convert("RGB")
     text = family.render_chat(processor, [{"role": "user", "content": [{"type": "image"}]}])
     (item,) = family.preprocess(processor, text, [image]).items
+    return dict(item.encoder_inputs)
+
+
+def audio_item_inputs(family, processor, seconds: float, seed: int) -> dict[str, torch.Tensor]:
+    """One real clip's encoder inputs, as the processor service makes them (a 16-bit wav, decoded here)."""
+    audio = decode_audio(audio_bytes(seconds=seconds, seed=seed), family.audio_sampling_rate(processor),
+                         AudioLimits(max_seconds=60), "clip")
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": "audio"}]}])
+    (item,) = family.preprocess(processor, text, [], audios=[audio]).items
     return dict(item.encoder_inputs)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.models.base import AUDIO, IMAGE
 from services.models.checkpoint import Checkpoint
 from services.tiny_checkpoints import TINY_FAMILIES
 from tests.checkpoints import tiny_checkpoint
-from tests.encoder.helpers import item_inputs
+from tests.encoder.helpers import audio_item_inputs, item_inputs
 
 # Sizes that give variable-size families different patch/tile counts; Phi-4-MM's crops are 448 px.
 SIZES = [(112, 112), (160, 96), (96, 224), (200, 140)]
@@ -20,18 +21,23 @@ PHI_SIZES = [(448, 448), (640, 320), (500, 300)]
 
 EXPECTED = {"qwen2_vl": "tolerance", "qwen2_5_vl": "tolerance", "qwen3_vl": "tolerance", "llava": "exact",
             "llava_next": "exact", "gemma3": "exact", "internvl": "exact", "nemotron_h_omni": "tolerance",
-            "phi4mm": "alone", "llava_onevision": "exact"}
+            "phi4mm": "alone", "llava_onevision": "exact", "qwen2_audio": "tolerance", "qwen2_5_omni_thinker": "tolerance"}
+# Clips of these (seconds, seed): the items of audio-only families, and the audio check of the others.
+CLIPS = [(1.0, 1), (2.5, 2), (0.4, 3)]
+AUDIO_FAMILIES = ("phi4mm", "qwen2_5_omni_thinker")  # audio-only families are checked on clips above
 
 
-def _family_and_items(name: str):
+def _family_and_items(name: str, modality: str | None = None):
     path = tiny_checkpoint(name)
     checkpoint = Checkpoint(path)
     family = checkpoint.family
     model = family.load_model(path, checkpoint.dtype, "cpu")
     family.strip_for_encoder(model)
     processor = family.load_processor(path)
+    if modality == AUDIO or IMAGE not in family.modalities:
+        return family, model, AUDIO, [audio_item_inputs(family, processor, s, seed) for s, seed in CLIPS]
     sizes = PHI_SIZES if family.encoder_batching == "alone" else SIZES
-    return family, model, [item_inputs(family, processor, w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    return family, model, IMAGE, [item_inputs(family, processor, w, h, seed) for seed, (w, h) in enumerate(sizes)]
 
 
 def _max_diff(batched, alone) -> float:
@@ -50,13 +56,16 @@ def test_every_tiny_family_is_covered():
         assert Checkpoint(tiny_checkpoint(name)).family.encoder_batching == "alone"
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_batched_items_match_alone_as_claimed(name):
-    family, model, items = _family_and_items(name)
+@pytest.mark.parametrize(("name", "modality"), [*((name, None) for name in sorted(EXPECTED)),
+                                                  *((name, AUDIO) for name in AUDIO_FAMILIES)])
+def test_batched_items_match_alone_as_claimed(name, modality):
+    """One claim per family holds for all its modalities: images (clips for audio-only families), and
+    clips for the families that also take audio."""
+    family, model, modality, items = _family_and_items(name, modality)
     assert family.encoder_batching == EXPECTED[name]
-    alone = [family.encode(model, "image", [item])[0] for item in items]
-    batched = family.encode(model, "image", items)
-    reversed_batch = family.encode(model, "image", items[::-1])[::-1]  # another position in the batch
+    alone = [family.encode(model, modality, [item])[0] for item in items]
+    batched = family.encode(model, modality, items)
+    reversed_batch = family.encode(model, modality, items[::-1])[::-1]  # another position in the batch
     if family.encoder_batching == "exact":
         for out in (batched, reversed_batch):
             assert all(torch.equal(b.embeddings, a.embeddings) for b, a in zip(out, alone))
