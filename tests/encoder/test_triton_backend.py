@@ -1,7 +1,7 @@
 """The Triton backend against a real tritonserver on the CPU: families' tiny checkpoints exported with
 `triptych export-triton` into one repository (one server start for the module), and the Triton backend's
 embeddings compared bitwise with the torch backend's on the same items -- alone, two of different
-sizes in one unit, video items, bfloat16, and through system shared memory. Triton's dynamic batcher is seen
+sizes in one unit, video and audio items, bfloat16, and through system shared memory. Triton's dynamic batcher is seen
 grouping concurrent requests of a family whose batch does not change its bytes."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from services.cli import main as cli_main
+from services.common.audio import AudioLimits, decode_audio
 from services.common.config import EncoderConfig
 from services.common.errors import FailedPrecondition
 from services.common.video import VideoLimits, decode_video
@@ -28,7 +29,7 @@ from services.models.checkpoint import Checkpoint
 from services.tiny_checkpoints import TINY_FAMILIES
 from tests.checkpoints import tiny_checkpoint
 from tests.encoder.triton_server import TritonServer
-from tests.media import image_bytes, video_bytes
+from tests.media import audio_bytes, image_bytes, video_bytes
 
 # One family per way a tower treats a batch (exact: llava, gemma3, internvl; tolerance: qwen2_vl, qwen3_vl with
 # deepstack; alone: phi4mm): each Python-backend stub costs ~10 CPU-seconds to start on this 2-core machine.
@@ -71,6 +72,20 @@ def _video_items(checkpoint: Checkpoint, seeds: list[int]) -> list[dict[str, tor
     return items
 
 
+def _audio_items(checkpoint: Checkpoint, seconds: list[float]) -> list[dict[str, torch.Tensor]]:
+    """Real clips (made with av), decoded at the feature extractor's rate, through the processor."""
+    family = checkpoint.family
+    processor = family.load_processor(checkpoint.path)
+    text = family.render_chat(processor, [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "?"}]}])
+    items = []
+    for seed, length in enumerate(seconds):
+        audio = decode_audio(audio_bytes(seconds=length, seed=seed), family.audio_sampling_rate(processor),
+                             AudioLimits(max_seconds=60), "a")
+        (item,) = family.preprocess(processor, text, [], audios=[audio]).items
+        items.append(dict(item.encoder_inputs))
+    return items
+
+
 def _backend(checkpoint: Checkpoint, triton: TritonServer, name: str, **cfg) -> TritonBackend:
     return TritonBackend(checkpoint, EncoderConfig(model=checkpoint.path, backend="triton", triton_url=triton.url,
                                                    triton_model=name, **cfg))
@@ -100,7 +115,7 @@ def test_same_embedding_bytes_as_torch(triton, family):
         remote.close()
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("qwen2_vl", "internvl")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("qwen2_vl", "qwen3_vl", "internvl")])
 def test_video_embeddings_same_bytes_as_torch(triton, family):
     """A family's video tower is a Triton model of its own (<name>_video), typed from its video schema."""
     checkpoint = Checkpoint(tiny_checkpoint(family))
@@ -111,6 +126,20 @@ def test_video_embeddings_same_bytes_as_torch(triton, family):
     try:
         _assert_same_bytes(local.run("video", items[:1]), remote.run("video", items[:1]))
         _assert_same_bytes(local.run("video", items), remote.run("video", items))
+    finally:
+        remote.close()
+
+
+def test_audio_embeddings_same_bytes_as_torch(triton):
+    """Phi-4-MM's audio tower (a batch-dependent family: a unit of two clips is one request)."""
+    checkpoint = Checkpoint(tiny_checkpoint("phi4mm"))
+    assert "audio" in checkpoint.family.modalities
+    items = _audio_items(checkpoint, [1.0, 2.5])
+    local = TorchBackend(checkpoint, "cpu")
+    remote = _backend(checkpoint, triton, "phi4mm")
+    try:
+        _assert_same_bytes(local.run("audio", items[:1]), remote.run("audio", items[:1]))
+        _assert_same_bytes(local.run("audio", items), remote.run("audio", items))
     finally:
         remote.close()
 
@@ -163,7 +192,9 @@ def test_dynamic_batching_groups_concurrent_requests(triton):
 
 def test_export_writes_typed_config(tmp_path):
     checkpoint = Checkpoint(tiny_checkpoint("qwen3_vl"))
-    (folder,) = export(checkpoint, tmp_path, ExportOptions(name="q", max_batch_size=4, instances=2))
+    folders = export(checkpoint, tmp_path, ExportOptions(name="q", max_batch_size=4, instances=2))
+    assert [f.name for f in folders] == [f"q_{modality}" for modality in checkpoint.family.modalities]
+    folder = folders[0]
     config = (folder / "config.pbtxt").read_text()
     patch_dim = checkpoint.family.encoder_schema("image").tensors[0].dims[1]
     hidden, layers = checkpoint.family.hidden_size, checkpoint.family.num_deepstack_layers
