@@ -1,4 +1,4 @@
-"""The `triptych` command: models, make-model, serve, up, generate.
+"""The `triptych` command: models, make-model, serve, up, generate, export-triton.
 
 An error prints one line, `error: ...`, and exits non-zero; `--debug` (or TRIPTYCH_DEBUG=1) adds the traceback.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from services.common.config import (DEFAULT_PROCESSOR_PORT, ClientConfig, EncoderConfig, FrontConfig, LlmConfig,
                                      ProcessorConfig)
 from services.common.flags import add_config_flags, config_from_args
+from services.encoder.triton_export import add_export_flags
 
 SERVICE_CONFIGS: dict[str, type] = {"encoder": EncoderConfig, "llm": LlmConfig, "processor": ProcessorConfig,
                                     "front": FrontConfig}
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="encoder replicas behind the processor (each its own process, sharing the encoder's cores)")
     p.add_argument("--front-port", type=int, metavar="PORT",
                    help="also start the OpenAI-compatible HTTP front on this port (0: a free one); default: no front")
+
+    add_export_flags(sub.add_parser("export-triton", help="write a Triton model repository serving a checkpoint's towers"))
 
     p = sub.add_parser("generate", help="send a request to a processor")
     p.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PROCESSOR_PORT}")
@@ -122,6 +125,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "models":
         return _list_models(args.json)
+    if args.command == "export-triton":
+        from services.encoder.triton_export import run_export
+
+        return run_export(args)
     if args.command == "generate":
         from services.client import run_generate
 

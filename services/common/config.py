@@ -139,6 +139,22 @@ class EncoderConfig:
     shm_max_mib: int = field(default=1024, metadata=doc(
         "unclaimed shared-memory embeddings held at once, MiB; beyond it replies go inline (0: never shm)"))
     shm_ttl_s: float = field(default=30.0, metadata=doc("seconds a shared-memory region waits for its reader"))
+    # Triton (services/encoder/backends/triton.py): the towers run in a Triton Inference Server serving a
+    # repository from `triptych export-triton`; this process keeps the checks, the cache and single flight.
+    backend: Literal["torch", "triton"] = field(default="torch", metadata=doc(
+        "where the towers run: torch (in this process) or triton (a Triton Inference Server at --triton-url)"))
+    triton_url: str = field(default="127.0.0.1:8000", metadata=doc("Triton's HTTP (KServe v2) address HOST:PORT"))
+    triton_model: str = field(default="triptych", metadata=doc(
+        "name the Triton models were exported under (`export-triton --name`); one model per modality, NAME_image ..."))
+    # Each worker holds one request in flight: Triton's dynamic batcher can only group concurrent requests.
+    triton_workers: int = field(default=8, metadata=doc("Triton requests in flight at once (one thread each)"))
+    # shm is for a co-located Triton only: it must open this host's /dev/shm (same host, same IPC namespace).
+    triton_transport: Literal["http", "shm"] = field(default="http", metadata=doc(
+        "how tensors go to Triton: http (binary tensors in the request body) or shm (system shared memory, "
+        "for Triton on this host)"))
+    triton_timeout_s: float = field(default=600.0, metadata=doc("seconds one Triton inference may take"))
+    triton_start_timeout_s: float = field(default=120.0, metadata=doc(
+        "how long start-up waits for Triton and its models to be ready"))
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class BatchLimits:
 class Batcher:
     """The torch thread and its queue."""
 
-    def __init__(self, run_tower: RunTower, limits: BatchLimits, thread_name: str = "encoder-torch"):
+    def __init__(self, run_tower: RunTower, limits: BatchLimits, thread_name: str = "encoder-torch", workers: int = 1):
         self._run_tower = run_tower
         self.limits = limits
         self.policy = BatchPolicy(limits.mode)
@@ -155,8 +155,11 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
-        self._thread.start()
+        # One thread owns torch; a backend that only waits on a server (Triton) runs `workers` forwards at once.
+        self._threads = [threading.Thread(target=self._loop, name=f"{thread_name}-{i}" if i else thread_name, daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> Future:
         with self._cond:
@@ -188,8 +191,9 @@ class Batcher:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=60)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
 
     # ---- the torch thread ----------------------------------------------------------------
     def _loop(self) -> None:

@@ -26,10 +26,11 @@ from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
 from services.common.media import MediaLimits
 from services.common.tensors import from_named
+from services.encoder.backends import open_backend
 from services.encoder.batcher import Batcher, BatchLimits, Job
 from services.encoder.cache import EmbeddingCache, Entry, Flight, Key, Signature, item_signature, signatures_agree
 from services.encoder.media_inputs import MediaInputs
-from services.encoder.towers import item_embeddings_proto, load_towers, run_tower
+from services.encoder.towers import item_embeddings_proto
 from services.models import evs
 from services.models.base import VIDEO, ItemEmbeddings
 from services.models.checkpoint import Checkpoint, modality_from_proto
@@ -114,14 +115,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         torch.set_num_threads(torch_threads(cfg.torch_threads))
         # Parsing and replies (the bulk of a large request's bytes) run beside the torch thread.
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder-parse")
-        self.model = load_towers(checkpoint, cfg.device)
+        self.backend = open_backend(checkpoint, cfg)  # torch loads the towers; Triton's models are checked
+        self.model = self.backend.model  # None with Triton: the weights live there
         self.media_inputs = MediaInputs(self.family, checkpoint.path,
                                         MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels))
         self.cache = EmbeddingCache(capacity_bytes=cfg.cache_mib << 20)
-        # The one thread that owns torch: the batcher's.
-        self.batcher = Batcher(self._run_tower, BatchLimits(
+        # The one thread that owns torch: the batcher's (Triton: one per request in flight).
+        self.batcher = Batcher(self.backend.run, BatchLimits(
             mode=cfg.batching, wait_s=cfg.batch_wait_ms / 1000, max_items=cfg.max_batch_items,
-            max_patches=cfg.max_batch_patches))
+            max_patches=cfg.max_batch_patches), workers=self.backend.workers)
         self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
@@ -165,10 +167,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         waiting for their reader. Joined, not left as a daemon: a thread inside torch at interpreter
         exit aborts the process."""
         self.batcher.close()
+        self.backend.close()
         self._shm.close()
 
     async def GetModelInfo(self, request, context) -> encoder_pb2.GetModelInfoResponse:
-        return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info())
+        return encoder_pb2.GetModelInfoResponse(model_info=self.checkpoint.model_info(), backend=self.backend.proto)
 
     async def GetStats(self, request, context) -> encoder_pb2.GetStatsResponse:
         cache, cached, forwards = self.cache, self.cache.counters, self.batcher.counters
@@ -337,7 +340,3 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         for item, hit in zip(items, hits):
             item.cache_hit = hit
         return encoder_pb2.EncodeResponse(items=items)
-
-    def _run_tower(self, modality: str, batch: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
-        """The family's encode; the caller's inputs were checked, so what fails now is ours or the machine's."""
-        return run_tower(self.family, self.model, modality, batch)

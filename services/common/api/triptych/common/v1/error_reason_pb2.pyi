@@ -428,66 +428,66 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An audio clip lasts longer than the processor's --max-audio-seconds.
     Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
     """
-    AUDIO_TOO_SHORT: _ErrorReason.ValueType  # 110
+    AUDIO_TOO_SHORT: _ErrorReason.ValueType  # 100
     """An audio clip has too few samples at the model's rate to make features
     of (for example one sample). Code: INVALID_ARGUMENT.
     """
-    TOO_MANY_MEDIA_ITEMS: _ErrorReason.ValueType  # 111
+    TOO_MANY_MEDIA_ITEMS: _ErrorReason.ValueType  # 101
     """More videos or audio clips in one request than the processor allows.
     Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
     """
-    VIDEO_OPTIONS_INVALID: _ErrorReason.ValueType  # 112
+    VIDEO_OPTIONS_INVALID: _ErrorReason.ValueType  # 102
     """A video's sampling options are out of range: a negative or non-finite
     fps or max_frames. Code: INVALID_ARGUMENT.
     """
-    VIDEO_PRUNING_RATE_INVALID: _ErrorReason.ValueType  # 120
+    VIDEO_PRUNING_RATE_INVALID: _ErrorReason.ValueType  # 103
     """A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
     on the encoder) outside [0, 1). Code: INVALID_ARGUMENT. Send a rate in
     [0, 1): 0 keeps every video token, 0.75 a quarter.
     """
-    VIDEO_PRUNING_UNSUPPORTED: _ErrorReason.ValueType  # 121
+    VIDEO_PRUNING_UNSUPPORTED: _ErrorReason.ValueType  # 104
     """A video pruning rate above 0 for a model family without EVS (efficient
     video sampling), or for an item that is not a video; or kept token
     indexes for such an item. Code: INVALID_ARGUMENT. Metadata: family. Send
     rate 0 (or none).
     """
-    VIDEO_KEPT_TOKENS_INVALID: _ErrorReason.ValueType  # 122
+    VIDEO_KEPT_TOKENS_INVALID: _ErrorReason.ValueType  # 105
     """Kept token indexes of a pruned video do not fit its item: not one per
     placeholder token, not strictly ascending, negative, or past the item's
     unpruned token count. Code: INVALID_ARGUMENT. Send the encoder's
     ItemEmbeddings.kept_token_indexes with their rows.
     """
-    VIDEO_RETAINED_COUNT_MISMATCH: _ErrorReason.ValueType  # 123
+    VIDEO_RETAINED_COUNT_MISMATCH: _ErrorReason.ValueType  # 106
     """A video item's MediaItem.video_pruning.retained_tokens differs from the
     count EVS keeps of it at that rate (the caller computed it with another
     rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
     count the processor's placeholder run has.
     ---- Authentication and start-up security settings -----------------------
     """
-    AUTH_TOKEN_MISSING: _ErrorReason.ValueType  # 155
+    AUTH_TOKEN_MISSING: _ErrorReason.ValueType  # 107
     """The processor requires a bearer token (--auth-token-file) and the call
     sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
     Bearer <token>". Health checks need no token.
     """
-    AUTH_TOKEN_INVALID: _ErrorReason.ValueType  # 156
+    AUTH_TOKEN_INVALID: _ErrorReason.ValueType  # 108
     """The call's bearer token is not the processor's, or its scheme is not
     "Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
     """
-    AUTH_CONFIG_INVALID: _ErrorReason.ValueType  # 157
+    AUTH_CONFIG_INVALID: _ErrorReason.ValueType  # 109
     """At start-up: --auth-token-file cannot be read or is empty. Code:
     INVALID_ARGUMENT. Fix the file; the service does not start.
     """
-    TLS_CONFIG_INVALID: _ErrorReason.ValueType  # 158
+    TLS_CONFIG_INVALID: _ErrorReason.ValueType  # 110
     """At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
     --tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
     is not PEM, or a certificate was given without its key. Code:
     INVALID_ARGUMENT. The service does not start.
     """
-    TRACING_CONFIG_INVALID: _ErrorReason.ValueType  # 159
+    TRACING_CONFIG_INVALID: _ErrorReason.ValueType  # 111
     """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
     installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
     """
-    METRICS_PORT_UNAVAILABLE: _ErrorReason.ValueType  # 160
+    METRICS_PORT_UNAVAILABLE: _ErrorReason.ValueType  # 112
     """At start-up: the service cannot listen on its --metrics-port (in use, or
     not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
     metrics endpoint.
@@ -498,31 +498,59 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...). Its own errors have domain
     "triptych.front"; the processor's reach the client with their reasons.
     """
-    MODEL_NAME_UNKNOWN: _ErrorReason.ValueType  # 150
+    MODEL_NAME_UNKNOWN: _ErrorReason.ValueType  # 113
     """A request names a model the front does not serve. Code: NOT_FOUND.
     Metadata: servedModelName. GET /v1/models lists the name to send.
     """
-    REQUEST_INVALID: _ErrorReason.ValueType  # 151
+    REQUEST_INVALID: _ErrorReason.ValueType  # 114
     """A request body is not a chat completion the front takes: not JSON, a
     field of the wrong type or range, a data: URL that is not base64, or a
     parameter the front does not implement (n other than 1, tools,
     logit_bias, a response_format other than text). Code: INVALID_ARGUMENT.
     The error's `param` names the field.
     """
-    PROCESSOR_UNAVAILABLE: _ErrorReason.ValueType  # 152
+    PROCESSOR_UNAVAILABLE: _ErrorReason.ValueType  # 115
     """The processor did not answer (down, unreachable, or the call was
     cancelled). Code: UNAVAILABLE. Retry with backoff; GET /health/ready
     tells when the processor serves again.
     """
-    PROCESSOR_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 153
+    PROCESSOR_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 116
     """The deadline passed while the processor worked, and it sent no reason of
     its own. Code: DEADLINE_EXCEEDED.
     """
-    PROCESSOR_CALL_FAILED: _ErrorReason.ValueType  # 154
+    PROCESSOR_CALL_FAILED: _ErrorReason.ValueType  # 117
     """The processor failed with a status that carries no ErrorInfo (gRPC
     itself failed, e.g. a request larger than --max-message-mib, or the
     server is not Triptych's processor); the message quotes it. Code: as the
     processor's, INTERNAL when unknown.
+    ---- Triton backend (`triptych serve encoder --backend triton`) ----------
+    """
+    TRITON_UNAVAILABLE: _ErrorReason.ValueType  # 118
+    """The encoder's Triton Inference Server does not answer (down, restarting,
+    or the network between them). Code: UNAVAILABLE. Metadata: tritonUrl.
+    Retry: the encoder reconnects on the next call once Triton is back.
+    """
+    TRITON_MODEL_MISSING: _ErrorReason.ValueType  # 119
+    """At the encoder's start, Triton does not serve a model the encoder needs
+    (not in its model repository, or not loaded). Code: FAILED_PRECONDITION.
+    Metadata: tritonUrl, tritonModel. Export the checkpoint with `triptych
+    export-triton` into Triton's repository, or pass the right --triton-model.
+    """
+    TRITON_MODEL_MISMATCH: _ErrorReason.ValueType  # 120
+    """At the encoder's start, the Triton model was exported from another
+    checkpoint, dtype or modality than the encoder's --model and --dtype.
+    Code: FAILED_PRECONDITION. Metadata: tritonModel, expected, served.
+    Export the encoder's checkpoint again, or start the encoder with the one
+    Triton serves.
+    """
+    TRITON_INFER_FAILED: _ErrorReason.ValueType  # 121
+    """Triton answered an inference with an error (its Python backend failed on
+    valid inputs). Code: INTERNAL. Metadata: tritonModel. The message carries
+    Triton's; its log has the rest.
+    """
+    TRITON_EXPORT_UNSUPPORTED: _ErrorReason.ValueType  # 122
+    """`triptych export-triton` cannot write a Triton model for this checkpoint;
+    the message says why. Code: FAILED_PRECONDITION (a command-line error).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -954,66 +982,66 @@ AUDIO_TOO_LONG: ErrorReason.ValueType  # 99
 """An audio clip lasts longer than the processor's --max-audio-seconds.
 Code: INVALID_ARGUMENT. Metadata: maxAudioSeconds. Send a shorter clip.
 """
-AUDIO_TOO_SHORT: ErrorReason.ValueType  # 110
+AUDIO_TOO_SHORT: ErrorReason.ValueType  # 100
 """An audio clip has too few samples at the model's rate to make features
 of (for example one sample). Code: INVALID_ARGUMENT.
 """
-TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 111
+TOO_MANY_MEDIA_ITEMS: ErrorReason.ValueType  # 101
 """More videos or audio clips in one request than the processor allows.
 Code: INVALID_ARGUMENT. Metadata: modality, maxItems. Send fewer.
 """
-VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 112
+VIDEO_OPTIONS_INVALID: ErrorReason.ValueType  # 102
 """A video's sampling options are out of range: a negative or non-finite
 fps or max_frames. Code: INVALID_ARGUMENT.
 """
-VIDEO_PRUNING_RATE_INVALID: ErrorReason.ValueType  # 120
+VIDEO_PRUNING_RATE_INVALID: ErrorReason.ValueType  # 103
 """A video pruning rate (VideoOptions.pruning_rate, or MediaItem.video_pruning
 on the encoder) outside [0, 1). Code: INVALID_ARGUMENT. Send a rate in
 [0, 1): 0 keeps every video token, 0.75 a quarter.
 """
-VIDEO_PRUNING_UNSUPPORTED: ErrorReason.ValueType  # 121
+VIDEO_PRUNING_UNSUPPORTED: ErrorReason.ValueType  # 104
 """A video pruning rate above 0 for a model family without EVS (efficient
 video sampling), or for an item that is not a video; or kept token
 indexes for such an item. Code: INVALID_ARGUMENT. Metadata: family. Send
 rate 0 (or none).
 """
-VIDEO_KEPT_TOKENS_INVALID: ErrorReason.ValueType  # 122
+VIDEO_KEPT_TOKENS_INVALID: ErrorReason.ValueType  # 105
 """Kept token indexes of a pruned video do not fit its item: not one per
 placeholder token, not strictly ascending, negative, or past the item's
 unpruned token count. Code: INVALID_ARGUMENT. Send the encoder's
 ItemEmbeddings.kept_token_indexes with their rows.
 """
-VIDEO_RETAINED_COUNT_MISMATCH: ErrorReason.ValueType  # 123
+VIDEO_RETAINED_COUNT_MISMATCH: ErrorReason.ValueType  # 106
 """A video item's MediaItem.video_pruning.retained_tokens differs from the
 count EVS keeps of it at that rate (the caller computed it with another
 rule or grid). Code: INVALID_ARGUMENT. Metadata: retainedTokens. Send the
 count the processor's placeholder run has.
 ---- Authentication and start-up security settings -----------------------
 """
-AUTH_TOKEN_MISSING: ErrorReason.ValueType  # 155
+AUTH_TOKEN_MISSING: ErrorReason.ValueType  # 107
 """The processor requires a bearer token (--auth-token-file) and the call
 sent none. Code: UNAUTHENTICATED. Send the metadata "authorization:
 Bearer <token>". Health checks need no token.
 """
-AUTH_TOKEN_INVALID: ErrorReason.ValueType  # 156
+AUTH_TOKEN_INVALID: ErrorReason.ValueType  # 108
 """The call's bearer token is not the processor's, or its scheme is not
 "Bearer". Code: UNAUTHENTICATED. Send the token the operator configured.
 """
-AUTH_CONFIG_INVALID: ErrorReason.ValueType  # 157
+AUTH_CONFIG_INVALID: ErrorReason.ValueType  # 109
 """At start-up: --auth-token-file cannot be read or is empty. Code:
 INVALID_ARGUMENT. Fix the file; the service does not start.
 """
-TLS_CONFIG_INVALID: ErrorReason.ValueType  # 158
+TLS_CONFIG_INVALID: ErrorReason.ValueType  # 110
 """At start-up: a TLS file (--tls-cert, --tls-key, --tls-ca,
 --tls-upstream-ca, --tls-client-cert, --tls-client-key) cannot be read or
 is not PEM, or a certificate was given without its key. Code:
 INVALID_ARGUMENT. The service does not start.
 """
-TRACING_CONFIG_INVALID: ErrorReason.ValueType  # 159
+TRACING_CONFIG_INVALID: ErrorReason.ValueType  # 111
 """At start-up: OTEL_TRACES_EXPORTER names an exporter that is not
 installed. Code: INVALID_ARGUMENT. Use "otlp", "console" or "none".
 """
-METRICS_PORT_UNAVAILABLE: ErrorReason.ValueType  # 160
+METRICS_PORT_UNAVAILABLE: ErrorReason.ValueType  # 112
 """At start-up: the service cannot listen on its --metrics-port (in use, or
 not allowed). Code: FAILED_PRECONDITION. Pick another port, or 0 for no
 metrics endpoint.
@@ -1024,30 +1052,58 @@ code (INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
 UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...). Its own errors have domain
 "triptych.front"; the processor's reach the client with their reasons.
 """
-MODEL_NAME_UNKNOWN: ErrorReason.ValueType  # 150
+MODEL_NAME_UNKNOWN: ErrorReason.ValueType  # 113
 """A request names a model the front does not serve. Code: NOT_FOUND.
 Metadata: servedModelName. GET /v1/models lists the name to send.
 """
-REQUEST_INVALID: ErrorReason.ValueType  # 151
+REQUEST_INVALID: ErrorReason.ValueType  # 114
 """A request body is not a chat completion the front takes: not JSON, a
 field of the wrong type or range, a data: URL that is not base64, or a
 parameter the front does not implement (n other than 1, tools,
 logit_bias, a response_format other than text). Code: INVALID_ARGUMENT.
 The error's `param` names the field.
 """
-PROCESSOR_UNAVAILABLE: ErrorReason.ValueType  # 152
+PROCESSOR_UNAVAILABLE: ErrorReason.ValueType  # 115
 """The processor did not answer (down, unreachable, or the call was
 cancelled). Code: UNAVAILABLE. Retry with backoff; GET /health/ready
 tells when the processor serves again.
 """
-PROCESSOR_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 153
+PROCESSOR_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 116
 """The deadline passed while the processor worked, and it sent no reason of
 its own. Code: DEADLINE_EXCEEDED.
 """
-PROCESSOR_CALL_FAILED: ErrorReason.ValueType  # 154
+PROCESSOR_CALL_FAILED: ErrorReason.ValueType  # 117
 """The processor failed with a status that carries no ErrorInfo (gRPC
 itself failed, e.g. a request larger than --max-message-mib, or the
 server is not Triptych's processor); the message quotes it. Code: as the
 processor's, INTERNAL when unknown.
+---- Triton backend (`triptych serve encoder --backend triton`) ----------
+"""
+TRITON_UNAVAILABLE: ErrorReason.ValueType  # 118
+"""The encoder's Triton Inference Server does not answer (down, restarting,
+or the network between them). Code: UNAVAILABLE. Metadata: tritonUrl.
+Retry: the encoder reconnects on the next call once Triton is back.
+"""
+TRITON_MODEL_MISSING: ErrorReason.ValueType  # 119
+"""At the encoder's start, Triton does not serve a model the encoder needs
+(not in its model repository, or not loaded). Code: FAILED_PRECONDITION.
+Metadata: tritonUrl, tritonModel. Export the checkpoint with `triptych
+export-triton` into Triton's repository, or pass the right --triton-model.
+"""
+TRITON_MODEL_MISMATCH: ErrorReason.ValueType  # 120
+"""At the encoder's start, the Triton model was exported from another
+checkpoint, dtype or modality than the encoder's --model and --dtype.
+Code: FAILED_PRECONDITION. Metadata: tritonModel, expected, served.
+Export the encoder's checkpoint again, or start the encoder with the one
+Triton serves.
+"""
+TRITON_INFER_FAILED: ErrorReason.ValueType  # 121
+"""Triton answered an inference with an error (its Python backend failed on
+valid inputs). Code: INTERNAL. Metadata: tritonModel. The message carries
+Triton's; its log has the rest.
+"""
+TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
+"""`triptych export-triton` cannot write a Triton model for this checkpoint;
+the message says why. Code: FAILED_PRECONDITION (a command-line error).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -59,6 +59,34 @@ encodes the request again inline.
 """
 Global___EmbeddingsTransport: _TypeAlias = EmbeddingsTransport  # noqa: Y015
 
+class _EncoderBackend:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncoderBackendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EncoderBackend.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCODER_BACKEND_UNSPECIFIED: _EncoderBackend.ValueType  # 0
+    """Not reported (an encoder older than this field)."""
+    ENCODER_BACKEND_TORCH: _EncoderBackend.ValueType  # 1
+    """In the encoder's own process, with torch."""
+    ENCODER_BACKEND_TRITON: _EncoderBackend.ValueType  # 2
+    """In an NVIDIA Triton Inference Server that the encoder calls over KServe
+    v2 (a model repository written by `triptych export-triton`).
+    """
+
+class EncoderBackend(_EncoderBackend, metaclass=_EncoderBackendEnumTypeWrapper):
+    """Where an encoder runs the model's towers (`triptych serve encoder --backend`)."""
+
+ENCODER_BACKEND_UNSPECIFIED: EncoderBackend.ValueType  # 0
+"""Not reported (an encoder older than this field)."""
+ENCODER_BACKEND_TORCH: EncoderBackend.ValueType  # 1
+"""In the encoder's own process, with torch."""
+ENCODER_BACKEND_TRITON: EncoderBackend.ValueType  # 2
+"""In an NVIDIA Triton Inference Server that the encoder calls over KServe
+v2 (a model repository written by `triptych export-triton`).
+"""
+Global___EncoderBackend: _TypeAlias = EncoderBackend  # noqa: Y015
+
 @_typing.final
 class MediaItem(_message.Message):
     """One media item, in one of three forms: as the model's Hugging Face
@@ -406,6 +434,11 @@ class GetModelInfoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_INFO_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    backend: Global___EncoderBackend.ValueType
+    """Where this encoder runs the model's towers. Callers see no other
+    difference: the same inputs give the same embedding bytes on either.
+    """
     @_builtins.property
     def model_info(self) -> _model_info_pb2.ModelInfo:
         """The model this encoder serves."""
@@ -414,10 +447,11 @@ class GetModelInfoResponse(_message.Message):
         self,
         *,
         model_info: _model_info_pb2.ModelInfo | None = ...,
+        backend: Global___EncoderBackend.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_info", b"model_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_info", b"model_info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model_info", b"model_info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
