@@ -91,18 +91,19 @@ def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_token
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+# Architectures whose get_video_features returns pooler_output as one tensor while their forward
+# torch.cat()s it as a sequence of tensors (transformers 5.23: a TypeError on any video).
+_VIDEO_FORWARD_WANTS_A_SEQUENCE = frozenset({"NemotronH_Omni_Reasoning_V3"})
+
+
 def _video_rows_as_sequence(model, inputs):
-    """The inputs for generate(). Where the model's get_video_features returns pooler_output as one tensor
-    but its forward torch.cat()s it as a sequence of tensors (transformers 5.23's Nemotron-H Omni: a
-    TypeError on any video), the video is encoded by that same get_video_features and handed to generate()
-    as mm_encoder_outputs, its rows as the sequence the forward expects; the forward merges them itself."""
-    if "pixel_values_videos" not in inputs or not hasattr(model, "get_video_features"):
+    """The inputs for generate(). For an architecture of _VIDEO_FORWARD_WANTS_A_SEQUENCE, the video is
+    encoded by the model's own get_video_features and handed to generate() as mm_encoder_outputs, its rows
+    as the sequence the forward expects; the forward merges them itself. Any other model: as they are."""
+    if "pixel_values_videos" not in inputs or type(model).__name__ not in _VIDEO_FORWARD_WANTS_A_SEQUENCE:
         return inputs
     with torch.inference_mode():
-        grid = {"video_grid_thw": inputs["video_grid_thw"]} if "video_grid_thw" in inputs else {}  # Qwen-VL
-        video = model.get_video_features(inputs["pixel_values_videos"], **grid, return_dict=True)
-    if not isinstance(video.pooler_output, torch.Tensor):
-        return inputs
+        video = model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
     video.pooler_output = tuple(video.pooler_output)  # [groups, tokens, hidden] -> groups x [tokens, hidden]
     rest = {key: value for key, value in inputs.items() if key != "pixel_values_videos"}
     return {**rest, "mm_encoder_outputs": {"video": video}}
