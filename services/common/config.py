@@ -200,8 +200,8 @@ class ProcessorConfig:
     max_videos_per_request: int = field(default=4, metadata=doc("videos in one request"))
     # EVS, as vLLM's --video-pruning-rate: the encoder drops the video tokens that change least between frames.
     video_pruning_rate: float = field(default=0.0, metadata=doc(
-        "share of a video's tokens dropped by EVS (efficient video sampling), in [0, 1); 0: off (a request's "
-        "video_options.pruning_rate may ask otherwise)"))
+        "share of a video's tokens dropped by EVS (efficient video sampling), in [0, 1); 0: the checkpoint's own "
+        "rate where it has one, else off (a request's video_options.pruning_rate may ask otherwise)"))
     max_audio_seconds: float = field(default=600.0, metadata=doc("duration of one audio clip, seconds"))
     max_audios_per_request: int = field(default=8, metadata=doc("audio clips in one request"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for encoder and LLM"))

@@ -245,6 +245,12 @@ class ModelFamily(ABC):
     # position it had in the unpruned prompt (a family with 1-D positions needs nothing more).
     supports_video_pruning: ClassVar[bool] = False
 
+    @property
+    def default_video_pruning_rate(self) -> float:
+        """The EVS rate the whole model applies by itself (a checkpoint's config); the processor's default
+        when its --video-pruning-rate is 0. 0: transformers prunes nothing."""
+        return 0.0
+
     def video_token_grid(self, encoder_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
         """(frame groups, merged tokens per group) of a video item's embedding rows, which the tower
         returns group by group: EVS compares each group with the one before. The item was checked

@@ -221,6 +221,19 @@ class NemotronHOmni(ModelFamily):
         return split_items(batch, {"input_features": Split.padded("frames"), "input_features_mask": Split.padded("frames")},
                            len(audios), sizes={"frames": frames})
 
+    # ---- EVS (services/models/evs.py): transformers' forward prunes by the same rule at the checkpoint's
+    # `video_pruning_rate`, each frame group a run behind its label, with 1-D positions ----------------
+    supports_video_pruning = True
+
+    @property
+    def default_video_pruning_rate(self) -> float:
+        return float(getattr(self.config, "video_pruning_rate", 0.0) or 0.0)
+
+    def video_token_grid(self, encoder_inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+        bindings = self.check_encoder_item(VIDEO, encoder_inputs, where="video")
+        groups = math.ceil(bindings["frames"] / self.temporal_patch)
+        return groups, bindings["tokens"] // groups
+
     def _video_item(self, pixel_values_videos: torch.Tensor, image_runs: Any) -> ProcessedItem:
         """The video's item: one run per temporal patch of its frames (taken from `image_runs`), each as
         long as one frame tile's tokens, their rows one after another."""

@@ -373,8 +373,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _pruning_rate(self, options: processor_pb2.VideoOptions, where: str) -> float:
         """The video's EVS rate: the request's, else the server's; checked (0: no pruning)."""
-        if not options.HasField("pruning_rate"):
-            return self.cfg.video_pruning_rate
+        if not options.HasField("pruning_rate"):  # the server's, else what the checkpoint does by itself
+            return self.cfg.video_pruning_rate or self.family.default_video_pruning_rate
         rate = evs.check_rate(options.pruning_rate, f"{where}.video_options.pruning_rate")
         if rate and not self.family.supports_video_pruning:
             raise InvalidArgument(f"{where}.video_options.pruning_rate: the {self.family.name} model has no video "

@@ -331,24 +331,17 @@ def test_qwen3_vl_positions_with_a_frame_group_dropped_whole():
 
 
 # ---- the hook a family of one run per frame group implements (Nemotron-H Omni's labelled chunks) ----------
-def test_a_family_of_labelled_frame_runs_needs_only_the_grid():
-    """Nemotron-H Omni's video is a labelled run per temporal patch (1-D positions). With EVS's two
-    members (defined here on a subclass, as its family file would), the generic path does the rest: the
-    prompt cut to the retained count (lumped, vLLM's), the tower's rows pruned, then each group's kept
-    rows in its own run behind its label; the final prompt is the unpruned one less the dropped tokens."""
-    import math
-
-    from services.models.nemotron_h_omni import NemotronHOmni
-
-    class NemotronWithEvs(NemotronHOmni):
-        supports_video_pruning = True
-
-        def video_token_grid(self, encoder_inputs):
-            groups = math.ceil(encoder_inputs["pixel_values_videos"].shape[0] / self.temporal_patch)
-            return groups, self.check_encoder_item(VIDEO, encoder_inputs, where="video")["tokens"] // groups
-
+def test_nemotron_prunes_each_labelled_frame_run():
+    """Nemotron-H Omni's video is a labelled run per temporal patch (1-D positions). The family gives EVS
+    its grid; the generic path does the rest: the prompt cut to the retained count (lumped, vLLM's), the
+    tower's rows pruned, then each group's kept rows in its own run behind its label; the final prompt
+    is the unpruned one less the dropped tokens (what transformers' forward builds, which 5.23 cannot
+    run: its compute_retention_mask reshapes the concatenated rows wrongly)."""
     checkpoint = Checkpoint(tiny_checkpoint("nemotron_h_omni"))
-    family = NemotronWithEvs(checkpoint.family.config)
+    family = checkpoint.family
+    assert family.supports_video_pruning and family.default_video_pruning_rate == 0.0  # the tiny config's
+    family.config.video_pruning_rate = 0.25
+    assert family.default_video_pruning_rate == 0.25  # a checkpoint that prunes by itself: the server's default
     processor = family.load_processor(checkpoint.path)
     model = load_towers(checkpoint, "cpu")
     clip = decode_video(video_bytes(seconds=4, motion=True, seed=1), LIMITS, where="video",
