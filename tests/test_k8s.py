@@ -17,7 +17,6 @@ import yaml
 from services.cli import SERVICE_CONFIGS, _parser
 from services.common.flags import config_flags
 
-
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy/k8s/base"
 K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests are for (grpc probes: GA in 1.27)
