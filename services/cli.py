@@ -176,12 +176,14 @@ def _list_models(as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'family':<18} {'modalities':<20} {'tiny':<5} served by")
+    modalities = {r["family"]: ",".join(r["modalities"]) or "?" for r in rows}
+    width = max(len(r["family"]) for r in rows) + 1, max(map(len, modalities.values())) + 1
+    print(f"{'family':<{width[0]}} {'modalities':<{width[1]}} {'tiny':<5} served by")
     for r in rows:
-        modalities = ",".join(r["modalities"]) or "?"
-        print(f"{r['family']:<18} {modalities:<20} {'yes' if r['tiny_model'] else 'no':<5} {r['served_by']}")
+        tiny = "yes" if r["tiny_model"] else "no"
+        print(f"{r['family']:<{width[0]}} {modalities[r['family']]:<{width[1]}} {tiny:<5} {r['served_by']}")
         if not r["available"]:
-            print(f"{'':<18} unavailable: {r['unavailable_reason']}")
+            print(f"{'':<{width[0]}} unavailable: {r['unavailable_reason']}")
     return 0
 
 
