@@ -4,12 +4,14 @@ as images, per-request sampling, and every bad video or option a clear status, t
 from __future__ import annotations
 
 import io
+import json
 
 import av
 import grpc
 import numpy as np
 import pytest
 
+from services.cli import main
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
@@ -117,15 +119,11 @@ def test_a_video_of_huge_frames_is_refused_from_its_header(stub):
 
 
 def test_cli_sends_video_and_image_in_order(qwen2_vl_services, tmp_path, capsys):
-    from services.cli import main
-
     (tmp_path / "clip.mp4").write_bytes(CLIP)
     (tmp_path / "a.png").write_bytes(image_bytes(64, 64, seed=3))
     argv = ["generate", "--server", qwen2_vl_services.address, "--prompt", "What happens?", "--max-new-tokens", "4",
             "--json", "--video", str(tmp_path / "clip.mp4"), "--image", str(tmp_path / "a.png")]
     assert main(argv) == 0
-    import json
-
     got = json.loads(capsys.readouterr().out)
     with grpc.insecure_channel(qwen2_vl_services.address) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
