@@ -45,12 +45,6 @@ class Video:
 ChooseFrames = Callable[[VideoMetadata], Sequence[int]]
 
 
-def probe_video(data: bytes, limits: VideoLimits, where: str) -> VideoMetadata:
-    """The clip's metadata from its container header (nothing is decoded), within the limits."""
-    with _open(data, where) as container:
-        return _metadata(container, limits, where)
-
-
 def decode_video(data: bytes, limits: VideoLimits, choose: ChooseFrames, where: str) -> Video:
     """The chosen frames of an encoded clip (mp4, webm, mkv, mov, animated GIF...)."""
     with _open(data, where) as container:
