@@ -250,3 +250,23 @@ class FrontConfig:
     max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for the processor"))
     grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    metrics_port: int = field(default=0, metadata=doc(
+        "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
+    # HTTPS for the front's clients (uvicorn's ssl): the same flags as the gRPC services' TLS.
+    tls_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate chain the front presents; with --tls-key: serve HTTPS only"))
+    tls_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-cert"))
+    tls_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign client certificates; set: HTTPS clients must present one"))
+    auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the bearer token every request but /health and /health/ready must send "
+        "(Authorization: Bearer ..., OpenAI's api_key); unset: TRIPTYCH_AUTH_TOKEN if set, else none required"))
+    # The front as the processor's client (the processor's --tls-cert / --tls-ca / --auth-token-file).
+    tls_upstream_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign the processor's certificate; set: connect to it over TLS"))
+    tls_client_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate the front presents to the processor (mutual TLS; implies TLS to it)"))
+    tls_client_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-client-cert"))
+    upstream_auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the bearer token the front sends the processor (its --auth-token-file; else "
+        "TRIPTYCH_AUTH_TOKEN, if set)"))
