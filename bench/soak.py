@@ -70,8 +70,10 @@ def image(seed: int, px: int = IMAGE_PX) -> bytes:
     return buf.getvalue()
 
 
-def request(seed: int, new_tokens: int, ignore_eos: bool = True) -> processor_pb2.GenerateRequest:
-    sampling = generation_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
+def request(seed: int, new_tokens: int, ignore_eos: bool = True, top_logprobs: int = 0) -> processor_pb2.GenerateRequest:
+    """Greedy; with `top_logprobs`, each token's most likely alternatives come back (a caller's near-tie check)."""
+    sampling = generation_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos,
+                                             logprobs=top_logprobs > 0, top_logprobs=top_logprobs)
     return processor_pb2.GenerateRequest(messages=build_messages(PROMPT, [image(seed)]), sampling=sampling)
 
 
@@ -196,33 +198,39 @@ class Outcome:
     seed: int
     latency_s: float
     token_ids: list[int] | None = None  # admitted: the completion's tokens
+    top_ids: list[list[int]] | None = None  # with top_logprobs: per token, the most likely token ids
     code: str = ""  # refused or failed: the status code's name
     reason: str = ""
     retry_delay_s: float | None = None
 
 
-async def _call(stub, seed: int, new_tokens: int, ignore_eos: bool, timeout_s: float) -> Outcome:
+def _top_ids(completion: processor_pb2.Completion) -> list[list[int]] | None:
+    return [[entry.token_id for entry in step.top_logprobs] for step in completion.logprobs] or None
+
+
+async def _call(stub, seed: int, new_tokens: int, ignore_eos: bool, timeout_s: float, top_logprobs: int = 0) -> Outcome:
     start = time.perf_counter()
     try:
-        reply = await stub.Generate(request(seed, new_tokens, ignore_eos), timeout=timeout_s)
-        return Outcome(seed, time.perf_counter() - start, list(reply.completion.token_ids))
+        reply = await stub.Generate(request(seed, new_tokens, ignore_eos, top_logprobs), timeout=timeout_s)
+        return Outcome(seed, time.perf_counter() - start, list(reply.completion.token_ids), _top_ids(reply.completion))
     except grpc.aio.AioRpcError as err:
         info = error_info(err)
         return Outcome(seed, time.perf_counter() - start, code=err.code().name, reason=info.reason if info else "",
                        retry_delay_s=retry_delay_s(err))
 
 
-async def _burst(address: str, limit: int, seeds: list[int], new_tokens: int, timeout_s: float) -> dict:
+async def _burst(address: str, limit: int, seeds: list[int], new_tokens: int, timeout_s: float,
+                 top_logprobs: int) -> dict:
     """`limit` streams admitted (each has sent a token), then `limit` more sent at once and timed."""
     async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         streams, starts = [], []
         for i in range(limit):
             starts.append(time.perf_counter())
-            streams.append(stub.StreamGenerate(request(seeds[i % len(seeds)], new_tokens, ignore_eos=False),
+            streams.append(stub.StreamGenerate(request(seeds[i % len(seeds)], new_tokens, False, top_logprobs),
                                                timeout=timeout_s))
         firsts = [await s.read() for s in streams]  # admitted, prefilled, decoding
-        excess = await asyncio.gather(*(_call(stub, seeds[i % len(seeds)], new_tokens, False, timeout_s)
+        excess = await asyncio.gather(*(_call(stub, seeds[i % len(seeds)], new_tokens, False, timeout_s, top_logprobs)
                                         for i in range(limit)))
         admitted = []
         for i, (stream, first) in enumerate(zip(streams, firsts)):
@@ -233,12 +241,13 @@ async def _burst(address: str, limit: int, seeds: list[int], new_tokens: int, ti
                 if reply.HasField("completion"):
                     completion = reply.completion
             admitted.append(Outcome(seeds[i % len(seeds)], time.perf_counter() - starts[i],
-                                    list(completion.token_ids) if completion else tokens))
+                                    list(completion.token_ids) if completion else tokens,
+                                    _top_ids(completion) if completion else None))
     return {"admitted": admitted, "excess": list(excess)}
 
 
 async def _closed_loop(address: str, clients: int, admitted_target: int, seeds: list[int], new_tokens: int,
-                       timeout_s: float) -> list[Outcome]:
+                       timeout_s: float, top_logprobs: int) -> list[Outcome]:
     """`clients` callers back to back until `admitted_target` calls were admitted and finished."""
     outcomes: list[Outcome] = []
     done = asyncio.Event()
@@ -249,7 +258,8 @@ async def _closed_loop(address: str, clients: int, admitted_target: int, seeds: 
         async def client(index: int) -> None:
             sent = 0
             while not done.is_set():
-                out = await _call(stub, seeds[(index + sent * clients) % len(seeds)], new_tokens, False, timeout_s)
+                out = await _call(stub, seeds[(index + sent * clients) % len(seeds)], new_tokens, False, timeout_s,
+                                  top_logprobs)
                 sent += 1
                 outcomes.append(out)
                 if sum(o.token_ids is not None for o in outcomes) >= admitted_target:
@@ -262,11 +272,12 @@ async def _closed_loop(address: str, clients: int, admitted_target: int, seeds: 
 
 
 def overload(address: str, limit: int, seeds: list[int], *, admitted: int, new_tokens: int,
-             timeout_s: float = 120.0) -> dict:
-    """The two phases at 2 x `limit`; every outcome kept (token ids included) for the caller to check."""
-    burst = asyncio.run(_burst(address, limit, seeds, new_tokens, timeout_s))
+             timeout_s: float = 120.0, top_logprobs: int = 0) -> dict:
+    """The two phases at 2 x `limit`; every outcome kept (token ids, and with `top_logprobs` each token's
+    alternatives) for the caller to check."""
+    burst = asyncio.run(_burst(address, limit, seeds, new_tokens, timeout_s, top_logprobs))
     start = time.perf_counter()
-    loop = asyncio.run(_closed_loop(address, 2 * limit, admitted, seeds, new_tokens, timeout_s))
+    loop = asyncio.run(_closed_loop(address, 2 * limit, admitted, seeds, new_tokens, timeout_s, top_logprobs))
     wall_s = time.perf_counter() - start
     ok = [o for o in loop if o.token_ids is not None]
     refused = [o for o in loop if o.code == "RESOURCE_EXHAUSTED"]

@@ -3,7 +3,8 @@
 The figures come from bench/soak.py (the same code the long form runs; docs/reliability/load.md):
 - at twice the processor's admitted concurrency (--max-concurrent-requests LIMIT), the excess is refused
   at once (RESOURCE_EXHAUSTED, PROCESSOR_OVERLOADED, a RetryInfo) and every admitted request's tokens
-  equal transformers' own generate on the same image and prompt;
+  equal transformers' own generate on the same image and prompt, up to a near tie (the LLM decodes
+  the admitted ones as one batch: DESIGN §4.6's standard, as tests/llm/test_batching.py);
 - the encoder's own door (--max-concurrent-encodes) refuses an Encode beyond it the same way;
 - a soak (TRIPTYCH_SOAK_REQUESTS, 300 here; thousands in the long form) leaves every service process
   (the LLM's engine child included) with the RSS, fds, threads and shared-memory segments it had after
@@ -30,13 +31,14 @@ from services.common.server import channel_options
 from services.client import build_messages
 from services.models.checkpoint import Checkpoint
 from tests.procs import start_encoder, wait_listening, wait_serving
-from tests.reference import hf_generate
+from tests.reference import hf_generate_top
 
 pytestmark = pytest.mark.e2e
 
 LIMIT = 4  # the processor's --max-concurrent-requests
 SEEDS = list(range(4))  # one image each; their transformers references are computed once
 NEW_TOKENS = 48  # long enough that the admitted streams are still decoding when the excess arrives
+TOP_K = 5
 SOAK_REQUESTS = int(os.environ.get("TRIPTYCH_SOAK_REQUESTS", "300"))
 SOAK_WARMUP = int(os.environ.get("TRIPTYCH_SOAK_WARMUP", "100"))
 # A refusal does no work: one loopback round trip. Bounded well above what a loaded 2-core machine shows
@@ -66,8 +68,22 @@ def services(qwen2_vl_dir, limited_encoder):
 
 
 @pytest.fixture(scope="module")
-def references(qwen2_vl_dir) -> dict[int, list[int]]:
-    return {seed: hf_generate(qwen2_vl_dir, soak.PROMPT, [soak.image(seed)], NEW_TOKENS) for seed in SEEDS}
+def references(qwen2_vl_dir) -> dict[int, tuple[list[int], list[list[int]]]]:
+    """Per image: transformers' greedy tokens, and each step's top-TOP_K token ids."""
+    return {seed: hf_generate_top(qwen2_vl_dir, soak.PROMPT, [soak.image(seed)], NEW_TOKENS, TOP_K) for seed in SEEDS}
+
+
+def _disagreement(ours: soak.Outcome, reference: tuple[list[int], list[list[int]]]) -> str | None:
+    """Where an admitted answer breaks DESIGN §4.6's standard for a batched run against transformers alone
+    (vLLM's check_logprobs_close): tokens equal until a first mismatch where each side's token is in the
+    other's top-k; comparing stops there. None: it holds."""
+    tokens, top = reference
+    for step, (a, b) in enumerate(zip(tokens, ours.token_ids)):
+        if a != b:
+            if a in ours.top_ids[step] and b in top[step]:
+                return None  # a near tie: the rows' numerics differ by ~1e-5 at batch > 1
+            return f"image {ours.seed} step {step}: transformers {a} (top {top[step]}), ours {b} (top {ours.top_ids[step]})"
+    return None if len(tokens) == len(ours.token_ids) else f"image {ours.seed}: {len(ours.token_ids)} tokens"
 
 
 def _figures(report: dict) -> str:
@@ -76,8 +92,9 @@ def _figures(report: dict) -> str:
 
 def test_twice_the_admitted_concurrency_refuses_the_excess_fast_and_admitted_ones_are_exact(services, references):
     # The admitted streams must outlast the burst: none of the references ends early on EOS.
-    assert all(len(ids) == NEW_TOKENS for ids in references.values()), references
-    report = soak.overload(services.address, LIMIT, SEEDS, admitted=6 * LIMIT, new_tokens=NEW_TOKENS)
+    assert all(len(ids) == NEW_TOKENS for ids, _ in references.values()), references
+    report = soak.overload(services.address, LIMIT, SEEDS, admitted=6 * LIMIT, new_tokens=NEW_TOKENS,
+                           top_logprobs=TOP_K)
     print("overload:", _figures(report))
     outcomes = report["outcomes"]
 
@@ -94,8 +111,12 @@ def test_twice_the_admitted_concurrency_refuses_the_excess_fast_and_admitted_one
     assert loop["admitted"] >= 6 * LIMIT and loop["refused"] > 0 and loop["other"] == 0, loop
     assert loop["refusal_latency"]["p99_ms"] < MAX_REFUSAL_S * 1000, loop
     admitted = [o for o in [*outcomes["burst_admitted"], *outcomes["closed_loop"]] if o.token_ids is not None]
-    wrong = [(o.seed, o.token_ids) for o in admitted if o.token_ids != references[o.seed]]
-    assert not wrong, f"{len(wrong)} of {len(admitted)} admitted answers differ from transformers: {wrong[:2]}"
+    # Batched rows are not bitwise a request alone (DESIGN §4.6): exact, or apart only at a near tie.
+    wrong = [why for o in admitted if (why := _disagreement(o, references[o.seed]))]
+    assert not wrong, f"{len(wrong)} of {len(admitted)} admitted answers break the standard: {wrong[:3]}"
+    exact = sum(o.token_ids == references[o.seed][0] for o in admitted)
+    print(f"admitted answers token-exact with transformers: {exact} of {len(admitted)}")
+    assert exact >= len(admitted) // 2  # most are exact: a near tie is rare
 
 
 def test_the_refusal_says_what_to_do(services):
