@@ -121,25 +121,31 @@ def test_twice_the_admitted_concurrency_refuses_the_excess_fast_and_admitted_one
 
 def test_the_refusal_says_what_to_do(services):
     """The message names the limit and the flag, and the call never reached the media (a bad image is
-    not even looked at when the door is full)."""
-    async def run() -> grpc.aio.AioRpcError:
+    not even looked at when the door is full); StreamGenerate and Preprocess share the door."""
+    async def run() -> list[grpc.aio.AioRpcError]:
         async with grpc.aio.insecure_channel(services.address, options=channel_options()) as channel:
             stub = processor_pb2_grpc.ProcessorServiceStub(channel)
             holds = [stub.StreamGenerate(soak.request(seed, NEW_TOKENS), timeout=60) for seed in range(LIMIT)]
             for call in holds:
                 await call.read()
-            bad = processor_pb2.GenerateRequest(messages=build_messages("x", [b"not an image"]))
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Generate(bad, timeout=30)
+            bad = build_messages("x", [b"not an image"])
+            errors = []
+            for call in (lambda: stub.Generate(processor_pb2.GenerateRequest(messages=bad), timeout=30),
+                         lambda: stub.StreamGenerate(processor_pb2.GenerateRequest(messages=bad), timeout=30).read(),
+                         lambda: stub.Preprocess(processor_pb2.PreprocessRequest(messages=bad), timeout=30)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call()
+                errors.append(caught.value)
             for call in holds:
                 call.cancel()
-            return caught.value
+            return errors
 
-    err = asyncio.run(run())
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
-    assert error_info(err).reason == "PROCESSOR_OVERLOADED"
-    assert error_info(err).metadata["maxConcurrentRequests"] == str(LIMIT)
-    assert "--max-concurrent-requests 4" in err.details() and "retry" in err.details()
+    for err in asyncio.run(run()):
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert error_info(err).reason == "PROCESSOR_OVERLOADED"
+        assert error_info(err).metadata["maxConcurrentRequests"] == str(LIMIT)
+        assert retry_delay_s(err) == 1.0
+        assert "--max-concurrent-requests 4" in err.details() and "retry" in err.details()
 
 
 def test_the_encoder_refuses_an_encode_beyond_its_limit(qwen2_vl_dir, limited_encoder):
