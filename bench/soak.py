@@ -29,12 +29,12 @@ import asyncio
 import io
 import json
 import os
-import statistics
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
@@ -42,12 +42,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.client import build_messages  # noqa: E402
-from services.common import shm  # noqa: E402
-from services.common.api.triptych.common.v1 import generation_pb2  # noqa: E402
-from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc  # noqa: E402
-from services.common.errors import error_info, retry_delay_s  # noqa: E402
-from services.common.server import channel_options  # noqa: E402
+from services.client import build_messages
+from services.common import shm
+from services.common.api.triptych.common.v1 import generation_pb2
+from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
+from services.common.errors import error_info, retry_delay_s
+from services.common.server import channel_options
 
 PROMPT = "Describe this image."
 IMAGE_PX = 56  # a few dozen patches for the tiny Qwen2-VL: the services' own work, not the tower's, dominates
@@ -154,7 +154,7 @@ class PeakSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -23,12 +23,12 @@ import grpc
 import pytest
 
 from bench import soak
+from services.client import build_messages
 from services.common.api.triptych.common.v1 import tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info, retry_delay_s
 from services.common.server import channel_options
-from services.client import build_messages
 from services.models.checkpoint import Checkpoint
 from tests.procs import start_encoder, wait_listening, wait_serving
 from tests.reference import hf_generate_top
