@@ -48,10 +48,10 @@ MAX_REFUSAL_S = 0.25
 
 @pytest.fixture(scope="module")
 def limited_encoder(qwen2_vl_dir):
-    """An encoder that admits one Encode, whose item waits 600 ms for a batch (no cache answers it
+    """An encoder that admits one Encode, whose item waits 1 s for a batch (no cache answers it
     sooner): a second call meanwhile finds the door full. Started first: it loads beside the main set."""
     proc = start_encoder(qwen2_vl_dir, "--max-concurrent-encodes", "1", "--batching", "always",
-                         "--batch-wait-ms", "600", "--cache-mib", "0")  # no cache: every call waits
+                         "--batch-wait-ms", "1000", "--cache-mib", "0")  # no cache: every call waits
     yield proc
     assert proc.stop() == 0, proc.output()
 
@@ -160,7 +160,7 @@ def test_the_encoder_refuses_an_encode_beyond_its_limit(qwen2_vl_dir, limited_en
         async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
             stub = encoder_pb2_grpc.EncoderServiceStub(channel)
             first = asyncio.ensure_future(stub.Encode(encode_request, timeout=60))
-            await asyncio.sleep(0.2)  # admitted, its item waiting 600 ms for a batch
+            await asyncio.sleep(0.4)  # admitted (a loaded machine may take a while), its item waiting 1 s
             start = time.perf_counter()
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Encode(encode_request, timeout=60)
