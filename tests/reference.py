@@ -91,6 +91,18 @@ def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_token
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def hf_generate_top(model_dir: Path, prompt: str, images: list[bytes], max_new_tokens: int, top_k: int,
+                    auto_class: str = "AutoModelForImageTextToText") -> tuple[list[int], list[list[int]]]:
+    """hf_generate's greedy tokens, and per step the `top_k` most likely token ids (for the near-tie rule
+    that judges a batched run, DESIGN §4.6)."""
+    model, inputs = _inputs(model_dir, prompt, images, auto_class)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, [step[0].topk(top_k).indices.tolist() for step in out.logits]
+
+
 # Architectures whose get_video_features returns pooler_output as one tensor while their forward
 # torch.cat()s it as a sequence of tensors (transformers 5.23: a TypeError on any video).
 _VIDEO_FORWARD_WANTS_A_SEQUENCE = frozenset({"NemotronH_Omni_Reasoning_V3"})

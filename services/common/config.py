@@ -155,6 +155,10 @@ class EncoderConfig:
     triton_timeout_s: float = field(default=600.0, metadata=doc("seconds one Triton inference may take"))
     triton_start_timeout_s: float = field(default=120.0, metadata=doc(
         "how long start-up waits for Triton and its models to be ready"))
+    # Admission (services/common/admission.py): without it every call queues for the parse threads and the
+    # tower, and a burst holds every request's tensors at once; beyond it a call is refused before parsing.
+    max_concurrent_encodes: int = field(default=256, metadata=doc(
+        "Encode calls in flight at once; one more is RESOURCE_EXHAUSTED at once, with a retry hint (0: no limit)"))
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,11 @@ class ProcessorConfig:
         "seconds between resolutions of --encoder host names (replicas come and go with DNS); 0: only at start"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
+    # Admission (services/common/admission.py): checked before any media is read, so an overloaded processor
+    # refuses in well under a millisecond instead of queueing decoded media without bound.
+    max_concurrent_requests: int = field(default=256, metadata=doc(
+        "Generate, StreamGenerate and Preprocess calls in flight at once; one more is RESOURCE_EXHAUSTED at once, "
+        "with a retry hint (0: no limit)"))
     # shm: the encoder hands the LLM its embeddings through shared memory, for an encoder and an LLM on one
     # host (one user, one PID namespace); a region the LLM cannot open is encoded again inline.
     embeddings_transport: Literal["inline", "shm"] = field(default="inline", metadata=doc(

@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from services.common import chunks, metrics, shm, tracing
+from services.common.admission import Admission
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
@@ -125,8 +126,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             mode=cfg.batching, wait_s=cfg.batch_wait_ms / 1000, max_items=cfg.max_batch_items,
             max_patches=cfg.max_batch_patches), workers=self.backend.workers)
         self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
+        # The parse threads' and the batcher's queues have no bound of their own: this bounds them.
+        self.admission = Admission(cfg.max_concurrent_encodes, service="encoder", flag="--max-concurrent-encodes",
+                                   reason="ENCODER_OVERLOADED")
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
+        with self.admission.admit():  # StreamEncode comes through here too
+            return await self._encode(request)
+
+    async def _encode(self, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
         with tracing.span("encoder.inputs", items=len(request.items)):  # media mode: decode + HF processor
             units = await loop.run_in_executor(self._parse_pool, self._parse, request)

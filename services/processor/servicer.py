@@ -14,6 +14,7 @@ import numpy as np
 from transformers.video_utils import VideoMetadata
 
 from services.common import metrics, tracing
+from services.common.admission import Admission
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
@@ -132,6 +133,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20, tls=upstream_tls)
         self._transport = (encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY if cfg.embeddings_transport == "shm"
                            else encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE)
+        # Every call that decodes media holds a place from its start to its last reply (docs/reliability/load.md).
+        self.admission = Admission(cfg.max_concurrent_requests, service="processor", flag="--max-concurrent-requests",
+                                   reason="PROCESSOR_OVERLOADED")
 
     async def connect(self) -> None:
         """Start-up check: the LLM and at least one encoder answer, serve our model and agree on the dtype
@@ -149,16 +153,22 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: processor_pb2.GenerateRequest, context) -> processor_pb2.GenerateResponse:
-        async for event in self._generate(request, context):
-            if event.HasField("completion"):
-                return processor_pb2.GenerateResponse(completion=event.completion)
+        with self.admission.admit():
+            async for event in self._generate(request, context):
+                if event.HasField("completion"):
+                    return processor_pb2.GenerateResponse(completion=event.completion)
         raise AssertionError("generation ended without a completion")
 
     async def StreamGenerate(self, request, context) -> AsyncIterator[processor_pb2.StreamGenerateResponse]:
-        async for event in self._generate(request, context):
-            yield event
+        with self.admission.admit():  # released when the stream ends, fails or is cancelled
+            async for event in self._generate(request, context):
+                yield event
 
     async def Preprocess(self, request: processor_pb2.PreprocessRequest, context) -> processor_pb2.PreprocessResponse:
+        with self.admission.admit():
+            return await self._preprocess(request)
+
+    async def _preprocess(self, request: processor_pb2.PreprocessRequest) -> processor_pb2.PreprocessResponse:
         self._check_sampling(request.sampling)  # cheap first: no media work for a bad request
         prepared = await self._prepare(request)
         return await self._offload(lambda: processor_pb2.PreprocessResponse(

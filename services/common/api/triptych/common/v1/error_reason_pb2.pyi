@@ -551,6 +551,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     TRITON_EXPORT_UNSUPPORTED: _ErrorReason.ValueType  # 122
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
+    ---- admission (load) ---------------------------------------------------
+    """
+    PROCESSOR_OVERLOADED: _ErrorReason.ValueType  # 155
+    """The processor already serves --max-concurrent-requests calls (Generate,
+    StreamGenerate, Preprocess); this one was refused before any of its media
+    was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
+    maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
+    or on another replica; an operator raises --max-concurrent-requests or
+    adds processors.
+    """
+    ENCODER_OVERLOADED: _ErrorReason.ValueType  # 156
+    """The encoder already serves --max-concurrent-encodes Encode calls; this
+    one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
+    with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
+    Retry after the delay, or on another replica; an operator raises
+    --max-concurrent-encodes or adds encoder replicas.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -1105,5 +1121,21 @@ Triton's; its log has the rest.
 TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
+---- admission (load) ---------------------------------------------------
+"""
+PROCESSOR_OVERLOADED: ErrorReason.ValueType  # 155
+"""The processor already serves --max-concurrent-requests calls (Generate,
+StreamGenerate, Preprocess); this one was refused before any of its media
+was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
+maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
+or on another replica; an operator raises --max-concurrent-requests or
+adds processors.
+"""
+ENCODER_OVERLOADED: ErrorReason.ValueType  # 156
+"""The encoder already serves --max-concurrent-encodes Encode calls; this
+one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
+with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
+Retry after the delay, or on another replica; an operator raises
+--max-concurrent-encodes or adds encoder replicas.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
