@@ -187,7 +187,7 @@ class ModelFamily(ABC):
         """INVALID_ARGUMENT (CROSS_ATTENTION_STATES_INVALID) unless `shape` is one item's cross-attention
         states; only a family with `cross_attention` takes them."""
         raise InvalidArgument(f"{where}: the {self.name} model takes embeddings, not cross_attention_states",
-                              reason="CROSS_ATTENTION_STATES_INVALID")
+                              reason="CROSS_ATTENTION_STATES_INVALID", metadata={"family": self.name})
 
     @property
     def num_deepstack_layers(self) -> int:

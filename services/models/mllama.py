@@ -124,7 +124,7 @@ class Mllama(ModelFamily):
             raise InvalidArgument(
                 f"{where} of shape {list(shape)}, expected {list(expected)} (an image's cross-attention states: "
                 f"{self.max_num_tiles} tiles, padding ones included, x {self.patches_per_tile} patches, x hidden size)",
-                reason="CROSS_ATTENTION_STATES_INVALID")
+                reason="CROSS_ATTENTION_STATES_INVALID", metadata={"family": self.name})
 
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         embeds = model.get_input_embeddings()(token_ids[None])  # [1, L, H]: images add no rows

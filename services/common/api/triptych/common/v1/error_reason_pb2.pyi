@@ -551,6 +551,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     TRITON_EXPORT_UNSUPPORTED: _ErrorReason.ValueType  # 122
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
+    ---- cross-attention models (Llama 3.2 Vision) ---------------------------
+    """
+    CROSS_ATTENTION_STATES_INVALID: _ErrorReason.ValueType  # 170
+    """A multimodal input's cross-attention states do not fit the model: a
+    shape other than [max_num_tiles x patches_per_tile, hidden_size],
+    cross_attention_states for a model whose media replace placeholder rows,
+    or embeddings for a model whose media enter through cross-attention.
+    Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+    ItemEmbeddings.cross_attention_states of this model as they are.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -1105,5 +1114,14 @@ Triton's; its log has the rest.
 TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
+---- cross-attention models (Llama 3.2 Vision) ---------------------------
+"""
+CROSS_ATTENTION_STATES_INVALID: ErrorReason.ValueType  # 170
+"""A multimodal input's cross-attention states do not fit the model: a
+shape other than [max_num_tiles x patches_per_tile, hidden_size],
+cross_attention_states for a model whose media replace placeholder rows,
+or embeddings for a model whose media enter through cross-attention.
+Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+ItemEmbeddings.cross_attention_states of this model as they are.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
