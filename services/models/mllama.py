@@ -42,6 +42,8 @@ class Mllama(ModelFamily):
     modalities = (IMAGE,)
     cross_attention = True
     supports_batching = False
+    # Images stack on the batch dim; the tower mixes the tiles of one image only (its global layers).
+    encoder_batching = "exact"
     tower_attributes = ("vision_model", "multi_modal_projector")
 
     # ---- sizes -------------------------------------------------------------------------
