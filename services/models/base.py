@@ -414,6 +414,19 @@ class ModelFamily(ABC):
             return None
         return "batch"
 
+    def decode_group(self, prefill: PrefillInputs) -> Hashable | None:
+        """Rows of one `batch_key` share a decode forward only with rows of the same group (their
+        PrefillInputs as decode keeps them). None for all: no split. Mllama: rows with images apart from
+        text-only rows, whose forward skips the cross-attention layers."""
+        return None
+
+    @property
+    def fixed_cache_layers(self) -> frozenset[int]:
+        """Cache layers that hold no text timeline, written once at prefill (Mllama: the cross-attention
+        layers' K/V of the request's images): the batch cache right-pads them to its longest row and
+        never trims them with the text; the family's batch_decode_kwargs masks the padding."""
+        return frozenset()
+
     def _position_dependent_rope_limit(self) -> int | None:
         params = getattr(self.text_config, "rope_parameters", None) or {}
         # one dict, or one per layer type (Gemma 3)

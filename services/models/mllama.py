@@ -17,16 +17,21 @@ request's cache (transformers' cross-attention layers write them into the cache 
 index); decode steps pass no states and read them back. The next token's mask row is the prompt's
 last row (transformers repeats it per generated token), kept in the request's decode kwargs.
 
-Rows of different requests do not share a decode forward (`supports_batching = False`): their cache
-layers hold vision K/V of different lengths, which the engine's batch cache (merged by text length)
-does not pad. Each request decodes alone, as exact as generate().
+Batched decode (services/llm/engine): rows with images share a forward, text-only rows another (their
+forward skips the cross-attention layers, as transformers' does: `decode_group`). The cross-attention
+layers' cache is not on the text timeline (`fixed_cache_layers`): the batch cache right-pads each row's
+vision K/V to the longest row's, and each row's decode mask gives those padding positions
+finfo.min, so their softmax weights are exactly 0 (every decoded token of a prompt with images sees at
+least its last image, so no row's mask is all padding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
@@ -41,7 +46,6 @@ class Mllama(ModelFamily):
     hf_architectures = ("MllamaForConditionalGeneration",)
     modalities = (IMAGE,)
     cross_attention = True
-    supports_batching = False
     # Images stack on the batch dim; the tower mixes the tiles of one image only (its global layers).
     encoder_batching = "exact"
     tower_attributes = ("vision_model", "multi_modal_projector")
@@ -154,3 +158,23 @@ class Mllama(ModelFamily):
 
     def decode_kwargs(self, prefill: PrefillInputs, cache_length: int) -> dict[str, Any]:
         return prefill.decode_layer_kwargs
+
+    # ---- batched decode ----------------------------------------------------------------
+    def decode_group(self, prefill: PrefillInputs) -> Hashable | None:
+        return "images" if prefill.decode_layer_kwargs else "text"
+
+    @property
+    def fixed_cache_layers(self) -> frozenset[int]:
+        return frozenset(self.text_config.cross_attention_layers)
+
+    def batch_decode_kwargs(self, prefills: list[PrefillInputs], lengths: list[int]) -> dict[str, Any]:
+        """Each row's mask of its next token, right-padded to the longest row's vision K/V (as the batch
+        cache pads them) with finfo.min: [B, 1, 1, longest] and [B, 1, 1, 1]."""
+        rows = [prefill.decode_layer_kwargs for prefill in prefills]
+        if not rows[0]:  # a text-only group (decode_group keeps the kinds apart)
+            return {}
+        masks = [row["cross_attention_mask"] for row in rows]  # each [1, 1, 1, images x tiles x patches]
+        longest = max(mask.shape[-1] for mask in masks)
+        fill = torch.finfo(masks[0].dtype).min
+        return {"cross_attention_mask": torch.cat([F.pad(m, (0, longest - m.shape[-1]), value=fill) for m in masks]),
+                "full_text_row_masked_out_mask": torch.cat([row["full_text_row_masked_out_mask"] for row in rows])}
