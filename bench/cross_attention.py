@@ -1,20 +1,20 @@
 """Llama 3.2 Vision (mllama) through the cross-attention contract: what an image costs on the wire, in
 the LLM's cache and per decode step, measured on a checkpoint and computed for Llama-3.2-11B-Vision.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/cross_attention.py [--size bench|tiny] [--new-tokens 32]
-        [--batch 8] [--repeats 3] [--model DIR] [--json]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/cross_attention.py [--size bench|tiny] [--steps 20]
+        [--batch 8] [--model DIR] [--json]
 
-Measured (in process, the engine as the LLM service runs it, greedy, fixed new tokens): the bytes of one
+Measured (in process, on the stripped language model as the LLM service loads it): the bytes of one
 image's cross_attention_states as the encoder returns them; the cross-attention K/V one image adds to a
-request's cache; decode ms per step for rows of 0, 1 and 2 images at batch 1 and at `--batch` (rows of
-one kind), best of `--repeats`. Computed: the same for Llama-3.2-11B-Vision's config (bf16), beside a
+request's cache; the ms of one decode forward for rows of 0, 1 and 2 images at batch 1 and at `--batch`
+(rows of one kind merged into one batch cache, as the engine's Batch.decode runs them), the fastest of
+`--steps` steps. Computed: the same for Llama-3.2-11B-Vision's config (bf16), beside a
 LLaVA-1.5-style image of 576 rows at the same hidden size. docs/coverage-mllama.md quotes both.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import sys
@@ -27,8 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.llm.engine import Engine, Finished
-from services.llm.sampling import SamplingSpec
+from services.llm.engine.batch_cache import BatchCache
 from services.models.base import IMAGE, PlacedEmbeddings
 from services.models.registry import family_for
 from services.tiny_checkpoints import make_model
@@ -85,37 +84,48 @@ def _requests(family, processor, model, num_images: int, count: int) -> list[tup
     return out
 
 
-async def _decode_ms_per_step(engine: Engine, requests, new_tokens: int) -> float:
-    """Mean decode ms per step over the requests run together (from each one's first token to its end)."""
-    spec = SamplingSpec(max_new_tokens=new_tokens)
+def _step_ms(family, model, requests, reps: int) -> float:
+    """One decode forward over `requests` merged into one batch cache, as the engine's Batch.decode runs it
+    (sampling aside): the fastest of `reps` steps, in ms (the fastest: other processes share the CPU)."""
+    language_model, embed = family.language_model(model), model.get_input_embeddings()
+    caches, prefills = [], []
+    for token_ids, placed in requests:
+        prefill = family.prefill_inputs(model, token_ids, placed)
+        cache = family.new_cache(model)
+        language_model(inputs_embeds=prefill.inputs_embeds, position_ids=prefill.position_ids,
+                       attention_mask=torch.ones(1, token_ids.shape[0], dtype=torch.long), past_key_values=cache,
+                       use_cache=True, **prefill.layer_kwargs)
+        caches.append((cache, token_ids.shape[0]))
+        prefills.append(prefill.for_decode())
+    batch = BatchCache(*caches[0], torch.device("cpu"), family.fixed_cache_layers)
+    for cache, length in caches[1:]:
+        batch.append(cache, length)
+    lengths = [length for _, length in caches]
+    last = torch.full((len(requests), 1), 100)
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        language_model(inputs_embeds=embed(last), position_ids=family.batch_decode_position_ids(prefills, lengths),
+                       attention_mask=batch.step_mask(), past_key_values=batch.cache, use_cache=True,
+                       **family.batch_decode_kwargs(prefills, lengths))
+        times.append((time.perf_counter() - started) * 1e3)
+        batch.advance()
+        lengths = [n + 1 for n in lengths]
+    return min(times)
 
-    async def one(token_ids, placed):
-        async for event in engine.generate(token_ids, placed, spec):
-            if isinstance(event, Finished):
-                return event
-        raise AssertionError("no Finished event")
 
-    done = await asyncio.gather(*(one(t, p) for t, p in requests))
-    start, end = max(e.prefill_end_ns for e in done), min(e.end_ns for e in done)  # the steps all rows shared
-    return (end - start) / 1e6 / (new_tokens - 1)
-
-
-def measure(model_dir: Path, new_tokens: int, batch: int, repeats: int) -> dict:
+def measure(model_dir: Path, reps: int, batch: int) -> dict:
     family = family_for(model_dir)
     model = family.load_model(model_dir, torch.float32, "cpu")
     processor = family.load_processor(model_dir)
     by_images = {n: _requests(family, processor, model, n, batch) for n in (0, 1, 2)}
     states = by_images[1][0][1][0].embeddings.embeddings
     family.strip_for_llm(model)
-    engine = Engine(family, model, max_running=batch, max_waiting=batch)
     steps = {}
-    try:
+    with torch.inference_mode():
         for n, requests in by_images.items():
             for size in (1, batch):
-                steps[f"{n}_images_batch_{size}"] = min(
-                    asyncio.run(_decode_ms_per_step(engine, requests[:size], new_tokens)) for _ in range(repeats))
-    finally:
-        engine.stop()
+                steps[f"{n}_images_batch_{size}"] = _step_ms(family, model, requests[:size], reps)
     text = family.text_config
     kv_width = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     return {
@@ -130,16 +140,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an mllama checkpoint folder (default: a built one)")
     parser.add_argument("--size", default="bench", choices=("tiny", "bench"))
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed per case (the fastest counts)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model_dir = args.model or ROOT / "build" / "bench-models" / f"mllama-{args.size}"
     if not (model_dir / "config.json").exists():
         make_model("mllama", model_dir, size=args.size)
-    result = {"measured": measure(model_dir, args.new_tokens, args.batch, args.repeats),
+    result = {"measured": measure(model_dir, args.steps, args.batch),
               "computed_llama_3_2_11b_vision": computed()}
     print(json.dumps(result, indent=None if args.json else 1))
 

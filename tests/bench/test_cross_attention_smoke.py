@@ -7,7 +7,7 @@ from tests.checkpoints import tiny_checkpoint
 
 
 def test_cross_attention_smoke():
-    result = measure(tiny_checkpoint("mllama"), new_tokens=3, batch=2, repeats=1)
+    result = measure(tiny_checkpoint("mllama"), reps=2, batch=2)
     assert result["rows_per_image"] == 4 * 17 and result["hidden"] == 64  # 4 tiles x (16 patches + CLS)
     assert result["states_bytes_per_image_fp32"] == 4 * 17 * 64 * 4
     assert set(result["decode_ms_per_step"]) == {f"{n}_images_batch_{b}" for n in (0, 1, 2) for b in (1, 2)}

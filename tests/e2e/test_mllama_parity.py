@@ -10,13 +10,16 @@ Generate called directly), and the LLM's refusals of the wrong kind of input.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import torch
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
-from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
+from services.common import chunks
+from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
@@ -84,3 +87,31 @@ def test_the_wrong_kind_of_input_is_refused(services, wrong):
         _llm_generate(services, request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).reason == "CROSS_ATTENTION_STATES_INVALID", caught.value.details()
+
+
+@pytest.mark.e2e
+def test_states_cross_in_chunks_both_ways(services):
+    """Llama-3.2-11B's states are 50 MiB an image: they must take the chunked paths as embeddings do.
+    Here 4 KiB chunks (the tiny image's states are 17 KiB): StreamEncode's reply, reassembled, equals
+    Encode's; ChunkedStreamGenerate with them gives transformers' tokens."""
+    request, items = _routed(services, "two-images")
+
+    async def stream_encode() -> encoder_pb2.EncodeResponse:
+        async with grpc.aio.insecure_channel(services.encoder.address) as channel:
+            with grpc.insecure_channel(services.address) as sync_channel:
+                prepared = processor_pb2_grpc.ProcessorServiceStub(sync_channel).Preprocess(
+                    processor_pb2.PreprocessRequest(messages=build_messages(*CASES["two-images"])), timeout=60)
+            return await chunks.call_encode(encoder_pb2_grpc.EncoderServiceStub(channel), prepared.encode_request, 60, None,
+                                            max_chunk_bytes=chunks.MIN_CHUNK_BYTES)
+
+    streamed = asyncio.run(stream_encode())
+    assert [from_proto(i.cross_attention_states).tolist() for i in streamed.items] == [
+        from_proto(i.cross_attention_states).tolist() for i in items]
+    stream_request = llm_pb2.StreamGenerateRequest(model_fingerprint=request.model_fingerprint, prompt=request.prompt,
+                                                   sampling=request.sampling)
+    messages = chunks.split_generate_request(stream_request, chunks.MIN_CHUNK_BYTES)
+    assert len(messages) > 8  # two 17 KiB tensors in 4 KiB chunks
+    with grpc.insecure_channel(services.llm.address) as channel:
+        replies = list(llm_pb2_grpc.LlmServiceStub(channel).ChunkedStreamGenerate(iter(messages), timeout=60))
+    tokens = [t for reply in replies for t in reply.response.token_ids]
+    assert tokens == hf_generate(tiny_checkpoint("mllama"), *CASES["two-images"], MAX_NEW_TOKENS)
