@@ -274,7 +274,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         cross-attention layers, every other family's replace placeholder rows); the other kind is refused."""
         cross = self.family.cross_attention
         if mm.HasField("cross_attention_states") != cross or (cross and mm.HasField("embeddings")):
-            sent = "cross_attention_states" if mm.HasField("cross_attention_states") else "embeddings"
+            sent = next((f for f in ("cross_attention_states", "embeddings") if mm.HasField(f)), "no tensor")
             takes = "cross_attention_states" if cross else "embeddings"
             raise InvalidArgument(f"{where}: {sent} for the {self.family.name} model, which takes {takes} only",
                                   reason="CROSS_ATTENTION_STATES_INVALID", metadata={"family": self.family.name})

@@ -37,7 +37,15 @@ from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_
 from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
 
 from services.common.errors import InvalidArgument
-from services.models.base import IMAGE, ItemEmbeddings, ModelFamily, PlacedEmbeddings, PrefillInputs, ProcessedItem, ProcessedPrompt
+from services.models.base import (
+    IMAGE,
+    ItemEmbeddings,
+    ModelFamily,
+    PlacedEmbeddings,
+    PrefillInputs,
+    ProcessedItem,
+    ProcessedPrompt,
+)
 from services.models.inputs import ItemSchema, Split, TensorSpec, split_items
 
 

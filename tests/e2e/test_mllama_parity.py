@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from services.client import build_messages
-from services.common.api.triptych.common.v1 import generation_pb2
 from services.common import chunks
+from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
