@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
+    "MllamaForConditionalGeneration": ("mllama", "Mllama"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
     "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),

@@ -496,6 +496,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 per_group = item.pruning.unpruned_length // item.pruning.frames  # a run per frame group:
                 kept = [k % per_group for k in kept]  # each run's indexes are into its own group's tokens
             first_row = 0
+            if emb is not None and emb.HasField("cross_attention_states"):  # one token; the states add no rows
+                inputs.append(llm_pb2.MultimodalInput(
+                    placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality),
+                                                            offset=item.offset, length=item.length, mm_hash=h),
+                    cross_attention_states=emb.cross_attention_states, position_inputs=to_named(item.position_inputs)))
+                continue
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
                 rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
                 inputs.append(llm_pb2.MultimodalInput(

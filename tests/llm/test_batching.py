@@ -31,7 +31,7 @@ from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
+FAMILIES = ["mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
             "nemotron_h_omni", "idefics3", "aya_vision", "mistral3"]
 CAUSAL_LM = {"phi4mm"}  # loaded with AutoModelForCausalLM (DESIGN §4.3b)
 NUM_REQUESTS = 16

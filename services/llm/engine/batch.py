@@ -85,7 +85,7 @@ class Batch:
         self.key = key
         self.engine = engine
         self.rows = [row]
-        self.cache = BatchCache(cache, row.length, engine.model.device)
+        self.cache = BatchCache(cache, row.length, engine.model.device, engine.family.fixed_cache_layers)
 
     def add(self, row: Row, cache: Cache) -> None:
         """Merges a prefilled request's cache as the last row (once: decode steps never re-stack)."""

@@ -568,6 +568,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Retry after the delay, or on another replica; an operator raises
     --max-concurrent-encodes or adds encoder replicas.
     """
+    CROSS_ATTENTION_STATES_INVALID: _ErrorReason.ValueType  # 170
+    """---- cross-attention models (Llama 3.2 Vision) ---------------------------
+
+    A multimodal input's cross-attention states do not fit the model: a
+    shape other than [max_num_tiles x patches_per_tile, hidden_size],
+    cross_attention_states for a model whose media replace placeholder rows,
+    or embeddings for a model whose media enter through cross-attention.
+    Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+    ItemEmbeddings.cross_attention_states of this model as they are.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -1137,5 +1147,15 @@ one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
 with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
 Retry after the delay, or on another replica; an operator raises
 --max-concurrent-encodes or adds encoder replicas.
+"""
+CROSS_ATTENTION_STATES_INVALID: ErrorReason.ValueType  # 170
+"""---- cross-attention models (Llama 3.2 Vision) ---------------------------
+
+A multimodal input's cross-attention states do not fit the model: a
+shape other than [max_num_tiles x patches_per_tile, hidden_size],
+cross_attention_states for a model whose media replace placeholder rows,
+or embeddings for a model whose media enter through cross-attention.
+Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+ItemEmbeddings.cross_attention_states of this model as they are.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
