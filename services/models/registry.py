@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
+    "PaliGemmaForConditionalGeneration": ("paligemma", "PaliGemma"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
     "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),
     "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),

@@ -552,6 +552,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
     """
+    IMAGE_REQUIRED: _ErrorReason.ValueType  # 168
+    """The model takes no request without an image (PaliGemma: its processor
+    prefixes every prompt with the image tokens, and refuses a prompt
+    without images). Code: INVALID_ARGUMENT. Add an image part.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -1105,5 +1110,10 @@ Triton's; its log has the rest.
 TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
+"""
+IMAGE_REQUIRED: ErrorReason.ValueType  # 168
+"""The model takes no request without an image (PaliGemma: its processor
+prefixes every prompt with the image tokens, and refuses a prompt
+without images). Code: INVALID_ARGUMENT. Add an image part.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
