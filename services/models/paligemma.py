@@ -64,7 +64,7 @@ PALIGEMMA_CHAT_TEMPLATE = """
 {{ ns.text }}"""
 
 
-class _SoftcappedHead(torch.nn.Module):
+class SoftcappedHead(torch.nn.Module):
     """lm_head, then PaliGemmaForConditionalGeneration's final softcap: cap * tanh(logits / cap)."""
 
     def __init__(self, head: torch.nn.Module, cap: float):
@@ -131,7 +131,7 @@ class PaliGemma(ModelFamily):
     # ---- llm ---------------------------------------------------------------------------
     def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
         cap = getattr(self.text_config, "final_logit_softcapping", None)
-        return model.lm_head if cap is None else _SoftcappedHead(model.lm_head, cap)
+        return model.lm_head if cap is None else SoftcappedHead(model.lm_head, cap)
 
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         image_token_id = self.config.image_token_id

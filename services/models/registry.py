@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # family's name (`ModelFamily.name`).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
+    "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
