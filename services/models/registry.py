@@ -32,6 +32,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
     "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
+    "Llama4ForConditionalGeneration": ("llama4", "Llama4"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
