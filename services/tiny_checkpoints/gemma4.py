@@ -72,7 +72,7 @@ def _gemma4_std(name: str, param: torch.Tensor) -> float | None:
         if "norm" in name or name.endswith("layer_scalar"):
             return None  # keep the init (ones)
         return 0.02 if name.endswith("bias") else None
-    if name.endswith("embed_tokens.weight") or name.endswith("embed_tokens_per_layer.weight"):
+    if name.endswith(("embed_tokens.weight", "embed_tokens_per_layer.weight")):
         return 1.0 / math.sqrt(param.shape[1])
     if "position_embedding" in name:
         return 0.5
@@ -80,8 +80,14 @@ def _gemma4_std(name: str, param: torch.Tensor) -> float | None:
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
-                              Gemma4ImageProcessor, Gemma4Processor, Gemma4VideoProcessor)
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
 
     p = _GEMMA4_SIZES[ctx.size]
     vocab = common.train_vocab(

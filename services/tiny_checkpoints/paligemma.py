@@ -36,7 +36,12 @@ _PALIGEMMA_SIZES = common.sizes(
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessor
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
 
     p = _PALIGEMMA_SIZES[ctx.size]
     vocab = common.train_vocab(

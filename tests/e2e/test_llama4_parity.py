@@ -4,9 +4,9 @@ tiny checkpoint's chunk and floor_scale are small enough that the prompts cross 
 
 from __future__ import annotations
 
+from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
 from tests.parity import family_services, model_info_test, parity_tests
-from services.models.registry import family_for
 
 services = family_services("llama4")
 test_parity = parity_tests("llama4")

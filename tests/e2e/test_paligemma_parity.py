@@ -16,11 +16,13 @@ import grpc
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
+from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
 from tests.parity import CASES, MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
 from tests.reference import _load, hf_generate
@@ -57,3 +59,13 @@ def test_text_only_is_image_required(services):
         processor_pb2_grpc.ProcessorServiceStub(channel).Generate(request, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).reason == "IMAGE_REQUIRED", caught.value.details()
+
+
+def test_a_checkpoint_without_chat_template_gets_paligemmas_prompt_format():
+    """Real PaliGemma checkpoints carry no chat template: the family writes the images, then the user's text."""
+    model_dir = tiny_checkpoint("paligemma")
+    family = family_for(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.chat_template = None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": " caption en "}]}]
+    assert family.render_chat(processor, messages) == "<image><image>caption en"
