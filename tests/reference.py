@@ -65,7 +65,9 @@ def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, 
                       do_sample_frames=True, fps=other.video_fps)
     if other.audios:
         kwargs["audio"] = [_read_wav(data) for data in other.audios]
-    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs)
+    # Floating inputs in the model's dtype, as transformers' model cards do (`.to(model.device, dtype)`): Llama 4's
+    # image processor returns bfloat16 pixels whatever the model's dtype. Integer tensors stay as they are.
+    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs).to(model.dtype)
 
 
 def _load_video(data: bytes, sample_indices_fn=None):

@@ -386,6 +386,12 @@ class ModelFamily(ABC):
         """Extra language-model kwargs for the decode step at `cache_length` (override the engine's)."""
         return {}
 
+    def decode_token_kwargs(self, model: PreTrainedModel, token_ids: torch.Tensor) -> dict[str, Any]:
+        """Extra language-model kwargs of a decode step computed from the tokens it feeds ([B, 1]): what
+        the model derives from token ids besides their embeddings (Gemma 4's per-layer embeddings), since
+        the engine feeds embeddings. Default: none."""
+        return {}
+
     def decode_position_ids(self, prefill: PrefillInputs, cache_length: int) -> torch.Tensor | None:
         """Position ids of the next decoded token; None means the model's default (cache length)."""
         if prefill.position_ids is None:

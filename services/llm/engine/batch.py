@@ -113,6 +113,7 @@ class Batch:
             "past_key_values": self.cache.cache,
             "use_cache": True,
         }
+        kwargs |= family.decode_token_kwargs(engine.model, last)
         out = engine.language_model(**(kwargs | family.batch_decode_kwargs(prefills, lengths)))
         self.cache.advance()
         logits = engine.lm_head(out.last_hidden_state[:, -1])  # [B, vocab]

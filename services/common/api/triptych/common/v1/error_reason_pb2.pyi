@@ -578,6 +578,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
     ItemEmbeddings.cross_attention_states of this model as they are.
     """
+    IMAGE_REQUIRED: _ErrorReason.ValueType  # 168
+    """The model takes no request without an image (PaliGemma: its processor
+    prefixes every prompt with the image tokens, and refuses a prompt
+    without images). Code: INVALID_ARGUMENT. Add an image part.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -1157,5 +1162,10 @@ cross_attention_states for a model whose media replace placeholder rows,
 or embeddings for a model whose media enter through cross-attention.
 Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
 ItemEmbeddings.cross_attention_states of this model as they are.
+"""
+IMAGE_REQUIRED: ErrorReason.ValueType  # 168
+"""The model takes no request without an image (PaliGemma: its processor
+prefixes every prompt with the image tokens, and refuses a prompt
+without images). Code: INVALID_ARGUMENT. Add an image part.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
