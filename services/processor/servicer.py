@@ -307,7 +307,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
                 more = {name: items for name, items in (("videos", media.videos), ("audios", media.audios)) if items}
                 processed = self.family.preprocess(self.hf_processor, prompt_text, media.images, **more)
-        except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
+        # ValueError: the HF processor's way of rejecting input (sizes, counts, roles). ArithmeticError: its
+        # size arithmetic failing on an input it does not foresee (Nemotron-H Omni's divides by zero on a
+        # 2000x1 image), the input's fault as much: not INTERNAL.
+        except (ValueError, ArithmeticError) as err:
             raise InvalidArgument(f"the model's processor rejected the request: {err}",
                                   reason="PROCESSOR_REJECTED") from err
         if [item.modality for item in processed.items] != media.modalities:

@@ -160,6 +160,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     name, a wrong shape or dtype; the message says which). Code:
     INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
     """
+    ENCODER_INPUT_NOT_FINITE: _ErrorReason.ValueType  # 123
+    """An item's floating-point tensors (pixel values, audio features) hold NaN
+    or Inf: the tower would answer with NaN embeddings. Code:
+    INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+    values, as ProcessorService.Preprocess returns them.
+    """
     ITEM_TOO_LARGE: _ErrorReason.ValueType  # 59
     """An item's tensors claim more patches (tower input rows) than the
     encoder's --max-item-patches allows; refused before anything is
@@ -713,6 +719,12 @@ ENCODER_INPUT_INVALID: ErrorReason.ValueType  # 27
 """An item's tensors are not what the model family's towers take (a missing
 name, a wrong shape or dtype; the message says which). Code:
 INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
+"""
+ENCODER_INPUT_NOT_FINITE: ErrorReason.ValueType  # 123
+"""An item's floating-point tensors (pixel values, audio features) hold NaN
+or Inf: the tower would answer with NaN embeddings. Code:
+INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+values, as ProcessorService.Preprocess returns them.
 """
 ITEM_TOO_LARGE: ErrorReason.ValueType  # 59
 """An item's tensors claim more patches (tower input rows) than the
