@@ -305,6 +305,12 @@ def _set(path: str, value) -> Callable[[Message, Context], None]:
     return mutate
 
 
+def _embeddings(tensor: Callable[[Context], tensor_pb2.Tensor], width_px: int, height_px: int) -> Build:
+    """A processor request whose image part is precomputed embeddings of an image of that size."""
+    return lambda ctx: chat(part(embeddings=processor_pb2.MediaEmbeddings(
+        embeddings=tensor(ctx), width_px=width_px, height_px=height_px)), text("hi"))
+
+
 # ---- the media --------------------------------------------------------------------------------
 GOOD_PNG = GOOD.images[0]
 VIDEO = video_bytes(seconds=2.0, fps=8, width=64, height=48, seed=5)
@@ -486,9 +492,7 @@ ENTRIES: list[Entry] = [
           reference=Reference("What is it?", (), OtherMedia(audios=(bad.wav(1600),))),
           why="the samples decoded count, not the header"),
     # ---- precomputed embeddings sent to the processor -----------------------------------------
-    *[_refused(f"embeddings-{name}", INVALID, reason, (lambda emb, w, h: lambda ctx: chat(
-        part(embeddings=processor_pb2.MediaEmbeddings(embeddings=emb(ctx), width_px=w, height_px=h)), text("hi")))
-        (emb, w, h)) for name, reason, emb, w, h in [
+    *[_refused(f"embeddings-{name}", INVALID, reason, _embeddings(emb, w, h)) for name, reason, emb, w, h in [
         ("no-image-size", "EMBEDDINGS_IMAGE_SIZE_MISSING", lambda ctx: to_proto(torch.zeros(4, ctx.hidden_size)), 0, 0),
         ("image-size-over-cap", "IMAGE_TOO_LARGE", lambda ctx: to_proto(torch.zeros(4, ctx.hidden_size)), 4000, 4000),
         ("wrong-hidden-size", "EMBEDDING_SHAPE_MISMATCH", lambda ctx: to_proto(torch.zeros(4, ctx.hidden_size + 1)), 64, 64),

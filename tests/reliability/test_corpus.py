@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import grpc
@@ -76,7 +76,7 @@ def services(model_dir, tmp_path_factory):
             proc.stop()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference_tokens(model_dir: Path, ref: Reference) -> list[int]:
     return hf_generate(model_dir, ref.prompt, list(ref.images), MAX_NEW_TOKENS, other=ref.other)[: ref.num_tokens]
 
