@@ -50,7 +50,8 @@ MAX_AUDIO_SECONDS = 20
 MAX_AUDIOS = 2
 MAX_ENCODER_ITEMS = 4
 MAX_ITEM_PATCHES = 1024
-_COMMON = ("--max-message-mib", str(MAX_MESSAGE_MIB))
+# --grace-s 1: nothing is in flight when the module stops them; the default 30 s would be CI time.
+_COMMON = ("--max-message-mib", str(MAX_MESSAGE_MIB), "--grace-s", "1")
 _MEDIA = ("--max-media-mib", str(MAX_MEDIA_MIB), "--max-image-pixels", str(MAX_IMAGE_PIXELS))
 PROCESSOR_FLAGS = (*_COMMON, *_MEDIA, "--max-images-per-request", str(MAX_IMAGES),
                    "--max-video-seconds", str(MAX_VIDEO_SECONDS), "--max-video-frames", str(MAX_VIDEO_FRAMES),
@@ -661,3 +662,16 @@ ENTRIES: list[Entry] = [
     _refused("llm-chunked-stream-without-request", INVALID, "TENSOR_CHUNK_INVALID",
              chunked(lambda messages, ctx: messages.pop(0)), "llm", rpc="ChunkedStreamGenerate"),
 ]
+
+
+def summary() -> str:
+    """The corpus as a markdown table: entries per target, code and reason (docs/reliability/corpus.md)."""
+    counts: dict[tuple[str, str, str], list[str]] = {}
+    for entry in ENTRIES:
+        counts.setdefault((entry.target, entry.code, entry.reason or "-"), []).append(entry.name)
+    rows = [f"| {target} | {code} | {reason} | {len(names)} |" for (target, code, reason), names in sorted(counts.items())]
+    return "\n".join([f"{len(ENTRIES)} entries.", "", "| target | code | reason | entries |", "|---|---|---|---|", *rows])
+
+
+if __name__ == "__main__":
+    print(summary())
