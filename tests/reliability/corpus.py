@@ -46,6 +46,7 @@ MAX_IMAGE_PIXELS = 2_000_000
 MAX_IMAGES = 4
 MAX_VIDEO_SECONDS = 60
 MAX_VIDEO_FRAMES = 8
+MAX_VIDEO_PIXELS = 1_000_000
 MAX_AUDIO_SECONDS = 20
 MAX_AUDIOS = 2
 MAX_ENCODER_ITEMS = 4
@@ -55,6 +56,7 @@ _COMMON = ("--max-message-mib", str(MAX_MESSAGE_MIB), "--grace-s", "1")
 _MEDIA = ("--max-media-mib", str(MAX_MEDIA_MIB), "--max-image-pixels", str(MAX_IMAGE_PIXELS))
 PROCESSOR_FLAGS = (*_COMMON, *_MEDIA, "--max-images-per-request", str(MAX_IMAGES),
                    "--max-video-seconds", str(MAX_VIDEO_SECONDS), "--max-video-frames", str(MAX_VIDEO_FRAMES),
+                   "--max-video-pixels", str(MAX_VIDEO_PIXELS),
                    "--max-audio-seconds", str(MAX_AUDIO_SECONDS), "--max-audios-per-request", str(MAX_AUDIOS),
                    # tensors: the router's view (Preprocess) carries every item's tensors, images included
                    "--encoder-input", "tensors")
@@ -141,6 +143,21 @@ def ask(ref: Reference, rpc_sampling: dict | None = None) -> Build:
     sampling = {"max_new_tokens": ref.num_tokens, **(rpc_sampling or {})}
     return lambda ctx: processor_pb2.GenerateRequest(messages=build_messages(ref.prompt, ref.images, media=media),
                                                      sampling=generation_pb2.SamplingParams(**sampling))
+
+
+def streamed(build: Build) -> Build:
+    """`build`'s Generate request as the same service's StreamGenerate request (same fields, same numbers)."""
+    def convert(ctx: Context) -> Message:
+        request = build(ctx)
+        cls = (processor_pb2.StreamGenerateRequest if isinstance(request, processor_pb2.GenerateRequest)
+               else llm_pb2.StreamGenerateRequest)
+        return cls.FromString(request.SerializeToString())
+    return convert
+
+
+def preprocessed(build: Build) -> Build:
+    """`build`'s processor Generate request as a Preprocess request (what a router asks first)."""
+    return lambda ctx: processor_pb2.PreprocessRequest.FromString(build(ctx).SerializeToString())
 
 
 def sampling(**params) -> Build:
@@ -450,6 +467,8 @@ ENTRIES: list[Entry] = [
              with_media("video", lambda: bad.video(3, rate=Fraction(1, 1000))), why="absurd fps, absurd duration"),
     _refused("video-too-long", INVALID, "VIDEO_TOO_LONG",
              with_media("video", lambda: bad.video(MAX_VIDEO_SECONDS + 4, rate=1, size=(16, 16)))),
+    _refused("video-sampled-frames-over-max-video-pixels", INVALID, "VIDEO_TOO_LARGE",
+             with_media("video", lambda: bad.video(8, rate=2, size=(640, 480), flat=True))),
     _refused("video-frames-over-pixel-cap", INVALID, "VIDEO_TOO_LARGE",
              with_media("video", lambda: bad.video(1, size=(1600, 1600), flat=True))),
     _refused("video-options-fps-nan", INVALID, "VIDEO_OPTIONS_INVALID",
@@ -492,6 +511,18 @@ ENTRIES: list[Entry] = [
     Entry("audio-header-declares-4-gib", "processor", with_media("audio", bad.wav_declaring(0xFFFFFF00)),
           reference=Reference("What is it?", (), OtherMedia(audios=(bad.wav(1600),))),
           why="the samples decoded count, not the header"),
+    # ---- the processor's other RPCs refuse as Generate does ------------------------------------
+    _refused("stream-image-truncated", INVALID, "IMAGE_DECODE_FAILED",
+             streamed(with_media("image", bad.truncated(GOOD_PNG))), rpc="StreamGenerate"),
+    _refused("stream-temperature-nan", INVALID, "SAMPLING_PARAM_INVALID",
+             streamed(sampling(temperature=float("nan"))), rpc="StreamGenerate"),
+    Entry("stream-good", "processor", streamed(ask(GOOD)), rpc="StreamGenerate", reference=GOOD),
+    _refused("preprocess-url-escape", "PERMISSION_DENIED", "MEDIA_PATH_NOT_ALLOWED",
+             preprocessed(image_url(lambda ctx: "file:///proc/self/environ")), rpc="Preprocess"),
+    _refused("preprocess-image-bomb", INVALID, "IMAGE_TOO_LARGE",
+             preprocessed(with_media("image", lambda: bad.png_bomb(20_000))), rpc="Preprocess"),
+    _refused("preprocess-audio-one-sample", INVALID, "AUDIO_TOO_SHORT",
+             preprocessed(with_media("audio", bad.wav(1))), rpc="Preprocess"),
     # ---- precomputed embeddings sent to the processor -----------------------------------------
     *[_refused(f"embeddings-{name}", INVALID, reason, _embeddings(emb, w, h)) for name, reason, emb, w, h in [
         ("no-image-size", "EMBEDDINGS_IMAGE_SIZE_MISSING", lambda ctx: to_proto(torch.zeros(4, ctx.hidden_size)), 0, 0),
@@ -646,6 +677,11 @@ ENTRIES: list[Entry] = [
              generate(_llm_sampling(max_new_tokens=-1)), "llm"),
     _refused("llm-stop-token-id-out-of-vocabulary", INVALID, "SAMPLING_PARAM_INVALID",
              generate(_llm_sampling(stop_token_ids=[-1])), "llm"),
+    _refused("llm-stream-embeddings-nan", INVALID, "EMBEDDING_NOT_FINITE", streamed(generate(_poison(float("nan")))),
+             "llm", rpc="StreamGenerate"),
+    _refused("llm-stream-token-id-vocab-size", INVALID, "TOKEN_ID_OUT_OF_RANGE",
+             streamed(generate(_tokens(lambda ids, ctx: [*ids, ctx.vocab_size]))), "llm", rpc="StreamGenerate"),
+    Entry("llm-stream-good", "llm", streamed(generate(lambda r, ctx: None)), rpc="StreamGenerate", reference=GOOD),
     _refused("llm-message-over-max-message-mib", "RESOURCE_EXHAUSTED", "", generate(
         lambda r, ctx: setattr(_image_emb(r), "data", bytes((MAX_MESSAGE_MIB << 20) + 1))), "llm"),
     Entry("llm-max-new-tokens-int32-max", "llm", generate(lambda r, ctx: (
