@@ -106,6 +106,19 @@ def _max_text_bytes(tokenizer, max_context_tokens: int) -> int:
     return max_context_tokens * longest
 
 
+def _check_same_hash_same_item(hashes: list[str], items: list[ProcessedItem]) -> None:
+    """Items of one mm_hash are encoded once and share its rows: a caller's uuid on two media that differ
+    (another placeholder count) would hand the second the first's rows, which the LLM refused as a
+    TENSOR_SIZE_MISMATCH of its own (or, at an equal count, answered with the wrong image)."""
+    first: dict[str, ProcessedItem] = {}
+    for index, (h, item) in enumerate(zip(hashes, items, strict=True)):
+        seen = first.setdefault(h, item)
+        if (seen.modality, seen.length) != (item.modality, item.length):
+            raise InvalidArgument(f"media item {index} has the mm_hash (uuid) {h!r} of an earlier item but is another "
+                                  f"{item.modality} ({item.length} placeholder tokens, not {seen.length}); give each "
+                                  "media its own uuid", reason="MM_HASH_CONFLICT", metadata={"mmHash": h})
+
+
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: ProcessorConfig):
         self.checkpoint = checkpoint
@@ -340,6 +353,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
         hashes = [f"{h}+{item.hash_context}" if item.hash_context else h for h, item in zip(media.hashes, processed.items)]
+        _check_same_hash_same_item(hashes, processed.items)
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
                         unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})

@@ -281,6 +281,13 @@ def _media_item(request: encoder_pb2.EncodeRequest, data: bytes) -> None:
     item.mm_hash = ""
 
 
+def _video_claim(request: encoder_pb2.EncodeRequest, ctx: Context) -> None:
+    """Item 0 as a video whose pixel tensor claims 1000 frames of 512x512 and holds no bytes."""
+    claim = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[1000, 3, 512, 512])
+    request.items[0].CopyFrom(encoder_pb2.MediaItem(modality=tensor_pb2.MODALITY_VIDEO, tensors=[
+        tensor_pb2.NamedTensor(name="pixel_values_videos", tensor=claim)]))
+
+
 def _shape(proto: tensor_pb2.Tensor, *shape: int) -> None:
     del proto.shape[:]
     proto.shape.extend(shape)
@@ -433,6 +440,12 @@ ENTRIES: list[Entry] = [
              with_media("image", lambda: bytes((MAX_MESSAGE_MIB << 20) + 1))),
     _refused("image-over-max-media-mib", INVALID, "MEDIA_TOO_LARGE",
              with_media("image", lambda: PNG_MAGIC + bytes(MAX_MEDIA_MIB << 20))),
+    _refused("uuid-shared-by-two-different-images", INVALID, "MM_HASH_CONFLICT", lambda ctx: chat(
+        part(data=GOOD_PNG, uuid="same"), part(data=image_bytes(96, 64, seed=12), uuid="same"), text("Compare.")),
+        why="one uuid names one media: two images under it would share embeddings"),
+    Entry("uuid-shared-by-the-same-image-twice", "processor", lambda ctx: chat(
+        part(data=GOOD_PNG, uuid="same"), part(data=GOOD_PNG, uuid="same"), text("Compare.")),
+          reference=Reference("Compare.", (GOOD_PNG, GOOD_PNG))),
     _refused("too-many-images", INVALID, "TOO_MANY_IMAGES",
              lambda ctx: chat(*[part(data=GOOD_PNG)] * (MAX_IMAGES + 1), text("Compare."))),
     # ---- sampling (the processor checks them before any media work) ---------------------------
@@ -487,6 +500,8 @@ ENTRIES: list[Entry] = [
         processor_pb2.VideoFrames(frames=[image_bytes(16, 16)] * (MAX_VIDEO_FRAMES + 1)))), text("hi"))),
     _refused("video-frames-fps-inf", INVALID, "VIDEO_OPTIONS_INVALID", lambda ctx: chat(part("video", frames=(
         processor_pb2.VideoFrames(frames=[image_bytes(16, 16)] * 2, fps=float("inf")))), text("hi"))),
+    _refused("video-frames-one-corrupt", INVALID, "IMAGE_DECODE_FAILED", lambda ctx: chat(part("video", frames=(
+        processor_pb2.VideoFrames(frames=[image_bytes(16, 16), bad.truncated(image_bytes(16, 16))]))), text("hi"))),
     _refused("video-two-in-one-prompt", INVALID, "TOO_MANY_MEDIA_ITEMS",
              lambda ctx: chat(part("video", data=VIDEO), part("video", data=VIDEO), text("Compare."))),
     _refused("video-embeddings-part", INVALID, "MEDIA_MISSING",
@@ -580,6 +595,8 @@ ENTRIES: list[Entry] = [
     _refused("encoder-audio-tensors-on-image-item", INVALID, "ENCODER_INPUT_INVALID",
              encode(lambda r, ctx: r.items[0].CopyFrom(encoder_pb2.MediaItem(
                  modality=r.items[0].modality, tensors=r.items[1].tensors))), "encoder"),
+    _refused("encoder-video-claims-1000-frames", INVALID, "TENSOR_SIZE_MISMATCH", encode(_video_claim), "encoder",
+             why="refused from the shape and byte count, nothing allocated"),
     _refused("encoder-too-many-items", INVALID, "TOO_MANY_ITEMS",
              encode(lambda r, ctx: r.items.extend([r.items[0]] * MAX_ENCODER_ITEMS)), "encoder"),
     _refused("encoder-reference-without-mm-hash", INVALID, "ENCODER_INPUT_INVALID",
@@ -695,6 +712,13 @@ ENTRIES: list[Entry] = [
     _refused("llm-chunk-of-undeclared-tensor", INVALID, "TENSOR_CHUNK_INVALID",
              chunked(lambda messages, ctx: setattr(messages[1].chunks[0], "chunked_id", 99)), "llm",
              rpc="ChunkedStreamGenerate"),
+    _refused("llm-chunk-runs-past-its-tensor", INVALID, "TENSOR_CHUNK_INVALID",
+             chunked(lambda messages, ctx: setattr(messages[1].chunks[0], "data", messages[1].chunks[0].data + bytes(4))),
+             "llm", rpc="ChunkedStreamGenerate"),
+    _refused("llm-chunked-tensor-claims-huge-shape", INVALID, "EMBEDDING_SHAPE_MISMATCH",
+             chunked(lambda messages, ctx: _shape(messages[0].request.prompt.multimodal_inputs[0].embeddings, 10**6,
+                                                  ctx.hidden_size)), "llm", rpc="ChunkedStreamGenerate",
+             why="checked before any chunk is kept"),
     _refused("llm-chunked-stream-without-request", INVALID, "TENSOR_CHUNK_INVALID",
              chunked(lambda messages, ctx: messages.pop(0)), "llm", rpc="ChunkedStreamGenerate"),
 ]

@@ -193,6 +193,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     they make from those of the item already encoded (or being encoded) under
     the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
     media bytes and the processing arguments (ProcessorService does).
+    ProcessorService reports it too, for two media items of one request
+    that share a Media.uuid but differ (modality or placeholder count).
     """
     PROMPT_EMPTY: _ErrorReason.ValueType  # 30
     """---- Generation (LlmService) --------------------------------------------
@@ -753,6 +755,8 @@ MM_HASH_CONFLICT: ErrorReason.ValueType  # 84
 they make from those of the item already encoded (or being encoded) under
 the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
 media bytes and the processing arguments (ProcessorService does).
+ProcessorService reports it too, for two media items of one request
+that share a Media.uuid but differ (modality or placeholder count).
 """
 PROMPT_EMPTY: ErrorReason.ValueType  # 30
 """---- Generation (LlmService) --------------------------------------------
