@@ -107,6 +107,15 @@ def _pruner(prunes: tuple[tuple[int, float] | None, ...]):
     return finish
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """NaN or Inf in a router's pixel values or audio features would come back as NaN embeddings with
+    an OK status (the LLM refuses them only later, and a router may cache them): refused here."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(f"{where}.tensors: {name} holds NaN or Inf; encoder inputs must be finite",
+                                  reason="ENCODER_INPUT_NOT_FINITE", metadata={"input": name})
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.checkpoint = checkpoint
@@ -231,6 +240,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                        else from_named(item.tensors))
             bindings = self.family.check_encoder_item(modality, tensors, where=f"{where}.tensors",
                                                       max_patches=self.cfg.max_item_patches)
+            _check_finite(tensors, where)
             expression = self.family.encoder_schema(modality).patches
             inputs.append(tensors)
             patches.append(evaluate(expression, bindings) if expression else 1)

@@ -160,6 +160,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     name, a wrong shape or dtype; the message says which). Code:
     INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
     """
+    ENCODER_INPUT_NOT_FINITE: _ErrorReason.ValueType  # 123
+    """An item's floating-point tensors (pixel values, audio features) hold NaN
+    or Inf: the tower would answer with NaN embeddings. Code:
+    INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+    values, as ProcessorService.Preprocess returns them.
+    """
     ITEM_TOO_LARGE: _ErrorReason.ValueType  # 59
     """An item's tensors claim more patches (tower input rows) than the
     encoder's --max-item-patches allows; refused before anything is
@@ -187,6 +193,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     they make from those of the item already encoded (or being encoded) under
     the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
     media bytes and the processing arguments (ProcessorService does).
+    ProcessorService reports it too, for two media items of one request
+    that share a Media.uuid but differ (modality or placeholder count).
     """
     PROMPT_EMPTY: _ErrorReason.ValueType  # 30
     """---- Generation (LlmService) --------------------------------------------
@@ -745,6 +753,12 @@ ENCODER_INPUT_INVALID: ErrorReason.ValueType  # 27
 name, a wrong shape or dtype; the message says which). Code:
 INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
 """
+ENCODER_INPUT_NOT_FINITE: ErrorReason.ValueType  # 123
+"""An item's floating-point tensors (pixel values, audio features) hold NaN
+or Inf: the tower would answer with NaN embeddings. Code:
+INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+values, as ProcessorService.Preprocess returns them.
+"""
 ITEM_TOO_LARGE: ErrorReason.ValueType  # 59
 """An item's tensors claim more patches (tower input rows) than the
 encoder's --max-item-patches allows; refused before anything is
@@ -772,6 +786,8 @@ MM_HASH_CONFLICT: ErrorReason.ValueType  # 84
 they make from those of the item already encoded (or being encoded) under
 the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
 media bytes and the processing arguments (ProcessorService does).
+ProcessorService reports it too, for two media items of one request
+that share a Media.uuid but differ (modality or placeholder count).
 """
 PROMPT_EMPTY: ErrorReason.ValueType  # 30
 """---- Generation (LlmService) --------------------------------------------
