@@ -33,7 +33,11 @@ def read_media(media: processor_pb2.Media, limits: MediaLimits, allowed_dirs: tu
 
 
 def _read_url(url: str, limits: MediaLimits, allowed_dirs: tuple[Path, ...], where: str) -> bytes:
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError as err:  # e.g. "http://[": urlparse refuses an unclosed IPv6 host (found by the fuzzer)
+        raise InvalidArgument(f"{where}: the url is not a URL ({err}); send a file:///absolute/path URL",
+                              reason="MEDIA_URL_INVALID") from err
     if parsed.scheme in ("http", "https"):
         raise InvalidArgument(f"{where}: {parsed.scheme} URLs are not fetched by this server; send the bytes "
                               "inline in data", reason="MEDIA_URL_SCHEME_UNSUPPORTED")
