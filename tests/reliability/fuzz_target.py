@@ -23,7 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from services.common import chunks
+from services.common import chunks, shm
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
@@ -164,11 +164,16 @@ class FuzzTarget:
             return len(asyncio.all_tasks()) - 1  # not this one
 
         llm, encoder = self.services.llm, self.services.encoder
+        fds = _fd_targets()
+        memfds = [t for t in fds if t.startswith(f"/memfd:{shm.PREFIX}")]
         return {
             "rss_mib": _rss_mib("self"),
             "engine_rss_mib": _rss_mib(str(llm.engine.pid)),
             "threads": len(os.listdir("/proc/self/task")),
-            "fds": len(os.listdir("/proc/self/fd")),
+            # The encoder's shared-memory regions are fds until read or past their TTL (30 s): counted apart.
+            "fds": len(fds) - len(memfds),
+            "shm_fds": len(memfds),
+            "shm_regions": encoder._shm.num_regions,
             "tasks": asyncio.run_coroutine_threadsafe(count_tasks(), self.services.loop).result(30),
             "engine_requests": llm.engine.engine_in_flight(),
             "engine_client_requests": llm.engine.num_in_flight,
@@ -179,6 +184,16 @@ class FuzzTarget:
     def close(self) -> None:
         for channel in self.channels.values():
             channel.close()
+
+
+def _fd_targets() -> list[str]:
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{name}"))
+        except OSError:  # closed meanwhile (the listing's own fd)
+            pass
+    return targets
 
 
 def _rss_mib(pid: str) -> int:

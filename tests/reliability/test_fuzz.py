@@ -136,6 +136,7 @@ def test_no_growth(target):
     while True:  # cancelled calls free their work asynchronously: wait for the queues to drain
         after = target.snapshot()
         drained = not (after["engine_requests"] or after["engine_client_requests"] or after["encoder_queued_items"])
+        drained = drained and after["shm_fds"] == after["shm_regions"]
         if drained and after["tasks"] <= target.baseline["tasks"] or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -153,5 +154,6 @@ def test_no_growth(target):
     assert after["tasks"] <= before["tasks"], (before, after)
     assert after["threads"] <= before["threads"] + 4, (before, after)  # pools may start a worker they lacked
     assert after["fds"] <= before["fds"] + 8, (before, after)
+    assert after["shm_fds"] == after["shm_regions"], "a shared-memory fd that no region owns (never freed)"
     assert after["rss_mib"] <= before["rss_mib"] * 1.25 + 128, (before, after)  # allocator high-water marks
     assert after["engine_rss_mib"] <= before["engine_rss_mib"] * 1.25 + 128, (before, after)
