@@ -31,6 +31,7 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2
 from tests.checkpoints import tiny_checkpoint
 from tests.inproc import InProcessServices
+from tests.media import video_bytes
 from tests.reliability import protofuzz
 from tests.reliability.fuzz_target import RPC_BY_ID, RPCS, ErrorLog, FuzzTarget, build_seeds, rpc_id
 
@@ -106,20 +107,39 @@ def _image_url(url: str) -> processor_pb2.GenerateRequest:
         sampling=generation_pb2.SamplingParams(max_new_tokens=3))
 
 
-# What the fuzzer found, kept as it found it: (RPC, request, the status now expected).
+def _video_max_frames(max_frames: int) -> processor_pb2.StreamGenerateRequest:
+    media = processor_pb2.Media(data=video_bytes(seconds=1.0, fps=4, width=64, height=48),
+                                video_options=processor_pb2.VideoOptions(max_frames=max_frames))
+    return processor_pb2.StreamGenerateRequest(
+        messages=[processor_pb2.ChatMessage(role="user", content=[
+            processor_pb2.ContentPart(video=media), processor_pb2.ContentPart(text="Say.")])],
+        sampling=generation_pb2.SamplingParams(max_new_tokens=3))
+
+
+# What the fuzzer found, kept as it found it: (RPC, the request given the allowed media folder, the status
+# now expected).
 FINDINGS = {
     # urlparse raised ValueError ("Invalid IPv6 URL"): INTERNAL, a traceback (services/processor/media.py).
-    "url-unclosed-ipv6": ("processor.Generate", _image_url("A://["), grpc.StatusCode.INVALID_ARGUMENT),
+    "url-unclosed-ipv6": ("processor.Generate", lambda _: _image_url("A://["), grpc.StatusCode.INVALID_ARGUMENT),
     # The refusal quoted the 20 KB URL: trailers over gRPC's 16 KiB limit, so the client saw its own
     # RESOURCE_EXHAUSTED without ErrorInfo (services/common/errors.py now bounds what a status quotes).
-    "url-20kb-quoted": ("processor.Generate", _image_url("a" * 20_000), grpc.StatusCode.INVALID_ARGUMENT),
+    "url-20kb-quoted": ("processor.Generate", lambda _: _image_url("a" * 20_000), grpc.StatusCode.INVALID_ARGUMENT),
+    # From the dictionary's "file:///x%00y" and a long path in the allowed folder: realpath's ValueError
+    # ("embedded null byte") and stat's OSError (ENAMETOOLONG) escaped as INTERNAL (processor/media.py).
+    "url-nul": ("processor.Generate", lambda _: _image_url("file:///x%00y"), grpc.StatusCode.INVALID_ARGUMENT),
+    # video_options.max_frames 1: Qwen2-VL's frame sampler rounds it to 0 frames and divides by zero
+    # (services/processor/servicer.py now refuses it as PROCESSOR_REJECTED). Nightly run, near-valid.
+    "video-max-frames-1": ("processor.StreamGenerate", lambda folder: _video_max_frames(1),
+                           grpc.StatusCode.INVALID_ARGUMENT),
+    "url-path-too-long": ("processor.Generate", lambda folder: _image_url((folder / ("a" * 5000)).as_uri()),
+                          grpc.StatusCode.INVALID_ARGUMENT),
 }
 
 
 @pytest.mark.parametrize("finding", list(FINDINGS))
 def test_fuzzer_findings(target, finding):
     rpc, request, code = FINDINGS[finding]
-    assert target.check(*RPC_BY_ID[rpc], request).code == code
+    assert target.check(*RPC_BY_ID[rpc], request(target.media_dir)).code == code
 
 
 def test_still_serving(target):
