@@ -96,6 +96,7 @@ class FuzzTarget:
     channels: dict[str, grpc.Channel] = field(default_factory=dict)
     baseline: dict[str, int] = field(default_factory=dict)  # snapshot() once seeded (warmed up)
     started_s: float = 0.0
+    rss_trend: list[int] = field(default_factory=list)  # this process's RSS (MiB) every 500 calls
 
     def __repr__(self) -> str:  # a failure's report prints the test's arguments: not the seeds' bytes
         return f"FuzzTarget({self.services.address})"
@@ -143,6 +144,8 @@ class FuzzTarget:
         nothing is logged as an error or escapes as an exception meanwhile."""
         outcome = self.call(service, method, request)
         self.outcomes[(f"{service}.{method.name}", outcome.code.name, outcome.reason)] += 1
+        if sum(self.outcomes.values()) % 500 == 0:
+            self.rss_trend.append(_rss_mib("self"))
         what = f"{service}.{method.name} -> {outcome.code.name} {outcome.reason}: {outcome.details[:500]}"
         assert outcome.seconds < CALL_TIMEOUT_S + 2, f"{what} after {outcome.seconds:.1f} s: the deadline did not end it"
         # Give a handler's late log lines (a task that dies after the reply) a moment to arrive.
@@ -178,6 +181,7 @@ class FuzzTarget:
             "engine_requests": llm.engine.engine_in_flight(),
             "engine_client_requests": llm.engine.num_in_flight,
             "encoder_queued_items": encoder.batcher.queued_items,
+            "encoder_cache_mib": encoder.cache.used_bytes >> 20,  # bounded by --cache-mib; part of rss_mib
             "engine_pid": llm.engine.pid,
         }
 

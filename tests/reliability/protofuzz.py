@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from hypothesis import note
 from hypothesis import strategies as st
 
 FD = FieldDescriptor
@@ -274,7 +275,7 @@ def near_valid(seeds: Sequence[Message], words: Dictionary = Dictionary()) -> st
     def build(draw) -> Message:
         msg = copy(draw(st.sampled_from(list(seeds))))
         for _ in range(draw(st.integers(1, 2))):
-            mutate(draw, msg, words)
+            note(f"mutation: {mutate(draw, msg, words)}")  # printed with a failing example
         return msg
 
     return build()
@@ -289,8 +290,9 @@ def near_valid_stream(seeds: Sequence[Sequence[Message]],
         stream = [copy(m) for m in draw(st.sampled_from(list(seeds)))]
         op = draw(st.sampled_from(["mutate", "mutate", "drop", "repeat", "move", "extra"]))
         at = draw(st.integers(0, len(stream) - 1))
+        note(f"stream mutation: {op} at message {at}")
         if op == "mutate":
-            mutate(draw, stream[at], words)
+            note(f"mutation: {mutate(draw, stream[at], words)}")
         elif op == "drop":
             del stream[at]
         elif op == "repeat":

@@ -45,7 +45,7 @@ _common = dict(deadline=None, database=None, suppress_health_check=list(HealthCh
 settings.register_profile("triptych-fuzz-ci-random", max_examples=10, derandomize=True, **_common)
 settings.register_profile("triptych-fuzz-ci-near-valid", max_examples=40, derandomize=True, **_common)
 # Nightly: new examples every run (a failure prints the blob that reproduces it), >= 10,000 in all.
-_nightly = int(os.environ.get("TRIPTYCH_FUZZ_EXAMPLES", "800"))
+_nightly = int(os.environ.get("TRIPTYCH_FUZZ_EXAMPLES", "850"))
 settings.register_profile("triptych-fuzz-nightly-random", max_examples=_nightly // 2, **_common)
 settings.register_profile("triptych-fuzz-nightly-near-valid", max_examples=_nightly, **_common)
 
@@ -117,7 +117,7 @@ def _video_max_frames(max_frames: int) -> processor_pb2.StreamGenerateRequest:
 
 
 # What the fuzzer found, kept as it found it: (RPC, the request given the allowed media folder, the status
-# now expected).
+# now expected, or the set of them).
 FINDINGS = {
     # urlparse raised ValueError ("Invalid IPv6 URL"): INTERNAL, a traceback (services/processor/media.py).
     "url-unclosed-ipv6": ("processor.Generate", lambda _: _image_url("A://["), grpc.StatusCode.INVALID_ARGUMENT),
@@ -129,8 +129,9 @@ FINDINGS = {
     "url-nul": ("processor.Generate", lambda _: _image_url("file:///x%00y"), grpc.StatusCode.INVALID_ARGUMENT),
     # video_options.max_frames 1: Qwen2-VL's frame sampler rounds it to 0 frames and divides by zero
     # (services/processor/servicer.py now refuses it as PROCESSOR_REJECTED). Nightly run, near-valid.
+    # A family whose sampler takes one frame answers it.
     "video-max-frames-1": ("processor.StreamGenerate", lambda folder: _video_max_frames(1),
-                           grpc.StatusCode.INVALID_ARGUMENT),
+                           {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK}),
     "url-path-too-long": ("processor.Generate", lambda folder: _image_url((folder / ("a" * 5000)).as_uri()),
                           grpc.StatusCode.INVALID_ARGUMENT),
 }
@@ -138,8 +139,9 @@ FINDINGS = {
 
 @pytest.mark.parametrize("finding", list(FINDINGS))
 def test_fuzzer_findings(target, finding):
-    rpc, request, code = FINDINGS[finding]
-    assert target.check(*RPC_BY_ID[rpc], request(target.media_dir)).code == code
+    rpc, request, codes = FINDINGS[finding]
+    codes = codes if isinstance(codes, set) else {codes}
+    assert target.check(*RPC_BY_ID[rpc], request(target.media_dir)).code in codes
 
 
 def test_still_serving(target):
@@ -163,7 +165,7 @@ def test_no_growth(target):
     before = target.baseline
     calls = sum(target.outcomes.values())
     summary = {"profile": PROFILE, "family": FAMILY, "calls": calls, "seconds": round(time.monotonic() - target.started_s),
-               "before": before, "after": after,
+               "before": before, "after": after, "rss_mib_every_500_calls": target.rss_trend,
                "outcomes": {" ".join(k): v for k, v in sorted(target.outcomes.items())}}
     print(json.dumps(summary, indent=1))
     if os.environ.get("TRIPTYCH_FUZZ_REPORT"):
@@ -175,5 +177,8 @@ def test_no_growth(target):
     assert after["threads"] <= before["threads"] + 4, (before, after)  # pools may start a worker they lacked
     assert after["fds"] <= before["fds"] + 8, (before, after)
     assert after["shm_fds"] == after["shm_regions"], "a shared-memory fd that no region owns (never freed)"
-    assert after["rss_mib"] <= before["rss_mib"] * 1.25 + 128, (before, after)  # allocator high-water marks
+    # What the encoder's embedding cache holds (bounded by its capacity) is not growth; the rest may rise
+    # by the allocators' high-water marks.
+    cached_mib = after["encoder_cache_mib"] - before["encoder_cache_mib"]
+    assert after["rss_mib"] - cached_mib <= before["rss_mib"] * 1.25 + 128, (before, after)
     assert after["engine_rss_mib"] <= before["engine_rss_mib"] * 1.25 + 128, (before, after)
