@@ -130,7 +130,7 @@ FINDINGS = {
     # video_options.max_frames 1: Qwen2-VL's frame sampler rounds it to 0 frames and divides by zero
     # (services/processor/servicer.py now refuses it as PROCESSOR_REJECTED). Nightly run, near-valid.
     # A family whose sampler takes one frame answers it.
-    "video-max-frames-1": ("processor.StreamGenerate", lambda folder: _video_max_frames(1),
+    "video-max-frames-1": ("processor.StreamGenerate", lambda _: _video_max_frames(1),
                            {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK}),
     "url-path-too-long": ("processor.Generate", lambda folder: _image_url((folder / ("a" * 5000)).as_uri()),
                           grpc.StatusCode.INVALID_ARGUMENT),
