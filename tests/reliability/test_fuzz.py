@@ -40,8 +40,8 @@ FAMILY = os.environ.get("TRIPTYCH_FUZZ_FAMILY", "qwen2_vl")
 # An empty request (GetModelInfo, GetStats) has nothing to mutate.
 NEAR_VALID_RPCS = [name for name, (_, method) in RPC_BY_ID.items() if method.input_type.fields]
 
-_common = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
-# CI: the same examples every run (derandomized, no example database), about 300 in all.
+_common = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck), "print_blob": True}
+# CI: the same examples every run (derandomized, no example database), about 400 calls in all.
 settings.register_profile("triptych-fuzz-ci-random", max_examples=10, derandomize=True, **_common)
 settings.register_profile("triptych-fuzz-ci-near-valid", max_examples=40, derandomize=True, **_common)
 # Nightly: new examples every run (a failure prints the blob that reproduces it), >= 10,000 in all.
