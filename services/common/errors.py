@@ -32,6 +32,19 @@ _TRANSPORT_REASONS = {
 }
 
 
+# A status travels in the call's trailers, which gRPC clients refuse beyond 8-16 KiB (the message appears
+# twice: grpc-message, percent-encoded, and inside grpc-status-details-bin). A message or metadata value
+# that quotes a caller's long input (a URL, a role, an mm_hash) is cut so that the status still arrives
+# (the fuzzer found a 20 KB URL turning INVALID_ARGUMENT into the client's own RESOURCE_EXHAUSTED).
+MAX_MESSAGE_BYTES, MAX_METADATA_VALUE_BYTES = 1024, 512
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (and an ellipsis), at a character boundary."""
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode(errors="ignore") + "…"
+
+
 class TriptychError(Exception):
     """A failure with a gRPC status code, a stable reason and a message a user can act on."""
 
@@ -52,7 +65,8 @@ class TriptychError(Exception):
 
     def to_status(self, default_domain: str = "triptych") -> grpc.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain or default_domain,
-                                           metadata=self.metadata)
+                                           metadata={k: bounded(v, MAX_METADATA_VALUE_BYTES)
+                                                     for k, v in self.metadata.items()})
         details = [any_pb2.Any()]
         details[0].Pack(info)
         if self.retry_delay_s is not None:
@@ -61,7 +75,8 @@ class TriptychError(Exception):
                 seconds=delay_ns // 10**9, nanos=delay_ns % 10**9))
             details.append(any_pb2.Any())
             details[1].Pack(retry)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        status = status_pb2.Status(code=self.code.value[0], message=bounded(self.message, MAX_MESSAGE_BYTES),
+                                   details=details)
         return rpc_status.to_status(status)
 
 

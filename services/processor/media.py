@@ -6,6 +6,7 @@ names each item (mm_hash). Decoding is shared with the encoder: services/common/
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -33,13 +34,29 @@ def read_media(media: processor_pb2.Media, limits: MediaLimits, allowed_dirs: tu
 
 
 def _read_url(url: str, limits: MediaLimits, allowed_dirs: tuple[Path, ...], where: str) -> bytes:
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError as err:  # e.g. "http://[": urlparse refuses an unclosed IPv6 host (found by the fuzzer)
+        raise InvalidArgument(f"{where}: the url is not a URL ({err}); send a file:///absolute/path URL",
+                              reason="MEDIA_URL_INVALID") from err
     if parsed.scheme in ("http", "https"):
         raise InvalidArgument(f"{where}: {parsed.scheme} URLs are not fetched by this server; send the bytes "
                               "inline in data", reason="MEDIA_URL_SCHEME_UNSUPPORTED")
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
         raise InvalidArgument(f"{where}: {url!r} is not a file:///absolute/path URL", reason="MEDIA_URL_INVALID")
     path = Path(unquote(parsed.path))
+    if "\0" in str(path):  # no OS path holds NUL: os.path.realpath raised ValueError (found by the fuzzer)
+        raise InvalidArgument(f"{where}: the path holds a NUL character", reason="MEDIA_URL_INVALID")
+    try:
+        return _read_file(path, limits, allowed_dirs, where)
+    except OSError as err:  # found by the fuzzer: a name too long (ENAMETOOLONG) escaped as INTERNAL
+        if err.errno == errno.ENAMETOOLONG:
+            raise InvalidArgument(f"{where}: the path is too long for the file system",
+                                  reason="MEDIA_URL_INVALID") from err
+        raise NotFound(f"{where}: {path} cannot be read: {err.strerror}", reason="MEDIA_FILE_NOT_FOUND") from err
+
+
+def _read_file(path: Path, limits: MediaLimits, allowed_dirs: tuple[Path, ...], where: str) -> bytes:
     resolved = Path(os.path.realpath(path))  # follows symlinks: a link out of the allowed dir is refused
     if not any(resolved.is_relative_to(d) for d in allowed_dirs):
         allowed = ", ".join(map(str, allowed_dirs)) or "none (start the processor with --allowed-media-dir)"

@@ -447,7 +447,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         def choose(metadata: VideoMetadata) -> list[int]:
             try:
                 return self.family.video_frame_indices(self.hf_processor, metadata, fps, max_frames)
-            except ValueError as err:  # the video processor's sampler refuses, e.g. more frames than the clip has
+            # The video processor's sampler refuses, e.g. more frames than the clip has; or divides by zero:
+            # Qwen2-VL's rounds max_frames 1 down to 0 frames of its temporal patch of 2 (found by the fuzzer).
+            except (ValueError, ZeroDivisionError) as err:
                 raise InvalidArgument(f"{where}: the model's video processor cannot sample {metadata.total_num_frames} "
                                       f"frames at {fps:g} fps, at most {max_frames}: {err}",
                                       reason="PROCESSOR_REJECTED") from err

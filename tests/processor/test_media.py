@@ -39,6 +39,9 @@ def test_inline_bytes_are_read(limits, allowed):
     (processor_pb2.Media(url="https://example.com/cat.png"), "MEDIA_URL_SCHEME_UNSUPPORTED"),
     (processor_pb2.Media(url="file://otherhost/x.png"), "MEDIA_URL_INVALID"),
     (processor_pb2.Media(url="cat.png"), "MEDIA_URL_INVALID"),
+    # Found by tests/reliability/test_fuzz.py, each once an INTERNAL with a traceback:
+    (processor_pb2.Media(url="A://["), "MEDIA_URL_INVALID"),  # urlparse: "Invalid IPv6 URL"
+    (processor_pb2.Media(url="file:///x%00y"), "MEDIA_URL_INVALID"),  # realpath: "embedded null byte"
 ])
 def test_unusable_sources_are_invalid_argument(limits, allowed, media, reason):
     with pytest.raises(InvalidArgument) as caught:
@@ -56,6 +59,13 @@ def test_too_many_bytes_inline_and_on_disk(limits, allowed):
     with pytest.raises(InvalidArgument) as caught:
         read_media(processor_pb2.Media(url=path.as_uri()), small, allowed, "m")
     assert _reason(caught) == "MEDIA_TOO_LARGE"
+
+
+def test_a_path_too_long_is_invalid(limits, allowed):
+    """ENAMETOOLONG (found by the fuzzer: it escaped as INTERNAL)."""
+    with pytest.raises(InvalidArgument) as caught:
+        read_media(processor_pb2.Media(url=(allowed[0] / ("a" * 5000)).as_uri()), limits, allowed, "m")
+    assert _reason(caught) == "MEDIA_URL_INVALID"
 
 
 def test_file_urls_inside_allowed_dirs_only(limits, allowed, tmp_path):
