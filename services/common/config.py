@@ -256,3 +256,8 @@ class FrontConfig:
     max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for the processor"))
     grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    # As ServerConfig.drain_s, with GET /health/ready as the health a load balancer checks.
+    drain_s: float = field(default=0.0, metadata=doc(
+        "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
+        "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
+        "--grace-s"))

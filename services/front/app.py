@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from services.common.api.triptych.common.v1 import model_info_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from services.common.errors import NotFound, TriptychError
+from services.common.errors import NotFound, TriptychError, Unavailable
 from services.common.interceptors import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, bind_request_id, outgoing_metadata
 from services.front import convert
 from services.front.errors import DOMAIN, ApiError, from_domain, from_rpc, invalid_request
@@ -64,6 +64,7 @@ class Backend:
     model_name: str  # what clients send as `model`
     model_info: model_info_pb2.ModelInfo
     created: int  # unix seconds the front started: GET /v1/models' `created`
+    draining: bool = False  # SIGTERM received: /health/ready says 503 while requests are still served
 
     @property
     def stub(self) -> processor_pb2_grpc.ProcessorServiceStub:
@@ -162,6 +163,9 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/health/ready")
     async def ready() -> dict:
+        if backend.draining:
+            raise from_domain(Unavailable("the front is shutting down (SIGTERM): send requests to another replica",
+                                          reason="FRONT_SHUTTING_DOWN", domain=DOMAIN, retry_delay_s=1.0))
         stub = health_pb2_grpc.HealthStub(backend.channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=PROCESSOR_SERVICE), timeout=READY_TIMEOUT_S)

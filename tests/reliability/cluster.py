@@ -3,6 +3,7 @@ and start again on its own port: what the fault and shutdown tests share."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,11 @@ class Cluster:
         return [*self.encoders, self.llm, self.processor]
 
     def stop(self) -> None:
-        for proc in (self.processor, *self.encoders, self.llm):
+        """SIGTERM to all at once, then waits for each: their drains and exits overlap."""
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             proc.stop()
 
     def restart_encoder(self, index: int) -> Proc:

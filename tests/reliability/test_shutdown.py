@@ -9,11 +9,13 @@ complete and equal to transformers' answer, within --grace-s; the process exits 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 
 import grpc
+import httpx
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.errors import error_info
 from services.common.tensors import from_proto, to_named
 from tests.media import image_bytes
+from tests.procs import spawn, wait_listening
 from tests.reference import _load, hf_generate
-from tests.reliability.cluster import Cluster, Stream, generate, recover, request, start_stream, trace_health
+from tests.reliability.cluster import Cluster, Stream, generate, request, start_stream, trace_health
 
 pytestmark = pytest.mark.e2e
 
@@ -65,10 +68,9 @@ def _check_finished(streams: list[Stream], expected: list[list[int]], signalled:
         assert stream.error is None, f"stream {i}: {stream.error.code().name} {stream.error.details()}"
         assert stream.tokens == expected[i % 2], f"stream {i} is not transformers' answer"
         assert stream.ended_at - signalled < DRAIN_S + GRACE_S
-    # Not trivial: some streams were still running when the listener closed.
 
 
-def _sigterm_under_load(cluster: Cluster, proc, expected: list[list[int]]) -> tuple[list[Stream], float]:
+def _sigterm_under_load(cluster: Cluster, proc) -> tuple[list[Stream], float]:
     """SIGTERM `proc` with NUM_STREAMS streams in flight through the processor; checks the health trace."""
     streams = _streams_in_flight(cluster.processor.address)
     signalled = time.monotonic()
@@ -87,30 +89,6 @@ def _refused(address: str) -> grpc.RpcError:
         generate(address, request("hi", [], 4), timeout_s=30)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
     return caught.value
-
-
-def test_llm_sigterm_finishes_streams_refuses_new_ones(cluster, expected):
-    streams, signalled = _sigterm_under_load(cluster, cluster.llm, expected)
-    # Refused now: the processor says the LLM is unavailable.
-    err = _refused(cluster.processor.address)
-    assert error_info(err).reason == "LLM_UNAVAILABLE", err.details()
-    _check_finished(streams, expected, signalled)
-    assert cluster.llm.popen.wait(GRACE_S) == 0, cluster.llm.output()
-
-    cluster.restart_llm()  # the processor reconnects by itself (within its 2 s reconnect backoff)
-    answer, waited_s = recover(cluster.processor.address, request(*PROMPTS[1], 8))
-    assert answer == expected[1][:8] and waited_s < 5
-
-
-def test_processor_sigterm_finishes_streams_refuses_new_ones(cluster, expected):
-    address = cluster.processor.address
-    streams, signalled = _sigterm_under_load(cluster, cluster.processor, expected)
-    _refused(address)  # nobody listens: the channel's own UNAVAILABLE
-    _check_finished(streams, expected, signalled)
-    assert cluster.processor.popen.wait(GRACE_S) == 0, cluster.processor.output()
-
-    cluster.restart_processor()
-    assert generate(address, request(*PROMPTS[1], 8)) == expected[1][:8]
 
 
 # ---- the encoder: the processor's pool drains it, direct calls in flight finish -------------------
@@ -179,3 +157,78 @@ def test_encoder_sigterm_drains_it_from_the_pool_and_finishes_its_calls(cluster,
           f"{len(served)} requests through the processor meanwhile, all answered; {pending_at_close} of "
           f"{NUM_DIRECT} direct calls still running when the listener closed")
     assert other.popen.poll() is None
+
+
+# ---- the HTTP front: readiness 503 first, its streams finish -----------------------------------------
+def _front_stream(base: str, out: dict) -> None:
+    """One streamed chat completion of PROMPTS[0]; its text and finish reason into `out`."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0][0]}],
+            "max_completion_tokens": LONG_TOKENS, "temperature": 0, "stream": True}
+    text, finish = [], None
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT_S) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text.append(choice["delta"].get("content") or "")
+                finish = choice.get("finish_reason") or finish
+                out["started"] = True
+    out.update(text="".join(text), finish=finish, status=reply.status_code)
+
+
+def test_front_sigterm_says_not_ready_first_and_finishes_streams(cluster, expected):
+    reference = start_stream(cluster.processor.address, request(*PROMPTS[0], LONG_TOKENS), TIMEOUT_S)
+    front = spawn("front", "serve", "front", "--processor", cluster.processor.address, "--port", "0",
+                  "--served-model-name", "tiny", "--drain-s", str(DRAIN_S), "--grace-s", str(GRACE_S))
+    base = f"http://{wait_listening(front)}"
+    try:
+        results = [{} for _ in range(2)]
+        threads = [threading.Thread(target=_front_stream, args=(base, out)) for out in results]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while not all(r.get("started") for r in results):
+            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), results
+            time.sleep(0.02)
+        front.popen.send_signal(signal.SIGTERM)
+        signalled, not_ready_s = time.monotonic(), None
+        while True:  # the probe: 503 FRONT_SHUTTING_DOWN while the port still answers, then refused
+            try:
+                reply = httpx.get(f"{base}/health/ready", timeout=2)
+            except httpx.TransportError:
+                refused_s = time.monotonic() - signalled
+                break
+            if reply.status_code == 503 and reply.json()["error"]["code"] == "FRONT_SHUTTING_DOWN":
+                not_ready_s = not_ready_s if not_ready_s is not None else time.monotonic() - signalled
+            assert time.monotonic() - signalled < DRAIN_S + GRACE_S
+            time.sleep(0.02)
+        assert not_ready_s is not None and not_ready_s < refused_s and refused_s >= DRAIN_S * 0.9
+        for thread in threads:
+            thread.join(DRAIN_S + GRACE_S)
+        assert reference.done.wait(TIMEOUT_S) and reference.tokens == expected[0]
+        for out in results:
+            assert out == {"started": True, "text": reference.completion.text, "finish": "length", "status": 200}
+        assert front.popen.wait(GRACE_S) == 0, front.output()
+        print(f"front: /health/ready 503 after {not_ready_s * 1000:.0f} ms, refused after {refused_s:.2f} s")
+    finally:
+        front.stop()
+
+
+def test_processor_sigterm_finishes_streams_refuses_new_ones(cluster, expected):
+    address = cluster.processor.address
+    streams, signalled = _sigterm_under_load(cluster, cluster.processor)
+    _refused(address)  # nobody listens: the channel's own UNAVAILABLE
+    _check_finished(streams, expected, signalled)
+    assert cluster.processor.popen.wait(GRACE_S) == 0, cluster.processor.output()
+
+    cluster.restart_processor()
+    assert generate(address, request(*PROMPTS[1], 8)) == expected[1][:8]
+
+
+def test_llm_sigterm_finishes_streams_refuses_new_ones(cluster, expected):
+    streams, signalled = _sigterm_under_load(cluster, cluster.llm)
+    # Refused now: the processor says the LLM is unavailable.
+    err = _refused(cluster.processor.address)
+    assert error_info(err).reason == "LLM_UNAVAILABLE", err.details()
+    _check_finished(streams, expected, signalled)
+    assert cluster.llm.popen.wait(GRACE_S) == 0, cluster.llm.output()
+    # (An LLM started again on its port is answered through the processor: test_faults.py.)

@@ -552,6 +552,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
     """
+    FRONT_SHUTTING_DOWN: _ErrorReason.ValueType  # 150
+    """The HTTP front received SIGTERM and is draining: GET /health/ready
+    answers this (HTTP 503) for the front's --drain-s so load balancers stop
+    sending it requests, which it still serves meanwhile; then it stops
+    taking new ones. Code: UNAVAILABLE. Send requests to another replica.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -1105,5 +1111,11 @@ Triton's; its log has the rest.
 TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
+"""
+FRONT_SHUTTING_DOWN: ErrorReason.ValueType  # 150
+"""The HTTP front received SIGTERM and is draining: GET /health/ready
+answers this (HTTP 503) for the front's --drain-s so load balancers stop
+sending it requests, which it still serves meanwhile; then it stops
+taking new ones. Code: UNAVAILABLE. Send requests to another replica.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
