@@ -180,8 +180,8 @@ def test_every_encoder_killed_is_unavailable_then_restarted_ones_answer(cluster,
     assert len(generate(cluster.processor.address, request("hi", [], 4))) == 4
 
     started = time.monotonic()
-    for index in range(2):
-        cluster.restart_encoder(index)
+    with ThreadPoolExecutor(2) as workers:  # both start-ups at once
+        list(workers.map(cluster.restart_encoder, range(2)))
     answer, waited_s = recover(cluster.processor.address, request(PROMPT, [images[1]], MAX_NEW_TOKENS))
     assert answer == hf_generate(qwen2_vl_dir, PROMPT, [images[1]], MAX_NEW_TOKENS)
     print(f"all encoders: outcomes {outcomes}, all ended {ended_s:.1f} s after the kill, new request refused in "
