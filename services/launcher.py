@@ -96,9 +96,9 @@ def torch_shares(torch_threads: int, cores: int, encoders: int = 1) -> tuple[int
 def run_up(args: argparse.Namespace) -> int:
     # Each child gets every one of its config fields as a flag, so `up --X` reaches whoever has X.
     skip = frozenset({"port", "encoder_addrs", "llm_addr", "metrics_port", "health_port"})
-    # --metrics-port P: the processor P, the LLM P+1, the encoders P+2, P+3, ...
+    # --metrics-port P: the processor P, the LLM P+1, the encoders P+2, P+3, ..., then the front
     metrics = [[] if not args.metrics_port else ["--metrics-port", str(args.metrics_port + i)]
-               for i in range(args.encoders + 2)]
+               for i in range(args.encoders + 3)]
     # With --tls-cert the children serve TLS: our health checks use the processor's client side.
     try:
         tls = (ClientTLS.from_files(args.tls_upstream_ca, args.tls_client_cert, args.tls_client_key, enabled=True)
@@ -133,8 +133,12 @@ def run_up(args: argparse.Namespace) -> int:
             _wait_serving(child.address, 60, tls)
         print(f"processor listening on {processor_addr}", flush=True)
         if args.front_port is not None:
+            # The front sends the processor the token the processor wants, unless told another.
+            upstream_token = ([] if args.upstream_auth_token_file or not args.auth_token_file else
+                              ["--upstream-auth-token-file", str(args.auth_token_file)])
             front = Child("front", ["serve", "front", *child_argv(FrontConfig, args, skip=skip | {"processor_addr"}),
-                                    "--port", str(args.front_port), "--processor", processor_addr])
+                                    "--port", str(args.front_port), "--processor", processor_addr,
+                                    *upstream_token, *metrics[-1]])
             children.append(front)
             print(f"front listening on {front.wait_address(args.connect_timeout_s + 60)}", flush=True)
         while not stop.is_set():

@@ -65,7 +65,9 @@ def _inputs(model_dir: Path, prompt: str, images: list[bytes], auto_class: str, 
                       do_sample_frames=True, fps=other.video_fps)
     if other.audios:
         kwargs["audio"] = [_read_wav(data) for data in other.audios]
-    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs)
+    # Floating inputs in the model's dtype, as transformers' model cards do (`.to(model.device, dtype)`): Llama 4's
+    # image processor returns bfloat16 pixels whatever the model's dtype. Integer tensors stay as they are.
+    return model, processor(text=[text], images=pil_images or None, return_tensors="pt", **kwargs).to(model.dtype)
 
 
 def _load_video(data: bytes, sample_indices_fn=None):
@@ -89,6 +91,18 @@ def hf_generate(model_dir: Path, prompt: str, images: list[bytes], max_new_token
     with torch.inference_mode():
         out = model.generate(**_video_rows_as_sequence(model, inputs), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def hf_generate_top(model_dir: Path, prompt: str, images: list[bytes], max_new_tokens: int, top_k: int,
+                    auto_class: str = "AutoModelForImageTextToText") -> tuple[list[int], list[list[int]]]:
+    """hf_generate's greedy tokens, and per step the `top_k` most likely token ids (for the near-tie rule
+    that judges a batched run, DESIGN §4.6)."""
+    model, inputs = _inputs(model_dir, prompt, images, auto_class)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, [step[0].topk(top_k).indices.tolist() for step in out.logits]
 
 
 # Architectures whose get_video_features returns pooler_output as one tensor while their forward

@@ -54,6 +54,8 @@ def item_tensors(items: Iterable[encoder_pb2.ItemEmbeddings]) -> Iterator[tuple[
             yield f"items[{i}].embeddings", item.embeddings
         for k, deep in enumerate(item.deepstack_embeddings):
             yield f"items[{i}].deepstack_embeddings[{k}]", deep
+        if item.HasField("cross_attention_states"):
+            yield f"items[{i}].cross_attention_states", item.cross_attention_states
 
 
 def prompt_tensors(prompt: llm_pb2.Prompt) -> Iterator[tuple[str, tensor_pb2.Tensor]]:
@@ -63,6 +65,8 @@ def prompt_tensors(prompt: llm_pb2.Prompt) -> Iterator[tuple[str, tensor_pb2.Ten
             yield f"prompt.multimodal_inputs[{i}].embeddings", mm.embeddings
         for k, deep in enumerate(mm.deepstack_embeddings):
             yield f"prompt.multimodal_inputs[{i}].deepstack_embeddings[{k}]", deep
+        if mm.HasField("cross_attention_states"):
+            yield f"prompt.multimodal_inputs[{i}].cross_attention_states", mm.cross_attention_states
 
 
 # ---- sending ----------------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ class EncoderConfig:
     triton_timeout_s: float = field(default=600.0, metadata=doc("seconds one Triton inference may take"))
     triton_start_timeout_s: float = field(default=120.0, metadata=doc(
         "how long start-up waits for Triton and its models to be ready"))
+    # Admission (services/common/admission.py): without it every call queues for the parse threads and the
+    # tower, and a burst holds every request's tensors at once; beyond it a call is refused before parsing.
+    max_concurrent_encodes: int = field(default=256, metadata=doc(
+        "Encode calls in flight at once; one more is RESOURCE_EXHAUSTED at once, with a retry hint (0: no limit)"))
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,11 @@ class ProcessorConfig:
         "seconds between resolutions of --encoder host names (replicas come and go with DNS); 0: only at start"))
     default_timeout_s: float = field(default=600.0, metadata=doc("deadline of a request whose client set none"))
     preprocess_threads: int = field(default=2, metadata=doc("threads decoding media and running the HF processor"))
+    # Admission (services/common/admission.py): checked before any media is read, so an overloaded processor
+    # refuses in well under a millisecond instead of queueing decoded media without bound.
+    max_concurrent_requests: int = field(default=256, metadata=doc(
+        "Generate, StreamGenerate and Preprocess calls in flight at once; one more is RESOURCE_EXHAUSTED at once, "
+        "with a retry hint (0: no limit)"))
     # shm: the encoder hands the LLM its embeddings through shared memory, for an encoder and an LLM on one
     # host (one user, one PID namespace); a region the LLM cannot open is encoded again inline.
     embeddings_transport: Literal["inline", "shm"] = field(default="inline", metadata=doc(
@@ -261,3 +270,23 @@ class FrontConfig:
         "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
         "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
         "--grace-s"))
+    metrics_port: int = field(default=0, metadata=doc(
+        "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
+    # HTTPS for the front's clients (uvicorn's ssl): the same flags as the gRPC services' TLS.
+    tls_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate chain the front presents; with --tls-key: serve HTTPS only"))
+    tls_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-cert"))
+    tls_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign client certificates; set: HTTPS clients must present one"))
+    auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the bearer token every request but /health and /health/ready must send "
+        "(Authorization: Bearer ..., OpenAI's api_key); unset: TRIPTYCH_AUTH_TOKEN if set, else none required"))
+    # The front as the processor's client (the processor's --tls-cert / --tls-ca / --auth-token-file).
+    tls_upstream_ca: Path | None = field(default=None, metadata=doc(
+        "PEM CA certificates that sign the processor's certificate; set: connect to it over TLS"))
+    tls_client_cert: Path | None = field(default=None, metadata=doc(
+        "PEM certificate the front presents to the processor (mutual TLS; implies TLS to it)"))
+    tls_client_key: Path | None = field(default=None, metadata=doc("PEM private key of --tls-client-cert"))
+    upstream_auth_token_file: Path | None = field(default=None, metadata=doc(
+        "file holding the bearer token the front sends the processor (its --auth-token-file; else "
+        "TRIPTYCH_AUTH_TOKEN, if set)"))

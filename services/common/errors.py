@@ -118,6 +118,16 @@ def error_info(call: grpc.aio.AioRpcError | grpc.Call) -> error_details_pb2.Erro
     return None
 
 
+def retry_delay_s(call: grpc.aio.AioRpcError | grpc.Call) -> float | None:
+    """The google.rpc.RetryInfo delay of a failed call, in seconds, if it has one."""
+    status = rpc_status.from_call(call)
+    for detail in status.details if status else ():
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    return None
+
+
 def from_rpc_error(err: grpc.aio.AioRpcError, service: str, address: str) -> TriptychError:
     """Converts a failed call to another Triptych service into a domain error for our caller.
 
@@ -139,6 +149,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str, address: str) -> Tri
         reason=info.reason if info else downstream_reason(service, code),
         domain=info.domain if info else f"triptych.{service}",
         metadata=dict(info.metadata) if info else {},
+        # A downstream's retry hint (the LLM's full queue, an overloaded encoder) reaches our caller as
+        # RetryInfo too: without it the processor's client saw RESOURCE_EXHAUSTED with no delay to wait.
+        retry_delay_s=retry_delay_s(err),
     )
 
 
@@ -149,6 +162,6 @@ def downstream_reason(service: str, code: grpc.StatusCode) -> str:
 
 __all__ = [
     "TriptychError", "InvalidArgument", "NotFound", "PermissionDenied", "FailedPrecondition",
-    "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal", "error_info",
+    "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Internal", "error_info", "retry_delay_s",
     "from_rpc_error", "downstream_reason", "REASONS",
 ]

@@ -244,15 +244,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, unary, stream)
 
     def _check(self, metadata) -> Unauthenticated | None:
-        values = [value for key, value in metadata if key == "authorization"]
-        if not values:
-            return Unauthenticated("this processor requires a bearer token: send the metadata "
-                                   "'authorization: Bearer <token>'", reason="AUTH_TOKEN_MISSING")
-        scheme, _, sent = (values[0] if isinstance(values[0], str) else values[0].decode("latin-1")).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), self._token):
-            return Unauthenticated("the bearer token is not valid for this processor",
-                                   reason="AUTH_TOKEN_INVALID")
-        return None
+        sent = next((value for key, value in metadata if key == "authorization"), None)
+        if isinstance(sent, bytes):
+            sent = sent.decode("latin-1")
+        return bearer_refusal(sent, self._token, "this processor")
+
+
+def bearer_refusal(authorization: str | None, token: bytes, service: str) -> Unauthenticated | None:
+    """Why an `authorization` value (None: absent) does not carry `token`; None when it does. One check
+    for the gRPC services and the HTTP front; compared in constant time, neither token in the message."""
+    if authorization is None:
+        return Unauthenticated(f"{service} requires a bearer token: send 'authorization: Bearer <token>' "
+                               "(gRPC metadata, or the HTTP header)", reason="AUTH_TOKEN_MISSING")
+    scheme, _, sent = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), token):
+        return Unauthenticated(f"the bearer token is not valid for {service}", reason="AUTH_TOKEN_INVALID")
+    return None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

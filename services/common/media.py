@@ -58,10 +58,16 @@ def decode_image(data: bytes, limits: MediaLimits, where: str) -> Image.Image:
                                       f"{limits.max_image_pixels}", reason="IMAGE_TOO_LARGE",
                                       metadata={"maxImagePixels": str(limits.max_image_pixels)})
             image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow's own cap (89 Mpx warns, 179 Mpx fails) fires in Image.open, before the check above can
+        # read the size: the same refusal, not a "corrupt" image (a 20000x20000 bomb is a valid PNG).
+        raise InvalidArgument(f"{where}: image is too large to decode ({err}); the limit is "
+                              f"{limits.max_image_pixels} pixels", reason="IMAGE_TOO_LARGE",
+                              metadata={"maxImagePixels": str(limits.max_image_pixels)}) from None
     except UnidentifiedImageError:
         raise InvalidArgument(f"{where}: not an image file Pillow can identify; send "
                               f"{', '.join(sorted(IMAGE_FORMATS))}", reason="IMAGE_FORMAT_UNSUPPORTED") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise InvalidArgument(f"{where}: the image is corrupt or truncated ({err})", reason="IMAGE_DECODE_FAILED") from None
     if width == 0 or height == 0:
         raise InvalidArgument(f"{where}: image is {width}x{height}", reason="IMAGE_DECODE_FAILED")

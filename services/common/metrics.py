@@ -14,6 +14,8 @@ Each service process exports what it knows (one registry per process, prometheus
   hits/misses/evictions and bytes, the batcher's queue (`triptych_encoder_queue_items`, what an
   autoscaler watches), read from the counters GetStats reports when Prometheus scrapes (EncoderCollector);
 - processor: each encoder replica's health and counters (PoolCollector, from EncoderPool.stats());
+- front: `triptych_http_requests_total{route,status}` and `triptych_http_request_duration_seconds{route}`
+  (the front's RequestIds middleware, refusals included);
 - `triptych_tensor_bytes_sent_total{link}`: the bytes of the tensors (and media files) a message carries,
   whatever their transport (inline, chunks, shared memory), for link encoder_request (processor ->
   encoder), encoder_reply (encoder -> processor) and llm_request (processor -> LLM).
@@ -50,6 +52,10 @@ LLM_WAITING = Gauge("triptych_llm_requests_waiting", "LLM requests admitted and 
 LLM_RUNNING = Gauge("triptych_llm_requests_running", "LLM requests prefilled and decoding (the running batch)")
 LLM_PROMPT_TOKENS = Counter("triptych_llm_prompt_tokens", "prompt tokens of LLM requests admitted")
 LLM_GENERATED_TOKENS = Counter("triptych_llm_generated_tokens", "tokens the LLM generated")
+HTTP_REQUESTS = Counter("triptych_http_requests", "HTTP requests the front answered, by route and status",
+                        ["route", "status"])
+HTTP_SECONDS = Histogram("triptych_http_request_duration_seconds",
+                         "HTTP request duration, arrival to the last byte sent, seconds", ["route"], buckets=_SECONDS)
 TENSOR_BYTES = Counter("triptych_tensor_bytes_sent",
                        "bytes of tensors (and media files) sent, whatever the transport, by link", ["link"])
 # The three links, by the service that sends them.

@@ -10,6 +10,7 @@ through the `ExternalBytes` source the caller passes for that location
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Protocol
@@ -78,7 +79,8 @@ def num_bytes(proto: tensor_pb2.Tensor, name: str = "tensor") -> int:
     itemsize = _WIRE[torch_dtype(proto.dtype)][1].itemsize
     if any(d < 0 for d in proto.shape):
         raise InvalidArgument(f"{name}: negative dimension in shape {list(proto.shape)}", reason="TENSOR_SHAPE_INVALID")
-    return int(np.prod(tuple(proto.shape), dtype=np.int64)) * itemsize
+    # Python ints, not np.prod: int64 wraps (shape [2**32, 2**32] would need 0 bytes and pass as empty).
+    return math.prod(proto.shape) * itemsize
 
 
 def from_proto(proto: tensor_pb2.Tensor, name: str = "tensor",

@@ -253,8 +253,8 @@ class Batcher:
         items = [item for job in jobs for item in job.items]
         try:
             out = self._run_tower(jobs[0].modality, items)
-            out = [ItemEmbeddings(embeddings=_owned(e.embeddings), deepstack=tuple(_owned(d) for d in e.deepstack))
-                   for e in out]
+            out = [ItemEmbeddings(embeddings=_owned(e.embeddings), deepstack=tuple(_owned(d) for d in e.deepstack),
+                                  cross_attention=e.cross_attention) for e in out]
         except BaseException as err:  # noqa: BLE001 -- every job of the forward fails with it
             for job in jobs:
                 job.future.set_exception(err)

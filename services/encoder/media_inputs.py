@@ -42,6 +42,6 @@ class MediaInputs:
         image = decode_image(check_media_size(item.media.data, self.limits, where), self.limits, where)
         try:
             return self.family.image_encoder_inputs(self.processor, image)
-        except ValueError as err:  # the HF processor's way of rejecting input, as in the processor service
+        except (ValueError, ArithmeticError) as err:  # the HF processor rejecting input, as in the processor service
             raise InvalidArgument(f"{where}: the model's processor rejected the image: {err}",
                                   reason="PROCESSOR_REJECTED") from err

@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from services.common import chunks, metrics, shm, tracing
+from services.common.admission import Admission
 from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.config import EncoderConfig, torch_threads
 from services.common.errors import InvalidArgument, NotFound
@@ -106,6 +107,15 @@ def _pruner(prunes: tuple[tuple[int, float] | None, ...]):
     return finish
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """NaN or Inf in a router's pixel values or audio features would come back as NaN embeddings with
+    an OK status (the LLM refuses them only later, and a router may cache them): refused here."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(f"{where}.tensors: {name} holds NaN or Inf; encoder inputs must be finite",
+                                  reason="ENCODER_INPUT_NOT_FINITE", metadata={"input": name})
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: EncoderConfig):
         self.checkpoint = checkpoint
@@ -125,8 +135,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             mode=cfg.batching, wait_s=cfg.batch_wait_ms / 1000, max_items=cfg.max_batch_items,
             max_patches=cfg.max_batch_patches), workers=self.backend.workers)
         self._shm = shm.Exporter(ttl_s=cfg.shm_ttl_s, max_bytes=cfg.shm_max_mib << 20)
+        # The parse threads' and the batcher's queues have no bound of their own: this bounds them.
+        self.admission = Admission(cfg.max_concurrent_encodes, service="encoder", flag="--max-concurrent-encodes",
+                                   reason="ENCODER_OVERLOADED")
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
+        with self.admission.admit():  # StreamEncode comes through here too
+            return await self._encode(request)
+
+    async def _encode(self, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
         loop = asyncio.get_running_loop()
         with tracing.span("encoder.inputs", items=len(request.items)):  # media mode: decode + HF processor
             units = await loop.run_in_executor(self._parse_pool, self._parse, request)
@@ -223,6 +240,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                        else from_named(item.tensors))
             bindings = self.family.check_encoder_item(modality, tensors, where=f"{where}.tensors",
                                                       max_patches=self.cfg.max_item_patches)
+            _check_finite(tensors, where)
             expression = self.family.encoder_schema(modality).patches
             inputs.append(tensors)
             patches.append(evaluate(expression, bindings) if expression else 1)

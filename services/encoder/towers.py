@@ -55,6 +55,8 @@ def run_tower(family: ModelFamily, model: PreTrainedModel, modality: str,
 
 def item_embeddings_proto(mm_hash: str, emb: ItemEmbeddings) -> encoder_pb2.ItemEmbeddings:
     """One item's embeddings as EncoderService answers them."""
+    if emb.cross_attention:  # a cross-attention model's states (Mllama): their own field, no placeholder rows
+        return encoder_pb2.ItemEmbeddings(mm_hash=mm_hash, cross_attention_states=to_proto(emb.embeddings))
     return encoder_pb2.ItemEmbeddings(mm_hash=mm_hash, embeddings=to_proto(emb.embeddings),
                                       deepstack_embeddings=[to_proto(d) for d in emb.deepstack],
                                       kept_token_indexes=[] if emb.kept is None else emb.kept.tolist())

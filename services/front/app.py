@@ -25,10 +25,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.exceptions import HTTPException
 
+from services.common import metrics
 from services.common.api.triptych.common.v1 import model_info_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import NotFound, TriptychError, Unavailable
-from services.common.interceptors import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, bind_request_id, outgoing_metadata
+from services.common.interceptors import (
+    MAX_REQUEST_ID_CHARS,
+    REQUEST_ID_KEY,
+    bearer_refusal,
+    bind_request_id,
+    outgoing_metadata,
+)
 from services.front import convert
 from services.front.errors import DOMAIN, ApiError, from_domain, from_rpc, invalid_request
 from services.front.schema import (
@@ -49,6 +56,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROCESSOR_SERVICE = processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"].full_name
 READY_TIMEOUT_S = 2.0  # a readiness probe's own budget is a few seconds
+HEALTH_ROUTES = ("/health", "/health/ready")  # probes send no token
+# Metric labels: the routes, not the paths (a client's unknown paths must not grow the label set).
+_ROUTES = (*HEALTH_ROUTES, "/v1/models", "/v1/chat/completions")
 
 
 class ClientGone(Exception):
@@ -64,7 +74,12 @@ class Backend:
     model_name: str  # what clients send as `model`
     model_info: model_info_pb2.ModelInfo
     created: int  # unix seconds the front started: GET /v1/models' `created`
+    token_metadata: tuple[tuple[str, str], ...] = ()  # the processor's bearer token, when it wants one
     draining: bool = False  # SIGTERM received: /health/ready says 503 while requests are still served
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every processor call carries: this request's id, and the token."""
+        return (*outgoing_metadata(), *self.token_metadata)
 
     @property
     def stub(self) -> processor_pb2_grpc.ProcessorServiceStub:
@@ -107,9 +122,38 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
             level = logging.DEBUG if scope["path"].startswith("/health") else logging.INFO
-            log.log(level, "%s %s %s %.1f ms", scope["method"], scope["path"], status[0] or "-",
-                    (time.perf_counter() - started) * 1e3)
+            log.log(level, "%s %s %s %.1f ms", scope["method"], scope["path"], status[0] or "-", seconds * 1e3)
+            route = _route(scope["path"])
+            metrics.HTTP_REQUESTS.labels(route, str(status[0] or 499)).inc()
+            metrics.HTTP_SECONDS.labels(route).observe(seconds)
+
+
+def _route(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{name}"
+    return path if path in _ROUTES else "other"
+
+
+class BearerAuth:
+    """ASGI middleware: every request but the health probes must carry `Authorization: Bearer <token>`
+    (what OpenAI clients send as their api_key); else 401 in OpenAI's error shape. The check is the
+    gRPC services' (bearer_refusal): constant time, no token in a message or a log line."""
+
+    def __init__(self, app, token: bytes):
+        self.app, self._token = app, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in HEALTH_ROUTES:
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"authorization")
+        refusal = bearer_refusal(sent.decode("latin-1") if sent is not None else None, self._token, "this server")
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        response = from_domain(refusal).response()
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
 
 
 async def _disconnected(request: Request) -> None:
@@ -133,9 +177,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], call: grpc.
         watcher.cancel()
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, auth_token: bytes | None = None) -> FastAPI:
+    """The application; with `auth_token`, requests other than health probes must carry it."""
     app = FastAPI(title="Triptych OpenAI-compatible API", docs_url=None, redoc_url=None)
-    app.add_middleware(RequestIds)
+    if auth_token is not None:
+        app.add_middleware(BearerAuth, token=auth_token)
+    app.add_middleware(RequestIds)  # added last: the outermost, so refusals get an id and a log line too
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -194,7 +241,7 @@ def create_app(backend: Backend) -> FastAPI:
         try:
             if body.stream:
                 return await _stream(request, body, grpc_request, reply_id, created)
-            call = backend.stub.Generate(grpc_request, metadata=outgoing_metadata())
+            call = backend.stub.Generate(grpc_request, metadata=backend.metadata())
             completion = (await _unless_disconnected(request, call, call)).completion
         except grpc.aio.AioRpcError as err:
             raise from_rpc(err, backend.address) from err
@@ -212,7 +259,7 @@ def create_app(backend: Backend) -> FastAPI:
     async def _stream(request: Request, body: ChatCompletionRequest, grpc_request: processor_pb2.GenerateRequest,
                       reply_id: str, created: int) -> StreamingResponse:
         call = backend.stub.StreamGenerate(processor_pb2.StreamGenerateRequest(
-            messages=grpc_request.messages, sampling=grpc_request.sampling), metadata=outgoing_metadata())
+            messages=grpc_request.messages, sampling=grpc_request.sampling), metadata=backend.metadata())
         first = await _unless_disconnected(request, call.read(), call)  # raises AioRpcError before any byte is sent
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

@@ -183,6 +183,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             self._check_deepstack_count(mm, where)
             named = [(f"{where}.embeddings", mm.embeddings)]
             named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
+            if self._check_input_kind(mm, where):  # its size is the family's, not the range's
+                self.family.check_cross_attention_states(tuple(mm.cross_attention_states.shape),
+                                                         f"{where}.cross_attention_states")
+                continue
             for name, proto in named:
                 if proto.WhichOneof("external_data") == "chunked_id":
                     self._check_embedding_shape(name, proto, length)
@@ -228,9 +232,14 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                       reason="PLACEHOLDER_RANGE_INVALID")
             covered[span] = True
             self._check_deepstack_count(mm, where)
-            named = [(f"{where}.embeddings", mm.embeddings)]
-            named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
-            tensors = [self._parse_embeddings(name, proto, length, external) for name, proto in named]
+            if self._check_input_kind(mm, where):
+                name = f"{where}.cross_attention_states"
+                self.family.check_cross_attention_states(tuple(mm.cross_attention_states.shape), name)
+                tensors = [self._parse_embeddings(name, mm.cross_attention_states, None, external)]
+            else:
+                named = [(f"{where}.embeddings", mm.embeddings)]
+                named += [(f"{where}.deepstack_embeddings[{i}]", t) for i, t in enumerate(mm.deepstack_embeddings)]
+                tensors = [self._parse_embeddings(name, proto, length, external) for name, proto in named]
             position_inputs = from_named(mm.position_inputs)
             kept = self._parse_kept(mm, modality, length, where)
             self.family.check_position_inputs(modality, position_inputs, length, where=f"{where}.position_inputs",
@@ -260,6 +269,17 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         evs.check_kept(kept, length, f"{where}.kept_token_indexes")
         return kept
 
+    def _check_input_kind(self, mm: llm_pb2.MultimodalInput, where: str) -> bool:
+        """Whether the input carries cross-attention states (the model's kind: Mllama's media enter through
+        cross-attention layers, every other family's replace placeholder rows); the other kind is refused."""
+        cross = self.family.cross_attention
+        if mm.HasField("cross_attention_states") != cross or (cross and mm.HasField("embeddings")):
+            sent = next((f for f in ("cross_attention_states", "embeddings") if mm.HasField(f)), "no tensor")
+            takes = "cross_attention_states" if cross else "embeddings"
+            raise InvalidArgument(f"{where}: {sent} for the {self.family.name} model, which takes {takes} only",
+                                  reason="CROSS_ATTENTION_STATES_INVALID", metadata={"family": self.family.name})
+        return cross
+
     def _check_deepstack_count(self, mm: llm_pb2.MultimodalInput, where: str) -> None:
         num_layers = self.family.num_deepstack_layers
         if len(mm.deepstack_embeddings) != num_layers:  # Qwen3-VL one per layer, others none: never ignored
@@ -275,10 +295,12 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             raise InvalidArgument(f"{name} {shown}, expected [{length}, {hidden}] "
                                   "(placeholder length x hidden size)", reason="EMBEDDING_SHAPE_MISMATCH")
 
-    def _parse_embeddings(self, name: str, proto, length: int, external: dict[str, ExternalBytes]) -> torch.Tensor:
-        """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite."""
+    def _parse_embeddings(self, name: str, proto, length: int | None, external: dict[str, ExternalBytes]) -> torch.Tensor:
+        """One embedding tensor: [length, hidden] in the model's dtype (no silent casts), all finite.
+        `length` None: cross-attention states, whose shape the family has checked."""
         dtype = self.checkpoint.dtype
-        self._check_embedding_shape(name, proto, length)
+        if length is not None:
+            self._check_embedding_shape(name, proto, length)
         tensor = from_proto(proto, name, external)
         if tensor.dtype != dtype:
             raise InvalidArgument(f"{name} are {DataType.Name(proto.dtype)}, the model runs in {dtype}; send them "

@@ -89,6 +89,9 @@ class ItemEmbeddings:
     deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one [num_tokens, hidden_size] per layer
     # EVS: the rows' indexes (int64, ascending) into the item's unpruned token sequence; None: not pruned.
     kept: torch.Tensor | None = None
+    # The rows are cross-attention states (ModelFamily.cross_attention), not one per placeholder token:
+    # they travel as ItemEmbeddings.cross_attention_states on the wire.
+    cross_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,13 +131,16 @@ class PrefillInputs:
     # Extra language-model kwargs at prefill; they override the engine's own (e.g. a family's
     # attention_mask with bidirectional image blocks).
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Extra language-model kwargs of every decode step, kept by for_decode (Mllama: the cross-attention
+    # mask row of the next token); the family's decode_kwargs hands them over.
+    decode_layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def for_decode(self) -> PrefillInputs:
         """What decode steps keep of it: the positions' axes and delta, the device. The prompt-sized
         tensors go (a long prompt's embeddings are megabytes per running request on a real model)."""
         return PrefillInputs(inputs_embeds=self.inputs_embeds.new_empty(1, 0, self.inputs_embeds.shape[-1]),
                              position_ids=None if self.position_ids is None else self.position_ids[..., :0].clone(),
-                             rope_delta=self.rope_delta)
+                             rope_delta=self.rope_delta, decode_layer_kwargs=self.decode_layer_kwargs)
 
 
 class ModelFamily(ABC):
@@ -171,6 +177,17 @@ class ModelFamily(ABC):
     @property
     def max_context_tokens(self) -> int:
         return self.text_config.max_position_embeddings
+
+    # Media enter through cross-attention layers (Mllama): an item is one placeholder token, and its
+    # encoder output is the states those layers attend to (the contract's cross_attention_states, whose
+    # shape the family checks in check_cross_attention_states), not rows written over placeholders.
+    cross_attention: ClassVar[bool] = False
+
+    def check_cross_attention_states(self, shape: tuple[int, ...], where: str) -> None:
+        """INVALID_ARGUMENT (CROSS_ATTENTION_STATES_INVALID) unless `shape` is one item's cross-attention
+        states; only a family with `cross_attention` takes them."""
+        raise InvalidArgument(f"{where}: the {self.name} model takes embeddings, not cross_attention_states",
+                              reason="CROSS_ATTENTION_STATES_INVALID", metadata={"family": self.name})
 
     @property
     def num_deepstack_layers(self) -> int:
@@ -369,6 +386,12 @@ class ModelFamily(ABC):
         """Extra language-model kwargs for the decode step at `cache_length` (override the engine's)."""
         return {}
 
+    def decode_token_kwargs(self, model: PreTrainedModel, token_ids: torch.Tensor) -> dict[str, Any]:
+        """Extra language-model kwargs of a decode step computed from the tokens it feeds ([B, 1]): what
+        the model derives from token ids besides their embeddings (Gemma 4's per-layer embeddings), since
+        the engine feeds embeddings. Default: none."""
+        return {}
+
     def decode_position_ids(self, prefill: PrefillInputs, cache_length: int) -> torch.Tensor | None:
         """Position ids of the next decoded token; None means the model's default (cache length)."""
         if prefill.position_ids is None:
@@ -396,6 +419,19 @@ class ModelFamily(ABC):
         if limit is not None and prompt_length + max_new_tokens > limit:
             return None
         return "batch"
+
+    def decode_group(self, prefill: PrefillInputs) -> Hashable | None:
+        """Rows of one `batch_key` share a decode forward only with rows of the same group (their
+        PrefillInputs as decode keeps them). None for all: no split. Mllama: rows with images apart from
+        text-only rows, whose forward skips the cross-attention layers."""
+        return None
+
+    @property
+    def fixed_cache_layers(self) -> frozenset[int]:
+        """Cache layers that hold no text timeline, written once at prefill (Mllama: the cross-attention
+        layers' K/V of the request's images): the batch cache right-pads them to its longest row and
+        never trims them with the text; the family's batch_decode_kwargs masks the padding."""
+        return frozenset()
 
     def _position_dependent_rope_limit(self) -> int | None:
         params = getattr(self.text_config, "rope_parameters", None) or {}

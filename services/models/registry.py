@@ -30,11 +30,15 @@ if TYPE_CHECKING:
 # family's name (`ModelFamily.name`).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
+    "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
+    "Llama4ForConditionalGeneration": ("llama4", "Llama4"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "LlavaOnevision"),
+    "MllamaForConditionalGeneration": ("mllama", "Mllama"),
     "NemotronH_Omni_Reasoning_V3": ("nemotron_h_omni", "NemotronHOmni"),
+    "PaliGemmaForConditionalGeneration": ("paligemma", "PaliGemma"),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
     "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),
     "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),

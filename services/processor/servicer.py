@@ -14,6 +14,7 @@ import numpy as np
 from transformers.video_utils import VideoMetadata
 
 from services.common import metrics, tracing
+from services.common.admission import Admission
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
@@ -97,6 +98,28 @@ class Prepared:
         return files
 
 
+def _max_text_bytes(tokenizer, max_context_tokens: int) -> int:
+    """The most normalized text bytes a prompt that fits the context can hold: context x the longest token
+    string (UTF-8 bytes; a byte-level BPE or SentencePiece token stands for at most that many). Longer text
+    is refused before tokenizing it, which holds ~300 bytes per token (a 1 MiB prompt cost the processor
+    ~350 MiB and 6 s on the tiny Nemotron-H Omni)."""
+    longest = max((len(token.encode()) for token in tokenizer.get_vocab()), default=1)
+    return max_context_tokens * longest
+
+
+def _check_same_hash_same_item(hashes: list[str], items: list[ProcessedItem]) -> None:
+    """Items of one mm_hash are encoded once and share its rows: a caller's uuid on two media that differ
+    (another placeholder count) would hand the second the first's rows, which the LLM refused as a
+    TENSOR_SIZE_MISMATCH of its own (or, at an equal count, answered with the wrong image)."""
+    first: dict[str, ProcessedItem] = {}
+    for index, (h, item) in enumerate(zip(hashes, items, strict=True)):
+        seen = first.setdefault(h, item)
+        if (seen.modality, seen.length) != (item.modality, item.length):
+            raise InvalidArgument(f"media item {index} has the mm_hash (uuid) {h!r} of an earlier item but is another "
+                                  f"{item.modality} ({item.length} placeholder tokens, not {seen.length}); give each "
+                                  "media its own uuid", reason="MM_HASH_CONFLICT", metadata={"mmHash": h})
+
+
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def __init__(self, checkpoint: Checkpoint, cfg: ProcessorConfig):
         self.checkpoint = checkpoint
@@ -115,6 +138,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                   "no video pruning (EVS); start with 0", reason="VIDEO_PRUNING_UNSUPPORTED",
                                   metadata={"family": self.family.name})
         self.reserved_tokens = [self.family.placeholder_token(m) for m in self.family.modalities]
+        self.max_text_bytes = _max_text_bytes(self.tokenizer, self.family.max_context_tokens)
         self.embedding_spec = EmbeddingSpec(
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
             num_deepstack_layers=self.family.num_deepstack_layers, fingerprint=checkpoint.fingerprint,
@@ -132,6 +156,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.llm = LlmClient(cfg.llm_addr, checkpoint.fingerprint, cfg.server.max_message_mib << 20, tls=upstream_tls)
         self._transport = (encoder_pb2.EMBEDDINGS_TRANSPORT_SHARED_MEMORY if cfg.embeddings_transport == "shm"
                            else encoder_pb2.EMBEDDINGS_TRANSPORT_INLINE)
+        # Every call that decodes media holds a place from its start to its last reply (docs/reliability/load.md).
+        self.admission = Admission(cfg.max_concurrent_requests, service="processor", flag="--max-concurrent-requests",
+                                   reason="PROCESSOR_OVERLOADED")
 
     async def connect(self) -> None:
         """Start-up check: the LLM and at least one encoder answer, serve our model and agree on the dtype
@@ -149,16 +176,22 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: processor_pb2.GenerateRequest, context) -> processor_pb2.GenerateResponse:
-        async for event in self._generate(request, context):
-            if event.HasField("completion"):
-                return processor_pb2.GenerateResponse(completion=event.completion)
+        with self.admission.admit():
+            async for event in self._generate(request, context):
+                if event.HasField("completion"):
+                    return processor_pb2.GenerateResponse(completion=event.completion)
         raise AssertionError("generation ended without a completion")
 
     async def StreamGenerate(self, request, context) -> AsyncIterator[processor_pb2.StreamGenerateResponse]:
-        async for event in self._generate(request, context):
-            yield event
+        with self.admission.admit():  # released when the stream ends, fails or is cancelled
+            async for event in self._generate(request, context):
+                yield event
 
     async def Preprocess(self, request: processor_pb2.PreprocessRequest, context) -> processor_pb2.PreprocessResponse:
+        with self.admission.admit():
+            return await self._preprocess(request)
+
+    async def _preprocess(self, request: processor_pb2.PreprocessRequest) -> processor_pb2.PreprocessResponse:
         self._check_sampling(request.sampling)  # cheap first: no media work for a bad request
         prepared = await self._prepare(request)
         return await self._offload(lambda: processor_pb2.PreprocessResponse(
@@ -280,6 +313,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
         media = _RequestMedia()
+        text_bytes = 0
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
                 raise InvalidArgument(f"messages[{m_index}].role is {message.role!r}; use one of {sorted(ROLES)}",
@@ -290,6 +324,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 kind = part.WhichOneof("part")
                 if kind == "text":
                     self._check_text(part.text, where)
+                    text_bytes += self._text_bytes(part.text)
+                    self._check_text_bytes(text_bytes)
                     parts.append({"type": "text", "text": part.text})
                 elif kind is None:
                     raise InvalidArgument(f"{where}: set one of text, image, video, audio", reason="CONTENT_EMPTY")
@@ -307,7 +343,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 prompt_text = self.family.render_chat(self.hf_processor, hf_messages)
                 more = {name: items for name, items in (("videos", media.videos), ("audios", media.audios)) if items}
                 processed = self.family.preprocess(self.hf_processor, prompt_text, media.images, **more)
-        except ValueError as err:  # the HF processor's way of rejecting input (sizes, counts, roles)
+        # ValueError: the HF processor's way of rejecting input (sizes, counts, roles). ArithmeticError: its
+        # size arithmetic failing on an input it does not foresee (Nemotron-H Omni's divides by zero on a
+        # 2000x1 image), the input's fault as much: not INTERNAL.
+        except (ValueError, ArithmeticError) as err:
             raise InvalidArgument(f"the model's processor rejected the request: {err}",
                                   reason="PROCESSOR_REJECTED") from err
         if [item.modality for item in processed.items] != media.modalities:
@@ -324,6 +363,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         for index, given in media.precomputed.items():
             check_rows(given, processed.items[index], self.family.hidden_size)
         hashes = [f"{h}+{item.hash_context}" if item.hash_context else h for h, item in zip(media.hashes, processed.items)]
+        _check_same_hash_same_item(hashes, processed.items)
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
                         unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
@@ -414,6 +454,20 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
         return decode_video(data, self.video_limits, choose, where)
 
+    def _check_text_bytes(self, text_bytes: int) -> None:
+        """PROMPT_TOO_LONG for text that cannot fit the context whatever its tokens (_max_text_bytes)."""
+        max_ctx = self.family.max_context_tokens
+        if text_bytes > self.max_text_bytes:
+            raise InvalidArgument(
+                f"the text is {text_bytes} bytes or more (normalized); no token of this model stands for more than "
+                f"{self.max_text_bytes // max_ctx} bytes, so it cannot fit the model's context of {max_ctx} tokens. "
+                "Shorten the text", reason="PROMPT_TOO_LONG", metadata={"maxContextTokens": str(max_ctx)})
+
+    def _text_bytes(self, text: str) -> int:
+        """UTF-8 bytes of `text` as the tokenizer's normalizer leaves them (NFC may shorten it)."""
+        normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        return len((normalizer.normalize_str(text) if normalizer else text).encode())
+
     def _check_text(self, text: str, where: str) -> None:
         for token in self.reserved_tokens:
             if token in text:
@@ -486,6 +540,12 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 per_group = item.pruning.unpruned_length // item.pruning.frames  # a run per frame group:
                 kept = [k % per_group for k in kept]  # each run's indexes are into its own group's tokens
             first_row = 0
+            if emb is not None and emb.HasField("cross_attention_states"):  # one token; the states add no rows
+                inputs.append(llm_pb2.MultimodalInput(
+                    placeholder=tensor_pb2.PlaceholderRange(modality=modality_to_proto(item.modality),
+                                                            offset=item.offset, length=item.length, mm_hash=h),
+                    cross_attention_states=emb.cross_attention_states, position_inputs=to_named(item.position_inputs)))
+                continue
             for run_index, (offset, length) in enumerate(item.placeholder_runs):
                 rows = slice(first_row, first_row + length)  # an item split in runs sends one input per run
                 inputs.append(llm_pb2.MultimodalInput(

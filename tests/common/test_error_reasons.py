@@ -105,3 +105,20 @@ def test_downstream_status_without_error_info(code, cls, reason):
     assert reason in REASONS
     if cls is not None:
         assert type(err) is cls
+
+
+def test_a_downstream_retry_hint_reaches_the_caller():
+    """The LLM's full queue (or an overloaded encoder) says when to retry: the processor passes the
+    RetryInfo on, not only the reason (the client of the processor backs off by it)."""
+    from services.common.errors import ResourceExhausted, retry_delay_s
+
+    status = ResourceExhausted("the LLM is full", reason="LLM_QUEUE_FULL", retry_delay_s=1.5).to_status("triptych.llm")
+    call = grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
+                                details=status.details)
+    err = from_rpc_error(call, "llm", "127.0.0.1:1")
+    assert (err.reason, err.retry_delay_s, err.metadata["retryDelayMs"]) == ("LLM_QUEUE_FULL", 1.5, "1500")
+    again = err.to_status()  # what the processor sends its own caller
+    resent = grpc.aio.AioRpcError(again.code, grpc.aio.Metadata(), grpc.aio.Metadata(*again.trailing_metadata),
+                                  details=again.details)
+    assert retry_delay_s(resent) == 1.5
+    assert retry_delay_s(_rpc_error(grpc.StatusCode.UNAVAILABLE)) is None

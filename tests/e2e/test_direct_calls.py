@@ -1,4 +1,4 @@
-"""An external router: Preprocess, then EncoderService and LlmService called directly."""
+"""An external router: Preprocess, then EncoderService and LlmService called directly, token-exact."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import torch
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
-from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
 from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from services.common.errors import error_info
-from services.common.tensors import from_proto, to_proto
+from services.common.tensors import from_proto
 from tests.media import image_bytes
 from tests.reference import hf_generate
 
@@ -74,61 +73,5 @@ def test_same_image_same_hash(stubs):
     assert [item.mm_hash for item in pre.encode_request.items] == hashes[:1]  # encoded once
 
 
-def _llm_error(llm, request) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        llm.Generate(request, timeout=30)
-    return caught.value
-
-
-def test_embedding_dtype_mismatch_is_invalid_argument(stubs, routed):
-    _, _, llm = stubs
-    request = llm_pb2.GenerateRequest()
-    request.CopyFrom(routed[2])
-    emb = from_proto(request.prompt.multimodal_inputs[0].embeddings)
-    request.prompt.multimodal_inputs[0].embeddings.CopyFrom(to_proto(emb.to(torch.bfloat16)))
-    err = _llm_error(llm, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "EMBEDDING_DTYPE_MISMATCH"
-    assert error_info(err).domain == "triptych.llm"
-
-
-def test_embedding_shape_mismatch_is_invalid_argument(stubs, routed):
-    _, _, llm = stubs
-    request = llm_pb2.GenerateRequest()
-    request.CopyFrom(routed[2])
-    emb = from_proto(request.prompt.multimodal_inputs[0].embeddings)
-    request.prompt.multimodal_inputs[0].embeddings.CopyFrom(to_proto(emb[:, :-1]))
-    err = _llm_error(llm, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "EMBEDDING_SHAPE_MISMATCH"
-
-
-def test_range_not_on_placeholders_is_invalid_argument(stubs, routed):
-    _, _, llm = stubs
-    request = llm_pb2.GenerateRequest()
-    request.CopyFrom(routed[2])
-    request.prompt.multimodal_inputs[0].placeholder.offset -= 1
-    err = _llm_error(llm, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLACEHOLDER_RANGE_INVALID"
-
-
-def test_missing_embeddings_is_invalid_argument(stubs, routed):
-    _, _, llm = stubs
-    request = llm_pb2.GenerateRequest()
-    request.CopyFrom(routed[2])
-    del request.prompt.multimodal_inputs[1]
-    err = _llm_error(llm, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(err).reason == "PLACEHOLDER_COUNT_MISMATCH"
-    # still serving
-    assert list(llm.Generate(routed[2], timeout=60).token_ids)
-
-
-def test_encoder_rejects_malformed_item(stubs, routed):
-    _, encoder, _ = stubs
-    request = encoder_pb2.EncodeRequest()
-    request.CopyFrom(routed[0].encode_request)
-    data = request.items[0].media.data  # the processor's default --encoder-input media: the file travels
-    request.items[0].media.data = data[: len(data) // 2]  # truncated
-    with pytest.raises(grpc.RpcError) as caught:
-        encoder.Encode(request, timeout=30)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_info(caught.value).reason == "IMAGE_DECODE_FAILED"
-    assert len(encoder.Encode(routed[0].encode_request, timeout=30).items) == 2
+# Malformed router calls (tensor bytes vs shape, dtypes, ranges, fingerprints, NaN...) to the encoder and the
+# LLM are entries of the corpus: tests/reliability/corpus.py, driven by tests/reliability/test_corpus.py.

@@ -1,11 +1,13 @@
-"""Mutual TLS between the three services (as separate processes) and for clients, and the processor's
-bearer token: certificates made here by a CA of the test's own (the `cryptography` package)."""
+"""Mutual TLS between the three services (as separate processes) and for clients, the processor's
+bearer token, and the HTTP front's HTTPS, token and metrics: certificates made here by a CA of the
+test's own (the `cryptography` package)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import json
+import ssl
 import subprocess
 import sys
 import uuid
@@ -13,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
@@ -26,7 +31,7 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from tests.media import image_bytes
-from tests.procs import start_encoder, start_llm, start_processor, tls_flags, wait_listening, wait_serving
+from tests.procs import spawn, start_encoder, start_llm, start_processor, tls_flags, wait_listening, wait_serving
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,3 +275,81 @@ def test_replicas_of_a_host_name_are_checked_for_that_name(qwen2_vl_dir, pki):
             servicer.close()
 
     asyncio.run(run())
+
+
+# ---- the public front: HTTPS, its own bearer token, TLS and the token to the processor -----------------
+FRONT_TOKEN = f"front-{uuid.uuid4().hex}"  # not the processor's: the front sends that one itself
+FRONT_METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def front(services, pki, tmp_path_factory):
+    secret = tmp_path_factory.mktemp("front-secret")
+    (secret / "front").write_text(FRONT_TOKEN)
+    (secret / "processor").write_text(TOKEN)
+    proc = spawn("front", "serve", "front", "--processor", services["processor"].address, "--port", "0",
+                 "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+                 "--auth-token-file", str(secret / "front"), "--metrics-port", str(FRONT_METRICS_PORT),
+                 "--tls-upstream-ca", str(pki.ca.pem), "--tls-client-cert", str(pki.client.cert),
+                 "--tls-client-key", str(pki.client.key), "--upstream-auth-token-file", str(secret / "processor"))
+    address = wait_listening(proc, 120)
+    yield proc, f"https://{address}"
+    assert proc.stop() == 0, proc.output()
+
+
+def _verify(pki: Pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki.ca.pem))
+
+
+def _openai(pki: Pki, url: str, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=120,
+                         http_client=httpx.Client(verify=_verify(pki)))
+
+
+def test_the_front_serves_https_with_its_token_and_reaches_the_tls_processor_with_its_own(front, pki):
+    _, url = front
+    client = _openai(pki, url, FRONT_TOKEN)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi."}])
+    assert reply.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize(("token", "code"), [("", "AUTH_TOKEN_MISSING"), (TOKEN, "AUTH_TOKEN_INVALID"),
+                                             (FRONT_TOKEN[:-1], "AUTH_TOKEN_INVALID")])
+def test_the_front_refuses_no_or_a_wrong_token_with_401(front, pki, token, code):
+    proc, url = front
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        reply = httpx.request(method, f"{url}{path}", headers=headers, json={}, verify=_verify(pki), timeout=30)
+        assert reply.status_code == 401, reply.text
+        assert reply.headers["www-authenticate"] == "Bearer"
+        error = reply.json()["error"]
+        assert error["code"] == code and error["type"] == "authentication_error"
+        assert FRONT_TOKEN not in reply.text and TOKEN not in reply.text
+    assert FRONT_TOKEN not in proc.output() and TOKEN not in proc.output()
+
+
+def test_the_fronts_probes_need_no_token_and_plain_http_is_refused(front, pki):
+    _, url = front
+    for path in ("/health", "/health/ready"):  # ready: the front reached the processor's health over TLS
+        assert httpx.get(f"{url}{path}", verify=_verify(pki), timeout=30).status_code == 200
+    with pytest.raises(httpx.HTTPError):  # HTTPS only
+        httpx.get(url.replace("https://", "http://") + "/health", timeout=10)
+
+
+def test_the_front_counts_its_requests_by_route_and_status(front, pki):
+    _, url = front
+    before = _http_requests()
+    httpx.get(f"{url}/v1/models", verify=_verify(pki), timeout=30)  # no token: 401
+    _openai(pki, url, FRONT_TOKEN).models.list()
+    after = _http_requests()
+    for status in ("401", "200"):
+        key = ("/v1/models", status)
+        assert after.get(key, 0) - before.get(key, 0) == 1, (key, before, after)
+
+
+def _http_requests() -> dict[tuple[str, str], float]:
+    text = httpx.get(f"http://127.0.0.1:{FRONT_METRICS_PORT}/metrics", timeout=10).text
+    return {(s.labels["route"], s.labels["status"]): s.value for family in text_string_to_metric_families(text)
+            if family.name == "triptych_http_requests" for s in family.samples if s.name.endswith("_total")}

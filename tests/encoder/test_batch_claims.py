@@ -21,7 +21,8 @@ PHI_SIZES = [(448, 448), (640, 320), (500, 300)]
 
 EXPECTED = {"qwen2_vl": "tolerance", "qwen2_5_vl": "tolerance", "qwen3_vl": "tolerance", "llava": "exact",
             "llava_next": "exact", "gemma3": "exact", "internvl": "exact", "nemotron_h_omni": "tolerance",
-            "phi4mm": "alone", "llava_onevision": "exact", "qwen2_audio": "tolerance", "qwen2_5_omni_thinker": "tolerance"}
+            "phi4mm": "alone", "llava_onevision": "exact", "qwen2_audio": "tolerance", "qwen2_5_omni_thinker": "tolerance",
+            "mllama": "exact", "paligemma": "exact", "gemma4": "exact", "llama4": "exact"}
 # Clips of these (seconds, seed): the items of audio-only families, and the audio check of the others.
 CLIPS = [(1.0, 1), (2.5, 2), (0.4, 3)]
 AUDIO_FAMILIES = ("phi4mm", "qwen2_5_omni_thinker")  # audio-only families are checked on clips above

@@ -31,7 +31,7 @@ from services.models.checkpoint import Checkpoint
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
+FAMILIES = ("mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
             "nemotron_h_omni", "idefics3", "mistral3", "aya_vision", "llava_onevision", "llava_next_video")
 
 
@@ -99,7 +99,8 @@ def test_media_mode_embeddings_equal_tensor_mode_bitwise(family):
     by_tensors, by_media = _encode(servicer, _request(servicer, tensor_items), _request(servicer, media_items))
     assert [e.mm_hash for e in by_media.items] == ["h0", "h1", "h2"]
     for expected, got in zip(by_tensors.items, by_media.items, strict=True):
-        assert torch.equal(from_proto(expected.embeddings), from_proto(got.embeddings))
+        field = "cross_attention_states" if expected.HasField("cross_attention_states") else "embeddings"  # mllama
+        assert torch.equal(from_proto(getattr(expected, field)), from_proto(getattr(got, field)))
         assert len(expected.deepstack_embeddings) == len(got.deepstack_embeddings)
         for a, b in zip(expected.deepstack_embeddings, got.deepstack_embeddings):
             assert torch.equal(from_proto(a), from_proto(b))

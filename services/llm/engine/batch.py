@@ -85,7 +85,7 @@ class Batch:
         self.key = key
         self.engine = engine
         self.rows = [row]
-        self.cache = BatchCache(cache, row.length, engine.model.device)
+        self.cache = BatchCache(cache, row.length, engine.model.device, engine.family.fixed_cache_layers)
 
     def add(self, row: Row, cache: Cache) -> None:
         """Merges a prefilled request's cache as the last row (once: decode steps never re-stack)."""
@@ -113,6 +113,7 @@ class Batch:
             "past_key_values": self.cache.cache,
             "use_cache": True,
         }
+        kwargs |= family.decode_token_kwargs(engine.model, last)
         out = engine.language_model(**(kwargs | family.batch_decode_kwargs(prefills, lengths)))
         self.cache.advance()
         logits = engine.lm_head(out.last_hidden_state[:, -1])  # [B, vocab]

@@ -8,7 +8,10 @@ The rows share one timeline of `width` positions; each row's real tokens sit at 
   window by it (a wrong value shifts every row's window);
 - Mamba conv/SSM state (`LinearAttentionLayer`): one state per row, concatenated on dim 0; decode
   steps use no mask for them;
-- no cache (`DummyLayer`, MoE blocks): nothing.
+- no cache (`DummyLayer`, MoE blocks): nothing;
+- fixed layers (the family's `fixed_cache_layers`: Mllama's cross-attention K/V of a row's images, written
+  once at prefill): not on the text timeline; right-padded with zeros to the longest row (the family's
+  decode mask excludes the padding) and never trimmed with the text, only down to the longest row left.
 Once a batch has two rows its full-attention layers become `GrowingLayer`s: the same keys/values
 with room for the next tokens, written in place, where `DynamicLayer` copies the whole cache into a
 new tensor every step (`torch.cat`: 17 % of a batch-16 step on the bench model). A request decoded
@@ -80,6 +83,11 @@ def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
 
 
+def _pad_right(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, heads, length, D], zeros on the right."""
+    return F.pad(tensor, (0, 0, 0, length - tensor.shape[-2]))
+
+
 def _linear_states(layer: LinearAttentionLayer) -> list[tuple[dict, int]]:
     return [(states, i) for states in (layer.conv_states, layer.recurrent_states)
             for i, state in states.items() if state is not None]
@@ -89,9 +97,15 @@ class BatchCache:
     """A batch's cache and its padding mask. Starts as one request's own cache, unchanged, so a request
     decoded alone runs exactly as generate() does (no padding, no copy)."""
 
-    def __init__(self, cache: Cache, length: int, device: torch.device):
+    def __init__(self, cache: Cache, length: int, device: torch.device, fixed_layers: frozenset[int] = frozenset()):
         self.cache = cache
         self.mask = torch.ones(1, length, dtype=torch.long, device=device)  # [B, width]
+        self.fixed_layers = fixed_layers
+        self.fixed_lengths = [self._fixed_length(cache)]  # per row: positions its fixed layers really hold
+
+    def _fixed_length(self, cache: Cache) -> int:
+        layers = [cache.layers[i] for i in sorted(self.fixed_layers)]
+        return next((layer.keys.shape[-2] for layer in layers if layer.keys is not None), 0)
 
     @property
     def width(self) -> int:
@@ -100,8 +114,14 @@ class BatchCache:
     def append(self, cache: Cache, length: int) -> None:
         """Adds one request's prefilled cache (batch 1, `length` tokens) as the last row."""
         width = max(self.width, length)
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+        self.fixed_lengths.append(self._fixed_length(cache))
+        for index, (mine, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
             if isinstance(mine, DummyLayer) or getattr(mine, "keys", 0) is None:  # no cache, or never written
+                continue
+            if index in self.fixed_layers:
+                fixed = max(self.fixed_lengths)
+                mine.keys = torch.cat([_pad_right(mine.keys, fixed), _pad_right(theirs.keys, fixed)])
+                mine.values = torch.cat([_pad_right(mine.values, fixed), _pad_right(theirs.values, fixed)])
                 continue
             if isinstance(mine, LinearAttentionLayer):
                 for (states, i), (other, _) in zip(_linear_states(mine), _linear_states(theirs), strict=True):
@@ -114,7 +134,7 @@ class BatchCache:
                 mine.cumulative_length = width
         layers = self.cache.layers
         for i, layer in enumerate(layers):
-            if type(layer) is DynamicLayer and layer.keys is not None:
+            if type(layer) is DynamicLayer and layer.keys is not None and i not in self.fixed_layers:
                 layers[i] = GrowingLayer(layer.keys, layer.values)
         row = torch.zeros(1, width, dtype=self.mask.dtype, device=self.mask.device)
         row[:, width - length :] = 1
@@ -133,11 +153,19 @@ class BatchCache:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.cache.reorder_cache(index)  # batch_select_indices raises on linear-attention layers
         self.mask = self.mask.index_select(0, index)
+        self.fixed_lengths = [self.fixed_lengths[i] for i in keep]
+        fixed = max(self.fixed_lengths)
+        for i in self.fixed_layers:  # down to the longest row left
+            layer = self.cache.layers[i]
+            if layer.keys is not None and layer.keys.shape[-2] > fixed:
+                layer.keys, layer.values = layer.keys[:, :, :fixed], layer.values[:, :, :fixed]
         trim = int(self.mask.any(dim=0).long().argmax())  # first position some row really holds
         if trim == 0:
             return
         self.mask = self.mask[:, trim:]
-        for layer in self.cache.layers:
+        for index, layer in enumerate(self.cache.layers):
+            if index in self.fixed_layers:
+                continue
             if type(layer) in (DynamicLayer, GrowingLayer):
                 layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
             elif type(layer) is DynamicSlidingWindowLayer:

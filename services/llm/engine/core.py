@@ -179,7 +179,8 @@ class Engine:
                 self._release(row)
                 continue
             key = self.family.batch_key(row.token_ids.shape[0], row.sampling.max_new_tokens) if self.batching else None
-            key = ("alone", row.request_id) if key is None else key
+            # Within a key, the family may keep kinds of rows apart (Mllama: rows with images from text-only ones).
+            key = ("alone", row.request_id) if key is None else (key, self.family.decode_group(row.prefill))
             batch = self._batches.get(key)
             if batch is None:
                 self._batches[key] = Batch(key, self, row, cache)

@@ -160,6 +160,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     name, a wrong shape or dtype; the message says which). Code:
     INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
     """
+    ENCODER_INPUT_NOT_FINITE: _ErrorReason.ValueType  # 123
+    """An item's floating-point tensors (pixel values, audio features) hold NaN
+    or Inf: the tower would answer with NaN embeddings. Code:
+    INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+    values, as ProcessorService.Preprocess returns them.
+    """
     ITEM_TOO_LARGE: _ErrorReason.ValueType  # 59
     """An item's tensors claim more patches (tower input rows) than the
     encoder's --max-item-patches allows; refused before anything is
@@ -187,6 +193,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     they make from those of the item already encoded (or being encoded) under
     the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
     media bytes and the processing arguments (ProcessorService does).
+    ProcessorService reports it too, for two media items of one request
+    that share a Media.uuid but differ (modality or placeholder count).
     """
     PROMPT_EMPTY: _ErrorReason.ValueType  # 30
     """---- Generation (LlmService) --------------------------------------------
@@ -558,6 +566,38 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     sending it requests, which it still serves meanwhile; then it stops
     taking new ones. Code: UNAVAILABLE. Send requests to another replica.
     """
+    PROCESSOR_OVERLOADED: _ErrorReason.ValueType  # 155
+    """---- admission (load) ---------------------------------------------------
+
+    The processor already serves --max-concurrent-requests calls (Generate,
+    StreamGenerate, Preprocess); this one was refused before any of its media
+    was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
+    maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
+    or on another replica; an operator raises --max-concurrent-requests or
+    adds processors.
+    """
+    ENCODER_OVERLOADED: _ErrorReason.ValueType  # 156
+    """The encoder already serves --max-concurrent-encodes Encode calls; this
+    one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
+    with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
+    Retry after the delay, or on another replica; an operator raises
+    --max-concurrent-encodes or adds encoder replicas.
+    """
+    CROSS_ATTENTION_STATES_INVALID: _ErrorReason.ValueType  # 170
+    """---- cross-attention models (Llama 3.2 Vision) ---------------------------
+
+    A multimodal input's cross-attention states do not fit the model: a
+    shape other than [max_num_tiles x patches_per_tile, hidden_size],
+    cross_attention_states for a model whose media replace placeholder rows,
+    or embeddings for a model whose media enter through cross-attention.
+    Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+    ItemEmbeddings.cross_attention_states of this model as they are.
+    """
+    IMAGE_REQUIRED: _ErrorReason.ValueType  # 168
+    """The model takes no request without an image (PaliGemma: its processor
+    prefixes every prompt with the image tokens, and refuses a prompt
+    without images). Code: INVALID_ARGUMENT. Add an image part.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call failed, as every Triptych service reports it.
@@ -720,6 +760,12 @@ ENCODER_INPUT_INVALID: ErrorReason.ValueType  # 27
 name, a wrong shape or dtype; the message says which). Code:
 INVALID_ARGUMENT. Send what ProcessorService.Preprocess returns.
 """
+ENCODER_INPUT_NOT_FINITE: ErrorReason.ValueType  # 123
+"""An item's floating-point tensors (pixel values, audio features) hold NaN
+or Inf: the tower would answer with NaN embeddings. Code:
+INVALID_ARGUMENT. Metadata: input (the tensor's name). Send finite
+values, as ProcessorService.Preprocess returns them.
+"""
 ITEM_TOO_LARGE: ErrorReason.ValueType  # 59
 """An item's tensors claim more patches (tower input rows) than the
 encoder's --max-item-patches allows; refused before anything is
@@ -747,6 +793,8 @@ MM_HASH_CONFLICT: ErrorReason.ValueType  # 84
 they make from those of the item already encoded (or being encoded) under
 the same mm_hash: the hash does not identify the media. Code: INVALID_ARGUMENT. Metadata: mmHash. Hash the
 media bytes and the processing arguments (ProcessorService does).
+ProcessorService reports it too, for two media items of one request
+that share a Media.uuid but differ (modality or placeholder count).
 """
 PROMPT_EMPTY: ErrorReason.ValueType  # 30
 """---- Generation (LlmService) --------------------------------------------
@@ -1117,5 +1165,37 @@ FRONT_SHUTTING_DOWN: ErrorReason.ValueType  # 150
 answers this (HTTP 503) for the front's --drain-s so load balancers stop
 sending it requests, which it still serves meanwhile; then it stops
 taking new ones. Code: UNAVAILABLE. Send requests to another replica.
+"""
+PROCESSOR_OVERLOADED: ErrorReason.ValueType  # 155
+"""---- admission (load) ---------------------------------------------------
+
+The processor already serves --max-concurrent-requests calls (Generate,
+StreamGenerate, Preprocess); this one was refused before any of its media
+was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
+maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
+or on another replica; an operator raises --max-concurrent-requests or
+adds processors.
+"""
+ENCODER_OVERLOADED: ErrorReason.ValueType  # 156
+"""The encoder already serves --max-concurrent-encodes Encode calls; this
+one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
+with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
+Retry after the delay, or on another replica; an operator raises
+--max-concurrent-encodes or adds encoder replicas.
+"""
+CROSS_ATTENTION_STATES_INVALID: ErrorReason.ValueType  # 170
+"""---- cross-attention models (Llama 3.2 Vision) ---------------------------
+
+A multimodal input's cross-attention states do not fit the model: a
+shape other than [max_num_tiles x patches_per_tile, hidden_size],
+cross_attention_states for a model whose media replace placeholder rows,
+or embeddings for a model whose media enter through cross-attention.
+Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
+ItemEmbeddings.cross_attention_states of this model as they are.
+"""
+IMAGE_REQUIRED: ErrorReason.ValueType  # 168
+"""The model takes no request without an image (PaliGemma: its processor
+prefixes every prompt with the image tokens, and refuses a prompt
+without images). Code: INVALID_ARGUMENT. Add an image part.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

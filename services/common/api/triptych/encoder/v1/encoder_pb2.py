@@ -26,7 +26,7 @@ from services.common.api.triptych.common.v1 import model_info_pb2 as triptych_do
 from services.common.api.triptych.common.v1 import tensor_pb2 as triptych_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!triptych/encoder/v1/encoder.proto\x12\x13triptych.encoder.v1\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\xea\x01\n\tMediaItem\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\x12\x30\n\x05media\x18\n \x01(\x0b\x32!.triptych.encoder.v1.EncodedMedia\x12\x38\n\rvideo_pruning\x18\x0b \x01(\x0b\x32!.triptych.encoder.v1.VideoPruning\"5\n\x0cVideoPruning\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x17\n\x0fretained_tokens\x18\x02 \x01(\x03\"\x1c\n\x0c\x45ncodedMedia\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa1\x01\n\rEncodeRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.triptych.encoder.v1.MediaItem\x12\x46\n\x14\x65mbeddings_transport\x18\x03 \x01(\x0e\x32(.triptych.encoder.v1.EmbeddingsTransport\"\xba\x01\n\x0eItemEmbeddings\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x1a\n\x12kept_token_indexes\x18\x05 \x03(\x03\"D\n\x0e\x45ncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\"c\n\x13StreamEncodeRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".triptych.encoder.v1.EncodeRequest\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"{\n\x14StreamEncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\x12/\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1f.triptych.common.v1.TensorChunk\"\x15\n\x13GetModelInfoRequest\"\x7f\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo\x12\x34\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32#.triptych.encoder.v1.EncoderBackend\"\x11\n\x0fGetStatsRequest\"\x81\x01\n\x10GetStatsResponse\x12\x37\n\x05\x63\x61\x63he\x18\x01 \x01(\x0b\x32(.triptych.encoder.v1.EmbeddingCacheStats\x12\x34\n\x08\x62\x61tching\x18\x02 \x01(\x0b\x32\".triptych.encoder.v1.BatchingStats\"\xba\x01\n\x13\x45mbeddingCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x06 \x01(\x04\x12\x1b\n\x13single_flight_joins\x18\x07 \x01(\x04\x12\x18\n\x10reference_misses\x18\x08 \x01(\x04\"\xcd\x01\n\rBatchingStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\x04\x12\r\n\x05items\x18\x02 \x01(\x04\x12\x1d\n\x15max_items_per_forward\x18\x03 \x01(\x04\x12\x1e\n\x16\x66orwards_by_items_log2\x18\x04 \x03(\x04\x12\x1a\n\x12queue_wait_mean_ms\x18\x05 \x01(\x01\x12\x19\n\x11queue_wait_max_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x63\x61ncelled_items\x18\x07 \x01(\x04\x12\x0c\n\x04mode\x18\x08 \x01(\t*\x84\x01\n\x13\x45mbeddingsTransport\x12$\n EMBEDDINGS_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45MBEDDINGS_TRANSPORT_INLINE\x10\x01\x12&\n\"EMBEDDINGS_TRANSPORT_SHARED_MEMORY\x10\x02*h\n\x0e\x45ncoderBackend\x12\x1f\n\x1b\x45NCODER_BACKEND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NCODER_BACKEND_TORCH\x10\x01\x12\x1a\n\x16\x45NCODER_BACKEND_TRITON\x10\x02\x32\x88\x03\n\x0e\x45ncoderService\x12Q\n\x06\x45ncode\x12\".triptych.encoder.v1.EncodeRequest\x1a#.triptych.encoder.v1.EncodeResponse\x12\x65\n\x0cStreamEncode\x12(.triptych.encoder.v1.StreamEncodeRequest\x1a).triptych.encoder.v1.StreamEncodeResponse0\x01\x12\x63\n\x0cGetModelInfo\x12(.triptych.encoder.v1.GetModelInfoRequest\x1a).triptych.encoder.v1.GetModelInfoResponse\x12W\n\x08GetStats\x12$.triptych.encoder.v1.GetStatsRequest\x1a%.triptych.encoder.v1.GetStatsResponseB\xa2\x01\n\x17\x63om.triptych.encoder.v1B\x0c\x45ncoderProtoP\x01Z-triptych/gen/go/triptych/encoder/v1;encoderv1\xa2\x02\x03TEX\xaa\x02\x13Triptych.Encoder.V1\xca\x02\x13Triptych\\Encoder\\V1\xea\x02\x15Triptych::Encoder::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!triptych/encoder/v1/encoder.proto\x12\x13triptych.encoder.v1\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\xea\x01\n\tMediaItem\x12.\n\x08modality\x18\x01 \x01(\x0e\x32\x1c.triptych.common.v1.Modality\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x30\n\x07tensors\x18\x03 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\x12\x30\n\x05media\x18\n \x01(\x0b\x32!.triptych.encoder.v1.EncodedMedia\x12\x38\n\rvideo_pruning\x18\x0b \x01(\x0b\x32!.triptych.encoder.v1.VideoPruning\"5\n\x0cVideoPruning\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x17\n\x0fretained_tokens\x18\x02 \x01(\x03\"\x1c\n\x0c\x45ncodedMedia\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa1\x01\n\rEncodeRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.triptych.encoder.v1.MediaItem\x12\x46\n\x14\x65mbeddings_transport\x18\x03 \x01(\x0e\x32(.triptych.encoder.v1.EmbeddingsTransport\"\xf6\x01\n\x0eItemEmbeddings\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x1a\n\x12kept_token_indexes\x18\x05 \x03(\x03\x12:\n\x16\x63ross_attention_states\x18\x14 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"D\n\x0e\x45ncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\"c\n\x13StreamEncodeRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".triptych.encoder.v1.EncodeRequest\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"{\n\x14StreamEncodeResponse\x12\x32\n\x05items\x18\x01 \x03(\x0b\x32#.triptych.encoder.v1.ItemEmbeddings\x12/\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1f.triptych.common.v1.TensorChunk\"\x15\n\x13GetModelInfoRequest\"\x7f\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo\x12\x34\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32#.triptych.encoder.v1.EncoderBackend\"\x11\n\x0fGetStatsRequest\"\x81\x01\n\x10GetStatsResponse\x12\x37\n\x05\x63\x61\x63he\x18\x01 \x01(\x0b\x32(.triptych.encoder.v1.EmbeddingCacheStats\x12\x34\n\x08\x62\x61tching\x18\x02 \x01(\x0b\x32\".triptych.encoder.v1.BatchingStats\"\xba\x01\n\x13\x45mbeddingCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x06 \x01(\x04\x12\x1b\n\x13single_flight_joins\x18\x07 \x01(\x04\x12\x18\n\x10reference_misses\x18\x08 \x01(\x04\"\xcd\x01\n\rBatchingStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\x04\x12\r\n\x05items\x18\x02 \x01(\x04\x12\x1d\n\x15max_items_per_forward\x18\x03 \x01(\x04\x12\x1e\n\x16\x66orwards_by_items_log2\x18\x04 \x03(\x04\x12\x1a\n\x12queue_wait_mean_ms\x18\x05 \x01(\x01\x12\x19\n\x11queue_wait_max_ms\x18\x06 \x01(\x01\x12\x17\n\x0f\x63\x61ncelled_items\x18\x07 \x01(\x04\x12\x0c\n\x04mode\x18\x08 \x01(\t*\x84\x01\n\x13\x45mbeddingsTransport\x12$\n EMBEDDINGS_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45MBEDDINGS_TRANSPORT_INLINE\x10\x01\x12&\n\"EMBEDDINGS_TRANSPORT_SHARED_MEMORY\x10\x02*h\n\x0e\x45ncoderBackend\x12\x1f\n\x1b\x45NCODER_BACKEND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NCODER_BACKEND_TORCH\x10\x01\x12\x1a\n\x16\x45NCODER_BACKEND_TRITON\x10\x02\x32\x88\x03\n\x0e\x45ncoderService\x12Q\n\x06\x45ncode\x12\".triptych.encoder.v1.EncodeRequest\x1a#.triptych.encoder.v1.EncodeResponse\x12\x65\n\x0cStreamEncode\x12(.triptych.encoder.v1.StreamEncodeRequest\x1a).triptych.encoder.v1.StreamEncodeResponse0\x01\x12\x63\n\x0cGetModelInfo\x12(.triptych.encoder.v1.GetModelInfoRequest\x1a).triptych.encoder.v1.GetModelInfoResponse\x12W\n\x08GetStats\x12$.triptych.encoder.v1.GetStatsRequest\x1a%.triptych.encoder.v1.GetStatsResponseB\xa2\x01\n\x17\x63om.triptych.encoder.v1B\x0c\x45ncoderProtoP\x01Z-triptych/gen/go/triptych/encoder/v1;encoderv1\xa2\x02\x03TEX\xaa\x02\x13Triptych.Encoder.V1\xca\x02\x13Triptych\\Encoder\\V1\xea\x02\x15Triptych::Encoder::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triptych.encoder.v1.encoder
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\027com.triptych.encoder.v1B\014EncoderProtoP\001Z-triptych/gen/go/triptych/encoder/v1;encoderv1\242\002\003TEX\252\002\023Triptych.Encoder.V1\312\002\023Triptych\\Encoder\\V1\352\002\025Triptych::Encoder::V1'
-  _globals['_EMBEDDINGSTRANSPORT']._serialized_start=1800
-  _globals['_EMBEDDINGSTRANSPORT']._serialized_end=1932
-  _globals['_ENCODERBACKEND']._serialized_start=1934
-  _globals['_ENCODERBACKEND']._serialized_end=2038
+  _globals['_EMBEDDINGSTRANSPORT']._serialized_start=1860
+  _globals['_EMBEDDINGSTRANSPORT']._serialized_end=1992
+  _globals['_ENCODERBACKEND']._serialized_start=1994
+  _globals['_ENCODERBACKEND']._serialized_end=2098
   _globals['_MEDIAITEM']._serialized_start=129
   _globals['_MEDIAITEM']._serialized_end=363
   _globals['_VIDEOPRUNING']._serialized_start=365
@@ -47,25 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=451
   _globals['_ENCODEREQUEST']._serialized_end=612
   _globals['_ITEMEMBEDDINGS']._serialized_start=615
-  _globals['_ITEMEMBEDDINGS']._serialized_end=801
-  _globals['_ENCODERESPONSE']._serialized_start=803
-  _globals['_ENCODERESPONSE']._serialized_end=871
-  _globals['_STREAMENCODEREQUEST']._serialized_start=873
-  _globals['_STREAMENCODEREQUEST']._serialized_end=972
-  _globals['_STREAMENCODERESPONSE']._serialized_start=974
-  _globals['_STREAMENCODERESPONSE']._serialized_end=1097
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1099
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1120
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1122
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1249
-  _globals['_GETSTATSREQUEST']._serialized_start=1251
-  _globals['_GETSTATSREQUEST']._serialized_end=1268
-  _globals['_GETSTATSRESPONSE']._serialized_start=1271
-  _globals['_GETSTATSRESPONSE']._serialized_end=1400
-  _globals['_EMBEDDINGCACHESTATS']._serialized_start=1403
-  _globals['_EMBEDDINGCACHESTATS']._serialized_end=1589
-  _globals['_BATCHINGSTATS']._serialized_start=1592
-  _globals['_BATCHINGSTATS']._serialized_end=1797
-  _globals['_ENCODERSERVICE']._serialized_start=2041
-  _globals['_ENCODERSERVICE']._serialized_end=2433
+  _globals['_ITEMEMBEDDINGS']._serialized_end=861
+  _globals['_ENCODERESPONSE']._serialized_start=863
+  _globals['_ENCODERESPONSE']._serialized_end=931
+  _globals['_STREAMENCODEREQUEST']._serialized_start=933
+  _globals['_STREAMENCODEREQUEST']._serialized_end=1032
+  _globals['_STREAMENCODERESPONSE']._serialized_start=1034
+  _globals['_STREAMENCODERESPONSE']._serialized_end=1157
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1159
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1180
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1182
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1309
+  _globals['_GETSTATSREQUEST']._serialized_start=1311
+  _globals['_GETSTATSREQUEST']._serialized_end=1328
+  _globals['_GETSTATSRESPONSE']._serialized_start=1331
+  _globals['_GETSTATSRESPONSE']._serialized_end=1460
+  _globals['_EMBEDDINGCACHESTATS']._serialized_start=1463
+  _globals['_EMBEDDINGCACHESTATS']._serialized_end=1649
+  _globals['_BATCHINGSTATS']._serialized_start=1652
+  _globals['_BATCHINGSTATS']._serialized_end=1857
+  _globals['_ENCODERSERVICE']._serialized_start=2101
+  _globals['_ENCODERSERVICE']._serialized_end=2493
 # @@protoc_insertion_point(module_scope)

@@ -276,6 +276,7 @@ class ItemEmbeddings(_message.Message):
     DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     KEPT_TOKEN_INDEXES_FIELD_NUMBER: _builtins.int
+    CROSS_ATTENTION_STATES_FIELD_NUMBER: _builtins.int
     mm_hash: _builtins.str
     """mm_hash of the MediaItem these embeddings belong to."""
     cache_hit: _builtins.bool
@@ -304,6 +305,16 @@ class ItemEmbeddings(_message.Message):
         takes them with the rows (MultimodalInput.kept_token_indexes).
         """
 
+    @_builtins.property
+    def cross_attention_states(self) -> _tensor_pb2.Tensor:
+        """For a model whose images enter through cross-attention layers (Llama
+        3.2 Vision): the image's cross-attention states, the tower and projector
+        output of all its tiles, [max_num_tiles x patches_per_tile, hidden_size]
+        (padding tiles included), in the model's dtype; `embeddings` is then
+        unset. The LLM takes them as MultimodalInput.cross_attention_states.
+        Carried as `embeddings` is.
+        """
+
     def __init__(
         self,
         *,
@@ -312,10 +323,11 @@ class ItemEmbeddings(_message.Message):
         deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         cache_hit: _builtins.bool = ...,
         kept_token_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        cross_attention_states: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_attention_states", b"cross_attention_states", "embeddings", b"embeddings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "mm_hash", b"mm_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "cross_attention_states", b"cross_attention_states", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "mm_hash", b"mm_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from services.common.api.triptych.common.v1 import model_info_pb2 as triptych_do
 from services.common.api.triptych.common.v1 import tensor_pb2 as triptych_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19triptych/llm/v1/llm.proto\x12\x0ftriptych.llm.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\x8c\x02\n\x0fMultimodalInput\x12\x39\n\x0bplaceholder\x18\x01 \x01(\x0b\x32$.triptych.common.v1.PlaceholderRange\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x0fposition_inputs\x18\x04 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\x12\x1a\n\x12kept_token_indexes\x18\x05 \x03(\x03\"X\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12;\n\x11multimodal_inputs\x18\x02 \x03(\x0b\x32 .triptych.llm.v1.MultimodalInput\"\x8b\x01\n\x0fGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xaa\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x91\x01\n\x15StreamGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xb0\x01\n\x16StreamGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x88\x01\n\x1c\x43hunkedStreamGenerateRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.triptych.llm.v1.StreamGenerateRequest\x12/\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1f.triptych.common.v1.TensorChunk\"Z\n\x1d\x43hunkedStreamGenerateResponse\x12\x39\n\x08response\x18\x01 \x01(\x0b\x32\'.triptych.llm.v1.StreamGenerateResponse\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\x9b\x03\n\nLlmService\x12O\n\x08Generate\x12 .triptych.llm.v1.GenerateRequest\x1a!.triptych.llm.v1.GenerateResponse\x12\x63\n\x0eStreamGenerate\x12&.triptych.llm.v1.StreamGenerateRequest\x1a\'.triptych.llm.v1.StreamGenerateResponse0\x01\x12z\n\x15\x43hunkedStreamGenerate\x12-.triptych.llm.v1.ChunkedStreamGenerateRequest\x1a..triptych.llm.v1.ChunkedStreamGenerateResponse(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12$.triptych.llm.v1.GetModelInfoRequest\x1a%.triptych.llm.v1.GetModelInfoResponseB\x86\x01\n\x13\x63om.triptych.llm.v1B\x08LlmProtoP\x01Z%triptych/gen/go/triptych/llm/v1;llmv1\xa2\x02\x03TLX\xaa\x02\x0fTriptych.Llm.V1\xca\x02\x0fTriptych\\Llm\\V1\xea\x02\x11Triptych::Llm::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19triptych/llm/v1/llm.proto\x12\x0ftriptych.llm.v1\x1a#triptych/common/v1/generation.proto\x1a#triptych/common/v1/model_info.proto\x1a\x1ftriptych/common/v1/tensor.proto\"\xc8\x02\n\x0fMultimodalInput\x12\x39\n\x0bplaceholder\x18\x01 \x01(\x0b\x32$.triptych.common.v1.PlaceholderRange\x12.\n\nembeddings\x18\x02 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x14\x64\x65\x65pstack_embeddings\x18\x03 \x03(\x0b\x32\x1a.triptych.common.v1.Tensor\x12\x38\n\x0fposition_inputs\x18\x04 \x03(\x0b\x32\x1f.triptych.common.v1.NamedTensor\x12\x1a\n\x12kept_token_indexes\x18\x05 \x03(\x03\x12:\n\x16\x63ross_attention_states\x18\x14 \x01(\x0b\x32\x1a.triptych.common.v1.Tensor\"X\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12;\n\x11multimodal_inputs\x18\x02 \x03(\x0b\x32 .triptych.llm.v1.MultimodalInput\"\x8b\x01\n\x0fGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xaa\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x91\x01\n\x15StreamGenerateRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.triptych.llm.v1.Prompt\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".triptych.common.v1.SamplingParams\"\xb0\x01\n\x16StreamGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .triptych.common.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.triptych.common.v1.TokenLogprobs\"\x88\x01\n\x1c\x43hunkedStreamGenerateRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.triptych.llm.v1.StreamGenerateRequest\x12/\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x1f.triptych.common.v1.TensorChunk\"Z\n\x1d\x43hunkedStreamGenerateResponse\x12\x39\n\x08response\x18\x01 \x01(\x0b\x32\'.triptych.llm.v1.StreamGenerateResponse\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.triptych.common.v1.ModelInfo2\x9b\x03\n\nLlmService\x12O\n\x08Generate\x12 .triptych.llm.v1.GenerateRequest\x1a!.triptych.llm.v1.GenerateResponse\x12\x63\n\x0eStreamGenerate\x12&.triptych.llm.v1.StreamGenerateRequest\x1a\'.triptych.llm.v1.StreamGenerateResponse0\x01\x12z\n\x15\x43hunkedStreamGenerate\x12-.triptych.llm.v1.ChunkedStreamGenerateRequest\x1a..triptych.llm.v1.ChunkedStreamGenerateResponse(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12$.triptych.llm.v1.GetModelInfoRequest\x1a%.triptych.llm.v1.GetModelInfoResponseB\x86\x01\n\x13\x63om.triptych.llm.v1B\x08LlmProtoP\x01Z%triptych/gen/go/triptych/llm/v1;llmv1\xa2\x02\x03TLX\xaa\x02\x0fTriptych.Llm.V1\xca\x02\x0fTriptych\\Llm\\V1\xea\x02\x11Triptych::Llm::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023com.triptych.llm.v1B\010LlmProtoP\001Z%triptych/gen/go/triptych/llm/v1;llmv1\242\002\003TLX\252\002\017Triptych.Llm.V1\312\002\017Triptych\\Llm\\V1\352\002\021Triptych::Llm::V1'
   _globals['_MULTIMODALINPUT']._serialized_start=154
-  _globals['_MULTIMODALINPUT']._serialized_end=422
-  _globals['_PROMPT']._serialized_start=424
-  _globals['_PROMPT']._serialized_end=512
-  _globals['_GENERATEREQUEST']._serialized_start=515
-  _globals['_GENERATEREQUEST']._serialized_end=654
-  _globals['_GENERATERESPONSE']._serialized_start=657
-  _globals['_GENERATERESPONSE']._serialized_end=827
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=830
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=975
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=978
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1154
-  _globals['_CHUNKEDSTREAMGENERATEREQUEST']._serialized_start=1157
-  _globals['_CHUNKEDSTREAMGENERATEREQUEST']._serialized_end=1293
-  _globals['_CHUNKEDSTREAMGENERATERESPONSE']._serialized_start=1295
-  _globals['_CHUNKEDSTREAMGENERATERESPONSE']._serialized_end=1385
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1387
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1408
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1410
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1483
-  _globals['_LLMSERVICE']._serialized_start=1486
-  _globals['_LLMSERVICE']._serialized_end=1897
+  _globals['_MULTIMODALINPUT']._serialized_end=482
+  _globals['_PROMPT']._serialized_start=484
+  _globals['_PROMPT']._serialized_end=572
+  _globals['_GENERATEREQUEST']._serialized_start=575
+  _globals['_GENERATEREQUEST']._serialized_end=714
+  _globals['_GENERATERESPONSE']._serialized_start=717
+  _globals['_GENERATERESPONSE']._serialized_end=887
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=890
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=1035
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1038
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1214
+  _globals['_CHUNKEDSTREAMGENERATEREQUEST']._serialized_start=1217
+  _globals['_CHUNKEDSTREAMGENERATEREQUEST']._serialized_end=1353
+  _globals['_CHUNKEDSTREAMGENERATERESPONSE']._serialized_start=1355
+  _globals['_CHUNKEDSTREAMGENERATERESPONSE']._serialized_end=1445
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1447
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1468
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1470
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1543
+  _globals['_LLMSERVICE']._serialized_start=1546
+  _globals['_LLMSERVICE']._serialized_end=1957
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,7 @@ class MultimodalInput(_message.Message):
     DEEPSTACK_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     POSITION_INPUTS_FIELD_NUMBER: _builtins.int
     KEPT_TOKEN_INDEXES_FIELD_NUMBER: _builtins.int
+    CROSS_ATTENTION_STATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def placeholder(self) -> _tensor_pb2.PlaceholderRange:
         """Where the embeddings go in the prompt. length must equal the number of
@@ -74,6 +75,24 @@ class MultimodalInput(_message.Message):
         for a family without EVS).
         """
 
+    @_builtins.property
+    def cross_attention_states(self) -> _tensor_pb2.Tensor:
+        """For a model whose images enter through cross-attention layers (Llama
+        3.2 Vision, MllamaForConditionalGeneration): the image's cross-attention
+        states, as the encoder returns them (ItemEmbeddings.cross_attention_states),
+        and `embeddings` stays unset. The placeholder is the image's one token
+        (length 1); the states add no rows to the prompt. Shape [max_num_tiles x
+        patches_per_tile, hidden_size] in the model's dtype, padding tiles
+        included (text before the first image attends to them); position_inputs
+        carry "aspect_ratio_mask" (int64 [1, max_num_tiles]), which tiles are real.
+        The LLM computes which tokens see which image from the token ids, projects
+        the states to each cross-attention layer's keys and values once, at
+        prefill, and keeps them for every decode step. Carried as `embeddings`
+        is (inline, Tensor.shm or chunked). Otherwise INVALID_ARGUMENT
+        (CROSS_ATTENTION_STATES_INVALID): a wrong shape, states for a model
+        without cross-attention, or embeddings for one with it.
+        """
+
     def __init__(
         self,
         *,
@@ -82,10 +101,11 @@ class MultimodalInput(_message.Message):
         deepstack_embeddings: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         position_inputs: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
         kept_token_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        cross_attention_states: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "placeholder", b"placeholder"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_attention_states", b"cross_attention_states", "embeddings", b"embeddings", "placeholder", b"placeholder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "placeholder", b"placeholder", "position_inputs", b"position_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_attention_states", b"cross_attention_states", "deepstack_embeddings", b"deepstack_embeddings", "embeddings", b"embeddings", "kept_token_indexes", b"kept_token_indexes", "placeholder", b"placeholder", "position_inputs", b"position_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -527,7 +527,8 @@ class PreprocessResponse(_message.Message):
     def llm_request(self) -> _llm_pb2.GenerateRequest:
         """The request Generate would send to the LLM, with each multimodal input's
         embeddings left empty: they are the encoder's answer for the item with
-        the same mm_hash. Items the caller sent as MediaEmbeddings are not in
+        the same mm_hash (for a cross-attention model, its cross_attention_states
+        go in the input's cross_attention_states). Items the caller sent as MediaEmbeddings are not in
         encode_request; their inputs here carry the caller's embeddings. Several inputs may share one mm_hash (a repeated image,
         or one image's several placeholder runs): match embeddings to inputs by
         mm_hash, never by position. A pruned video's inputs also take the
