@@ -156,6 +156,6 @@ def run_up(args: argparse.Namespace) -> int:
             child.stop()
         for child in children:
             try:
-                child.proc.wait(timeout=args.grace_s + 10)
+                child.proc.wait(timeout=args.drain_s + args.grace_s + 10)  # each child drains, then finishes
             except subprocess.TimeoutExpired:
                 child.proc.kill()

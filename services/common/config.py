@@ -37,6 +37,12 @@ class ServerConfig:
     keepalive_time_s: int = field(default=30, metadata=doc("seconds between keepalive pings"))
     keepalive_timeout_s: int = field(default=10, metadata=doc("seconds to wait for a keepalive ack"))
     grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    # A mesh or load balancer drains a backend once it sees health NOT_SERVING; if the listener closed at the
+    # same instant, requests routed meanwhile would fail. 0 by default: a lone service (and `up`) stops at once.
+    drain_s: float = field(default=0.0, metadata=doc(
+        "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
+        "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
+        "--grace-s"))
     # Off by default: `up` and tests run several services on one host, where one default port would clash.
     metrics_port: int = field(default=0, metadata=doc(
         "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
@@ -259,6 +265,11 @@ class FrontConfig:
     max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for the processor"))
     grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    # As ServerConfig.drain_s, with GET /health/ready as the health a load balancer checks.
+    drain_s: float = field(default=0.0, metadata=doc(
+        "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
+        "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
+        "--grace-s"))
     metrics_port: int = field(default=0, metadata=doc(
         "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
     # HTTPS for the front's clients (uvicorn's ssl): the same flags as the gRPC services' TLS.

@@ -83,9 +83,13 @@ class Server:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking new calls (health NOT_SERVING), lets in-flight ones finish within the grace."""
-        await self.health.enter_graceful_shutdown()
+    async def stop(self, grace_s: float | None = None, drain_s: float = 0.0) -> None:
+        """Health NOT_SERVING at once; still serving for `drain_s` (probes and load balancers see NOT_SERVING
+        while the listener still accepts, and route elsewhere); then stops taking new calls (UNAVAILABLE)
+        and lets in-flight ones finish within the grace."""
+        await self.health.enter_graceful_shutdown()  # later health.set() calls (engine restarts) are ignored
+        if drain_s > 0:
+            await asyncio.sleep(drain_s)
         await self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
         if self.health_grpc is not None:
             await self.health_grpc.stop(0)
@@ -105,8 +109,10 @@ class Server:
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
-            log.info("%s: signal received, finishing in-flight requests (grace %.0f s)", name, self.cfg.grace_s)
-            await self.stop()
+            log.info("%s: signal received: health NOT_SERVING, draining %g s, then finishing in-flight requests "
+                     "(grace %g s)", name, self.cfg.drain_s, self.cfg.grace_s)
+            await self.stop(drain_s=self.cfg.drain_s)
+            log.info("%s: stopped", name)
         waiter.cancel()
 
 

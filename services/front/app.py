@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from services.common import metrics
 from services.common.api.triptych.common.v1 import model_info_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from services.common.errors import NotFound, TriptychError
+from services.common.errors import NotFound, TriptychError, Unavailable
 from services.common.interceptors import (
     MAX_REQUEST_ID_CHARS,
     REQUEST_ID_KEY,
@@ -75,6 +75,7 @@ class Backend:
     model_info: model_info_pb2.ModelInfo
     created: int  # unix seconds the front started: GET /v1/models' `created`
     token_metadata: tuple[tuple[str, str], ...] = ()  # the processor's bearer token, when it wants one
+    draining: bool = False  # SIGTERM received: /health/ready says 503 while requests are still served
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """What every processor call carries: this request's id, and the token."""
@@ -209,6 +210,9 @@ def create_app(backend: Backend, auth_token: bytes | None = None) -> FastAPI:
 
     @app.get("/health/ready")
     async def ready() -> dict:
+        if backend.draining:
+            raise from_domain(Unavailable("the front is shutting down (SIGTERM): send requests to another replica",
+                                          reason="FRONT_SHUTTING_DOWN", domain=DOMAIN, retry_delay_s=1.0))
         stub = health_pb2_grpc.HealthStub(backend.channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=PROCESSOR_SERVICE), timeout=READY_TIMEOUT_S)

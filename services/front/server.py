@@ -97,8 +97,19 @@ async def serve(cfg: FrontConfig) -> None:
                             timeout_graceful_shutdown=cfg.grace_s, lifespan="off", **https)
     server = _Server(config)
     loop = asyncio.get_running_loop()
+
+    def begin_stop() -> None:
+        """Readiness 503 at once, serving on for --drain-s; then uvicorn stops accepting and gives
+        in-flight requests --grace-s. A second signal skips what is left of the drain."""
+        if backend.draining or cfg.drain_s <= 0:
+            server.should_exit = True
+            return
+        backend.draining = True
+        log.info("front: signal received: /health/ready 503, draining %g s", cfg.drain_s)
+        loop.call_later(cfg.drain_s, setattr, server, "should_exit", True)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, begin_stop)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         while not server.started and not task.done():

@@ -37,7 +37,7 @@ from services.common.errors import (DeadlineExceeded, FailedPrecondition, Intern
                                     TriptychError, Unavailable)
 from services.common.tls import ClientTLS
 from services.processor.ring import HashRing
-from services.processor.router import EncoderClient
+from services.processor.router import RECONNECT_OPTIONS, EncoderClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,9 +55,6 @@ WATCH_RETRY_S = 1.0  # before watching again after the stream ended, or readmitt
 REFUSED_RETRY_S = 10.0  # before checking again a replica that serves another model or dtype
 VERIFY_TIMEOUT_S = 10.0  # GetModelInfo and the reference probe at admission
 RETIRE_WAIT_S = 60.0  # a replica gone from DNS finishes its calls within this before its channel closes
-# gRPC's reconnect backoff grows to 120 s by default: a replica back after a crash would wait that long.
-RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
-                     ("grpc.max_reconnect_backoff_ms", 2000))
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> IP addresses
 ReplicaCheck = Callable[[str, model_info_pb2.ModelInfo], None]  # raises FailedPrecondition to refuse

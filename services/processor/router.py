@@ -23,6 +23,11 @@ from services.common.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
+# gRPC's reconnect backoff grows to 120 s by default: an encoder replica or the LLM back after a crash would
+# wait that long (seen: the LLM restarted after a kill -9 was refused for its whole backoff; issue 18).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                     ("grpc.max_reconnect_backoff_ms", 2000))
+
 
 class Downstream:
     """One channel to an encoder or LLM service, checked to serve our model."""
@@ -96,7 +101,7 @@ class LlmClient(Downstream):
 
     def __init__(self, address: str, fingerprint: str, max_message_bytes: int = ServerConfig.max_message_mib << 20,
                  tls: ClientTLS | None = None):
-        super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint, tls=tls)
+        super().__init__("llm", address, llm_pb2_grpc.LlmServiceStub, fingerprint, RECONNECT_OPTIONS, tls=tls)
         self.chunk_bytes = chunks.chunk_budget(max_message_bytes)
 
     async def stream_generate(self, request: llm_pb2.StreamGenerateRequest,

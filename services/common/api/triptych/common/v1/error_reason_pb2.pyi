@@ -559,10 +559,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     TRITON_EXPORT_UNSUPPORTED: _ErrorReason.ValueType  # 122
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
-    ---- admission (load) ---------------------------------------------------
+    """
+    FRONT_SHUTTING_DOWN: _ErrorReason.ValueType  # 150
+    """The HTTP front received SIGTERM and is draining: GET /health/ready
+    answers this (HTTP 503) for the front's --drain-s so load balancers stop
+    sending it requests, which it still serves meanwhile; then it stops
+    taking new ones. Code: UNAVAILABLE. Send requests to another replica.
     """
     PROCESSOR_OVERLOADED: _ErrorReason.ValueType  # 155
-    """The processor already serves --max-concurrent-requests calls (Generate,
+    """---- admission (load) ---------------------------------------------------
+
+    The processor already serves --max-concurrent-requests calls (Generate,
     StreamGenerate, Preprocess); this one was refused before any of its media
     was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
     maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
@@ -1152,10 +1159,17 @@ Triton's; its log has the rest.
 TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
----- admission (load) ---------------------------------------------------
+"""
+FRONT_SHUTTING_DOWN: ErrorReason.ValueType  # 150
+"""The HTTP front received SIGTERM and is draining: GET /health/ready
+answers this (HTTP 503) for the front's --drain-s so load balancers stop
+sending it requests, which it still serves meanwhile; then it stops
+taking new ones. Code: UNAVAILABLE. Send requests to another replica.
 """
 PROCESSOR_OVERLOADED: ErrorReason.ValueType  # 155
-"""The processor already serves --max-concurrent-requests calls (Generate,
+"""---- admission (load) ---------------------------------------------------
+
+The processor already serves --max-concurrent-requests calls (Generate,
 StreamGenerate, Preprocess); this one was refused before any of its media
 was read. Code: RESOURCE_EXHAUSTED, with google.rpc.RetryInfo. Metadata:
 maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
