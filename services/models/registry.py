@@ -41,6 +41,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "Qwen3VLMoe"),
 }
 
 # Claims no architecture: serves a checkpoint no row claims, when its `can_serve` says so.
