@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # family's name (`ModelFamily.name`).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
+    "Glm46VForConditionalGeneration": ("glm46v", "Glm46V"),
+    "Glm4vForConditionalGeneration": ("glm4v", "Glm4v"),
+    "Glm4vMoeForConditionalGeneration": ("glm4v_moe", "Glm4vMoe"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
