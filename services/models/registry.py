@@ -43,6 +43,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
+    "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "Qwen3VLMoe"),
 }

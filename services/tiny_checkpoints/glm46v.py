@@ -8,15 +8,28 @@ its processor writes a video frame's timestamp with one decimal.
 from __future__ import annotations
 
 from services.tiny_checkpoints import common
-from services.tiny_checkpoints.glm4v import (GLM_SIZES, finish_glm, glm_processor, glm_std, glm_text_config,
-                                             glm_token_kwargs, glm_vision_config, glm_vocab)
+from services.tiny_checkpoints.glm4v import (
+    GLM_SIZES,
+    finish_glm,
+    glm_processor,
+    glm_std,
+    glm_text_config,
+    glm_token_kwargs,
+    glm_vision_config,
+    glm_vocab,
+)
 
 FAMILY = "glm46v"
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (Glm46VConfig, Glm46VForConditionalGeneration, Glm46VImageProcessor, Glm46VProcessor,
-                              Glm46VVideoProcessor)
+    from transformers import (
+        Glm46VConfig,
+        Glm46VForConditionalGeneration,
+        Glm46VImageProcessor,
+        Glm46VProcessor,
+        Glm46VVideoProcessor,
+    )
 
     p = GLM_SIZES[ctx.size]
     vocab = glm_vocab(ctx.seed)

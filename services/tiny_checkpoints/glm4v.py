@@ -61,7 +61,7 @@ GLM_SIZES = common.sizes(
         min_tokens=4, max_tokens=64, video_min_tokens=4, video_max_tokens=16,
     ),
     bench=dict(
-        mrope_section=[2, 3, 3],
+        mrope_section=[4, 6, 6],  # head_dim 64 (hidden 384 / 6 heads): 16 rotary frequencies
         vision_depth=6, vision_embed=256, vision_heads=4, vision_intermediate=1024, image_size=336,
         min_tokens=4, max_tokens=256, video_min_tokens=16, video_max_tokens=64,
     ),
@@ -151,8 +151,13 @@ def finish_glm(ctx: common.BuildContext, model: PreTrainedModel, processor: Proc
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessor, Glm4vProcessor,
-                              Glm4vVideoProcessor)
+    from transformers import (
+        Glm4vConfig,
+        Glm4vForConditionalGeneration,
+        Glm4vImageProcessor,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
 
     p = GLM_SIZES[ctx.size]
     vocab = glm_vocab(ctx.seed)

@@ -9,8 +9,16 @@ half is mRoPE too, laid out in halves (GPT-NeoX) where GLM-4.1V interleaves.
 from __future__ import annotations
 
 from services.tiny_checkpoints import common
-from services.tiny_checkpoints.glm4v import (GLM_SIZES, finish_glm, glm_processor, glm_std, glm_text_config,
-                                             glm_token_kwargs, glm_vision_config, glm_vocab)
+from services.tiny_checkpoints.glm4v import (
+    GLM_SIZES,
+    finish_glm,
+    glm_processor,
+    glm_std,
+    glm_text_config,
+    glm_token_kwargs,
+    glm_vision_config,
+    glm_vocab,
+)
 from services.tiny_checkpoints.qwen3_vl_moe import moe_std
 
 FAMILY = "glm4v_moe"
@@ -22,8 +30,13 @@ assert set(_MOE) == set(common.SIZES)
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (Glm4vImageProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, Glm4vProcessor,
-                              Glm4vVideoProcessor)
+    from transformers import (
+        Glm4vImageProcessor,
+        Glm4vMoeConfig,
+        Glm4vMoeForConditionalGeneration,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
 
     p = GLM_SIZES[ctx.size]
     vocab = glm_vocab(ctx.seed)

@@ -213,7 +213,7 @@ def build_qwen3_vl(ctx: common.BuildContext, config_class: type, model_class: ty
                    vision_keys: dict | None = None, std: Callable[[int], common.StdFor] = qwen3_vl_std) -> None:
     """A Qwen3-VL-style checkpoint of `model_class`: the families built on Qwen3-VL's tower and processor
     (Qwen3-VL-MoE, Qwen3.5) pass their config and model classes, the language model's own keys
-    (`text_keys`, e.g. experts), vision keys that replace Qwen3-VL's (`vision_keys`; None drops one) and
+    (`text_keys`, e.g. experts, replacing Qwen3-VL's head_dim and rope), vision keys that replace Qwen3-VL's (`vision_keys`; None drops one) and
     their `std`."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -223,15 +223,16 @@ def build_qwen3_vl(ctx: common.BuildContext, config_class: type, model_class: ty
         text_config=common.text_config(
             p,
             vocab,
-            head_dim=p["head_dim"],
-            max_position_embeddings=262144,
-            rope_parameters={
-                "rope_type": "default",
-                "mrope_section": p["mrope_section"],
-                "mrope_interleaved": True,
-                "rope_theta": 5000000.0,
-            },
-            **(text_keys or {}),
+            **{
+                "head_dim": p["head_dim"],
+                "max_position_embeddings": 262144,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": p["mrope_section"],
+                    "mrope_interleaved": True,
+                    "rope_theta": 5000000.0,
+                },
+            } | (text_keys or {}),
         ),
         vision_config=_without_none(dict(
             depth=p["vision_depth"],

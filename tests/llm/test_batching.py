@@ -32,7 +32,7 @@ from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
-            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3"]
+            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3", "qwen3_vl_moe", "glm4v", "qwen3_5"]
 CAUSAL_LM = {"phi4mm"}  # loaded with AutoModelForCausalLM (DESIGN §4.3b)
 NUM_REQUESTS = 16
 MAX_LOGIT_DIFF = 1e-3
