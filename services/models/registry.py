@@ -44,6 +44,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
     "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5_moe", "Qwen3_5Moe"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "Qwen3VLMoe"),
 }

@@ -145,7 +145,9 @@ def glm_processor(processor_class: type, image_processor_class: type, video_proc
     )
 
 
-def finish_glm(ctx: common.BuildContext, model: PreTrainedModel, processor: ProcessorMixin, vocab: common.Vocab) -> None:
+def finish_glm(ctx: common.BuildContext, model: PreTrainedModel, processor: ProcessorMixin,
+               vocab: common.Vocab) -> None:
+    """Silence the lm_head rows the model should never emit and save: the end of every GLM-V build."""
     common.silence_lm_head_rows(model.lm_head.weight, vocab)
     common.save_checkpoint(ctx.out_dir, model, processor, vocab)
 

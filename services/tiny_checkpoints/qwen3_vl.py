@@ -213,8 +213,8 @@ def build_qwen3_vl(ctx: common.BuildContext, config_class: type, model_class: ty
                    vision_keys: dict | None = None, std: Callable[[int], common.StdFor] = qwen3_vl_std) -> None:
     """A Qwen3-VL-style checkpoint of `model_class`: the families built on Qwen3-VL's tower and processor
     (Qwen3-VL-MoE, Qwen3.5) pass their config and model classes, the language model's own keys
-    (`text_keys`, e.g. experts, replacing Qwen3-VL's head_dim and rope), vision keys that replace Qwen3-VL's (`vision_keys`; None drops one) and
-    their `std`."""
+    (`text_keys`, e.g. experts; they replace Qwen3-VL's head_dim and rope), vision keys that replace
+    Qwen3-VL's (`vision_keys`; None drops one) and their `std`."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     p = _SIZES[ctx.size]
