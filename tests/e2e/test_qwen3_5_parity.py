@@ -13,11 +13,12 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
-from tests.parity import family_services, model_info_test, parity_tests
+from tests.parity import VIDEO_CASES, family_services, media_parity_tests, model_info_test, parity_tests
 
 services = family_services("qwen3_5")
 test_parity = parity_tests("qwen3_5")
 test_model_info = model_info_test("qwen3_5")
+test_video_parity = media_parity_tests("qwen3_5", VIDEO_CASES)  # Qwen3-VL's timestamped runs
 
 
 @pytest.mark.e2e
