@@ -8,11 +8,11 @@ all taking `inputs_embeds` and 3-axis mRoPE `position_ids`.
 
 from __future__ import annotations
 
-from services.models.base import IMAGE
+from services.models.base import IMAGE, VIDEO
 from services.models.glm4v import Glm4v
 
 
 class Glm46V(Glm4v):
     name = "glm46v"
     hf_architectures = ("Glm46VForConditionalGeneration",)
-    modalities = (IMAGE,)
+    modalities = (IMAGE, VIDEO)

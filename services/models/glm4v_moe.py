@@ -6,11 +6,11 @@ GLM-4.1V's model (glm4v.py): the same placeholders, tower output and get_rope_in
 
 from __future__ import annotations
 
-from services.models.base import IMAGE
+from services.models.base import IMAGE, VIDEO
 from services.models.glm4v import Glm4v
 
 
 class Glm4vMoe(Glm4v):
     name = "glm4v_moe"
     hf_architectures = ("Glm4vMoeForConditionalGeneration",)
-    modalities = (IMAGE,)
+    modalities = (IMAGE, VIDEO)

@@ -63,7 +63,7 @@ class Qwen3VL(Qwen2VL):
                count: int) -> list[ProcessedItem]:
         if modality != VIDEO:
             return super()._items(processor, out, token_ids, modality, count)
-        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, VIDEO))
+        runs = self.modality_runs(processor, token_ids, VIDEO)
         grids = out[GRID].tolist() if count else []  # [[t, h, w]] per video
         merge = self.spatial_merge_size
         self.check_counts("video frame groups", [h * w // merge**2 for t, h, w in grids for _ in range(t)],

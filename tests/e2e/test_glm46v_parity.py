@@ -1,5 +1,5 @@
-"""GLM-4.6V: the three services (separate processes) give transformers' greedy tokens (images and text;
-mRoPE on the rotary half of each head, computed by the model's own get_rope_index).
+"""GLM-4.6V: the three services (separate processes) give transformers' greedy tokens (images, video and
+text; mRoPE on the rotary half of each head, computed by the model's own get_rope_index).
 
 transformers' `glmga` model type builds the same class (its config, GlmgaConfig, has the same fields),
 so a glmga checkpoint is this family's too.
@@ -12,11 +12,13 @@ import shutil
 
 from services.models.registry import family_for
 from tests.checkpoints import tiny_checkpoint
-from tests.parity import family_services, model_info_test, parity_tests
+from tests.parity import VIDEO_CASES, family_services, media_parity_tests, model_info_test, parity_tests
 
 services = family_services("glm46v")
 test_parity = parity_tests("glm46v")
 test_model_info = model_info_test("glm46v")
+# GLM-4.6V's own frame sampler (its rate from the clip's length) and timestamps ("1.5 seconds").
+test_video_parity = media_parity_tests("glm46v", {case: VIDEO_CASES[case] for case in ("video", "video-other")})
 
 
 def test_a_glmga_checkpoint_is_served_by_this_family(tmp_path):
