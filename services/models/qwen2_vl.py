@@ -90,7 +90,7 @@ class Qwen2VL(ModelFamily):
     def _items(self, processor: ProcessorMixin, out: Any, token_ids: list[int], modality: str,
                count: int) -> list[ProcessedItem]:
         """The items of one modality: one placeholder run each, its patches and grid cut from the batch."""
-        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, modality))
+        runs = self.modality_runs(processor, token_ids, modality)
         grid = f"{modality}_grid_thw"
         grids = out[grid] if count else torch.zeros(0, 3, dtype=torch.long)  # [count, 3]
         self.check_counts(f"{modality}s", [int(g.prod()) // self.spatial_merge_size**2 for g in grids],
@@ -102,6 +102,11 @@ class Qwen2VL(ModelFamily):
         return [ProcessedItem(modality=modality, offset=offset, length=length, encoder_inputs=item_inputs,
                               position_inputs={grid: item_inputs[grid]})
                 for (offset, length), item_inputs in zip(runs, inputs)]
+
+    def modality_runs(self, processor: ProcessorMixin, token_ids: list[int], modality: str) -> list[tuple[int, int]]:
+        """(offset, length) of the placeholder runs of `modality`'s items in the prompt: here every run of its
+        placeholder token (GLM-V's images and video frames share one token and override this)."""
+        return self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, modality))
 
     @staticmethod
     def tower_features(model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> Any:

@@ -63,7 +63,7 @@ class Qwen3VL(Qwen2VL):
                count: int) -> list[ProcessedItem]:
         if modality != VIDEO:
             return super()._items(processor, out, token_ids, modality, count)
-        runs = self.placeholder_runs(token_ids, self.placeholder_token_id(processor.tokenizer, VIDEO))
+        runs = self.modality_runs(processor, token_ids, VIDEO)
         grids = out[GRID].tolist() if count else []  # [[t, h, w]] per video
         merge = self.spatial_merge_size
         self.check_counts("video frame groups", [h * w // merge**2 for t, h, w in grids for _ in range(t)],
@@ -109,8 +109,9 @@ class Qwen3VL(Qwen2VL):
     @torch.inference_mode()
     def encode(self, model: PreTrainedModel, modality: str, items: list[dict[str, torch.Tensor]]) -> list[ItemEmbeddings]:
         out = self.tower_features(model, modality, items)
-        # pooler_output: one [n_i, H] per item; deepstack_features: per layer, one [n_i, H] per item
-        per_layer = out.deepstack_features
+        # pooler_output: one [n_i, H] per item; deepstack_features: per layer, one [n_i, H] per item (a tower
+        # without deepstack, as Qwen3.5's, returns none)
+        per_layer = out.deepstack_features if self.num_deepstack_layers else ()
         return [
             ItemEmbeddings(embeddings=rows, deepstack=tuple(layer[i] for layer in per_layer))
             for i, rows in enumerate(out.pooler_output)
@@ -118,9 +119,9 @@ class Qwen3VL(Qwen2VL):
 
     def prefill_inputs(self, model: PreTrainedModel, token_ids: torch.Tensor, placed: list[PlacedEmbeddings]) -> PrefillInputs:
         prefill = super().prefill_inputs(model, token_ids, placed)
-        if not placed:
-            return prefill  # text only: no deepstack, as in transformers
         num_layers = self.num_deepstack_layers
+        if not placed or not num_layers:
+            return prefill  # text only, or a model without deepstack: no deepstack, as in transformers
         for item in placed:
             got = len(item.embeddings.deepstack)
             if got != num_layers:

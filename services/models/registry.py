@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3"),
     "Gemma4ForConditionalGeneration": ("gemma4", "Gemma4"),
+    "Glm46VForConditionalGeneration": ("glm46v", "Glm46V"),
+    "Glm4vForConditionalGeneration": ("glm4v", "Glm4v"),
+    "Glm4vMoeForConditionalGeneration": ("glm4v_moe", "Glm4vMoe"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
     "Llama4ForConditionalGeneration": ("llama4", "Llama4"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
@@ -44,7 +47,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
+    "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5_moe", "Qwen3_5Moe"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VL"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "Qwen3VLMoe"),
 }
 
 # Claims no architecture: serves a checkpoint no row claims, when its `can_serve` says so.

@@ -9,6 +9,8 @@ interleaved mRoPE with an explicit `head_dim`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from services.tiny_checkpoints import common
@@ -174,7 +176,7 @@ _SIZES = common.sizes(
 )  # fmt: skip
 
 
-def _std(hidden: int) -> common.StdFor:
+def qwen3_vl_std(hidden: int) -> common.StdFor:
     """Per-parameter std so that greedy outputs depend on the prompt and on the image.
 
     Embeddings at std 1, linears variance-preserving, the tower's fused qkv twice that so its
@@ -202,30 +204,37 @@ def _std(hidden: int) -> common.StdFor:
 
 
 def build(ctx: common.BuildContext) -> None:
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    build_qwen3_vl(ctx, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+
+def build_qwen3_vl(ctx: common.BuildContext, config_class: type, model_class: type, *, text_keys: dict | None = None,
+                   vision_keys: dict | None = None, std: Callable[[int], common.StdFor] = qwen3_vl_std) -> None:
+    """A Qwen3-VL-style checkpoint of `model_class`: the families built on Qwen3-VL's tower and processor
+    (Qwen3-VL-MoE, Qwen3.5) pass their config and model classes, the language model's own keys
+    (`text_keys`, e.g. experts; they replace Qwen3-VL's head_dim and rope), vision keys that replace
+    Qwen3-VL's (`vision_keys`; None drops one) and their `std`."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     p = _SIZES[ctx.size]
     vocab = qwen_vocab(ctx.seed, QWEN3_VL_SPECIAL_TOKENS, model_max_length=262144)
-    config = Qwen3VLConfig(
+    config = config_class(
         text_config=common.text_config(
             p,
             vocab,
-            head_dim=p["head_dim"],
-            max_position_embeddings=262144,
-            rope_parameters={
-                "rope_type": "default",
-                "mrope_section": p["mrope_section"],
-                "mrope_interleaved": True,
-                "rope_theta": 5000000.0,
-            },
+            **{
+                "head_dim": p["head_dim"],
+                "max_position_embeddings": 262144,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": p["mrope_section"],
+                    "mrope_interleaved": True,
+                    "rope_theta": 5000000.0,
+                },
+            } | (text_keys or {}),
         ),
-        vision_config=dict(
+        vision_config=_without_none(dict(
             depth=p["vision_depth"],
             hidden_size=p["vision_embed"],
             intermediate_size=p["vision_intermediate"],
@@ -237,16 +246,22 @@ def build(ctx: common.BuildContext) -> None:
             num_position_embeddings=p["num_position_embeddings"],
             deepstack_visual_indexes=p["deepstack_visual_indexes"],
             initializer_range=0.1,
-        ),
+        ) | (vision_keys or {})),
         **qwen_vl_token_kwargs(vocab),
     )
-    model = common.random_model(Qwen3VLForConditionalGeneration, config, ctx.seed, _std(p["hidden"]))
+    model = common.random_model(model_class, config, ctx.seed, std(p["hidden"]))
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            layer.self_attn.q_norm.weight.fill_(_QK_NORM_GAIN)
-            layer.self_attn.k_norm.weight.fill_(_QK_NORM_GAIN)
+            attention = getattr(layer, "self_attn", None)  # Qwen3.5's linear-attention layers have none
+            if attention is not None:
+                attention.q_norm.weight.fill_(_QK_NORM_GAIN)
+                attention.k_norm.weight.fill_(_QK_NORM_GAIN)
     processor = qwen_vl_processor(
         Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor, vocab.tokenizer, p,
         patch_size=16, chat_template=QWEN3_VL_CHAT_TEMPLATE, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )  # fmt: skip
     finish_qwen_vl(ctx, model, processor, vocab)
+
+
+def _without_none(keys: dict) -> dict:
+    return {key: value for key, value in keys.items() if value is not None}

@@ -32,7 +32,8 @@ from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
 
 FAMILIES = ("mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
-            "nemotron_h_omni", "idefics3", "mistral3", "aya_vision", "llava_onevision", "llava_next_video")
+            "nemotron_h_omni", "idefics3", "mistral3", "aya_vision", "llava_onevision", "llava_next_video", "glm4v",
+            "qwen3_5")
 
 
 def _translucent_png(width: int, height: int) -> bytes:

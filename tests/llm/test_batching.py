@@ -32,7 +32,8 @@ from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
 
 FAMILIES = ["mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "gemma3", "phi4mm",
-            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3", "paligemma", "gemma4"]
+            "nemotron_h_omni", "idefics3", "aya_vision", "mistral3", "qwen3_vl_moe", "glm4v", "qwen3_5",
+            "paligemma", "gemma4"]
 CAUSAL_LM = {"phi4mm"}  # loaded with AutoModelForCausalLM (DESIGN §4.3b)
 IMAGE_REQUIRED = {"paligemma"}  # its processor refuses a prompt without an image: each request gets one
 NUM_REQUESTS = 16
