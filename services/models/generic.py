@@ -389,7 +389,7 @@ class Generic(ModelFamily):
             raise InvalidArgument(f"{num_images} images but the processor replaced {len(spans)} image markers",
                                   reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
         per_image: list[list[tuple[int, int]]] = [[] for _ in spans]
-        for offset, length in runs:
+        for offset, length in _cut_at_spans(runs, spans):
             owners = [i for i, (first, last) in enumerate(spans) if first <= offset and offset + length - 1 <= last]
             if len(owners) != 1:
                 raise InvalidArgument(
@@ -545,6 +545,19 @@ class Generic(ModelFamily):
 
     def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.get_output_embeddings()
+
+
+def _cut_at_spans(runs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs cut where one image's expansion ends and the next begins: a processor that wraps an
+    image in nothing (GOT-OCR2, Aria, LightOnOCR) gives adjacent images one run of the image token.
+    Cutting keeps every token's row in prompt order, as masked_scatter fills them."""
+    bounds = sorted({first for first, _ in spans} | {last + 1 for _, last in spans})
+    pieces = []
+    for offset, length in runs:
+        cuts = [b for b in bounds if offset < b < offset + length]
+        starts = [offset, *cuts]
+        pieces += [(a, b - a) for a, b in zip(starts, [*cuts, offset + length])]
+    return pieces
 
 
 def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
