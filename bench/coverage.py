@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import grpc  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # noqa: E402
 
-from services.models.coverage import RESULTS_JSON, Coverage, Row, write_markdown  # noqa: E402
+from services.coverage import RESULTS_JSON, Coverage, Row, write_markdown  # noqa: E402
 
 MODELS_DIR = ROOT / "build" / "coverage-models"
 MAX_NEW_TOKENS = 6
@@ -65,7 +65,8 @@ def _distill(err: BaseException) -> str:
     """An exception as a one-line reason: its class and message, the checkpoint folder and the
     registry's preamble taken out (the row already names the architecture)."""
     message = getattr(err, "message", None) or str(err)
-    message = re.sub(r"\S*coverage-models/[\w\-.]+:?\s*", "", message)
+    message = re.sub(r"/\S*/[\w\-.]+?-(small|default)-images\b:?\s*", "", message)  # the checkpoint folder
+    message = re.sub(r"/\S*/[\w\-.]+:\s", "", message)
     message = re.sub(r"no family file claims \w+, and the generic family cannot serve it exactly: ", "", message)
     message = " ".join(message.split())
     name = type(err).__name__
@@ -197,7 +198,7 @@ def _parity(model_dir: Path) -> dict[str, str]:
     return results
 
 
-def _resolve(out: Path, outcome: Outcome):
+def _resolve(out: Path, outcome: Outcome, model_type: str):
     """The family serving the folder, or None with the refusal in `outcome`."""
     from services.models.registry import family_for
 
@@ -206,7 +207,7 @@ def _resolve(out: Path, outcome: Outcome):
     except Exception as err:  # noqa: BLE001 -- FAILED_PRECONDITION with the registry's reason, or another failure
         message = _distill(err)
         outcome.path, outcome.result = "refused", "refused"
-        outcome.reason = _why_not_served(out.name.split("-")[0]) if "are not supported (supported:" in message \
+        outcome.reason = _why_not_served(model_type) if "are not supported (supported:" in message \
             else message
         return None
     outcome.path = family.name
@@ -226,17 +227,23 @@ def checkpoint_for(model_type: str, architecture: str, models_dir: Path, outcome
         return None
     if own is not None:
         outcome.builder = own[0]
-        _resolve(own[1], outcome)
+        _resolve(own[1], outcome, model_type)
         return own[1]
     failures = []
     for variant in VARIANTS:
         outcome.builder = f"auto:{variant}"
+        out = models_dir / f"{model_type}-{variant}"
         try:
-            out = _auto_build(model_type, variant, models_dir)
+            _auto_build(model_type, variant, models_dir)
         except Exception as err:  # noqa: BLE001
             failures.append(f"cannot be built offline: {_distill(err)}")
+            # A model the registry refuses from its config alone is refused for that, not for the build.
+            if (out / "config.json").exists() and _resolve(out, outcome, model_type) is None \
+                    and "processor" not in outcome.reason:
+                return None
+            shutil.rmtree(out, ignore_errors=True)
             continue
-        if _resolve(out, outcome) is None:
+        if _resolve(out, outcome, model_type) is None:
             return out
         why = _hf_runs(out)
         if why is None:
@@ -291,6 +298,19 @@ def run(only: list[str] | None, models_dir: Path) -> Coverage:
             if not result.startswith("exact"):
                 print(f"    {case}: {result[:300]}", flush=True)
     return Coverage(rows=rows, seconds=round(time.monotonic() - start, 1))
+
+
+def differences(recorded: Coverage, models_dir: Path, parity_for: frozenset[str]) -> list[str]:
+    """Where the sweep now disagrees with the record: for every architecture the path it resolves (and
+    the reason it is refused); for those in `parity_for` the parity result too. Empty: the record holds."""
+    found = []
+    for row in recorded.rows:
+        outcome = sweep_one(row.model_type, row.architecture, models_dir, parity=row.model_type in parity_for)
+        if outcome.path != row.path or (row.path == "refused" and outcome.reason != row.reason):
+            found.append(f"{row.model_type}: recorded {row.path} ({row.reason!r}), now {outcome.path} ({outcome.reason!r})")
+        elif row.model_type in parity_for and outcome.result != row.result:
+            found.append(f"{row.model_type}: recorded {row.result}, now {outcome.result}: {outcome.reason}")
+    return found
 
 
 def main() -> int:

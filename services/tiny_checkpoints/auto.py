@@ -77,8 +77,8 @@ def _sub_configs(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]
 
 
 def _is_tower(name: str) -> bool:
-    return any(word in name for word in ("vision", "image", "visual", "audio", "video", "encoder", "perceiver",
-                                         "vq", "projector"))
+    # Not a perceiver or projector: those take the text width (Idefics2 ties its perceiver's to it).
+    return any(word in name for word in ("vision", "image", "visual", "audio", "video", "encoder", "vq"))
 
 
 def _shrink(config: PretrainedConfig, vocab_size: int, tower: bool = False, shrink_images: bool = True) -> None:
@@ -193,20 +193,40 @@ def _sized(cls, side: int | None):
     return cls(**kwargs)
 
 
+def _siblings(model_type: str, mapping) -> list[str]:
+    """Model types to borrow a mapping's entry from: `model_type`, then those whose model class or
+    processor class is the same (glmga is glm46v's class; Glm4vProcessor serves glm4v_moe)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as models
+
+    same_model = [k for k, v in models.items() if v == models.get(model_type) and k != model_type]
+    processor = PROCESSOR_MAPPING_NAMES.get(model_type)
+    same_processor = [k for k, v in PROCESSOR_MAPPING_NAMES.items() if processor and v == processor and k != model_type]
+    return [k for k in [model_type, *same_model, *same_processor] if k in mapping]
+
+
+def _borrowed(model_type: str, mapping):
+    keys = _siblings(model_type, mapping)
+    return _class(mapping[keys[0]]) if keys else None
+
+
 def make_processor(model_type: str, seed: int, side: int | None) -> ProcessorMixin:
-    processor_class = _class(PROCESSOR_MAPPING_NAMES.get(model_type))
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    processor_class = _borrowed(model_type, PROCESSOR_MAPPING_NAMES)
     if processor_class is None:
-        raise BuildError(f"no processor class for {model_type} in transformers' PROCESSOR_MAPPING_NAMES")
+        raise BuildError(f"no processor class for {model_type} (nor for a model type of the same class) in "
+                         "transformers' PROCESSOR_MAPPING_NAMES")
     parameters = inspect.signature(processor_class.__init__).parameters
     tokenizer = make_tokenizer(seed, processor_class)
     kwargs: dict[str, object] = {"tokenizer": tokenizer}
     for name, mapping in (("image_processor", IMAGE_PROCESSOR_MAPPING_NAMES),
-                          ("video_processor", VIDEO_PROCESSOR_MAPPING_NAMES)):
+                          ("video_processor", VIDEO_PROCESSOR_MAPPING_NAMES),
+                          ("feature_extractor", FEATURE_EXTRACTOR_MAPPING_NAMES)):
         if name in parameters:
-            cls = _class(mapping.get(model_type))
+            cls = _borrowed(model_type, mapping)
             if cls is None:
                 raise BuildError(f"{processor_class.__name__} takes a {name} but transformers maps none to {model_type}")
-            kwargs[name] = _sized(cls, side)
+            kwargs[name] = _sized(cls, side) if name != "feature_extractor" else cls()
     missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
                and n not in ("self", "args", "kwargs") and n not in kwargs and p.kind == p.POSITIONAL_OR_KEYWORD]
     if missing:
@@ -258,6 +278,14 @@ def _marker_token(processor: ProcessorMixin, tokenizer: PreTrainedTokenizerFast,
     return None
 
 
+def _name_architecture(config: PretrainedConfig):
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    config.architectures = [model_class.__name__]
+    return model_class
+
+
 def _std(hidden: int) -> common.StdFor:
     """The shared recipe (common.scaled_std) with the gains most family builders use."""
     return common.scaled_std(hidden, fixed={("position_embedding.weight", "position_embeddings.weight",
@@ -268,8 +296,7 @@ def _std(hidden: int) -> common.StdFor:
 def make_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
     from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
-    config.architectures = [model_class.__name__]
+    model_class = _name_architecture(config)
     hidden = config.get_text_config().hidden_size
     model = common.random_model(model_class, config, seed, _std(hidden))
     head = model.get_output_embeddings()
@@ -299,9 +326,18 @@ def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS
         sized = AutoConfig.for_model(model_type)
         _shrink(sized, 1 << 16)
         side = tower_image_side(sized)
-    processor = make_processor(model_type, seed, side)
-    config = make_config(model_type, processor.tokenizer, processor, shrink_images)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        processor = make_processor(model_type, seed, side)
+    except Exception:
+        # The config alone, so that a model the registry refuses for what it is (not for its processor)
+        # is refused with that reason; the build still fails.
+        config = AutoConfig.for_model(model_type)
+        _shrink(config, 1024, shrink_images=shrink_images)
+        _name_architecture(config)
+        config.save_pretrained(out_dir)
+        raise
+    config = make_config(model_type, processor.tokenizer, processor, shrink_images)
     processor.save_pretrained(out_dir)
     model, vocab = make_model(config, processor.tokenizer, seed)
     model.save_pretrained(out_dir)
