@@ -250,7 +250,7 @@ def checkpoint_for(model_type: str, architecture: str, models_dir: Path, outcome
             return out
         failures.append(f"inconsistent ({variant}: transformers fails on one image: {why})")
     outcome.path, outcome.result = "refused", "refused"
-    outcome.reason = f"tiny checkpoint {failures[-1]}"
+    outcome.reason = f"tiny checkpoint {failures[0]}" + (f" (and {len(failures) - 1} other sizings)" if len(failures) > 1 else "")
     return None
 
 

@@ -145,6 +145,12 @@ def _params(fn: Any) -> set[str]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _required(fn: Any) -> set[str]:
+    """Named parameters of a function that have no default."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if name != "self" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 def _video_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
     """Why the generic family takes no video of this model; None when it does."""
     if not hasattr(model_class, _FEATURES[VIDEO]):
@@ -223,6 +229,9 @@ class Generic(ModelFamily):
         # Each modality's tower inputs, e.g. pixel_values, pixel_attention_mask; pixel_values_videos
         self.tower_inputs = {modality: _params(getattr(model_class, _FEATURES[modality])) for modality in self.modalities}
         self.forward_inputs = _params(model_class.forward)
+        # Each modality's tower parameters without a default: what its method cannot run without.
+        self.required_inputs = {modality: _required(getattr(model_class, _FEATURES[modality]))
+                                for modality in self.modalities}
 
     def modality_refusal(self, modality: str) -> str | None:
         return self.video_refusal if modality == VIDEO else None
@@ -406,6 +415,13 @@ class Generic(ModelFamily):
     def _check_forward_inputs(self, out: dict[str, Any]) -> None:
         towers = set().union(*self.tower_inputs.values())
         dropped = sorted((set(out) & self.forward_inputs) - towers - _TEXT_INPUTS)
+        for modality in self.modalities:
+            # The forward names a tower input otherwise (VideoLLaVA: forward(pixel_values_images) passes it
+            # as get_image_features(pixel_values)): one output the forward takes and no tower does, one
+            # required tower input the processor does not give, both tensors: the same tensor, renamed.
+            missing = sorted(self.required_inputs[modality] - set(out))
+            if len(dropped) == 1 and len(missing) == 1 and torch.is_tensor(out[dropped[0]]):
+                out[missing[0]] = out.pop(dropped.pop())
         if dropped:
             methods = " / ".join(_FEATURES[modality] for modality in self.modalities)
             raise FailedPrecondition(

@@ -83,7 +83,24 @@ def _is_tower(name: str) -> bool:
 
 def _shrink(config: PretrainedConfig, vocab_size: int, tower: bool = False, shrink_images: bool = True) -> None:
     """Every size of `config` and its sub-configs shrunk in place (module docstring); the image side
-    too when `shrink_images`."""
+    too when `shrink_images`. A width another config repeats under its own name (a projector's
+    `vision_hidden_size`, `mm_hidden_size`) follows the width it repeats."""
+    widths: dict[int, int] = {}
+    _shrink_one(config, vocab_size, tower, shrink_images, widths)
+    _follow_widths(config, widths)
+
+
+def _follow_widths(config: PretrainedConfig, widths: dict[int, int]) -> None:
+    for key, value in list(vars(config).items()):
+        if key not in _HIDDEN_KEYS and isinstance(value, int) and not isinstance(value, bool) and value in widths \
+                and ("hidden" in key or key.endswith(("_dim", "_size"))) and "vocab" not in key and "image" not in key:
+            setattr(config, key, widths[value])
+    for _, sub in _sub_configs(config):
+        _follow_widths(sub, widths)
+
+
+def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_images: bool,
+                widths: dict[int, int]) -> None:
     shape = _TOWER if tower else _TEXT
     values = vars(config)
     for keys, value in ((_HIDDEN_KEYS, shape["hidden"]), (_LAYER_KEYS, shape["layers"]), (_HEAD_KEYS, shape["heads"]),
@@ -91,6 +108,8 @@ def _shrink(config: PretrainedConfig, vocab_size: int, tower: bool = False, shri
                         (_EXPERT_KEYS, shape["experts"]), (_EXPERTS_PER_TOK_KEYS, shape["experts_per_tok"])):
         for key in keys:
             if isinstance(values.get(key), int) and not isinstance(values.get(key), bool) and values[key] > value:
+                if keys is _HIDDEN_KEYS:
+                    widths.setdefault(values[key], value)
                 setattr(config, key, value)
     heads = next((values[k] for k in _HEAD_KEYS if isinstance(values.get(k), int)), None)
     hidden = next((values[k] for k in _HIDDEN_KEYS if isinstance(values.get(k), int)), None)
@@ -98,15 +117,36 @@ def _shrink(config: PretrainedConfig, vocab_size: int, tower: bool = False, shri
         config.head_dim = hidden // heads
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
     for key, value in list(values.items()):
-        if layers and isinstance(value, list) and len(value) > layers and key.endswith("types"):
+        if layers and isinstance(value, (list, tuple)) and len(value) > layers and key.endswith("types"):
             setattr(config, key, value[-layers:])  # per-layer kinds: keep the last (full attention last)
+    for name, sub in _sub_configs(config):  # towers first: their layer counts bound the feature layers
+        _shrink_one(sub, vocab_size, tower or _is_tower(name), shrink_images, widths)
+    _clamp_feature_layers(config)
     if isinstance(values.get("vocab_size"), int) and not tower:
         config.vocab_size = vocab_size
     patch = values.get("patch_size")
     if shrink_images and isinstance(values.get("image_size"), int) and isinstance(patch, int):
         config.image_size = patch * _PATCHES_PER_SIDE
-    for name, sub in _sub_configs(config):
-        _shrink(sub, vocab_size, tower or _is_tower(name), shrink_images)
+
+
+def _clamp_feature_layers(config: PretrainedConfig) -> None:
+    """Feature layer indices (`vision_feature_layer(s)`: -2, [-2, -5, -8, -11, 6]) brought inside the
+    shrunk tower's layers, keeping their sign (negative: from the last)."""
+    vision = getattr(config, "vision_config", None)
+    layers = next((vars(vision)[k] for k in _LAYER_KEYS if vision is not None and isinstance(vars(vision).get(k), int)),
+                  None)
+    if not layers:
+        return
+
+    def clamp(i: int) -> int:
+        return max(i, -layers) if i < 0 else min(i, layers - 1)
+
+    for key, value in list(vars(config).items()):
+        if "feature_layer" in key:
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(config, key, clamp(value))
+            elif isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value):
+                setattr(config, key, [clamp(i) for i in value])
 
 
 def tower_image_side(config: PretrainedConfig) -> int | None:
@@ -209,7 +249,18 @@ def _borrowed(model_type: str, mapping):
     return _class(mapping[keys[0]]) if keys else None
 
 
-def make_processor(model_type: str, seed: int, side: int | None) -> ProcessorMixin:
+def _config_value(config: PretrainedConfig, name: str):
+    """`name` in the config or its sub-configs (the first found), else None."""
+    for sub in [config, *(c for _, c in _sub_configs(config))]:
+        value = vars(sub).get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def make_processor(model_type: str, seed: int, side: int | None, config: PretrainedConfig) -> ProcessorMixin:
+    """The processor; an argument it leaves None by default (LLaVA's patch_size, its feature select
+    strategy) takes the config's value of the same name, as a real checkpoint's processor config does."""
     from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 
     processor_class = _borrowed(model_type, PROCESSOR_MAPPING_NAMES)
@@ -227,6 +278,9 @@ def make_processor(model_type: str, seed: int, side: int | None) -> ProcessorMix
             if cls is None:
                 raise BuildError(f"{processor_class.__name__} takes a {name} but transformers maps none to {model_type}")
             kwargs[name] = _sized(cls, side) if name != "feature_extractor" else cls()
+    for name, parameter in parameters.items():
+        if parameter.default is None and name not in kwargs and _config_value(config, name) is not None:
+            kwargs[name] = _config_value(config, name)
     missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
                and n not in ("self", "args", "kwargs") and n not in kwargs and p.kind == p.POSITIONAL_OR_KEYWORD]
     if missing:
@@ -312,23 +366,47 @@ def make_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, see
     return model, vocab
 
 
-# The two ways to size images: the tower's image side shrunk to 8 patches and the processor's sizes set
-# to it (small prompts; breaks processors whose token count is a constant of the real checkpoint), or
-# both left at their defaults (real token counts; breaks where the defaults disagree).
-VARIANTS = ("small-images", "default-images")
+# Processor attributes that hold a real checkpoint's image token count as a constant.
+_TOKEN_COUNT_ATTRIBUTES = ("image_seq_length", "num_image_tokens", "image_seq_len", "num_image_token")
+
+
+def _match_token_count(processor: ProcessorMixin, model) -> None:
+    """Where the processor holds the token count per image as a constant, it becomes the rows the shrunk
+    tower gives for one image (as the real processor's constant is the real tower's)."""
+    import numpy as np
+    from PIL import Image
+
+    names = [n for n in _TOKEN_COUNT_ATTRIBUTES if isinstance(getattr(processor, n, None), int)]
+    if not names or not hasattr(model, "get_image_features"):
+        return
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    parameters = inspect.signature(model.get_image_features).parameters
+    with torch.inference_mode():
+        out = model.get_image_features(**{k: v for k, v in pixels.items() if k in parameters})
+    features = getattr(out, "pooler_output", out)
+    rows = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in (features if isinstance(features, (list, tuple))
+                                                            else [features]))
+    for name in names:
+        setattr(processor, name, rows)
+
+
+# The ways to size images, tried in order: the tower's image side shrunk to 8 patches and the processor's
+# sizes set to it (small prompts; breaks processors whose token count is a constant of the real
+# checkpoint); both left at their defaults (real token counts; breaks where the defaults disagree); the
+# tower's default side with the processor's sizes set to it.
+VARIANTS = ("small-images", "default-images", "tower-images")
 
 
 def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS[0]) -> None:
     """A tiny checkpoint of `model_type` in `out_dir` with images sized as `variant` says."""
     shrink_images = variant == VARIANTS[0]
-    side = None
-    if shrink_images:
-        sized = AutoConfig.for_model(model_type)
-        _shrink(sized, 1 << 16)
-        side = tower_image_side(sized)
+    sized = AutoConfig.for_model(model_type)
+    _shrink(sized, 1 << 16, shrink_images=shrink_images)
+    side = tower_image_side(sized) if variant != "default-images" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        processor = make_processor(model_type, seed, side)
+        processor = make_processor(model_type, seed, side, sized)
     except Exception:
         # The config alone, so that a model the registry refuses for what it is (not for its processor)
         # is refused with that reason; the build still fails.
@@ -340,6 +418,9 @@ def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS
     config = make_config(model_type, processor.tokenizer, processor, shrink_images)
     processor.save_pretrained(out_dir)
     model, vocab = make_model(config, processor.tokenizer, seed)
+    if side:
+        _match_token_count(processor, model)
+        processor.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     common.save_generation_config(out_dir, vocab.stop_ids, vocab.pad_id, vocab.bos_id)
     config.save_pretrained(out_dir)  # last: a reader that sees config.json sees the rest
