@@ -293,12 +293,23 @@ def make_processor(model_type: str, seed: int, side: int | None, config: Pretrai
 
 
 def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
-    """The text a prompt marks an image (video) with: the processor's own marker attribute if any."""
-    for attribute in (f"{modality}_token", f"{modality}_placeholder", f"{modality}_tag"):
-        value = getattr(processor, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    return default
+    """The text a prompt marks an image (video) with: the first of the processor's own marker attributes
+    and the usual markers that the processor accepts with one image (images only; videos: the first)."""
+    candidates = [getattr(processor, f"{modality}_{suffix}", None) for suffix in ("token", "placeholder", "tag")]
+    candidates = list(dict.fromkeys(c for c in [*candidates, default, "<|image|>", "[IMG]"] if isinstance(c, str) and c))
+    if modality != "image":
+        return candidates[0]
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    for marker in candidates:
+        try:
+            processor(text=[f"Look: {marker} here."], images=[image], return_tensors="pt")
+            return marker
+        except Exception:  # noqa: BLE001 -- not this marker
+            continue
+    return candidates[0]
 
 
 # ---- config and model ------------------------------------------------------------------------
