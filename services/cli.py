@@ -189,7 +189,8 @@ def _list_models(as_json: bool) -> int:
         if not r["available"]:
             print(f"{'':<{width[0]}} unavailable: {r['unavailable_reason']}")
     print()
-    return _list_architectures(False)
+    _list_architectures(False)  # the families serve whatever the record says; without one, a note only
+    return 0
 
 
 def _list_architectures(as_json: bool) -> int:
