@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import grpc  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # noqa: E402
 
-from services.coverage import RESULTS_JSON, Coverage, Row, write_markdown  # noqa: E402
+from services.coverage import RESULTS_JSON, Coverage, Row, load, write_markdown  # noqa: E402
 
 MODELS_DIR = ROOT / "build" / "coverage-models"
 MAX_NEW_TOKENS = 6
@@ -85,7 +85,7 @@ def _builder_for(model_type: str, architecture: str) -> str | None:
     return family if family in TINY_FAMILIES else None
 
 
-def _why_not_served(model_type: str) -> str:
+def _why_not_served(model_type: str, out: Path) -> str:
     """A specific reason for a model type no family file claims and the generic family does not judge
     (not an image-text-to-text model with get_image_features): read from its classes, not a list."""
     import inspect
@@ -116,6 +116,10 @@ def _why_not_served(model_type: str) -> str:
             if marker in source.lower() and why:
                 return f"{why}; {name} has no get_image_features"
         return f"{name} has no get_image_features: images are merged inside its forward"
+    try:
+        AutoConfig.from_pretrained(out)
+    except Exception as err:  # noqa: BLE001 -- the generic family cannot read the config: why
+        return f"the tiny config does not load back: {_distill(err)}"
     return f"{name} is not served by any family and the generic family does not judge it"
 
 
@@ -207,7 +211,7 @@ def _resolve(out: Path, outcome: Outcome, model_type: str):
     except Exception as err:  # noqa: BLE001 -- FAILED_PRECONDITION with the registry's reason, or another failure
         message = _distill(err)
         outcome.path, outcome.result = "refused", "refused"
-        outcome.reason = _why_not_served(model_type) if "are not supported (supported:" in message \
+        outcome.reason = _why_not_served(model_type, out) if "are not supported (supported:" in message \
             else message
         return None
     outcome.path = family.name
@@ -322,7 +326,12 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    coverage = run([m for m in args.only.split(",") if m], args.models)
+    only = [m for m in args.only.split(",") if m]
+    coverage = run(only, args.models)
+    recorded = load()
+    if only and recorded is not None:  # those rows replaced in the record; the full sweep's time kept
+        fresh = {row.model_type: row for row in coverage.rows}
+        coverage = Coverage(rows=[fresh.get(row.model_type, row) for row in recorded.rows], seconds=recorded.seconds)
     print(coverage.summary())
     if not args.no_write:
         RESULTS_JSON.write_text(json.dumps(coverage.to_json(), indent=1) + "\n")

@@ -53,6 +53,8 @@ _EXPERTS_PER_TOK_KEYS = ("num_experts_per_tok", "moe_k", "top_k")
 # Image side of a tower: this many patches along each side (8: a 2x2 merge or pixel shuffle still divides).
 _PATCHES_PER_SIDE = 8
 _VOCAB_MULTIPLE = 64
+# Tiny means tiny: a shrunk model above this many parameters kept a size the shrink does not know.
+_MAX_PARAMS = 30_000_000
 
 # String literals of a processor module that look like special tokens: <image>, <|image_pad|>, [IMG].
 _TOKEN_LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w\-:./|]{0,40}\|?>|\[[A-Z][A-Z_0-9]{1,30}\])["']""")
@@ -363,6 +365,14 @@ def make_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, see
 
     model_class = _name_architecture(config)
     hidden = config.get_text_config().hidden_size
+    with torch.device("meta"):  # count first: a size the shrink does not know would fill the memory
+        skeleton = model_class(config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > _MAX_PARAMS:
+        name, largest = max(skeleton.named_parameters(), key=lambda item: item[1].numel())
+        raise BuildError(f"the shrunk config still has {params / 1e6:.0f}M parameters (largest: {name} "
+                         f"{list(largest.shape)}): a size this builder does not know how to shrink")
+    del skeleton
     model = common.random_model(model_class, config, seed, _std(hidden))
     head = model.get_output_embeddings()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
