@@ -28,17 +28,17 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import grpc  # noqa: E402
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # noqa: E402
+import grpc
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from services.coverage import RESULTS_JSON, Coverage, Row, load, write_markdown  # noqa: E402
+from services.coverage import RESULTS_JSON, Coverage, Row, load, write_markdown
 
 MODELS_DIR = ROOT / "build" / "coverage-models"
 MAX_NEW_TOKENS = 6

@@ -40,8 +40,8 @@ from services.tiny_checkpoints import common
 
 # The shrunk shapes: text model, vision (or other) tower. Names are the config keys transformers uses
 # across models for the same thing.
-_TEXT = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, experts=4, experts_per_tok=2)
-_TOWER = dict(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, experts=4, experts_per_tok=2)
+_TEXT = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "experts": 4, "experts_per_tok": 2}
+_TOWER = {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 2, "intermediate": 64, "experts": 4, "experts_per_tok": 2}
 _HIDDEN_KEYS = ("hidden_size", "d_model", "embed_dim", "width", "n_embd", "hidden_dim")
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "encoder_layers", "decoder_layers")
 _HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads")
@@ -309,7 +309,7 @@ def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
         try:
             processor(text=[f"Look: {marker} here."], images=[image], return_tensors="pt")
             return marker
-        except Exception:  # noqa: BLE001 -- not this marker
+        except Exception:  # noqa: BLE001, S112 -- not this marker: the next one
             continue
     return candidates[0]
 
@@ -328,7 +328,7 @@ def make_config(model_type: str, tokenizer: PreTrainedTokenizerFast, processor: 
             ids[f"{modality}_token_id"] = ids[f"{modality}_token_index"] = token
     for _, sub in [("", config), *_sub_configs(config)]:
         for key, value in ids.items():
-            if hasattr(sub, key) and (key.endswith("token_id") or key.endswith("token_index")):
+            if hasattr(sub, key) and key.endswith(("token_id", "token_index")):
                 setattr(sub, key, value)
     config.dtype = "float32"
     return config
@@ -361,7 +361,6 @@ def _std(hidden: int) -> common.StdFor:
 
 
 def make_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
-    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     model_class = _name_architecture(config)
     hidden = config.get_text_config().hidden_size
