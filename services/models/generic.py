@@ -294,7 +294,7 @@ class Generic(ModelFamily):
         text = self.render_chat(processor, [{"role": "user", "content": content}])
         out, _, per_item = self._process(processor, text, images, videos)
         counts = [sum(n for _, n in runs) for _, runs in per_item]
-        splits, sizes, grid = self._splits(out, counts, modality)
+        splits, sizes, grid = self._splits(out, counts, modality, self._tiles_alone(processor, images))
         split_items(out, splits, count, sizes)  # raises ValueError if the outputs do not split so
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
@@ -337,7 +337,8 @@ class Generic(ModelFamily):
                 continue
             item_runs = [runs for kind, runs in per_item if kind == modality]
             counts = [sum(n for _, n in runs) for runs in item_runs]
-            splits, sizes, _ = self._splits(out, counts, modality)
+            alone = self._tiles_alone(processor, images) if modality == IMAGE else None
+            splits, sizes, _ = self._splits(out, counts, modality, alone)
             inputs = split_items(out, splits, count, sizes)
             items += [ProcessedItem(modality=modality, offset=runs[0][0], length=n, encoder_inputs=item_inputs,
                                     runs=tuple(runs) if len(runs) > 1 else ())
@@ -441,11 +442,26 @@ class Generic(ModelFamily):
                     f"{modality}", reason="MODEL_UNSUPPORTED")
         return self.placeholder_runs(token_ids, token_id)
 
-    def _splits(self, out: dict[str, Any], counts: list[int], modality: str = IMAGE
+    @staticmethod
+    def _tiles_alone(processor: ProcessorMixin, images: list[Any]):
+        """Each image's tiles along an output's dim, from the image processor run on that image alone: for
+        tiles that do not all give the same rows (LFM2-VL's last tile of a row, its thumbnail)."""
+
+        def tiles(name: str, dim: int) -> list[int]:
+            image_processor = getattr(processor, "image_processor", None)
+            if image_processor is None:
+                return []
+            alone = [image_processor(images=[image], return_tensors="pt").get(name) for image in images]
+            return [0 if value is None else value.shape[dim] for value in alone]  # None: no tiles (Step3's local crops)
+
+        return tiles
+
+    def _splits(self, out: dict[str, Any], counts: list[int], modality: str = IMAGE, tiles_alone=None
                 ) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
         """How each processor output that the modality's tower method takes holds its items (module
         docstring), the per-item sizes the splits name, and the name of the grid that counts patches (if
-        any). `counts` are the items' placeholder tokens, which cut tiles."""
+        any). `counts` are the items' placeholder tokens, which cut tiles; where they cannot (tiles of
+        unequal rows), `tiles_alone(name, dim)` counts each image's tiles by processing it alone."""
         num_images = len(counts)
         tower_inputs = self.tower_inputs[modality]
         names = sorted(tower_inputs & set(out))
@@ -471,7 +487,13 @@ class Generic(ModelFamily):
                 splits[name] = Split.flat("patches")
             else:  # tiles: [tiles, ...] or [1, tiles, ...], the same rows per tile
                 dim = 1 if value.ndim >= 2 and value.shape[0] == 1 else 0
-                sizes[f"{name}_tiles"] = self._tiles_per_image(name, value.shape[dim], counts)
+                try:
+                    sizes[f"{name}_tiles"] = self._tiles_per_image(name, value.shape[dim], counts)
+                except InvalidArgument:
+                    alone = tiles_alone(name, dim) if tiles_alone is not None else []
+                    if not alone or sum(alone) != value.shape[dim]:  # the batch is not its images side by side
+                        raise
+                    sizes[f"{name}_tiles"] = alone
                 splits[name] = Split.flat(f"{name}_tiles", dim)
         if len({split.dim for split in splits.values()}) != 1:
             raise FailedPrecondition(f"processor outputs {names} hold their images along different dims",

@@ -129,6 +129,9 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
     patch = values.get("patch_size")
     if shrink_images and isinstance(values.get("image_size"), int) and isinstance(patch, int):
         config.image_size = patch * _PATCHES_PER_SIDE
+    for key, value in list(values.items()):  # Gemma 3's mm_tokens_per_image: pooled from the patches
+        if shrink_images and "tokens_per_image" in key and isinstance(value, int) and value > _PATCHES_PER_SIDE ** 2:
+            setattr(config, key, (_PATCHES_PER_SIDE // 2) ** 2)
 
 
 def _clamp_feature_layers(config: PretrainedConfig) -> None:
@@ -437,7 +440,11 @@ def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS
         raise
     config = make_config(model_type, processor.tokenizer, processor, shrink_images)
     processor.save_pretrained(out_dir)
-    model, vocab = make_model(config, processor.tokenizer, seed)
+    try:
+        model, vocab = make_model(config, processor.tokenizer, seed)
+    except Exception:
+        config.save_pretrained(out_dir)  # as above: the config alone
+        raise
     if side:
         _match_token_count(processor, model)
         processor.save_pretrained(out_dir)
