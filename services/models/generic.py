@@ -418,10 +418,11 @@ class Generic(ModelFamily):
         dropped = sorted((set(out) & self.forward_inputs) - towers - _TEXT_INPUTS)
         for modality in self.modalities:
             # The forward names a tower input otherwise (VideoLLaVA: forward(pixel_values_images) passes it
-            # as get_image_features(pixel_values)): one output the forward takes and no tower does, one
-            # required tower input the processor does not give, both tensors: the same tensor, renamed.
+            # as get_image_features(pixel_values)): one float tensor the forward takes and no tower does,
+            # named as the one required tower input the processor does not give plus a suffix: renamed.
             missing = sorted(self.required_inputs[modality] - set(out))
-            if len(dropped) == 1 and len(missing) == 1 and torch.is_tensor(out[dropped[0]]):
+            if len(dropped) == 1 and len(missing) == 1 and dropped[0].startswith(f"{missing[0]}_") \
+                    and torch.is_tensor(out[dropped[0]]) and out[dropped[0]].is_floating_point():
                 out[missing[0]] = out.pop(dropped.pop())
         if dropped:
             methods = " / ".join(_FEATURES[modality] for modality in self.modalities)
