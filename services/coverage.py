@@ -7,6 +7,7 @@ markdown table, so that listing the models imports no model and builds nothing.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,8 +72,9 @@ class Coverage:
 def _kind(row: Row) -> str:
     if row.result in ("mismatch", "error"):
         return f"{row.result} (a bug to look at)"
-    text = row.reason.split(":")[0].split(" (")[0].strip()
-    return text[:90] or "?"
+    text = re.sub(r"^(image|video): ", "", row.reason)  # the generic probe's modality
+    text = re.sub(r"\s*\([^)]*\)", "", text)  # parentheticals: the classes that say it
+    return re.split(r"[:;]", text)[0].strip()[:90] or "?"
 
 
 def load(path: Path = RESULTS_JSON) -> Coverage | None:
