@@ -563,10 +563,11 @@ class Generic(ModelFamily):
             bounds = [sum(units[:i]) for i in range(len(units) + 1)]
             return [torch.cat(per_unit[a:b]) for a, b in zip(bounds, bounds[1:])]
         rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [all rows, hidden]
-        if rows.shape[0] % total:  # the schema admitted the items: the model is not laid out as the probe said
+        # In proportion: rows per unit (tiles), or units per row (patches merged 2x2 into one row, LFM3-VL).
+        if any(n * rows.shape[0] % total for n in units):  # the model is not laid out as the probe said
             raise Internal(f"the tower gave {rows.shape[0]} rows for {total} images, tiles or patches ({units} per "
-                           "item): not the same rows for each", reason="ENCODER_OUTPUT_MISMATCH")
-        return list(rows.split([n * (rows.shape[0] // total) for n in units]))
+                           "item): not in proportion to each item's", reason="ENCODER_OUTPUT_MISMATCH")
+        return list(rows.split([n * rows.shape[0] // total for n in units]))
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
         _ = self._layout  # the encoder's schema: probe the processor at start, not on the first request

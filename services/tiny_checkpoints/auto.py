@@ -217,15 +217,26 @@ def _class(name: str | dict | tuple | None, prefer: str = "torchvision"):
     return getattr(transformers, name) if name else None
 
 
-def _sized(cls, side: int | None):
-    """The image (or video) processor at its defaults, its sizes set to the tower's image side."""
+# Image processor settings that must be the tower's (config name, processor name): Qwen2-VL's processor
+# at its defaults cuts 14 px patches for a tower of 16 (LFM3-VL).
+_TOWER_SETTINGS = (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                   ("spatial_merge_size", "merge_size"))
+
+
+def _sized(cls, side: int | None, config: PretrainedConfig):
+    """The image (or video) processor at its defaults, its sizes set to the tower's image side, its
+    patch settings to the tower's."""
     default = cls()
-    if not side:
-        return default
     kwargs: dict[str, object] = {}
-    for key in ("size", "crop_size"):
+    for config_name, name in _TOWER_SETTINGS:
+        value = _config_value(config, config_name)
+        if isinstance(getattr(default, name, None), int) and isinstance(value, int):
+            kwargs[name] = value
+    if not side:
+        return cls(**kwargs) if kwargs else default
+    for key in ("size", "crop_size", "max_image_size"):  # SmolVLM's tile side: {"longest_edge": 364}
         size = getattr(default, key, None)
-        fields = size.items() if isinstance(size, dict) else vars(size).items() if size is not None else ()
+        fields = size.items() if isinstance(size, dict) else vars(size).items() if hasattr(size, "__dict__") else ()
         entries = {k: side for k, v in fields if isinstance(v, int) and not k.endswith("pixels")}
         if entries:
             kwargs[key] = entries
@@ -282,7 +293,7 @@ def make_processor(model_type: str, seed: int, side: int | None, config: Pretrai
             cls = _borrowed(model_type, mapping)
             if cls is None:
                 raise BuildError(f"{processor_class.__name__} takes a {name} but transformers maps none to {model_type}")
-            kwargs[name] = _sized(cls, side) if name != "feature_extractor" else cls()
+            kwargs[name] = _sized(cls, side, config) if name != "feature_extractor" else cls()
     for name, parameter in parameters.items():
         if parameter.default is None and name not in kwargs and _config_value(config, name) is not None:
             kwargs[name] = _config_value(config, name)
