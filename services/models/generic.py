@@ -145,6 +145,18 @@ def _params(fn: Any) -> set[str]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _tower_method(config: PretrainedConfig, model_class: type[PreTrainedModel], modality: str) -> Any:
+    """The modality's tower method, for its parameters: the outer class's, or where that only passes
+    *args / **kwargs on to the inner model (MiniCPM-V 4.6), the inner model class's."""
+    method = getattr(model_class, _FEATURES[modality])
+    if _params(method):
+        return method
+    from transformers import MODEL_MAPPING
+
+    inner = MODEL_MAPPING.get(type(config), None)
+    return getattr(inner, _FEATURES[modality], method) if inner is not None else method
+
+
 def _required(fn: Any) -> set[str]:
     """Named parameters of a function that have no default."""
     return {name for name, p in inspect.signature(fn).parameters.items()
@@ -227,11 +239,11 @@ class Generic(ModelFamily):
         self.video_refusal = _video_refusal(config, model_class)
         self.modalities = (IMAGE,) if self.video_refusal else (IMAGE, VIDEO)
         # Each modality's tower inputs, e.g. pixel_values, pixel_attention_mask; pixel_values_videos
-        self.tower_inputs = {modality: _params(getattr(model_class, _FEATURES[modality])) for modality in self.modalities}
+        towers = {modality: _tower_method(config, model_class, modality) for modality in self.modalities}
+        self.tower_inputs = {modality: _params(method) for modality, method in towers.items()}
         self.forward_inputs = _params(model_class.forward)
         # Each modality's tower parameters without a default: what its method cannot run without.
-        self.required_inputs = {modality: _required(getattr(model_class, _FEATURES[modality]))
-                                for modality in self.modalities}
+        self.required_inputs = {modality: _required(method) for modality, method in towers.items()}
 
     def modality_refusal(self, modality: str) -> str | None:
         return self.video_refusal if modality == VIDEO else None
