@@ -74,7 +74,7 @@ def _kind(row: Row) -> str:
         return f"{row.result} (a bug to look at)"
     text = re.sub(r"^(image|video): ", "", row.reason)  # the generic probe's modality
     text = re.sub(r"\s*\([^)]*\)", "", text)  # parentheticals: the classes that say it
-    return re.split(r"[:;]", text)[0].strip()[:90] or "?"
+    return re.split(r"[:;(]", text)[0].strip()[:90] or "?"
 
 
 def load(path: Path = RESULTS_JSON) -> Coverage | None:
