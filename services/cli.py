@@ -45,8 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show an error's traceback (also TRIPTYCH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the model families, their modalities and how each is served")
+    p = sub.add_parser("models", help="list the model families, their modalities and how each is served, then "
+                                      "every image-text-to-text architecture of transformers as the coverage sweep "
+                                      "recorded it (docs/coverage.md)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--architectures", action="store_true",
+                   help="only the architectures (with --json: the recorded rows of docs/coverage.json)")
 
     p = sub.add_parser("make-model", help="write a tiny random checkpoint folder (offline)")
     p.add_argument("--family", default="qwen2_vl")
@@ -124,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         print(path)
         return 0
     if args.command == "models":
-        return _list_models(args.json)
+        return _list_architectures(args.json) if args.architectures else _list_models(args.json)
     if args.command == "export-triton":
         from services.encoder.triton_export import run_export
 
@@ -184,6 +188,30 @@ def _list_models(as_json: bool) -> int:
         print(f"{r['family']:<{width[0]}} {modalities[r['family']]:<{width[1]}} {tiny:<5} {r['served_by']}")
         if not r["available"]:
             print(f"{'':<{width[0]}} unavailable: {r['unavailable_reason']}")
+    print()
+    _list_architectures(False)  # the families serve whatever the record says; without one, a note only
+    return 0
+
+
+def _list_architectures(as_json: bool) -> int:
+    """Every architecture of transformers' image-text-to-text mapping, served or not and by which path,
+    as the last coverage sweep (bench/coverage.py) recorded it in docs/coverage.json: proving parity
+    takes minutes per model, so this reads the record rather than recomputing it."""
+    from services.coverage import RESULTS_JSON, load
+
+    coverage = load()
+    if coverage is None:
+        print(f"no coverage record at {RESULTS_JSON}: run python bench/coverage.py", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(coverage.to_json()["rows"], indent=2))
+        return 0
+    width = max(len(r.model_type) for r in coverage.rows) + 1, max(len(r.path) for r in coverage.rows) + 1
+    print(f"{'architecture':<{width[0]}} {'served by':<{width[1]}} {'result':<9} reason")
+    for r in coverage.rows:
+        served = r.path if r.served else "-"
+        print(f"{r.model_type:<{width[0]}} {served:<{width[1]}} {r.result:<9} {r.reason}")
+    print(f"{coverage.summary()} (recorded in {RESULTS_JSON.name})")
     return 0
 
 

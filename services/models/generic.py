@@ -145,6 +145,24 @@ def _params(fn: Any) -> set[str]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _tower_method(config: PretrainedConfig, model_class: type[PreTrainedModel], modality: str) -> Any:
+    """The modality's tower method, for its parameters: the outer class's, or where that only passes
+    *args / **kwargs on to the inner model (MiniCPM-V 4.6), the inner model class's."""
+    method = getattr(model_class, _FEATURES[modality])
+    if _params(method):
+        return method
+    from transformers import MODEL_MAPPING
+
+    inner = MODEL_MAPPING.get(type(config), None)
+    return getattr(inner, _FEATURES[modality], method) if inner is not None else method
+
+
+def _required(fn: Any) -> set[str]:
+    """Named parameters of a function that have no default."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if name != "self" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 def _video_refusal(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> str | None:
     """Why the generic family takes no video of this model; None when it does."""
     if not hasattr(model_class, _FEATURES[VIDEO]):
@@ -221,8 +239,11 @@ class Generic(ModelFamily):
         self.video_refusal = _video_refusal(config, model_class)
         self.modalities = (IMAGE,) if self.video_refusal else (IMAGE, VIDEO)
         # Each modality's tower inputs, e.g. pixel_values, pixel_attention_mask; pixel_values_videos
-        self.tower_inputs = {modality: _params(getattr(model_class, _FEATURES[modality])) for modality in self.modalities}
+        towers = {modality: _tower_method(config, model_class, modality) for modality in self.modalities}
+        self.tower_inputs = {modality: _params(method) for modality, method in towers.items()}
         self.forward_inputs = _params(model_class.forward)
+        # Each modality's tower parameters without a default: what its method cannot run without.
+        self.required_inputs = {modality: _required(method) for modality, method in towers.items()}
 
     def modality_refusal(self, modality: str) -> str | None:
         return self.video_refusal if modality == VIDEO else None
@@ -285,7 +306,7 @@ class Generic(ModelFamily):
         text = self.render_chat(processor, [{"role": "user", "content": content}])
         out, _, per_item = self._process(processor, text, images, videos)
         counts = [sum(n for _, n in runs) for _, runs in per_item]
-        splits, sizes, grid = self._splits(out, counts, modality)
+        splits, sizes, grid = self._splits(out, counts, modality, self._tiles_alone(processor, images))
         split_items(out, splits, count, sizes)  # raises ValueError if the outputs do not split so
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
@@ -328,7 +349,8 @@ class Generic(ModelFamily):
                 continue
             item_runs = [runs for kind, runs in per_item if kind == modality]
             counts = [sum(n for _, n in runs) for runs in item_runs]
-            splits, sizes, _ = self._splits(out, counts, modality)
+            alone = self._tiles_alone(processor, images) if modality == IMAGE else None
+            splits, sizes, _ = self._splits(out, counts, modality, alone)
             inputs = split_items(out, splits, count, sizes)
             items += [ProcessedItem(modality=modality, offset=runs[0][0], length=n, encoder_inputs=item_inputs,
                                     runs=tuple(runs) if len(runs) > 1 else ())
@@ -389,7 +411,7 @@ class Generic(ModelFamily):
             raise InvalidArgument(f"{num_images} images but the processor replaced {len(spans)} image markers",
                                   reason="PLACEHOLDER_COUNT_MISMATCH", metadata={"imageCount": str(num_images)})
         per_image: list[list[tuple[int, int]]] = [[] for _ in spans]
-        for offset, length in runs:
+        for offset, length in _cut_at_spans(runs, spans):
             owners = [i for i, (first, last) in enumerate(spans) if first <= offset and offset + length - 1 <= last]
             if len(owners) != 1:
                 raise InvalidArgument(
@@ -406,6 +428,14 @@ class Generic(ModelFamily):
     def _check_forward_inputs(self, out: dict[str, Any]) -> None:
         towers = set().union(*self.tower_inputs.values())
         dropped = sorted((set(out) & self.forward_inputs) - towers - _TEXT_INPUTS)
+        for modality in self.modalities:
+            # The forward names a tower input otherwise (VideoLLaVA: forward(pixel_values_images) passes it
+            # as get_image_features(pixel_values)): one float tensor the forward takes and no tower does,
+            # named as the one required tower input the processor does not give plus a suffix: renamed.
+            missing = sorted(self.required_inputs[modality] - set(out))
+            if len(dropped) == 1 and len(missing) == 1 and dropped[0].startswith(f"{missing[0]}_") \
+                    and torch.is_tensor(out[dropped[0]]) and out[dropped[0]].is_floating_point():
+                out[missing[0]] = out.pop(dropped.pop())
         if dropped:
             methods = " / ".join(_FEATURES[modality] for modality in self.modalities)
             raise FailedPrecondition(
@@ -425,11 +455,26 @@ class Generic(ModelFamily):
                     f"{modality}", reason="MODEL_UNSUPPORTED")
         return self.placeholder_runs(token_ids, token_id)
 
-    def _splits(self, out: dict[str, Any], counts: list[int], modality: str = IMAGE
+    @staticmethod
+    def _tiles_alone(processor: ProcessorMixin, images: list[Any]):
+        """Each image's tiles along an output's dim, from the image processor run on that image alone: for
+        tiles that do not all give the same rows (LFM2-VL's last tile of a row, its thumbnail)."""
+
+        def tiles(name: str, dim: int) -> list[int]:
+            image_processor = getattr(processor, "image_processor", None)
+            if image_processor is None:
+                return []
+            alone = [image_processor(images=[image], return_tensors="pt").get(name) for image in images]
+            return [0 if value is None else value.shape[dim] for value in alone]  # None: no tiles (Step3's local crops)
+
+        return tiles
+
+    def _splits(self, out: dict[str, Any], counts: list[int], modality: str = IMAGE, tiles_alone=None
                 ) -> tuple[dict[str, Split], dict[str, list[int]], str | None]:
         """How each processor output that the modality's tower method takes holds its items (module
         docstring), the per-item sizes the splits name, and the name of the grid that counts patches (if
-        any). `counts` are the items' placeholder tokens, which cut tiles."""
+        any). `counts` are the items' placeholder tokens, which cut tiles; where they cannot (tiles of
+        unequal rows), `tiles_alone(name, dim)` counts each image's tiles by processing it alone."""
         num_images = len(counts)
         tower_inputs = self.tower_inputs[modality]
         names = sorted(tower_inputs & set(out))
@@ -455,7 +500,13 @@ class Generic(ModelFamily):
                 splits[name] = Split.flat("patches")
             else:  # tiles: [tiles, ...] or [1, tiles, ...], the same rows per tile
                 dim = 1 if value.ndim >= 2 and value.shape[0] == 1 else 0
-                sizes[f"{name}_tiles"] = self._tiles_per_image(name, value.shape[dim], counts)
+                try:
+                    sizes[f"{name}_tiles"] = self._tiles_per_image(name, value.shape[dim], counts)
+                except InvalidArgument:
+                    alone = tiles_alone(name, dim) if tiles_alone is not None else []
+                    if not alone or sum(alone) != value.shape[dim]:  # the batch is not its images side by side
+                        raise
+                    sizes[f"{name}_tiles"] = alone
                 splits[name] = Split.flat(f"{name}_tiles", dim)
         if len({split.dim for split in splits.values()}) != 1:
             raise FailedPrecondition(f"processor outputs {names} hold their images along different dims",
@@ -524,10 +575,11 @@ class Generic(ModelFamily):
             bounds = [sum(units[:i]) for i in range(len(units) + 1)]
             return [torch.cat(per_unit[a:b]) for a, b in zip(bounds, bounds[1:])]
         rows = torch.cat([p.reshape(-1, hidden) for p in parts])  # [all rows, hidden]
-        if rows.shape[0] % total:  # the schema admitted the items: the model is not laid out as the probe said
+        # In proportion: rows per unit (tiles), or units per row (patches merged 2x2 into one row, LFM3-VL).
+        if any(n * rows.shape[0] % total for n in units):  # the model is not laid out as the probe said
             raise Internal(f"the tower gave {rows.shape[0]} rows for {total} images, tiles or patches ({units} per "
-                           "item): not the same rows for each", reason="ENCODER_OUTPUT_MISMATCH")
-        return list(rows.split([n * (rows.shape[0] // total) for n in units]))
+                           "item): not in proportion to each item's", reason="ENCODER_OUTPUT_MISMATCH")
+        return list(rows.split([n * rows.shape[0] // total for n in units]))
 
     def strip_for_encoder(self, model: PreTrainedModel) -> None:
         _ = self._layout  # the encoder's schema: probe the processor at start, not on the first request
@@ -545,6 +597,19 @@ class Generic(ModelFamily):
 
     def lm_head(self, model: PreTrainedModel) -> torch.nn.Module:
         return model.get_output_embeddings()
+
+
+def _cut_at_spans(runs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs cut where one image's expansion ends and the next begins: a processor that wraps an
+    image in nothing (GOT-OCR2, Aria, LightOnOCR) gives adjacent images one run of the image token.
+    Cutting keeps every token's row in prompt order, as masked_scatter fills them."""
+    bounds = sorted({first for first, _ in spans} | {last + 1 for _, last in spans})
+    pieces = []
+    for offset, length in runs:
+        cuts = [b for b in bounds if offset < b < offset + length]
+        starts = [offset, *cuts]
+        pieces += [(a, b - a) for a, b in zip(starts, [*cuts, offset + length])]
+    return pieces
 
 
 def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:

@@ -1,0 +1,464 @@
+"""Tiny random checkpoints of ANY image-text-to-text architecture, built offline from its own classes.
+
+The coverage sweep (bench/coverage.py) needs a checkpoint of every architecture in transformers'
+MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, most of which have no builder of their own in this
+package. This module makes one from the model type alone, with nothing model-specific:
+
+  config     the model type's config class at its defaults, every size shrunk in every sub-config
+             (`_shrink`: widths, layers, heads, intermediate, experts, vocab; the vision tower's image
+             side to 8 patches), per-layer lists cut to the layer count;
+  tokenizer  the shared seeded byte-level BPE (common.py) with every special token the processor's
+             module names (its string literals that look like `<...>`, `<|...|>` or `[...]`, and its
+             __init__ defaults), ids after the vocabulary;
+  processor  the model type's processor class from its image (and video) processor's defaults, their
+             sizes set to the tower's image side, and a plain chat template whose image part is the
+             processor's image marker;
+  model      built from the config, weights re-drawn with the shared recipe (common.scaled_std: q/k
+             doubled, position tables at 0.5, lm_head for logits of std ~3), special output rows
+             silenced as the family builders do, so that greedy outputs depend on prompt and image.
+
+Any step may fail for an architecture whose pieces need more than defaults (a file, remote code, a
+size the defaults do not tie together); the exception is the sweep's recorded reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+from services.tiny_checkpoints import common
+
+# The shrunk shapes: text model, vision (or other) tower. Names are the config keys transformers uses
+# across models for the same thing.
+_TEXT = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "experts": 4, "experts_per_tok": 2}
+_TOWER = {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 2, "intermediate": 64, "experts": 4, "experts_per_tok": 2}
+_HIDDEN_KEYS = ("hidden_size", "d_model", "embed_dim", "width", "n_embd", "hidden_dim")
+_LAYER_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layer", "encoder_layers", "decoder_layers")
+_HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads")
+_KV_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "mlp_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+                      "moe_intermediate_size", "shared_expert_intermediate_size")
+_EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+_EXPERTS_PER_TOK_KEYS = ("num_experts_per_tok", "moe_k", "top_k")
+# Image side of a tower: this many patches along each side (8: a 2x2 merge or pixel shuffle still divides).
+_PATCHES_PER_SIDE = 8
+_VOCAB_MULTIPLE = 64
+# Tiny means tiny: a shrunk model above this many parameters kept a size the shrink does not know.
+_MAX_PARAMS = 30_000_000
+
+# String literals of a processor module that look like special tokens: <image>, <|image_pad|>, [IMG].
+_TOKEN_LITERAL = re.compile(r"""["'](<\|?[A-Za-z_][\w\-:./|]{0,40}\|?>|\[[A-Z][A-Z_0-9]{1,30}\])["']""")
+_BASE_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|end_of_turn|>")
+
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '%IMAGE%' }}"
+    "{% elif part['type'] == 'video' %}{{ '%VIDEO%' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|end_of_turn|>\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+class BuildError(Exception):
+    """A step of the build that cannot be done from defaults; the message is the sweep's reason."""
+
+
+def _sub_configs(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]:
+    return [(name, value) for name, value in vars(config).items() if isinstance(value, PretrainedConfig)]
+
+
+def _is_tower(name: str) -> bool:
+    # Not a perceiver or projector: those take the text width (Idefics2 ties its perceiver's to it).
+    return any(word in name for word in ("vision", "image", "visual", "audio", "video", "encoder", "vq"))
+
+
+def _shrink(config: PretrainedConfig, vocab_size: int, tower: bool = False, shrink_images: bool = True) -> None:
+    """Every size of `config` and its sub-configs shrunk in place (module docstring); the image side
+    too when `shrink_images`. A width another config repeats under its own name (a projector's
+    `vision_hidden_size`, `mm_hidden_size`) follows the width it repeats."""
+    widths: dict[int, int] = {}
+    _shrink_one(config, vocab_size, tower, shrink_images, widths)
+    _follow_widths(config, widths)
+
+
+def _follow_widths(config: PretrainedConfig, widths: dict[int, int]) -> None:
+    for key, value in list(vars(config).items()):
+        if key not in _HIDDEN_KEYS and isinstance(value, int) and not isinstance(value, bool) and value in widths \
+                and ("hidden" in key or key.endswith(("_dim", "_size"))) and "vocab" not in key and "image" not in key:
+            setattr(config, key, widths[value])
+    for _, sub in _sub_configs(config):
+        _follow_widths(sub, widths)
+
+
+def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_images: bool,
+                widths: dict[int, int]) -> None:
+    shape = _TOWER if tower else _TEXT
+    values = vars(config)
+    for keys, value in ((_HIDDEN_KEYS, shape["hidden"]), (_LAYER_KEYS, shape["layers"]), (_HEAD_KEYS, shape["heads"]),
+                        (_KV_KEYS, shape["kv_heads"]), (_INTERMEDIATE_KEYS, shape["intermediate"]),
+                        (_EXPERT_KEYS, shape["experts"]), (_EXPERTS_PER_TOK_KEYS, shape["experts_per_tok"])):
+        for key in keys:
+            if isinstance(values.get(key), int) and not isinstance(values.get(key), bool) and values[key] > value:
+                if keys is _HIDDEN_KEYS:
+                    widths.setdefault(values[key], value)
+                setattr(config, key, value)
+    heads = next((values[k] for k in _HEAD_KEYS if isinstance(values.get(k), int)), None)
+    hidden = next((values[k] for k in _HIDDEN_KEYS if isinstance(values.get(k), int)), None)
+    if isinstance(values.get("head_dim"), int) and heads and hidden:
+        config.head_dim = hidden // heads
+    layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
+    for key, value in list(values.items()):
+        if layers and isinstance(value, (list, tuple)) and len(value) > layers and key.endswith("types"):
+            setattr(config, key, value[-layers:])  # per-layer kinds: keep the last (full attention last)
+    for name, sub in _sub_configs(config):  # towers first: their layer counts bound the feature layers
+        _shrink_one(sub, vocab_size, tower or _is_tower(name), shrink_images, widths)
+    _clamp_feature_layers(config)
+    if isinstance(values.get("vocab_size"), int) and not tower:
+        config.vocab_size = vocab_size
+    patch = values.get("patch_size")
+    if shrink_images and isinstance(values.get("image_size"), int) and isinstance(patch, int):
+        config.image_size = patch * _PATCHES_PER_SIDE
+    for key, value in list(values.items()):  # Gemma 3's mm_tokens_per_image: pooled from the patches
+        if shrink_images and "tokens_per_image" in key and isinstance(value, int) and value > _PATCHES_PER_SIDE ** 2:
+            setattr(config, key, (_PATCHES_PER_SIDE // 2) ** 2)
+
+
+def _clamp_feature_layers(config: PretrainedConfig) -> None:
+    """Feature layer indices (`vision_feature_layer(s)`: -2, [-2, -5, -8, -11, 6]) brought inside the
+    shrunk tower's layers, keeping their sign (negative: from the last)."""
+    vision = getattr(config, "vision_config", None)
+    layers = next((vars(vision)[k] for k in _LAYER_KEYS if vision is not None and isinstance(vars(vision).get(k), int)),
+                  None)
+    if not layers:
+        return
+
+    def clamp(i: int) -> int:
+        return max(i, -layers) if i < 0 else min(i, layers - 1)
+
+    for key, value in list(vars(config).items()):
+        if "feature_layer" in key:
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(config, key, clamp(value))
+            elif isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value):
+                setattr(config, key, [clamp(i) for i in value])
+
+
+def tower_image_side(config: PretrainedConfig) -> int | None:
+    """The shrunk vision tower's image side, if it has one."""
+    for _, sub in [("", config), *_sub_configs(config)]:
+        side = getattr(sub, "image_size", None)
+        if isinstance(side, int):
+            return side
+    return None
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _base_tokenizer(seed: int) -> str:
+    """The shared BPE trained once per seed (common.train_bpe_tokenizer), serialised to copy from."""
+    return common.train_bpe_tokenizer(seed, ()).backend_tokenizer.to_str()
+
+
+def _sources(processor_class: type[ProcessorMixin]) -> str:
+    """The source of the processor's module and of its transformers base classes' (ShieldGemma2's
+    processor is Gemma 3's with other defaults)."""
+    modules = {inspect.getmodule(c) for c in processor_class.__mro__ if c.__module__.startswith("transformers.models.")}
+    return "\n".join(inspect.getsource(m) for m in sorted(modules, key=lambda m: m.__name__))
+
+
+def _special_tokens(processor_class: type[ProcessorMixin]) -> list[str]:
+    source = _sources(processor_class)
+    literals = _TOKEN_LITERAL.findall(source)
+    defaults = [p.default for p in inspect.signature(processor_class.__init__).parameters.values()
+                if isinstance(p.default, str) and _TOKEN_LITERAL.fullmatch(repr(p.default))]
+    return list(dict.fromkeys([*_BASE_TOKENS, *defaults, *literals]))
+
+
+def _token_attributes(processor_class: type[ProcessorMixin]) -> list[str]:
+    """Tokenizer attributes the processor reads (`tokenizer.image_token`, ...), which a tokenizer has
+    only when given as extra special tokens."""
+    source = _sources(processor_class)
+    names = set(re.findall(r"tokenizer\.(\w+_token)\b", source)) - {"bos_token", "eos_token", "pad_token", "unk_token"}
+    return sorted(name for name in names if not name.startswith("add_"))  # add_bos_token: a flag, not a token
+
+
+def make_tokenizer(seed: int, processor_class: type[ProcessorMixin]) -> PreTrainedTokenizerFast:
+    tokens = _special_tokens(processor_class)
+    backend = Tokenizer.from_str(_base_tokenizer(seed))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    defaults = {p.name: p.default for p in inspect.signature(processor_class.__init__).parameters.values()}
+    extra = {}
+    for attribute in _token_attributes(processor_class):
+        value = defaults.get(attribute) if isinstance(defaults.get(attribute), str) else f"<|{attribute}|>"
+        if value not in tokens:
+            backend.add_special_tokens([AddedToken(value, special=True, normalized=False)])
+        extra[attribute] = value
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|end_of_turn|>",
+                                   pad_token="<|pad|>", extra_special_tokens=extra, model_max_length=8192)
+
+
+# ---- processor -------------------------------------------------------------------------------
+def _class(name: str | dict | tuple | None, prefer: str = "torchvision"):
+    if isinstance(name, dict):
+        name = name.get(prefer) or name.get("pil") or next(iter(name.values()))
+    if isinstance(name, tuple):
+        name = next(n for n in reversed(name) if n)
+    return getattr(transformers, name) if name else None
+
+
+# Image processor settings that must be the tower's (config name, processor name): Qwen2-VL's processor
+# at its defaults cuts 14 px patches for a tower of 16 (LFM3-VL).
+_TOWER_SETTINGS = (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                   ("spatial_merge_size", "merge_size"))
+
+
+def _sized(cls, side: int | None, config: PretrainedConfig):
+    """The image (or video) processor at its defaults, its sizes set to the tower's image side, its
+    patch settings to the tower's."""
+    default = cls()
+    kwargs: dict[str, object] = {}
+    for config_name, name in _TOWER_SETTINGS:
+        value = _config_value(config, config_name)
+        if isinstance(getattr(default, name, None), int) and isinstance(value, int):
+            kwargs[name] = value
+    if not side:
+        return cls(**kwargs) if kwargs else default
+    for key in ("size", "crop_size", "max_image_size"):  # SmolVLM's tile side: {"longest_edge": 364}
+        size = getattr(default, key, None)
+        fields = size.items() if isinstance(size, dict) else vars(size).items() if hasattr(size, "__dict__") else ()
+        entries = {k: side for k, v in fields if isinstance(v, int) and not k.endswith("pixels")}
+        if entries:
+            kwargs[key] = entries
+    for key in ("max_image_size", "min_image_size"):
+        if isinstance(getattr(default, key, None), int):
+            kwargs[key] = side
+    for key in ("min_pixels", "max_pixels"):
+        if isinstance(getattr(default, key, None), int):
+            kwargs[key] = side * side if key == "max_pixels" else side * side // 4
+    return cls(**kwargs)
+
+
+def _siblings(model_type: str, mapping) -> list[str]:
+    """Model types to borrow a mapping's entry from: `model_type`, then those whose model class or
+    processor class is the same (glmga is glm46v's class; Glm4vProcessor serves glm4v_moe)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as models
+
+    same_model = [k for k, v in models.items() if v == models.get(model_type) and k != model_type]
+    processor = PROCESSOR_MAPPING_NAMES.get(model_type)
+    same_processor = [k for k, v in PROCESSOR_MAPPING_NAMES.items() if processor and v == processor and k != model_type]
+    return [k for k in [model_type, *same_model, *same_processor] if k in mapping]
+
+
+def _borrowed(model_type: str, mapping):
+    keys = _siblings(model_type, mapping)
+    return _class(mapping[keys[0]]) if keys else None
+
+
+def _config_value(config: PretrainedConfig, name: str):
+    """`name` in the config or its sub-configs (the first found), else None."""
+    for sub in [config, *(c for _, c in _sub_configs(config))]:
+        value = vars(sub).get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def make_processor(model_type: str, seed: int, side: int | None, config: PretrainedConfig) -> ProcessorMixin:
+    """The processor; an argument it leaves None by default (LLaVA's patch_size, its feature select
+    strategy) takes the config's value of the same name, as a real checkpoint's processor config does."""
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    processor_class = _borrowed(model_type, PROCESSOR_MAPPING_NAMES)
+    if processor_class is None:
+        raise BuildError(f"no processor class for {model_type} (nor for a model type of the same class) in "
+                         "transformers' PROCESSOR_MAPPING_NAMES")
+    parameters = inspect.signature(processor_class.__init__).parameters
+    tokenizer = make_tokenizer(seed, processor_class)
+    kwargs: dict[str, object] = {"tokenizer": tokenizer}
+    for name, mapping in (("image_processor", IMAGE_PROCESSOR_MAPPING_NAMES),
+                          ("video_processor", VIDEO_PROCESSOR_MAPPING_NAMES),
+                          ("feature_extractor", FEATURE_EXTRACTOR_MAPPING_NAMES)):
+        if name in parameters:
+            cls = _borrowed(model_type, mapping)
+            if cls is None:
+                raise BuildError(f"{processor_class.__name__} takes a {name} but transformers maps none to {model_type}")
+            kwargs[name] = _sized(cls, side, config) if name != "feature_extractor" else cls()
+    for name, parameter in parameters.items():
+        if parameter.default is None and name not in kwargs and _config_value(config, name) is not None:
+            kwargs[name] = _config_value(config, name)
+    missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
+               and n not in ("self", "args", "kwargs") and n not in kwargs and p.kind == p.POSITIONAL_OR_KEYWORD]
+    if missing:
+        raise BuildError(f"{processor_class.__name__} needs {missing}, which cannot be made offline from defaults")
+    processor = processor_class(**kwargs)
+    image_marker = _marker(processor, "image", "<image>")
+    video_marker = _marker(processor, "video", "<video>")
+    processor.chat_template = _CHAT_TEMPLATE.replace("%IMAGE%", image_marker).replace("%VIDEO%", video_marker)
+    return processor
+
+
+def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
+    """The text a prompt marks an image (video) with: the first of the processor's own marker attributes
+    and the usual markers that the processor accepts with one image (images only; videos: the first)."""
+    candidates = [getattr(processor, f"{modality}_{suffix}", None) for suffix in ("token", "placeholder", "tag")]
+    candidates = list(dict.fromkeys(c for c in [*candidates, default, "<|image|>", "[IMG]"] if isinstance(c, str) and c))
+    if modality != "image":
+        return candidates[0]
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    for marker in candidates:
+        try:
+            processor(text=[f"Look: {marker} here."], images=[image], return_tensors="pt")
+            return marker
+        except Exception:  # noqa: BLE001, S112 -- not this marker: the next one
+            continue
+    return candidates[0]
+
+
+# ---- config and model ------------------------------------------------------------------------
+def make_config(model_type: str, tokenizer: PreTrainedTokenizerFast, processor: ProcessorMixin,
+                shrink_images: bool) -> PretrainedConfig:
+    config = AutoConfig.for_model(model_type)
+    vocab = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    _shrink(config, vocab, shrink_images=shrink_images)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for modality in ("image", "video"):
+        token = _marker_token(processor, tokenizer, modality)
+        if token is not None:
+            ids[f"{modality}_token_id"] = ids[f"{modality}_token_index"] = token
+    for _, sub in [("", config), *_sub_configs(config)]:
+        for key, value in ids.items():
+            if hasattr(sub, key) and key.endswith(("token_id", "token_index")):
+                setattr(sub, key, value)
+    config.dtype = "float32"
+    return config
+
+
+def _marker_token(processor: ProcessorMixin, tokenizer: PreTrainedTokenizerFast, modality: str) -> int | None:
+    """The id of the token the processor expands a marker into: its `<modality>_token_id`, or its token's."""
+    value = getattr(processor, f"{modality}_token_id", None)
+    if isinstance(value, int):
+        return value
+    token = getattr(processor, f"{modality}_token", None)
+    if isinstance(token, str) and token in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(token)
+    return None
+
+
+def _name_architecture(config: PretrainedConfig):
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    config.architectures = [model_class.__name__]
+    return model_class
+
+
+def _std(hidden: int) -> common.StdFor:
+    """The shared recipe (common.scaled_std) with the gains most family builders use."""
+    return common.scaled_std(hidden, fixed={("position_embedding.weight", "position_embeddings.weight",
+                                             "pos_embed", "position_embedding"): 0.5},
+                             gains={("q_proj.weight", "k_proj.weight"): 2.0})
+
+
+def make_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
+
+    model_class = _name_architecture(config)
+    hidden = config.get_text_config().hidden_size
+    with torch.device("meta"):  # count first: a size the shrink does not know would fill the memory
+        skeleton = model_class(config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > _MAX_PARAMS:
+        name, largest = max(skeleton.named_parameters(), key=lambda item: item[1].numel())
+        raise BuildError(f"the shrunk config still has {params / 1e6:.0f}M parameters (largest: {name} "
+                         f"{list(largest.shape)}): a size this builder does not know how to shrink")
+    del skeleton
+    model = common.random_model(model_class, config, seed, _std(hidden))
+    head = model.get_output_embeddings()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    stop = [tokenizer.eos_token_id]
+    vocab = common.Vocab(tokenizer, ids, bos_id=tokenizer.bos_token_id, pad_id=tokenizer.pad_token_id, stop_ids=stop)
+    if head is not None and head.weight.shape[0] >= len(tokenizer):
+        tied = head.weight is model.get_input_embeddings().weight
+        if tied:
+            common.quiet_tied_rows(head.weight, vocab, special_scale=0.05)
+        else:
+            common.silence_lm_head_rows(head.weight, vocab)
+    return model, vocab
+
+
+# Processor attributes that hold a real checkpoint's image token count as a constant.
+_TOKEN_COUNT_ATTRIBUTES = ("image_seq_length", "num_image_tokens", "image_seq_len", "num_image_token")
+
+
+def _match_token_count(processor: ProcessorMixin, model) -> None:
+    """Where the processor holds the token count per image as a constant, it becomes the rows the shrunk
+    tower gives for one image (as the real processor's constant is the real tower's)."""
+    import numpy as np
+    from PIL import Image
+
+    names = [n for n in _TOKEN_COUNT_ATTRIBUTES if isinstance(getattr(processor, n, None), int)]
+    if not names or not hasattr(model, "get_image_features"):
+        return
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    parameters = inspect.signature(model.get_image_features).parameters
+    with torch.inference_mode():
+        out = model.get_image_features(**{k: v for k, v in pixels.items() if k in parameters})
+    features = getattr(out, "pooler_output", out)
+    rows = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in (features if isinstance(features, (list, tuple))
+                                                            else [features]))
+    for name in names:
+        setattr(processor, name, rows)
+
+
+# The ways to size images, tried in order: the tower's image side shrunk to 8 patches and the processor's
+# sizes set to it (small prompts; breaks processors whose token count is a constant of the real
+# checkpoint); both left at their defaults (real token counts; breaks where the defaults disagree); the
+# tower's default side with the processor's sizes set to it.
+VARIANTS = ("small-images", "default-images", "tower-images")
+
+
+def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS[0]) -> None:
+    """A tiny checkpoint of `model_type` in `out_dir` with images sized as `variant` says."""
+    shrink_images = variant == VARIANTS[0]
+    sized = AutoConfig.for_model(model_type)
+    _shrink(sized, 1 << 16, shrink_images=shrink_images)
+    side = tower_image_side(sized) if variant != "default-images" else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        processor = make_processor(model_type, seed, side, sized)
+    except Exception:
+        # The config alone, so that a model the registry refuses for what it is (not for its processor)
+        # is refused with that reason; the build still fails.
+        config = AutoConfig.for_model(model_type)
+        _shrink(config, 1024, shrink_images=shrink_images)
+        _name_architecture(config)
+        config.save_pretrained(out_dir)
+        raise
+    config = make_config(model_type, processor.tokenizer, processor, shrink_images)
+    processor.save_pretrained(out_dir)
+    try:
+        model, vocab = make_model(config, processor.tokenizer, seed)
+    except Exception:
+        config.save_pretrained(out_dir)  # as above: the config alone
+        raise
+    if side:
+        _match_token_count(processor, model)
+        processor.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    common.save_generation_config(out_dir, vocab.stop_ids, vocab.pad_id, vocab.bos_id)
+    config.save_pretrained(out_dir)  # last: a reader that sees config.json sees the rest
