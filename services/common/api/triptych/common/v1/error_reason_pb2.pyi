@@ -560,13 +560,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """`triptych export-triton` cannot write a Triton model for this checkpoint;
     the message says why. Code: FAILED_PRECONDITION (a command-line error).
     """
-    FRONT_SHUTTING_DOWN: _ErrorReason.ValueType  # 150
+    FRONT_SHUTTING_DOWN: _ErrorReason.ValueType  # 124
     """The HTTP front received SIGTERM and is draining: GET /health/ready
     answers this (HTTP 503) for the front's --drain-s so load balancers stop
     sending it requests, which it still serves meanwhile; then it stops
     taking new ones. Code: UNAVAILABLE. Send requests to another replica.
     """
-    PROCESSOR_OVERLOADED: _ErrorReason.ValueType  # 155
+    PROCESSOR_OVERLOADED: _ErrorReason.ValueType  # 125
     """---- admission (load) ---------------------------------------------------
 
     The processor already serves --max-concurrent-requests calls (Generate,
@@ -576,14 +576,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     or on another replica; an operator raises --max-concurrent-requests or
     adds processors.
     """
-    ENCODER_OVERLOADED: _ErrorReason.ValueType  # 156
+    ENCODER_OVERLOADED: _ErrorReason.ValueType  # 126
     """The encoder already serves --max-concurrent-encodes Encode calls; this
     one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
     with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
     Retry after the delay, or on another replica; an operator raises
     --max-concurrent-encodes or adds encoder replicas.
     """
-    CROSS_ATTENTION_STATES_INVALID: _ErrorReason.ValueType  # 170
+    CROSS_ATTENTION_STATES_INVALID: _ErrorReason.ValueType  # 127
     """---- cross-attention models (Llama 3.2 Vision) ---------------------------
 
     A multimodal input's cross-attention states do not fit the model: a
@@ -593,7 +593,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
     ItemEmbeddings.cross_attention_states of this model as they are.
     """
-    IMAGE_REQUIRED: _ErrorReason.ValueType  # 168
+    IMAGE_REQUIRED: _ErrorReason.ValueType  # 128
     """The model takes no request without an image (PaliGemma: its processor
     prefixes every prompt with the image tokens, and refuses a prompt
     without images). Code: INVALID_ARGUMENT. Add an image part.
@@ -1160,13 +1160,13 @@ TRITON_EXPORT_UNSUPPORTED: ErrorReason.ValueType  # 122
 """`triptych export-triton` cannot write a Triton model for this checkpoint;
 the message says why. Code: FAILED_PRECONDITION (a command-line error).
 """
-FRONT_SHUTTING_DOWN: ErrorReason.ValueType  # 150
+FRONT_SHUTTING_DOWN: ErrorReason.ValueType  # 124
 """The HTTP front received SIGTERM and is draining: GET /health/ready
 answers this (HTTP 503) for the front's --drain-s so load balancers stop
 sending it requests, which it still serves meanwhile; then it stops
 taking new ones. Code: UNAVAILABLE. Send requests to another replica.
 """
-PROCESSOR_OVERLOADED: ErrorReason.ValueType  # 155
+PROCESSOR_OVERLOADED: ErrorReason.ValueType  # 125
 """---- admission (load) ---------------------------------------------------
 
 The processor already serves --max-concurrent-requests calls (Generate,
@@ -1176,14 +1176,14 @@ maxConcurrentRequests, retryDelayMs. Retry after the delay with backoff,
 or on another replica; an operator raises --max-concurrent-requests or
 adds processors.
 """
-ENCODER_OVERLOADED: ErrorReason.ValueType  # 156
+ENCODER_OVERLOADED: ErrorReason.ValueType  # 126
 """The encoder already serves --max-concurrent-encodes Encode calls; this
 one was refused before its items were parsed. Code: RESOURCE_EXHAUSTED,
 with google.rpc.RetryInfo. Metadata: maxConcurrentRequests, retryDelayMs.
 Retry after the delay, or on another replica; an operator raises
 --max-concurrent-encodes or adds encoder replicas.
 """
-CROSS_ATTENTION_STATES_INVALID: ErrorReason.ValueType  # 170
+CROSS_ATTENTION_STATES_INVALID: ErrorReason.ValueType  # 127
 """---- cross-attention models (Llama 3.2 Vision) ---------------------------
 
 A multimodal input's cross-attention states do not fit the model: a
@@ -1193,7 +1193,7 @@ or embeddings for a model whose media enter through cross-attention.
 Code: INVALID_ARGUMENT. Metadata: family. Send the encoder's
 ItemEmbeddings.cross_attention_states of this model as they are.
 """
-IMAGE_REQUIRED: ErrorReason.ValueType  # 168
+IMAGE_REQUIRED: ErrorReason.ValueType  # 128
 """The model takes no request without an image (PaliGemma: its processor
 prefixes every prompt with the image tokens, and refuses a prompt
 without images). Code: INVALID_ARGUMENT. Add an image part.
