@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Glm46VForConditionalGeneration": ("glm46v", "Glm46V"),
     "Glm4vForConditionalGeneration": ("glm4v", "Glm4v"),
     "Glm4vMoeForConditionalGeneration": ("glm4v_moe", "Glm4vMoe"),
+    "GlmOcrForConditionalGeneration": ("glm_ocr", "GlmOcr"),
     "InternVLForConditionalGeneration": ("internvl", "InternVL"),
     "Llama4ForConditionalGeneration": ("llama4", "Llama4"),
     "LlavaForConditionalGeneration": ("llava", "Llava"),
