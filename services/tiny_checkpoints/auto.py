@@ -24,6 +24,7 @@ size the defaults do not tie together); the exception is the sweep's recorded re
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -105,6 +106,7 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
                 widths: dict[int, int]) -> None:
     shape = _TOWER if tower else _TEXT
     values = vars(config)
+    before = dict(values)
     for keys, value in ((_HIDDEN_KEYS, shape["hidden"]), (_LAYER_KEYS, shape["layers"]), (_HEAD_KEYS, shape["heads"]),
                         (_KV_KEYS, shape["kv_heads"]), (_INTERMEDIATE_KEYS, shape["intermediate"]),
                         (_EXPERT_KEYS, shape["experts"]), (_EXPERTS_PER_TOK_KEYS, shape["experts_per_tok"])):
@@ -115,14 +117,25 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
                 setattr(config, key, value)
     heads = next((values[k] for k in _HEAD_KEYS if isinstance(values.get(k), int)), None)
     hidden = next((values[k] for k in _HIDDEN_KEYS if isinstance(values.get(k), int)), None)
+    _keep_kv_heads(config, before, heads)
     if isinstance(values.get("head_dim"), int) and heads and hidden:
         config.head_dim = hidden // heads
+        _fit_mrope_sections(config, hidden // heads)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
+    old_layers = next((before[k] for k in _LAYER_KEYS if isinstance(before.get(k), int)), None)
     for key, value in list(values.items()):
         if layers and isinstance(value, (list, tuple)) and len(value) > layers and key.endswith("types"):
             setattr(config, key, value[-layers:])  # per-layer kinds: keep the last (full attention last)
+        elif layers and old_layers and old_layers > layers and isinstance(value, (list, tuple)) \
+                and len(value) == old_layers:
+            setattr(config, key, _per_layer(key, list(value), layers, shape))
+    if layers and old_layers and old_layers > layers:
+        _shrink_per_layer_config(config, before, old_layers, layers)
     for name, sub in _sub_configs(config):  # towers first: their layer counts bound the feature layers
-        _shrink_one(sub, vocab_size, tower or _is_tower(name), shrink_images, widths)
+        # A text model inside an encoder (T5Gemma 2's encoder.text_config) is a text model: the same width
+        # as the decoder, which it must balance.
+        sub_tower = _is_tower(name) or (tower and "text" not in name)
+        _shrink_one(sub, vocab_size, sub_tower, shrink_images, widths)
     _clamp_feature_layers(config)
     if isinstance(values.get("vocab_size"), int) and not tower:
         config.vocab_size = vocab_size
@@ -134,10 +147,83 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
             setattr(config, key, (_PATCHES_PER_SIDE // 2) ** 2)
 
 
-def _clamp_feature_layers(config: PretrainedConfig) -> None:
+def _keep_kv_heads(config: PretrainedConfig, before: dict, heads: int | None) -> None:
+    """Key/value heads that still group the shrunk query heads: as many as the heads where the model had
+    as many (GLM-5 Next requires it), else a divisor of them."""
+    if not heads:
+        return
+    old_heads = next((before[k] for k in _HEAD_KEYS if isinstance(before.get(k), int)), None)
+    for key in _KV_KEYS:
+        kv = vars(config).get(key)
+        if not isinstance(kv, int) or isinstance(kv, bool):
+            continue
+        if before.get(key) == old_heads:
+            setattr(config, key, heads)
+        elif heads % kv:
+            setattr(config, key, math.gcd(heads, kv))
+
+
+def _fit_mrope_sections(config: PretrainedConfig, head_dim: int) -> None:
+    """Multimodal rope sections (`mrope_section`: [16, 24, 24] of a 128 head) rescaled to sum to half the
+    shrunk head, as the config requires; the remainder goes to the first (temporal) section."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = vars(config).get(key)
+        sections = params.get("mrope_section") if isinstance(params, dict) else None
+        if not isinstance(sections, (list, tuple)) or not sections or sum(sections) == head_dim // 2:
+            continue
+        half, total = head_dim // 2, sum(sections)
+        scaled = [max(1, s * half // total) for s in sections]
+        scaled[0] += half - sum(scaled)
+        params["mrope_section"] = scaled
+
+
+def _per_layer(key: str, value: list, layers: int, shape: dict[str, int]) -> list:
+    """A list with one entry per layer of the unshrunk model, cut to the shrunk layer count like the
+    layer kinds (the last layers kept). A list of layer indices (Mistral Large 4's kv_source_layers
+    [0, 1, ..., 71]) is renumbered to the kept layers; widths per layer (Gemma 3n's intermediate_size)
+    shrink like the width."""
+    offset = len(value) - layers
+    if value == list(range(len(value))):
+        return list(range(layers))
+    kept = value[offset:]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in kept)
+    if ints and key.endswith("_layers") and not set(kept) <= {0, 1}:
+        return [min(max(v - offset, 0), layers - 1) for v in kept]
+    if ints and key in _INTERMEDIATE_KEYS:
+        return [min(v, shape["intermediate"]) for v in kept]
+    return kept
+
+
+def _shrink_per_layer_config(config: PretrainedConfig, before: dict, old_layers: int, layers: int) -> None:
+    """A heterogeneous config's per-layer overrides (Gemma 4's `per_layer_config`: a wider head on its
+    full-attention layers), keyed by the kept layers' new indices, their sizes scaled as the config's."""
+    spec = vars(config).get("_heterogeneity_spec")
+    overrides = getattr(spec, "per_layer_overrides", None)
+    if not overrides:
+        return
+    offset = old_layers - layers
+    kept: dict[int, dict] = {}
+    for index, override in overrides.items():
+        if int(index) < offset:
+            continue
+        scaled = {}
+        for name, value in override.items():
+            old, new = before.get(name), vars(config).get(name)
+            if isinstance(value, int) and isinstance(old, int) and isinstance(new, int) and old and old != new:
+                value = max(1, value * new // old)
+            scaled[name] = value
+        kept[int(index) - offset] = scaled
+    config.per_layer_config = kept or None
+
+
+def _clamp_feature_layers(config: PretrainedConfig, vision: PretrainedConfig | None = None) -> None:
     """Feature layer indices (`vision_feature_layer(s)`: -2, [-2, -5, -8, -11, 6]) brought inside the
-    shrunk tower's layers, keeping their sign (negative: from the last)."""
-    vision = getattr(config, "vision_config", None)
+    shrunk tower's layers, keeping their sign (negative: from the last). The tower may be a sibling's
+    (Molmo 2's adapter_config indexes vision_config's layers)."""
+    vision = getattr(config, "vision_config", None) or vision
+    for _, sub in _sub_configs(config):
+        if sub is not vision:
+            _clamp_feature_layers(sub, vision)
     layers = next((vars(vision)[k] for k in _LAYER_KEYS if vision is not None and isinstance(vars(vision).get(k), int)),
                   None)
     if not layers:
@@ -223,17 +309,22 @@ _TOWER_SETTINGS = (("patch_size", "patch_size"), ("temporal_patch_size", "tempor
                    ("spatial_merge_size", "merge_size"))
 
 
+# Processor defaults that need a file a checkpoint ships and an offline build cannot make, turned off:
+# ERNIE 4.5 VL's video processor draws timestamps on frames with a font file (Roboto-Regular.ttf).
+_OFFLINE_SETTINGS = {"draw_on_frames": False}
+
+
 def _sized(cls, side: int | None, config: PretrainedConfig):
     """The image (or video) processor at its defaults, its sizes set to the tower's image side, its
     patch settings to the tower's."""
-    default = cls()
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = {k: v for k, v in _OFFLINE_SETTINGS.items() if hasattr(cls, k)}
+    default = cls(**kwargs)
     for config_name, name in _TOWER_SETTINGS:
         value = _config_value(config, config_name)
         if isinstance(getattr(default, name, None), int) and isinstance(value, int):
             kwargs[name] = value
     if not side:
-        return cls(**kwargs) if kwargs else default
+        return cls(**kwargs)
     for key in ("size", "crop_size", "max_image_size"):  # SmolVLM's tile side: {"longest_edge": 364}
         size = getattr(default, key, None)
         fields = size.items() if isinstance(size, dict) else vars(size).items() if hasattr(size, "__dict__") else ()
