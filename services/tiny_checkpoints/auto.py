@@ -121,6 +121,7 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
     if isinstance(values.get("head_dim"), int) and heads and hidden:
         config.head_dim = hidden // heads
         _fit_mrope_sections(config, hidden // heads)
+        _follow_head_dim(config, before, hidden)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
     old_layers = next((before[k] for k in _LAYER_KEYS if isinstance(before.get(k), int)), None)
     for key, value in list(values.items()):
@@ -139,9 +140,12 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
     _clamp_feature_layers(config)
     if isinstance(values.get("vocab_size"), int) and not tower:
         config.vocab_size = vocab_size
-    patch = values.get("patch_size")
-    if shrink_images and isinstance(values.get("image_size"), int) and isinstance(patch, int):
+    patch, side = values.get("patch_size"), values.get("image_size")
+    if shrink_images and isinstance(side, int) and isinstance(patch, int):
         config.image_size = patch * _PATCHES_PER_SIDE
+    elif shrink_images and isinstance(side, (list, tuple)) and isinstance(patch, (list, tuple)) \
+            and len(side) == len(patch) and all(isinstance(v, int) for v in (*side, *patch)):
+        config.image_size = [p * _PATCHES_PER_SIDE for p in patch]  # (height, width): Qianfan-OCR's InternViT
     for key, value in list(values.items()):  # Gemma 3's mm_tokens_per_image: pooled from the patches
         if shrink_images and "tokens_per_image" in key and isinstance(value, int) and value > _PATCHES_PER_SIDE ** 2:
             setattr(config, key, (_PATCHES_PER_SIDE // 2) ** 2)
@@ -161,6 +165,21 @@ def _keep_kv_heads(config: PretrainedConfig, before: dict, heads: int | None) ->
             setattr(config, key, heads)
         elif heads % kv:
             setattr(config, key, math.gcd(heads, kv))
+
+
+def _follow_head_dim(config: PretrainedConfig, before: dict, hidden: int) -> None:
+    """The other head sizes of a config follow its head's shrink (multi-head latent attention, DeepSeek V3
+    in Kimi K2.5: qk_rope_head_dim is the head_dim, qk_nope_head_dim and v_head_dim scale with it), and
+    its low-rank projections fit in the shrunk width (q_lora_rank, kv_lora_rank)."""
+    old, new = before.get("head_dim"), vars(config).get("head_dim")
+    if not isinstance(old, int) or not old or old == new:
+        return
+    for key, value in list(vars(config).items()):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if key.endswith("_head_dim"):
+                setattr(config, key, max(1, value * new // old))
+            elif key.endswith("lora_rank"):
+                setattr(config, key, min(value, hidden))
 
 
 def _fit_mrope_sections(config: PretrainedConfig, head_dim: int) -> None:
@@ -244,6 +263,8 @@ def tower_image_side(config: PretrainedConfig) -> int | None:
     """The shrunk vision tower's image side, if it has one."""
     for _, sub in [("", config), *_sub_configs(config)]:
         side = getattr(sub, "image_size", None)
+        if isinstance(side, (list, tuple)) and side and isinstance(side[0], int):
+            side = max(side)
         if isinstance(side, int):
             return side
     return None
