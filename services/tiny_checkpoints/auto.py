@@ -23,6 +23,7 @@ size the defaults do not tie together); the exception is the sweep's recorded re
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import re
@@ -120,8 +121,9 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
     _keep_kv_heads(config, before, heads)
     if isinstance(values.get("head_dim"), int) and heads and hidden:
         config.head_dim = hidden // heads
-        _fit_mrope_sections(config, hidden // heads)
         _follow_head_dim(config, before, hidden)
+    if heads and hidden:
+        _fit_mrope_sections(config, hidden // heads, code_default=not tower)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
     old_layers = next((before[k] for k in _LAYER_KEYS if isinstance(before.get(k), int)), None)
     for key, value in list(values.items()):
@@ -182,18 +184,41 @@ def _follow_head_dim(config: PretrainedConfig, before: dict, hidden: int) -> Non
                 setattr(config, key, min(value, hidden))
 
 
-def _fit_mrope_sections(config: PretrainedConfig, head_dim: int) -> None:
+def _fit_mrope_sections(config: PretrainedConfig, head_dim: int, code_default: bool) -> None:
     """Multimodal rope sections (`mrope_section`: [16, 24, 24] of a 128 head) rescaled to sum to half the
-    shrunk head, as the config requires; the remainder goes to the first (temporal) section."""
+    shrunk head, as the config requires. A text model whose code holds the sections as a default gets
+    them written (rescaled) into its config."""
     for key in ("rope_parameters", "rope_scaling"):
         params = vars(config).get(key)
+        if code_default and isinstance(params, dict) and "mrope_section" not in params and _code_default_mrope(config):
+            params["mrope_section"] = _code_default_mrope(config)
         sections = params.get("mrope_section") if isinstance(params, dict) else None
         if not isinstance(sections, (list, tuple)) or not sections or sum(sections) == head_dim // 2:
             continue
         half, total = head_dim // 2, sum(sections)
         scaled = [max(1, s * half // total) for s in sections]
+        # The remainder goes to sections of equal size together (ERNIE 4.5 VL's height and width sections
+        # must stay equal), largest first, then to the first section.
+        for size in sorted(set(sections), reverse=True):
+            group = [i for i, s in enumerate(sections) if s == size]
+            if len(group) <= half - sum(scaled):
+                for i in group:
+                    scaled[i] += 1
         scaled[0] += half - sum(scaled)
         params["mrope_section"] = scaled
+
+
+def _code_default_mrope(config: PretrainedConfig) -> list[int] | None:
+    """Sections the model's code takes when the config has none (ERNIE 4.5 VL:
+    `rope_parameters.get("mrope_section", [22, 22, 20])`), to be rescaled and written into the config."""
+    module = inspect.getmodule(type(config))
+    name = module.__name__.replace(".configuration_", ".modeling_") if module else ""
+    try:
+        source = inspect.getsource(importlib.import_module(name))
+    except (ImportError, OSError, TypeError):
+        return None
+    found = re.search(r"""\.get\(\s*["']mrope_section["']\s*,\s*\[([\d,\s]+)\]\s*\)""", source)
+    return [int(v) for v in found.group(1).split(",") if v.strip()] if found else None
 
 
 def _per_layer(key: str, value: list, layers: int, shape: dict[str, int]) -> list:
@@ -421,9 +446,12 @@ def make_processor(model_type: str, seed: int, side: int | None, config: Pretrai
 
 
 def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
-    """The text a prompt marks an image (video) with: the first of the processor's own marker attributes
-    and the usual markers that the processor accepts with one image (images only; videos: the first)."""
+    """The text a prompt marks an image (video) with: of the processor's own marker attributes and the
+    usual markers, the one the processor accepts with one image and expands the most (Gemma 3's
+    processor accepts its image token as it is but expands only its begin-of-image token; the first
+    wins a tie; videos: the first)."""
     candidates = [getattr(processor, f"{modality}_{suffix}", None) for suffix in ("token", "placeholder", "tag")]
+    candidates += [getattr(processor, "boi_token", None)] if modality == "image" else []
     candidates = list(dict.fromkeys(c for c in [*candidates, default, "<|image|>", "[IMG]"] if isinstance(c, str) and c))
     if modality != "image":
         return candidates[0]
@@ -431,13 +459,15 @@ def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
     from PIL import Image
 
     image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    best, longest = candidates[0], -1
     for marker in candidates:
         try:
-            processor(text=[f"Look: {marker} here."], images=[image], return_tensors="pt")
-            return marker
+            ids = processor(text=[f"Look: {marker} here."], images=[image], return_tensors="pt")["input_ids"]
         except Exception:  # noqa: BLE001, S112 -- not this marker: the next one
             continue
-    return candidates[0]
+        if ids.numel() > longest:
+            best, longest = marker, ids.numel()
+    return best
 
 
 # ---- config and model ------------------------------------------------------------------------
@@ -452,6 +482,13 @@ def make_config(model_type: str, tokenizer: PreTrainedTokenizerFast, processor: 
         token = _marker_token(processor, tokenizer, modality)
         if token is not None:
             ids[f"{modality}_token_id"] = ids[f"{modality}_token_index"] = token
+    # The tokens the processor reads off the tokenizer by name are the model's of the same name: Gemma 3's
+    # processor calls its begin-of-image token its image_token_id, but expands it into tokenizer.image_token,
+    # the token the model's image_token_index must name (boi_token_index the begin marker).
+    for name in _token_attributes(type(processor)):
+        token = getattr(tokenizer, name, None)
+        if isinstance(token, str) and token in tokenizer.get_vocab():
+            ids[f"{name}_id"] = ids[f"{name}_index"] = tokenizer.convert_tokens_to_ids(token)
     for _, sub in [("", config), *_sub_configs(config)]:
         for key, value in ids.items():
             if hasattr(sub, key) and key.endswith(("token_id", "token_index")):
