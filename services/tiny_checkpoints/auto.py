@@ -471,9 +471,30 @@ def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
 
 
 # ---- config and model ------------------------------------------------------------------------
+# Config defaults transformers ships that disagree with the model's own code and processor, which no
+# generic rule can infer (the table stays small; each entry says why). Aria's vision config defaults
+# are Idefics3's (32 px patches) while its projector_patch_to_query_dict keys (1225, 4900) and its
+# processor (490/980 px images) are Aria's 14 px patches. Step 3.7's text model builds a sliding-window
+# mask on every forward, which needs the window its config leaves None (a real checkpoint sets it).
+_DEFAULT_OVERRIDES: dict[str, dict[str, dict[str, object]]] = {
+    "aria": {"vision_config": {"patch_size": 14}},
+    "step3p7": {"text_config": {"sliding_window": 512}},
+}
+
+
+def _default_config(model_type: str) -> PretrainedConfig:
+    """The model type's config at its defaults, with its _DEFAULT_OVERRIDES."""
+    config = AutoConfig.for_model(model_type)
+    for sub_name, values in _DEFAULT_OVERRIDES.get(model_type, {}).items():
+        sub = getattr(config, sub_name) if sub_name else config
+        for key, value in values.items():
+            setattr(sub, key, value)
+    return config
+
+
 def make_config(model_type: str, tokenizer: PreTrainedTokenizerFast, processor: ProcessorMixin,
                 shrink_images: bool) -> PretrainedConfig:
-    config = AutoConfig.for_model(model_type)
+    config = _default_config(model_type)
     vocab = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     _shrink(config, vocab, shrink_images=shrink_images)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -494,7 +515,9 @@ def make_config(model_type: str, tokenizer: PreTrainedTokenizerFast, processor: 
             if hasattr(sub, key) and key.endswith(("token_id", "token_index")):
                 setattr(sub, key, value)
     config.dtype = "float32"
-    return config
+    # As it will load back: a size the config derives on load from others it keeps (Step3p7's vision
+    # intermediate_size = hidden_size * mlp_ratio) is the one the weights must have.
+    return type(config).from_dict(config.to_dict())
 
 
 def _marker_token(processor: ProcessorMixin, tokenizer: PreTrainedTokenizerFast, modality: str) -> int | None:
@@ -584,7 +607,7 @@ VARIANTS = ("small-images", "default-images", "tower-images")
 def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS[0]) -> None:
     """A tiny checkpoint of `model_type` in `out_dir` with images sized as `variant` says."""
     shrink_images = variant == VARIANTS[0]
-    sized = AutoConfig.for_model(model_type)
+    sized = _default_config(model_type)
     _shrink(sized, 1 << 16, shrink_images=shrink_images)
     side = tower_image_side(sized) if variant != "default-images" else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -593,7 +616,7 @@ def build(model_type: str, out_dir: Path, seed: int = 0, variant: str = VARIANTS
     except Exception:
         # The config alone, so that a model the registry refuses for what it is (not for its processor)
         # is refused with that reason; the build still fails.
-        config = AutoConfig.for_model(model_type)
+        config = _default_config(model_type)
         _shrink(config, 1024, shrink_images=shrink_images)
         _name_architecture(config)
         config.save_pretrained(out_dir)
