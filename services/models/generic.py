@@ -87,7 +87,7 @@ from transformers.utils import ModelOutput
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument, TriptychError
 from services.common.video import Video, VideoLimits, video_from_frames
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
-from services.models.inputs import FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
+from services.models.inputs import BOOL, FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,8 @@ class Generic(ModelFamily):
                 dims[1] = len(values)
             elif split.sizes == "patches":
                 dims[0] = "*".join(f"g{i}" for i in range(out[grid].shape[1]))
-            spec = TensorSpec(name, tuple(dims), FLOAT if value.is_floating_point() else INT, values)
+            kind = FLOAT if value.is_floating_point() else BOOL if value.dtype == torch.bool else INT
+            spec = TensorSpec(name, tuple(dims), kind, values)
             layout[name] = _Layout(spec, split.dim)
         return layout
 

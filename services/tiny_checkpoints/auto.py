@@ -122,6 +122,8 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
     if isinstance(values.get("head_dim"), int) and heads and hidden:
         config.head_dim = hidden // heads
         _follow_head_dim(config, before, hidden)
+    elif "head_dim" in values and values["head_dim"] is None and heads and hidden:
+        config.head_dim = hidden // heads  # HunYuan-VL's attention reads the head_dim its default leaves None
     if heads and hidden:
         _fit_mrope_sections(config, hidden // heads, code_default=not tower)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
@@ -134,6 +136,11 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
             setattr(config, key, _per_layer(key, list(value), layers, shape))
     if layers and old_layers and old_layers > layers:
         _shrink_per_layer_config(config, before, old_layers, layers)
+    experts = next((values[k] for k in _EXPERT_KEYS if isinstance(values.get(k), int)), 0)
+    if layers and "mlp_layer_types" in values and values["mlp_layer_types"] is None and experts:
+        # DeepSeek-OCR 2 indexes the per-layer MLP kinds its default leaves None: a dense first layer and
+        # sparse ones after it, as DeepSeek's checkpoints have (first_k_dense_replace).
+        config.mlp_layer_types = ["dense"] + ["sparse"] * (layers - 1)
     for name, sub in _sub_configs(config):  # towers first: their layer counts bound the feature layers
         # A text model inside an encoder (T5Gemma 2's encoder.text_config) is a text model: the same width
         # as the decoder, which it must balance.
@@ -190,7 +197,8 @@ def _fit_mrope_sections(config: PretrainedConfig, head_dim: int, code_default: b
     them written (rescaled) into its config."""
     for key in ("rope_parameters", "rope_scaling"):
         params = vars(config).get(key)
-        if code_default and isinstance(params, dict) and "mrope_section" not in params and _code_default_mrope(config):
+        if code_default and isinstance(params, dict) and "rope_type" in params and "mrope_section" not in params \
+                and _code_default_mrope(config):
             params["mrope_section"] = _code_default_mrope(config)
         sections = params.get("mrope_section") if isinstance(params, dict) else None
         if not isinstance(sections, (list, tuple)) or not sections or sum(sections) == head_dim // 2:
