@@ -99,6 +99,11 @@ def _follow_widths(config: PretrainedConfig, widths: dict[int, int]) -> None:
         if key not in _HIDDEN_KEYS and isinstance(value, int) and not isinstance(value, bool) and value in widths \
                 and ("hidden" in key or key.endswith(("_dim", "_size"))) and "vocab" not in key and "image" not in key:
             setattr(config, key, widths[value])
+        elif isinstance(value, (list, tuple)) and key.endswith("channels") and value \
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[-1] in widths:
+            # A stage list that ends at another model's width (DeepSeek-OCR 2's SAM downsample_channels
+            # [512, 896] feed its 896-wide encoder) ends at that width shrunk.
+            setattr(config, key, [*value[:-1], widths[value[-1]]])
     for _, sub in _sub_configs(config):
         _follow_widths(sub, widths)
 
@@ -141,6 +146,9 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
         # DeepSeek-OCR 2 indexes the per-layer MLP kinds its default leaves None: a dense first layer and
         # sparse ones after it, as DeepSeek's checkpoints have (first_k_dense_replace).
         config.mlp_layer_types = ["dense"] + ["sparse"] * (layers - 1)
+    for key in _EXPERTS_PER_TOK_KEYS:  # its router's top-k, left None too
+        if experts and key in values and values[key] is None:
+            setattr(config, key, shape["experts_per_tok"])
     for name, sub in _sub_configs(config):  # towers first: their layer counts bound the feature layers
         # A text model inside an encoder (T5Gemma 2's encoder.text_config) is a text model: the same width
         # as the decoder, which it must balance.
@@ -484,9 +492,12 @@ def _marker(processor: ProcessorMixin, modality: str, default: str) -> str:
 # are Idefics3's (32 px patches) while its projector_patch_to_query_dict keys (1225, 4900) and its
 # processor (490/980 px images) are Aria's 14 px patches. Step 3.7's text model builds a sliding-window
 # mask on every forward, which needs the window its config leaves None (a real checkpoint sets it).
+# DeepSeek-OCR 2's vision encoder defaults to 4096 wide while its SAM stage ends at 896
+# (downsample_channels [512, 896]), the encoder width of the real checkpoint (Qwen2-0.5B).
 _DEFAULT_OVERRIDES: dict[str, dict[str, dict[str, object]]] = {
     "aria": {"vision_config": {"patch_size": 14}},
     "step3p7": {"text_config": {"sliding_window": 512}},
+    "deepseek_ocr2": {"vision_config.encoder_config": {"hidden_size": 896}},
 }
 
 
@@ -494,7 +505,9 @@ def _default_config(model_type: str) -> PretrainedConfig:
     """The model type's config at its defaults, with its _DEFAULT_OVERRIDES."""
     config = AutoConfig.for_model(model_type)
     for sub_name, values in _DEFAULT_OVERRIDES.get(model_type, {}).items():
-        sub = getattr(config, sub_name) if sub_name else config
+        sub = config
+        for name in filter(None, sub_name.split(".")):
+            sub = getattr(sub, name)
         for key, value in values.items():
             setattr(sub, key, value)
     return config
