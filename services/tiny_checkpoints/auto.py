@@ -341,11 +341,19 @@ def _token_attributes(processor_class: type[ProcessorMixin]) -> list[str]:
     return sorted(name for name in names if not name.startswith("add_"))  # add_bos_token: a flag, not a token
 
 
+# Token names a real checkpoint's tokenizer holds and no transformers source does, where a family file
+# reads them, by processor class: services/models/gemma3.py expands <image_soft_token>, also for
+# ShieldGemma 2 (its model class is Gemma 3's; its processor a copy of Gemma 3's).
+_GEMMA3_TOKENS = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+_CHECKPOINT_TOKENS = {"Gemma3Processor": _GEMMA3_TOKENS, "ShieldGemma2Processor": _GEMMA3_TOKENS}
+
+
 def make_tokenizer(seed: int, processor_class: type[ProcessorMixin]) -> PreTrainedTokenizerFast:
     tokens = _special_tokens(processor_class)
     backend = Tokenizer.from_str(_base_tokenizer(seed))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
     defaults = {p.name: p.default for p in inspect.signature(processor_class.__init__).parameters.values()}
+    defaults.update(_CHECKPOINT_TOKENS.get(processor_class.__name__, {}))
     extra = {}
     for attribute in _token_attributes(processor_class):
         value = defaults.get(attribute) if isinstance(defaults.get(attribute), str) else f"<|{attribute}|>"
