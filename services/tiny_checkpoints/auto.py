@@ -356,7 +356,11 @@ def make_tokenizer(seed: int, processor_class: type[ProcessorMixin]) -> PreTrain
     defaults.update(_CHECKPOINT_TOKENS.get(processor_class.__name__, {}))
     extra = {}
     for attribute in _token_attributes(processor_class):
-        value = defaults.get(attribute) if isinstance(defaults.get(attribute), str) else f"<|{attribute}|>"
+        # The processor's own literal for it where it has one (GLM-4.6V's falls back to "<|image|>" for a
+        # tokenizer without image_token; its family file reads that name), else a name of its own.
+        stem = attribute.removesuffix("_token")
+        own = next((t for t in tokens if t in (f"<|{stem}|>", f"<{stem}>")), f"<|{attribute}|>")
+        value = defaults.get(attribute) if isinstance(defaults.get(attribute), str) else own
         if value not in tokens:
             backend.add_special_tokens([AddedToken(value, special=True, normalized=False)])
         extra[attribute] = value
