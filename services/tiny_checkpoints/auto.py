@@ -330,7 +330,10 @@ def _special_tokens(processor_class: type[ProcessorMixin]) -> list[str]:
     literals = _TOKEN_LITERAL.findall(source)
     defaults = [p.default for p in inspect.signature(processor_class.__init__).parameters.values()
                 if isinstance(p.default, str) and _TOKEN_LITERAL.fullmatch(repr(p.default))]
-    return list(dict.fromkeys([*_BASE_TOKENS, *defaults, *literals]))
+    # Tokens held as class constants, whatever they look like (MiniMax M3 VL's IMAGE_TOKEN ']<]image[>[').
+    constants = [getattr(processor_class, k) for k in dir(processor_class)
+                 if k.isupper() and k.endswith("_TOKEN") and isinstance(getattr(processor_class, k), str)]
+    return list(dict.fromkeys([*_BASE_TOKENS, *defaults, *constants, *literals]))
 
 
 def _token_attributes(processor_class: type[ProcessorMixin]) -> list[str]:
