@@ -308,6 +308,15 @@ class Generic(ModelFamily):
         counts = [sum(n for _, n in runs) for _, runs in per_item]
         splits, sizes, grid = self._splits(out, counts, modality, self._tiles_alone(processor, images))
         split_items(out, splits, count, sizes)  # raises ValueError if the outputs do not split so
+        for image in images:
+            # Alone, each image must make every tower input: one the processor makes only for some images
+            # (DeepSeek-OCR 2's pixel_values_local, for large ones) has no per-item layout to split.
+            alone_text = self.render_chat(processor, [{"role": "user", "content": [
+                {"type": modality}, {"type": "text", "text": f"Describe the {modality}."}]}])
+            missing = sorted(set(splits) - set(self._process(processor, alone_text, [image])[0]))
+            if missing:
+                raise ValueError(f"the processor makes {missing} for some images only (not for a "
+                                 f"{image.width}x{image.height} image alone)")
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
             value = out[name]
