@@ -6,7 +6,12 @@ package. This module makes one from the model type alone, with nothing model-spe
 
   config     the model type's config class at its defaults, every size shrunk in every sub-config
              (`_shrink`: widths, layers, heads, intermediate, experts, vocab; the vision tower's image
-             side to 8 patches), per-layer lists cut to the layer count;
+             side to 8 patches), kept consistent as the configs validate it: per-layer lists and
+             per-layer overrides cut to the kept layers, kv heads grouping the heads, mrope sections
+             summing to half the head, latent-attention sizes following the head, feature layers inside
+             the tower, encoder and decoder text models alike; then re-derived as it loads back. The
+             few defaults transformers ships that disagree with the model's own code are in
+             _DEFAULT_OVERRIDES;
   tokenizer  the shared seeded byte-level BPE (common.py) with every special token the processor's
              module names (its string literals that look like `<...>`, `<|...|>` or `[...]`, and its
              __init__ defaults), ids after the vocabulary;
