@@ -87,7 +87,7 @@ from transformers.utils import ModelOutput
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument, TriptychError
 from services.common.video import Video, VideoLimits, video_from_frames
 from services.models.base import IMAGE, VIDEO, ItemEmbeddings, ModelFamily, ProcessedItem, ProcessedPrompt, ServeVerdict
-from services.models.inputs import FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
+from services.models.inputs import BOOL, FLOAT, INT, Dim, ItemSchema, Split, TensorSpec, split_items
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,15 @@ class Generic(ModelFamily):
         counts = [sum(n for _, n in runs) for _, runs in per_item]
         splits, sizes, grid = self._splits(out, counts, modality, self._tiles_alone(processor, images))
         split_items(out, splits, count, sizes)  # raises ValueError if the outputs do not split so
+        for image in images:
+            # Alone, each image must make every tower input: one the processor makes only for some images
+            # (DeepSeek-OCR 2's pixel_values_local, for large ones) has no per-item layout to split.
+            alone_text = self.render_chat(processor, [{"role": "user", "content": [
+                {"type": modality}, {"type": "text", "text": f"Describe the {modality}."}]}])
+            missing = sorted(set(splits) - set(self._process(processor, alone_text, [image])[0]))
+            if missing:
+                raise ValueError(f"the processor makes {missing} for some images only (not for a "
+                                 f"{image.width}x{image.height} image alone)")
         layout: dict[str, _Layout] = {}
         for name, split in splits.items():
             value = out[name]
@@ -321,7 +330,8 @@ class Generic(ModelFamily):
                 dims[1] = len(values)
             elif split.sizes == "patches":
                 dims[0] = "*".join(f"g{i}" for i in range(out[grid].shape[1]))
-            spec = TensorSpec(name, tuple(dims), FLOAT if value.is_floating_point() else INT, values)
+            kind = FLOAT if value.is_floating_point() else BOOL if value.dtype == torch.bool else INT
+            spec = TensorSpec(name, tuple(dims), kind, values)
             layout[name] = _Layout(spec, split.dim)
         return layout
 

@@ -32,10 +32,11 @@ import torch
 
 from services.common.errors import InvalidArgument
 
-Kind = Literal["float", "int"]
+Kind = Literal["float", "int", "bool"]
 FLOAT: Kind = "float"  # any floating dtype
 INT: Kind = "int"  # any integer dtype (bool excluded)
-_KIND_NAMES = {FLOAT: "a floating-point", INT: "an integer"}
+BOOL: Kind = "bool"  # a mask (Aria's pixel_mask)
+_KIND_NAMES = {FLOAT: "a floating-point", INT: "an integer", BOOL: "a boolean"}
 
 Dim = int | str
 Bindings = dict[str, int]
@@ -81,6 +82,8 @@ def evaluate(expression: Dim, bindings: Mapping[str, int]) -> int:
 def _kind_ok(tensor: torch.Tensor, kind: str) -> bool:
     if kind == FLOAT:
         return tensor.is_floating_point()
+    if kind == BOOL:
+        return tensor.dtype == torch.bool
     return not tensor.is_floating_point() and not tensor.is_complex() and tensor.dtype != torch.bool
 
 
