@@ -7,7 +7,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import services, torch, torchvision, transformers, grpc, pytest, prometheus_client, opentelemetry.sdk, opentelemetry.instrumentation.grpc, opentelemetry.exporter.otlp.proto.grpc, cryptography, fastapi, uvicorn, openai, httpx, tritonclient.http, kubernetes_validate, hypothesis, num2words" 2>/dev/null; then
+if ! .venv/bin/python -c "import services, torch, torchvision, transformers, grpc, pytest, prometheus_client, opentelemetry.sdk, opentelemetry.instrumentation.grpc, opentelemetry.exporter.otlp.proto.grpc, cryptography, fastapi, uvicorn, openai, httpx, tritonclient.http, kubernetes_validate, hypothesis, num2words, timm" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   # torch first, pinned: pip takes this build from the local wheel store on the project's machines.
   .venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
