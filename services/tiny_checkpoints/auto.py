@@ -422,15 +422,23 @@ def _sized(cls, side: int | None, config: PretrainedConfig):
     return cls(**kwargs)
 
 
+# Model types transformers maps no processor to, and the model type whose processor (and image processor)
+# their released checkpoints ship: FastVLM's HF checkpoints (transformers' convert script) save a
+# LlavaProcessor with a CLIPImageProcessor; the model takes LLaVA's one <image> token per feature.
+_PROCESSOR_OF = {"fast_vlm": "llava"}
+
+
 def _siblings(model_type: str, mapping) -> list[str]:
     """Model types to borrow a mapping's entry from: `model_type`, then those whose model class or
-    processor class is the same (glmga is glm46v's class; Glm4vProcessor serves glm4v_moe)."""
+    processor class is the same (glmga is glm46v's class; Glm4vProcessor serves glm4v_moe), then the
+    one _PROCESSOR_OF names."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as models
 
     same_model = [k for k, v in models.items() if v == models.get(model_type) and k != model_type]
     processor = PROCESSOR_MAPPING_NAMES.get(model_type)
     same_processor = [k for k, v in PROCESSOR_MAPPING_NAMES.items() if processor and v == processor and k != model_type]
-    return [k for k in [model_type, *same_model, *same_processor] if k in mapping]
+    borrowed = [_PROCESSOR_OF[model_type]] if model_type in _PROCESSOR_OF else []
+    return [k for k in [model_type, *same_model, *same_processor, *borrowed] if k in mapping]
 
 
 def _borrowed(model_type: str, mapping):
@@ -518,6 +526,13 @@ _DEFAULT_OVERRIDES: dict[str, dict[str, dict[str, object]]] = {
     "aria": {"vision_config": {"patch_size": 14}},
     "step3p7": {"text_config": {"sliding_window": 512}},
     "deepseek_ocr2": {"vision_config.encoder_config": {"hidden_size": 896}},
+    # FastVLM's tower is a timm FastViT-HD named by architecture, sized by timm's model_args (which the
+    # shrink cannot see): one block per stage, 32 wide at the end (cls_ratio 1: the width the shrink gives
+    # the tower's hidden_size). It reduces images 64x: that is the processor's patch_size (1024 px ->
+    # 16x16 tokens in the real checkpoint), and image_size gives the shrink a side to cut to 8 patches.
+    "fast_vlm": {"vision_config": {"model_args": {"inference_mode": True, "layers": [1, 1, 1, 1, 1],
+                                                  "embed_dims": [8, 16, 32, 32, 32], "cls_ratio": 1.0},
+                                   "image_size": 256, "patch_size": 64}},
 }
 
 
