@@ -146,6 +146,13 @@ def _shrink_one(config: PretrainedConfig, vocab_size: int, tower: bool, shrink_i
             setattr(config, key, _per_layer(key, list(value), layers, shape))
     if layers and old_layers and old_layers > layers:
         _shrink_per_layer_config(config, before, old_layers, layers)
+        for key, value in list(values.items()):
+            # A count of the layers of a kind (Gemma 3n's num_kv_shared_layers: the last 15 of 35 reuse an
+            # earlier layer's cache) scales with the layers, so that the kept layers still hold a producer
+            # of every kind they use.
+            if key.startswith("num_") and key.endswith("_layers") and key not in _LAYER_KEYS \
+                    and isinstance(value, int) and not isinstance(value, bool) and 0 < value < old_layers:
+                setattr(config, key, value * layers // old_layers)
     experts = next((values[k] for k in _EXPERT_KEYS if isinstance(values.get(k), int)), 0)
     if layers and "mlp_layer_types" in values and values["mlp_layer_types"] is None and experts:
         # DeepSeek-OCR 2 indexes the per-layer MLP kinds its default leaves None: a dense first layer and
