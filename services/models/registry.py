@@ -46,6 +46,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4Multimodal"),
     "Qwen2AudioForConditionalGeneration": ("qwen2_audio", "Qwen2Audio"),
     "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "Qwen2_5OmniThinker"),
+    "PaddleOCRVLForConditionalGeneration": ("paddleocr_vl", "PaddleOcrVl"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VL"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
     "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5"),
