@@ -21,7 +21,7 @@ PHI_SIZES = [(448, 448), (640, 320), (500, 300)]
 
 EXPECTED = {"qwen2_vl": "tolerance", "qwen2_5_vl": "tolerance", "qwen3_vl": "tolerance", "qwen3_vl_moe": "tolerance",
             "qwen3_5": "tolerance", "qwen3_5_moe": "tolerance", "glm4v": "tolerance", "glm46v": "tolerance",
-            "glm4v_moe": "tolerance", "glm_ocr": "tolerance", "llava": "exact", "llava_next": "exact", "gemma3": "exact", "internvl": "exact",
+            "glm4v_moe": "tolerance", "glm_ocr": "tolerance", "paddleocr_vl": "tolerance", "llava": "exact", "llava_next": "exact", "gemma3": "exact", "internvl": "exact",
             "nemotron_h_omni": "tolerance", "phi4mm": "alone", "llava_onevision": "exact", "qwen2_audio": "tolerance",
             "qwen2_5_omni_thinker": "tolerance",
             "mllama": "exact", "paligemma": "exact", "gemma4": "exact", "llama4": "exact"}
