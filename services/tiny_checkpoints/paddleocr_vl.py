@@ -45,7 +45,7 @@ def build(ctx: common.BuildContext) -> None:
     head_dim = p["hidden"] // p["heads"]
     config = PaddleOCRVLConfig(
         text_config=common.text_config(
-            p, vocab, head_dim=head_dim, max_position_embeddings=32768,
+            p, vocab, head_dim=head_dim, max_position_embeddings=32768, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "mrope_section": p["mrope_section"], "rope_theta": 500000.0},
         ),
         vision_config=dict(
