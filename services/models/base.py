@@ -158,6 +158,11 @@ class ModelFamily(ABC):
         """For a family without fixed architectures (generic): whether it serves this folder, or why not."""
         return ServeVerdict(serves=False)
 
+    def checkpoint_refusal(self) -> str | None:
+        """Why this family will not serve a checkpoint of one of its architectures (the services refuse to
+        start, MODEL_UNSUPPORTED), e.g. a variant whose processor or outputs are not a chat generation."""
+        return None
+
     # ---- loading -----------------------------------------------------------------------
     def load_model(self, path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)

@@ -54,6 +54,14 @@ class Gemma3(ModelFamily):
     def placeholder_token(self, modality: str) -> str:
         return {IMAGE: "<image_soft_token>"}[modality]
 
+    def checkpoint_refusal(self) -> str | None:
+        # ShieldGemma 2 builds this class, but its processor writes one prompt per (image, safety policy)
+        # and its answer is the Yes/No probability of each: a classifier, not a chat generation.
+        if self.config.model_type == "shieldgemma2":
+            return ("ShieldGemma 2 is an image-safety classifier (one prompt per image and policy, read as "
+                    "Yes/No probabilities), not a chat model; serve it with transformers' ShieldGemma2 classes")
+        return None
+
     # ---- processor ---------------------------------------------------------------------
     def preprocess(self, processor: ProcessorMixin, text: str, images: list[Any]) -> ProcessedPrompt:
         # As transformers' apply_chat_template(tokenize=True): a rendered prompt that already starts

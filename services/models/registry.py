@@ -126,8 +126,10 @@ def family_for(model_dir: Path) -> ModelFamily:
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     for arch in architectures:
         if arch in ARCHITECTURES:
-            family = load_family(ARCHITECTURES[arch][0], model_dir)
-            return family(AutoConfig.from_pretrained(model_dir))
+            family = load_family(ARCHITECTURES[arch][0], model_dir)(AutoConfig.from_pretrained(model_dir))
+            if refusal := family.checkpoint_refusal():
+                raise FailedPrecondition(f"{model_dir}: {refusal}", reason="MODEL_UNSUPPORTED")
+            return family
     supported = ", ".join(sorted(ARCHITECTURES))
     try:
         generic = load_family(GENERIC[0])
