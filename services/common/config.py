@@ -26,6 +26,15 @@ def doc(text: str, flag: str | None = None, separator: str | None = None) -> dic
     return {"help": text, **({"flag": flag} if flag else {}), **({"separator": separator} if separator else {})}
 
 
+# Help shared by the gRPC services (ServerConfig) and the HTTP front (FrontConfig).
+_GRACE_HELP = doc("seconds in-flight requests get to finish after SIGTERM")
+_DRAIN_HELP = doc(
+    "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
+    "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
+    "--grace-s")
+_METRICS_PORT_HELP = doc("port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """What every gRPC server shares: address, message limits, keepalive, shutdown grace."""
@@ -36,16 +45,12 @@ class ServerConfig:
     max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
     keepalive_time_s: int = field(default=30, metadata=doc("seconds between keepalive pings"))
     keepalive_timeout_s: int = field(default=10, metadata=doc("seconds to wait for a keepalive ack"))
-    grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    grace_s: float = field(default=30.0, metadata=_GRACE_HELP)
     # A mesh or load balancer drains a backend once it sees health NOT_SERVING; if the listener closed at the
     # same instant, requests routed meanwhile would fail. 0 by default: a lone service (and `up`) stops at once.
-    drain_s: float = field(default=0.0, metadata=doc(
-        "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
-        "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
-        "--grace-s"))
+    drain_s: float = field(default=0.0, metadata=_DRAIN_HELP)
     # Off by default: `up` and tests run several services on one host, where one default port would clash.
-    metrics_port: int = field(default=0, metadata=doc(
-        "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
+    metrics_port: int = field(default=0, metadata=_METRICS_PORT_HELP)
     # TLS (services/common/tls.py): a certificate and its key turn TLS on; a CA also requires client certificates.
     tls_cert: Path | None = field(default=None, metadata=doc(
         "PEM certificate chain this service presents; with --tls-key: serve TLS only"))
@@ -264,14 +269,10 @@ class FrontConfig:
         "the model name clients send (and GET /v1/models lists); default: the processor's --model as given"))
     max_message_mib: int = field(default=256, metadata=doc("largest message sent or received, MiB"))
     connect_timeout_s: float = field(default=60.0, metadata=doc("how long start-up waits for the processor"))
-    grace_s: float = field(default=30.0, metadata=doc("seconds in-flight requests get to finish after SIGTERM"))
+    grace_s: float = field(default=30.0, metadata=_GRACE_HELP)
     # As ServerConfig.drain_s, with GET /health/ready as the health a load balancer checks.
-    drain_s: float = field(default=0.0, metadata=doc(
-        "seconds after SIGTERM during which health says NOT_SERVING but new requests are still served (for "
-        "probes and load balancers to drain this replica); then new ones are refused and in-flight ones get "
-        "--grace-s"))
-    metrics_port: int = field(default=0, metadata=doc(
-        "port of the Prometheus metrics HTTP endpoint (/metrics, on --host); 0: no metrics endpoint"))
+    drain_s: float = field(default=0.0, metadata=_DRAIN_HELP)
+    metrics_port: int = field(default=0, metadata=_METRICS_PORT_HELP)
     # HTTPS for the front's clients (uvicorn's ssl): the same flags as the gRPC services' TLS.
     tls_cert: Path | None = field(default=None, metadata=doc(
         "PEM certificate chain the front presents; with --tls-key: serve HTTPS only"))
