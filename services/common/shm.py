@@ -51,6 +51,10 @@ class _Region:
     fd: int
     size: int
     expires_at: float  # time.monotonic()
+    # False while its export sizes and writes it (outside the lock): an empty region is not yet a claimed
+    # one. Reaping it then closed its fd, a concurrent export's memfd took the same fd number, and this
+    # export's bytes went into that other request's region (issue 18: an answer from another image).
+    written: bool = False
 
 
 class Exporter:
@@ -108,6 +112,11 @@ class Exporter:
         except BaseException:
             self._close(token)
             raise
+        with self._lock:
+            region = self._regions.get(token)
+            if region is None:  # close() freed it meanwhile (the process is stopping): the bytes stay inline
+                return False
+            region.written = True
         pid = os.getpid()
         for tensor, offset in zip(tensors, offsets):
             tensor.ClearField("data")
@@ -140,6 +149,8 @@ class Exporter:
     def _reap_locked(self) -> None:
         now = time.monotonic()
         for token, region in list(self._regions.items()):
+            if not region.written:  # its export is still writing it: neither claimed nor expired
+                continue
             try:
                 claimed = os.fstat(region.fd).st_size == 0
             except OSError:

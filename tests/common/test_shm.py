@@ -209,3 +209,27 @@ def test_shared_memory_where_only_inline_is_taken_is_refused(owners):
     with pytest.raises(InvalidArgument) as caught:
         from_proto(proto, "x")
     assert caught.value.reason == "TENSOR_LOCATION_UNSUPPORTED"
+
+
+def test_a_region_still_being_written_is_not_reaped_as_claimed(monkeypatch):
+    """Two exports at once (the encoder's two reply threads): a region is registered empty, then sized and
+    written outside the lock. The other export's reap ran in between and took the empty region for a claimed
+    one: it closed its fd, its own memfd took that fd number, and the first export wrote its bytes into the
+    second's region (issue 18: an admitted request answered from another request's image). Forced here: the
+    second export runs whole between the first's registering and sizing its region."""
+    exporter = shm.Exporter(ttl_s=60, max_bytes=1 << 20)
+    first, second = [to_proto(_expected(0, 8))], [to_proto(_expected(1, 8))]
+    ftruncate = os.ftruncate
+
+    def another_export_first(fd: int, size: int) -> None:
+        monkeypatch.setattr(os, "ftruncate", ftruncate)  # once
+        assert exporter.export(second)
+        ftruncate(fd, size)
+
+    monkeypatch.setattr(os, "ftruncate", another_export_first)
+    try:
+        assert exporter.export(first)
+        assert torch.equal(_read(*second)[0], _expected(1, 8))  # its own bytes, not the first's
+        assert torch.equal(_read(*first)[0], _expected(0, 8))
+    finally:
+        exporter.close()

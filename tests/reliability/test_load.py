@@ -90,13 +90,6 @@ def _figures(report: dict) -> str:
     return json.dumps({k: report[k] for k in report if k != "outcomes"})
 
 
-# Known bug, open (issue 18): under this load one admitted answer in a run sometimes differs from
-# transformers at its FIRST token, outside the near-tie rule (2026-12-06, .ci/run: "image 2 step 0:
-# transformers 376 (top [376, 864, 954, 242, 962]), ours 417 (top [417, 819, 954, 864, 962])"), i.e.
-# it may have been answered with other embeddings (shared-memory transport or encoder batching under
-# concurrency). Kept running, reported as XFAIL/XPASS, until found and fixed; not counted as a pass.
-@pytest.mark.xfail(strict=False, reason="open bug: a concurrent admitted request's first token can differ from "
-                                        "transformers beyond a near tie (see the comment above)")
 def test_twice_the_admitted_concurrency_refuses_the_excess_fast_and_admitted_ones_are_exact(services, references):
     # The admitted streams must outlast the burst: none of the references ends early on EOS.
     assert all(len(ids) == NEW_TOKENS for ids, _ in references.values()), references
