@@ -10,9 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import numpy as np
-from transformers.video_utils import VideoMetadata
-
 from services.common import metrics, tracing
 from services.common.admission import Admission
 from services.common.api.triptych.common.v1 import generation_pb2, tensor_pb2
@@ -20,19 +17,16 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2
 from services.common.api.triptych.llm.v1 import llm_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.config import ProcessorConfig
-from services.common.audio import Audio, AudioLimits, decode_audio
 from services.common.errors import Internal, InvalidArgument, TriptychError
-from services.common.media import MediaLimits, check_media_size, decode_image
 from services.common.sampling_params import check_params, invalid_param
 from services.common.tensors import slice_rows, to_named
 from services.common.tls import ClientTLS
-from services.common.video import Video, VideoLimits, decode_video, video_from_frames
 from services.models import evs
-from services.models.base import AUDIO, IMAGE, VIDEO, ProcessedItem, ProcessedPrompt
+from services.models.base import VIDEO, ProcessedItem, ProcessedPrompt
 from services.models.checkpoint import Checkpoint, modality_to_proto
-from services.processor.embeds import EmbeddingSpec, Precomputed, check_rows, read_embeddings
+from services.processor.embeds import EmbeddingSpec, check_rows
 from services.processor.local_encoder import LocalEncoder
-from services.processor.media import audio_hash, mm_hash, read_media, video_hash
+from services.processor.media import MediaReader, RequestMedia
 from services.processor.pool import EncoderPool
 from services.processor.router import LlmClient, check_embedding_dtypes
 from services.processor.text import TextStream
@@ -42,20 +36,6 @@ log = logging.getLogger(__name__)
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 T = TypeVar("T")
-
-
-@dataclass
-class _RequestMedia:
-    """A request's media parts as they are read, in prompt order."""
-
-    images: list[Any] = field(default_factory=list)
-    videos: list[Video] = field(default_factory=list)
-    audios: list[Audio] = field(default_factory=list)
-    modalities: list[str] = field(default_factory=list)  # one per item, in prompt order
-    hashes: list[str] = field(default_factory=list)
-    files: list[bytes | None] = field(default_factory=list)
-    pruning_rates: dict[int, float] = field(default_factory=dict)  # item index -> EVS rate of a video to prune
-    precomputed: dict[int, Precomputed] = field(default_factory=dict)  # item index -> the caller's embeddings
 
 
 @dataclass(frozen=True)
@@ -127,11 +107,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self.cfg = cfg
         self.hf_processor = self.family.load_processor(checkpoint.path)
         self.tokenizer = self.hf_processor.tokenizer
-        self.limits = MediaLimits(max_bytes=cfg.max_media_mib << 20, max_image_pixels=cfg.max_image_pixels)
-        self.video_limits = VideoLimits(max_frame_pixels=cfg.max_image_pixels, max_seconds=cfg.max_video_seconds,
-                                        max_frames=cfg.max_video_frames, max_total_pixels=cfg.max_video_pixels)
-        self.audio_limits = AudioLimits(max_seconds=cfg.max_audio_seconds)
-        self.allowed_media_dirs = tuple(p.resolve() for p in cfg.allowed_media_dirs)
         evs.check_rate(cfg.video_pruning_rate, "--video-pruning-rate")
         if cfg.video_pruning_rate and VIDEO in self.family.modalities and not self.family.supports_video_pruning:
             raise InvalidArgument(f"--video-pruning-rate {cfg.video_pruning_rate}: the {self.family.name} model has "
@@ -143,6 +118,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             family_name=self.family.name, hidden_size=self.family.hidden_size, dtype=checkpoint.dtype,
             num_deepstack_layers=self.family.num_deepstack_layers, fingerprint=checkpoint.fingerprint,
             max_image_pixels=cfg.max_image_pixels)
+        self.media_reader = MediaReader(cfg, self.family, self.hf_processor, checkpoint.fingerprint, self.embedding_spec)
         # Small items encoded in this process (--local-encode-max-patches), the rest by the encoder service.
         self.local_encoder = (LocalEncoder(checkpoint, cfg.local_encode_max_patches)
                               if cfg.local_encode_max_patches else None)
@@ -312,7 +288,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
 
     def _prepare_blocking(self, messages: list[processor_pb2.ChatMessage]) -> Prepared:
         hf_messages: list[dict[str, Any]] = []
-        media = _RequestMedia()
+        media = RequestMedia()
         text_bytes = 0
         for m_index, message in enumerate(messages):
             if message.role not in ROLES:
@@ -335,7 +311,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                                           f"(it takes text, {', '.join(self.family.modalities)})"
                                           + (f": {why}" if why else ""), reason="MODALITY_UNSUPPORTED")
                 else:
-                    self._read_part(kind, getattr(part, kind), f"{where}.{kind}", media)
+                    self.media_reader.read_part(kind, getattr(part, kind), f"{where}.{kind}", media)
                     parts.append({"type": kind})
             hf_messages.append({"role": message.role, "content": parts})
         try:
@@ -367,94 +343,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         return Prepared(prompt_text=prompt_text, processed=processed, mm_hashes=hashes, media=media.files,
                         unpruned=unpruned,
                         precomputed={given.item.mm_hash: given.item for given in media.precomputed.values()})
-
-    @tracing.traced("media.decode")
-    def _read_part(self, kind: str, media: processor_pb2.Media, where: str, into: _RequestMedia) -> None:
-        """Decodes one media part (within the limits) and names it; appends it to the request's media."""
-        cap = {IMAGE: self.cfg.max_images_per_request, VIDEO: self.cfg.max_videos_per_request,
-               AUDIO: self.cfg.max_audios_per_request}[kind]
-        if into.modalities.count(kind) >= cap:
-            if kind == IMAGE:
-                raise InvalidArgument(f"more than {cap} images in one request", reason="TOO_MANY_IMAGES",
-                                      metadata={"maxImagesPerRequest": str(cap)})
-            raise InvalidArgument(f"more than {cap} {kind} items in one request", reason="TOO_MANY_MEDIA_ITEMS",
-                                  metadata={"modality": kind, "maxItems": str(cap)})
-        source = media.WhichOneof("source")
-        if kind != IMAGE and source == "embeddings" or kind != VIDEO and source == "frames":
-            raise InvalidArgument(f"{where}: {source} are for {'image' if source == 'embeddings' else 'video'} "
-                                  "parts only", reason="MEDIA_MISSING")
-        file = None
-        if kind == IMAGE and source == "embeddings":  # a stand-in image of the original size
-            image, given = read_embeddings(media, self.embedding_spec, where)
-            into.precomputed[len(into.modalities)] = given
-            into.images.append(image)
-            name = given.item.mm_hash
-        elif kind == IMAGE:
-            file = read_media(media, self.limits, self.allowed_media_dirs, where)
-            image = decode_image(file, self.limits, where)
-            into.images.append(image)
-            name = mm_hash(image, media.uuid, self.checkpoint.fingerprint)
-        elif kind == VIDEO:
-            video = self._read_video(media, where)
-            rate = self._pruning_rate(media.video_options, where)
-            if rate:
-                into.pruning_rates[len(into.modalities)] = rate
-            into.videos.append(video)
-            name = video_hash(video, media.uuid, self.checkpoint.fingerprint, rate)
-        else:
-            rate = self.family.audio_sampling_rate(self.hf_processor)
-            audio = decode_audio(read_media(media, self.limits, self.allowed_media_dirs, where), rate,
-                                 self.audio_limits, where)
-            into.audios.append(audio)
-            name = audio_hash(audio, media.uuid, self.checkpoint.fingerprint)
-        into.modalities.append(kind)
-        into.hashes.append(name)
-        into.files.append(file)  # media mode sends images' files; other items go as tensors
-
-    def _pruning_rate(self, options: processor_pb2.VideoOptions, where: str) -> float:
-        """The video's EVS rate: the request's, else the server's; checked (0: no pruning)."""
-        if not options.HasField("pruning_rate"):  # the server's, else what the checkpoint does by itself
-            return self.cfg.video_pruning_rate or self.family.default_video_pruning_rate
-        rate = evs.check_rate(options.pruning_rate, f"{where}.video_options.pruning_rate")
-        if rate and not self.family.supports_video_pruning:
-            raise InvalidArgument(f"{where}.video_options.pruning_rate: the {self.family.name} model has no video "
-                                  "pruning (EVS); send 0 or leave it unset", reason="VIDEO_PRUNING_UNSUPPORTED",
-                                  metadata={"family": self.family.name})
-        return rate
-
-    def _read_video(self, media: processor_pb2.Media, where: str) -> Video:
-        """The frames the model sees: sampled by the family from the clip's header, and only they decoded;
-        or the frames the caller sent, every one."""
-        options = media.video_options
-        for name, value in (("video_options.fps", options.fps), ("video_options.max_frames", options.max_frames),
-                            ("frames.fps", media.frames.fps)):
-            if not 0 <= value < float("inf"):
-                raise InvalidArgument(f"{where}.{name} is {value}; it must be finite and at least 0 (0: the "
-                                      "server's default)", reason="VIDEO_OPTIONS_INVALID")
-        if media.WhichOneof("source") == "frames":
-            if len(media.frames.frames) > self.video_limits.max_frames:
-                raise InvalidArgument(f"{where}: {len(media.frames.frames)} frames; the limit is "
-                                      f"{self.video_limits.max_frames}", reason="VIDEO_TOO_LARGE",
-                                      metadata={"maxVideoFrames": str(self.video_limits.max_frames)})
-            frames = [np.asarray(decode_image(check_media_size(data, self.limits, f"{where}.frames[{i}]"), self.limits,
-                                              f"{where}.frames[{i}]").convert("RGB"))
-                      for i, data in enumerate(media.frames.frames)]
-            return video_from_frames(frames, media.frames.fps or self.cfg.video_fps, self.video_limits, where)
-        fps = options.fps or self.cfg.video_fps
-        max_frames = min(options.max_frames or self.video_limits.max_frames, self.video_limits.max_frames)
-        data = read_media(media, self.limits, self.allowed_media_dirs, where)
-
-        def choose(metadata: VideoMetadata) -> list[int]:
-            try:
-                return self.family.video_frame_indices(self.hf_processor, metadata, fps, max_frames)
-            # The video processor's sampler refuses, e.g. more frames than the clip has; or divides by zero:
-            # Qwen2-VL's rounds max_frames 1 down to 0 frames of its temporal patch of 2 (found by the fuzzer).
-            except (ValueError, ZeroDivisionError) as err:
-                raise InvalidArgument(f"{where}: the model's video processor cannot sample {metadata.total_num_frames} "
-                                      f"frames at {fps:g} fps, at most {max_frames}: {err}",
-                                      reason="PROCESSOR_REJECTED") from err
-
-        return decode_video(data, self.video_limits, choose, where)
 
     def _check_text_bytes(self, text_bytes: int) -> None:
         """PROMPT_TOO_LONG for text that cannot fit the context whatever its tokens (_max_text_bytes)."""

@@ -8,16 +8,7 @@ its processor writes a video frame's timestamp with one decimal.
 from __future__ import annotations
 
 from services.tiny_checkpoints import common
-from services.tiny_checkpoints.glm4v import (
-    GLM_SIZES,
-    finish_glm,
-    glm_processor,
-    glm_std,
-    glm_text_config,
-    glm_token_kwargs,
-    glm_vision_config,
-    glm_vocab,
-)
+from services.tiny_checkpoints.glm4v import build_glm_v
 
 FAMILY = "glm46v"
 
@@ -31,11 +22,6 @@ def build(ctx: common.BuildContext) -> None:
         Glm46VVideoProcessor,
     )
 
-    p = GLM_SIZES[ctx.size]
-    vocab = glm_vocab(ctx.seed)
-    config = Glm46VConfig(text_config=glm_text_config(p, vocab, model_type="glm4v_text"),
-                          vision_config={**glm_vision_config(p), "model_type": "glm4v_vision"},
-                          **glm_token_kwargs(vocab))
-    model = common.random_model(Glm46VForConditionalGeneration, config, ctx.seed, glm_std(p["hidden"]))
-    processor = glm_processor(Glm46VProcessor, Glm46VImageProcessor, Glm46VVideoProcessor, vocab, p)
-    finish_glm(ctx, model, processor, vocab)
+    build_glm_v(ctx, Glm46VConfig, Glm46VForConditionalGeneration,
+                (Glm46VProcessor, Glm46VImageProcessor, Glm46VVideoProcessor),
+                text_keys={"model_type": "glm4v_text"}, vision_keys={"model_type": "glm4v_vision"})

@@ -12,7 +12,9 @@ once per merged token between `<|begin_of_image|>` and `<|end_of_image|>`.
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel, ProcessorMixin
+from collections.abc import Callable
+
+from transformers import ProcessorMixin
 
 from services.tiny_checkpoints import common
 
@@ -145,9 +147,18 @@ def glm_processor(processor_class: type, image_processor_class: type, video_proc
     )
 
 
-def finish_glm(ctx: common.BuildContext, model: PreTrainedModel, processor: ProcessorMixin,
-               vocab: common.Vocab) -> None:
-    """Silence the lm_head rows the model should never emit and save: the end of every GLM-V build."""
+def build_glm_v(ctx: common.BuildContext, config_class: type, model_class: type,
+                processor_classes: tuple[type, type, type], *, text_keys: dict | None = None,
+                vision_keys: dict | None = None, std: Callable[[int], common.StdFor] = glm_std) -> None:
+    """Every GLM-V build: `config_class`'s configs at GLM_SIZES (plus the variant's keys), random weights
+    scaled by `std`, the processor from (processor, image processor, video processor) classes, the
+    lm_head rows the model should never emit silenced, saved."""
+    p = GLM_SIZES[ctx.size]
+    vocab = glm_vocab(ctx.seed)
+    config = config_class(text_config=glm_text_config(p, vocab, **(text_keys or {})),
+                          vision_config=glm_vision_config(p) | (vision_keys or {}), **glm_token_kwargs(vocab))
+    model = common.random_model(model_class, config, ctx.seed, std(p["hidden"]))
+    processor = glm_processor(*processor_classes, vocab, p)
     common.silence_lm_head_rows(model.lm_head.weight, vocab)
     common.save_checkpoint(ctx.out_dir, model, processor, vocab)
 
@@ -161,10 +172,5 @@ def build(ctx: common.BuildContext) -> None:
         Glm4vVideoProcessor,
     )
 
-    p = GLM_SIZES[ctx.size]
-    vocab = glm_vocab(ctx.seed)
-    config = Glm4vConfig(text_config=glm_text_config(p, vocab), vision_config=glm_vision_config(p),
-                         **glm_token_kwargs(vocab))
-    model = common.random_model(Glm4vForConditionalGeneration, config, ctx.seed, glm_std(p["hidden"]))
-    processor = glm_processor(Glm4vProcessor, Glm4vImageProcessor, Glm4vVideoProcessor, vocab, p)
-    finish_glm(ctx, model, processor, vocab)
+    build_glm_v(ctx, Glm4vConfig, Glm4vForConditionalGeneration,
+                (Glm4vProcessor, Glm4vImageProcessor, Glm4vVideoProcessor))

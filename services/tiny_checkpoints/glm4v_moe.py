@@ -9,16 +9,7 @@ half is mRoPE too, laid out in halves (GPT-NeoX) where GLM-4.1V interleaves.
 from __future__ import annotations
 
 from services.tiny_checkpoints import common
-from services.tiny_checkpoints.glm4v import (
-    GLM_SIZES,
-    finish_glm,
-    glm_processor,
-    glm_std,
-    glm_text_config,
-    glm_token_kwargs,
-    glm_vision_config,
-    glm_vocab,
-)
+from services.tiny_checkpoints.glm4v import build_glm_v, glm_std
 from services.tiny_checkpoints.qwen3_vl_moe import moe_std
 
 FAMILY = "glm4v_moe"
@@ -38,12 +29,7 @@ def build(ctx: common.BuildContext) -> None:
         Glm4vVideoProcessor,
     )
 
-    p = GLM_SIZES[ctx.size]
-    vocab = glm_vocab(ctx.seed)
-    text = glm_text_config(p, vocab, **_MOE[ctx.size], n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                           topk_group=1)
-    config = Glm4vMoeConfig(text_config=text, vision_config=glm_vision_config(p), **glm_token_kwargs(vocab))
-    model = common.random_model(Glm4vMoeForConditionalGeneration, config, ctx.seed,
-                                moe_std(p["hidden"], glm_std(p["hidden"])))
-    processor = glm_processor(Glm4vProcessor, Glm4vImageProcessor, Glm4vVideoProcessor, vocab, p)
-    finish_glm(ctx, model, processor, vocab)
+    text_keys = _MOE[ctx.size] | dict(n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+    build_glm_v(ctx, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
+                (Glm4vProcessor, Glm4vImageProcessor, Glm4vVideoProcessor),
+                text_keys=text_keys, std=lambda hidden: moe_std(hidden, glm_std(hidden)))

@@ -7,16 +7,7 @@ GLM-4.6V's processor, which the released zai-org/GLM-OCR checkpoint names.
 from __future__ import annotations
 
 from services.tiny_checkpoints import common
-from services.tiny_checkpoints.glm4v import (
-    GLM_SIZES,
-    finish_glm,
-    glm_processor,
-    glm_std,
-    glm_text_config,
-    glm_token_kwargs,
-    glm_vision_config,
-    glm_vocab,
-)
+from services.tiny_checkpoints.glm4v import build_glm_v
 
 FAMILY = "glm_ocr"
 
@@ -30,10 +21,5 @@ def build(ctx: common.BuildContext) -> None:
         GlmOcrForConditionalGeneration,
     )
 
-    p = GLM_SIZES[ctx.size]
-    vocab = glm_vocab(ctx.seed)
-    config = GlmOcrConfig(text_config=glm_text_config(p, vocab), vision_config=glm_vision_config(p),
-                          **glm_token_kwargs(vocab))
-    model = common.random_model(GlmOcrForConditionalGeneration, config, ctx.seed, glm_std(p["hidden"]))
-    processor = glm_processor(Glm46VProcessor, Glm46VImageProcessor, Glm46VVideoProcessor, vocab, p)
-    finish_glm(ctx, model, processor, vocab)
+    build_glm_v(ctx, GlmOcrConfig, GlmOcrForConditionalGeneration,
+                (Glm46VProcessor, Glm46VImageProcessor, Glm46VVideoProcessor))
