@@ -1,6 +1,9 @@
-"""LLaVA-OneVision images through the three services (separate processes) against transformers run
-whole: anyres tiles whose unpadded grid the model shrinks past "anyres_max_9" (the tiny 56 px tiles
-reach it with the harness's images), each image tiled on its own in the two-image case."""
+"""LLaVA-OneVision through the three services (separate processes) against transformers run whole.
+
+Images: anyres tiles whose unpadded grid the model shrinks past "anyres_max_9" (the tiny 56 px tiles
+reach it with the harness's images), each image tiled on its own in the two-image case. Video: frames
+chosen by the model's own video processor at 2 fps, each frame one tile pooled to half its patch grid,
+one image_newline row closing the clip; with an image before it in one prompt."""
 
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.parity import MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
+from tests.parity import MAX_NEW_TOKENS, VIDEO_CASES, family_services, media_parity_tests, model_info_test, parity_tests
 from tests.reference import hf_generate, hf_prompt_tokens
 
 services = family_services("llava_onevision")
 test_parity = parity_tests("llava_onevision")
 test_model_info = model_info_test("llava_onevision")
+test_video_parity = media_parity_tests("llava_onevision", VIDEO_CASES)
 
 
 @pytest.mark.e2e
