@@ -1,9 +1,15 @@
 """Phi-4-multimodal: the three services, as separate processes, give transformers' greedy tokens.
 
-Beyond the shared cases (one 448 px crop per image), images of several crops, and two images of
+Images: beyond the shared cases (one 448 px crop per image), images of several crops, and two images of
 different crop counts in one prompt (the processor pads the smaller to the larger's crop count; the
-encoder gets only each image's own crops). And prompts where no patch is padded: transformers 5.23
-runs the vision tower causally then (Phi4MultimodalVisionAttention.is_causal), and Triptych matches it.
+encoder gets only each image's own crops). And prompts where no patch is padded: transformers 5.23 runs
+the vision tower causally then (Phi4MultimodalVisionAttention.is_causal), and Triptych matches it.
+
+Audio: the cases run in order against the same services with the encoder's cache on: "audio-and-image"
+sends the clip of "audio" again, now beside an image, where transformers projects it with its
+vision-speech layers. Its parity fails if a cache serves the first request's (speech) rows for it, so
+it guards the item's hash_context too. "two-audios": the shorter clip is padded to the longer's
+frames, with a mask.
 """
 
 from __future__ import annotations
@@ -20,15 +26,26 @@ from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
-from tests.media import image_bytes
-from tests.parity import MAX_NEW_TOKENS, family_services, model_info_test, parity_tests
-from tests.reference import hf_generate
+from tests.media import audio_bytes, image_bytes
+from tests.parity import MAX_NEW_TOKENS, family_services, media_parity_tests, model_info_test, parity_tests
+from tests.reference import OtherMedia, hf_generate
 
 AUTO_CLASS = "AutoModelForCausalLM"
+CLIP = audio_bytes(seed=1)
+AUDIO_CASES = {
+    "audio": ("What do you hear?", [], OtherMedia(audios=(CLIP,))),
+    "audio-other": ("What do you hear?", [], OtherMedia(audios=(audio_bytes(seconds=2.5, seed=2),))),
+    "audio-and-image": ("What do you hear and see?", [image_bytes(160, 120, seed=1)], OtherMedia(audios=(CLIP,))),
+    "two-audios": ("Compare the two sounds.", [], OtherMedia(audios=(CLIP, audio_bytes(seconds=1.7, seed=3)))),
+    "same-clip-twice": ("Are they the same?", [], OtherMedia(audios=(CLIP, CLIP))),  # two items, not deduplicated
+    "two-images-two-audios": ("Describe all of it.", [image_bytes(96, 96, seed=5), image_bytes(900, 500, seed=7)],
+                              OtherMedia(audios=(audio_bytes(seconds=0.6, seed=4), CLIP))),
+}
 
 services = family_services("phi4mm")
 test_parity = parity_tests("phi4mm", auto_class=AUTO_CLASS)
 test_model_info = model_info_test("phi4mm")
+test_audio_parity = media_parity_tests("phi4mm", AUDIO_CASES, auto_class=AUTO_CLASS)
 
 WIDE = image_bytes(900, 500, seed=7)  # 2x1 crops + the global view, right columns padded
 CROP_CASES = {
