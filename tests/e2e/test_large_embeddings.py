@@ -29,7 +29,7 @@ from services.common.errors import error_info
 from services.common.tensors import to_proto
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.procs import Proc, spawn, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import Proc, spawn, start_encoder, start_llm, start_processor, stop_all, wait_listening, wait_serving
 from tests.reference import hf_generate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfd and /proc")]
@@ -69,8 +69,7 @@ def _serving(proc: Proc) -> Proc:
 def backends(big_model):
     encoder, llm = start_encoder(big_model, *ENCODER_LIMIT), start_llm(big_model, *LIMIT)
     yield _serving(encoder), _serving(llm)
-    for proc in (encoder, llm):
-        proc.stop()
+    stop_all(encoder, llm)
 
 
 def _processor(model: Path, encoder: Proc, llm: Proc, *flags: str) -> Proc:
