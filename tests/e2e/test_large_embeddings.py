@@ -159,7 +159,9 @@ def test_an_llm_that_cannot_open_the_region_gets_the_embeddings_inline(big_model
         finally:
             processor.stop()
     finally:
-        encoder.stop()
+        # unshare --fork ignores SIGTERM while its child runs (a SIGTERM waited 60 s here, then was killed):
+        # SIGKILL it, and --kill-child passes that on to the encoder.
+        encoder.stop(signal.SIGKILL)
     assert completion.token_ids == expected
     assert "cannot read the encoder's shared memory" in _log(processor)
     assert "encoding again inline" in _log(processor)
