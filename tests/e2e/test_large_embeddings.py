@@ -29,7 +29,7 @@ from services.common.errors import error_info
 from services.common.tensors import to_proto
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.procs import Proc, spawn, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import Proc, spawn, start_encoder, start_llm, start_processor, stop_all, wait_listening, wait_serving
 from tests.reference import hf_generate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shm.AVAILABLE, reason="needs Linux memfd and /proc")]
@@ -69,8 +69,7 @@ def _serving(proc: Proc) -> Proc:
 def backends(big_model):
     encoder, llm = start_encoder(big_model, *ENCODER_LIMIT), start_llm(big_model, *LIMIT)
     yield _serving(encoder), _serving(llm)
-    for proc in (encoder, llm):
-        proc.stop()
+    stop_all(encoder, llm)
 
 
 def _processor(model: Path, encoder: Proc, llm: Proc, *flags: str) -> Proc:
@@ -160,7 +159,9 @@ def test_an_llm_that_cannot_open_the_region_gets_the_embeddings_inline(big_model
         finally:
             processor.stop()
     finally:
-        encoder.stop()
+        # unshare --fork ignores SIGTERM while its child runs (a SIGTERM waited 60 s here, then was killed):
+        # SIGKILL it, and --kill-child passes that on to the encoder.
+        encoder.stop(signal.SIGKILL)
     assert completion.token_ids == expected
     assert "cannot read the encoder's shared memory" in _log(processor)
     assert "encoding again inline" in _log(processor)

@@ -23,7 +23,16 @@ from services.common.api.triptych.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from tests.media import image_bytes
-from tests.procs import engine_pid, spawn, start_encoder, start_llm, start_processor, start_services, wait_listening
+from tests.procs import (
+    engine_pid,
+    spawn,
+    start_encoder,
+    start_llm,
+    start_processor,
+    start_services,
+    stop_all,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -146,5 +155,4 @@ def test_embedding_dtypes_that_differ_refuse_to_start(qwen2_vl_dir):
         assert own.popen.wait(120) == 1
         assert "SERVICE_DTYPE_MISMATCH" in own.output() and "--dtype float32" in own.output(), own.output()
     finally:
-        for proc in (encoder, llm_f32, llm_bf16):
-            proc.stop()
+        stop_all(encoder, llm_f32, llm_bf16)

@@ -15,7 +15,7 @@ from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.encoder.v1 import encoder_pb2_grpc
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from tests.media import image_bytes
-from tests.procs import start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import start_encoder, start_llm, start_processor, stop_all, wait_listening, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -55,8 +55,7 @@ def services(qwen2_vl_dir):
             wait_serving(proc.address)
         yield procs, ports
     finally:
-        for name in ("processor", "encoder", "llm"):
-            procs[name].stop()
+        stop_all(*(procs[name] for name in ("processor", "encoder", "llm")))
 
 
 def _request(image: bytes, max_new_tokens: int) -> processor_pb2.GenerateRequest:

@@ -31,7 +31,16 @@ from services.common.api.triptych.encoder.v1 import encoder_pb2, encoder_pb2_grp
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
 from services.common.errors import error_info
 from tests.media import image_bytes
-from tests.procs import spawn, start_encoder, start_llm, start_processor, tls_flags, wait_listening, wait_serving
+from tests.procs import (
+    spawn,
+    start_encoder,
+    start_llm,
+    start_processor,
+    stop_all,
+    tls_flags,
+    wait_listening,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,8 +152,7 @@ def services(qwen2_vl_dir, pki, tmp_path_factory):
             wait_serving(proc.address, credentials=credentials(pki, pki.client))
         yield procs
     finally:
-        for name in ("processor", "encoder", "llm"):
-            procs[name].stop()
+        stop_all(*(procs[name] for name in ("processor", "encoder", "llm")))
 
 
 def credentials(pki: Pki, client: Issued | None) -> grpc.ChannelCredentials:
@@ -302,16 +310,18 @@ def _verify(pki: Pki) -> ssl.SSLContext:
 
 
 def _openai(pki: Pki, url: str, token: str) -> openai.OpenAI:
+    """Used in a `with`: a TLS connection left open keeps the front's shutdown waiting for its close_notify
+    (asyncio's 30 s SSL shutdown timeout), as any HTTPS client that neither closes nor reads would."""
     return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=120,
                          http_client=httpx.Client(verify=_verify(pki)))
 
 
 def test_the_front_serves_https_with_its_token_and_reaches_the_tls_processor_with_its_own(front, pki):
     _, url = front
-    client = _openai(pki, url, FRONT_TOKEN)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
-                                           messages=[{"role": "user", "content": "Hi."}])
+    with _openai(pki, url, FRONT_TOKEN) as client:
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi."}])
     assert reply.usage.completion_tokens == 3
 
 
@@ -342,7 +352,8 @@ def test_the_front_counts_its_requests_by_route_and_status(front, pki):
     _, url = front
     before = _http_requests()
     httpx.get(f"{url}/v1/models", verify=_verify(pki), timeout=30)  # no token: 401
-    _openai(pki, url, FRONT_TOKEN).models.list()
+    with _openai(pki, url, FRONT_TOKEN) as client:
+        client.models.list()
     after = _http_requests()
     for status in ("401", "200"):
         key = ("/v1/models", status)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.procs import spawn, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import spawn, start_encoder, start_llm, start_processor, stop_all, wait_listening, wait_serving
 
 pytestmark = pytest.mark.e2e
 BODY = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 30000, "temperature": 0,
@@ -26,8 +26,7 @@ def client(qwen2_vl_dir):
         address = wait_listening(front, 120)
         yield openai.OpenAI(base_url=f"http://{address}/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        stop_all(*reversed(procs))
 
 
 def test_a_deadline_mid_stream_is_an_error_event(client):

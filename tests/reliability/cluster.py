@@ -3,7 +3,6 @@ and start again on its own port: what the fault and shutdown tests share."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.client import build_messages
 from services.common.api.triptych.common.v1 import generation_pb2
 from services.common.api.triptych.processor.v1 import processor_pb2, processor_pb2_grpc
-from tests.procs import Proc, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import Proc, start_encoder, start_llm, start_processor, stop_all, wait_listening, wait_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -56,11 +55,7 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM to all at once, then waits for each: their drains and exits overlap."""
-        for proc in self.procs:
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            proc.stop()
+        stop_all(*self.procs)
 
     def restart_encoder(self, index: int) -> Proc:
         """The encoder `index` again, on its old port (it must have exited)."""

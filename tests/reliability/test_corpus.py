@@ -23,7 +23,16 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.errors import error_info
 from tests.checkpoints import tiny_checkpoint
 from tests.media import image_bytes
-from tests.procs import Proc, engine_pid, start_encoder, start_llm, start_processor, wait_listening, wait_serving
+from tests.procs import (
+    Proc,
+    engine_pid,
+    start_encoder,
+    start_llm,
+    start_processor,
+    stop_all,
+    wait_listening,
+    wait_serving,
+)
 from tests.reference import hf_generate
 from tests.reliability import corpus
 from tests.reliability.corpus import ENTRIES, GOOD, MAX_NEW_TOKENS, Context, Entry, Reference
@@ -75,8 +84,7 @@ def services(model_dir, tmp_path_factory):
         for channel in channels.values():
             channel.close()
     finally:
-        for proc in procs.values():
-            proc.stop()
+        stop_all(*procs.values())
 
 
 @cache

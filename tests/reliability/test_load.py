@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -30,7 +29,7 @@ from services.common.api.triptych.processor.v1 import processor_pb2, processor_p
 from services.common.errors import error_info, retry_delay_s
 from services.common.server import channel_options
 from services.models.checkpoint import Checkpoint
-from tests.procs import start_encoder, wait_listening, wait_serving
+from tests.procs import start_encoder, stop_all, wait_listening, wait_serving
 from tests.reference import hf_generate_top
 
 pytestmark = pytest.mark.e2e
@@ -60,11 +59,9 @@ def limited_encoder(qwen2_vl_dir):
 def services(qwen2_vl_dir, limited_encoder):
     started = soak.start(qwen2_vl_dir, LIMIT)
     yield started
-    assert started.processor.stop() == 0, started.processor.output()  # first: it drains into the others
-    # Then the two torch processes together: each takes seconds to exit on a busy machine.
-    with ThreadPoolExecutor(2) as pool:
-        codes = list(pool.map(lambda proc: proc.stop(), (started.encoder, started.llm)))
-    assert codes == [0, 0], started.llm.output()
+    procs = (started.processor, started.encoder, started.llm)  # the processor first: it calls the others
+    codes = stop_all(*procs)
+    assert codes == [0, 0, 0], [proc.output() for proc, code in zip(procs, codes, strict=True) if code]
 
 
 @pytest.fixture(scope="module")
