@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Proc:
         try:
             self.popen.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            # Shown in pytest's warnings summary: a service that outlives its signal costs every run this wait.
+            warnings.warn(f"{self.name} was still running {timeout_s:g} s after its signal: killed", stacklevel=2)
             self.popen.kill()
             self.popen.wait()
         return self.popen.returncode
