@@ -26,6 +26,9 @@ AUTO_CLASS = {"qwen2_vl": "AutoModelForImageTextToText", "phi4mm": "AutoModelFor
                 ids=lambda p: "-".join(p))
 def mode_services(request):
     family, mode = request.param
+    if (family, mode) == ("qwen2_vl", "media"):  # the default flags: the session's Qwen2-VL services (conftest.py)
+        yield family, mode, request.getfixturevalue("qwen2_vl_services")
+        return
     model_dir = tiny_checkpoint(family)
     encoder, llm = start_encoder(model_dir), start_llm(model_dir)
     processor = start_processor(model_dir, wait_listening(encoder), wait_listening(llm), None,
