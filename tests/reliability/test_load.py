@@ -114,6 +114,10 @@ def test_twice_the_admitted_concurrency_refuses_the_excess_fast_and_admitted_one
     exact = sum(o.token_ids == references[o.seed][0] for o in admitted)
     print(f"admitted answers token-exact with transformers: {exact} of {len(admitted)}")
     assert exact >= len(admitted) // 2  # most are exact: a near tie is rare
+    # Every region the encoder handed out was the LLM's to read: none fell back to inline. (A fallback is
+    # how issue 18's shm race hid: the request whose region was taken re-encoded and was right, while the
+    # request that got its bytes was wrong.)
+    assert "encoding again inline" not in "".join(services.processor.lines)
 
 
 def test_the_refusal_says_what_to_do(services):
@@ -178,5 +182,6 @@ def test_soak_leaves_no_growth(services):
     print("soak:", json.dumps({k: report[k] for k in ("requests", "requests_per_s", "latency", "before", "after",
                                                      "growth", "bounds", "peak_during", "new_dev_shm_entries")}))
     assert report["ok"], report["exceeded"]
+    assert "encoding again inline" not in "".join(services.processor.lines)  # every region was readable
     # The shared-memory transport was taken: the encoder held regions in flight (none left at rest).
     assert report["peak_during"]["encoder"]["shm_segments"] > report["after"]["processes"]["encoder"]["shm_segments"]
