@@ -85,13 +85,19 @@ class Service:
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.send(sig)
+        self.wait()
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait(self) -> None:
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
@@ -120,9 +126,11 @@ def deployment(model_dir: Path, log_dir: Path, num_encoders: int = 2, torch_thre
         started.append(processor)
         processor.wait_address()
         yield Deployment(encoders, llm, processor)
-    finally:
+    finally:  # all at once: each takes seconds to exit (the LLM's engine process most)
         for service in reversed(started):
-            service.stop()
+            service.send()
+        for service in started:
+            service.wait()
 
 
 def _request(img: bytes, new_tokens: int) -> processor_pb2.StreamGenerateRequest:
