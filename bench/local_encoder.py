@@ -7,8 +7,9 @@ vs by the processor's local encoder (--local-encode-max-patches), same model, sa
 Two `triptych up` deployments, one after the other (--quick starts both at once): "service" (the
 default, threshold 0) and "local" (a threshold that takes every image of the run). Each request
 carries its own image (seeded noise, so no cache can answer it) and asks for --new-tokens tokens;
-TTFT is the client's time to the first streamed token. Writes JSON: per mode, image size (with its patches) and concurrency the TTFT p50 /
-p90 / mean, and local/service ratios, the numbers the default of --local-encode-max-patches comes from.
+TTFT is the client's time to the first streamed token. Writes JSON: per mode, image size (with its
+patches) and concurrency the TTFT p50 / p90 / mean, and local/service ratios, the numbers the default
+of --local-encode-max-patches comes from.
 """
 
 from __future__ import annotations
