@@ -310,7 +310,7 @@ def section_steps(name: str, args: argparse.Namespace, num_families: int) -> int
 # ---- main ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny models, concurrency 1,2, 4 requests: a smoke test")
+    p.add_argument("--quick", action="store_true", help="tiny models, concurrency 2, 4 requests: a smoke test")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families to run")
     p.add_argument("--model", action="append", default=[], metavar="FAMILY=DIR",
                    help="an existing checkpoint for a family (repeatable); default: built into build/bench-models")
@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "encoder.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.concurrency, args.requests, args.cache_images = "tiny", "1,2", 4, 2
+        args.size, args.concurrency, args.requests, args.cache_images = "tiny", "2", 4, 2
         args.image_px = min(args.image_px, 224)
     args.families = [f for f in args.families.split(",") if f]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

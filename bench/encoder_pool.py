@@ -85,13 +85,19 @@ class Service:
         return self.address
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.send(sig)
+        self.wait()
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait(self) -> None:
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
@@ -120,9 +126,11 @@ def deployment(model_dir: Path, log_dir: Path, num_encoders: int = 2, torch_thre
         started.append(processor)
         processor.wait_address()
         yield Deployment(encoders, llm, processor)
-    finally:
+    finally:  # all at once: each takes seconds to exit (the LLM's engine process most)
         for service in reversed(started):
-            service.stop()
+            service.send()
+        for service in started:
+            service.wait()
 
 
 def _request(img: bytes, new_tokens: int) -> processor_pb2.StreamGenerateRequest:
@@ -188,16 +196,22 @@ def _cache_references(log_dir: Path) -> bool:
 
 
 def run(model_dir: Path, quick: bool = False, log_dir: Path | None = None) -> dict:
-    """Both figures, each on a fresh deployment of two encoders (the kill test leaves one dead)."""
+    """Both figures, each on a fresh deployment of two encoders (the kill test leaves one dead). --quick
+    (a smoke test of the code path, not a figure) shares one deployment: the TTFT pairs, then the kill test."""
     image_px = 224 if quick else 448
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="encoder-pool-"))
     result: dict = {"model": str(model_dir), "image_px": image_px, "encoders": 2, "logs": str(log_dir)}
+    if quick:
+        with deployment(model_dir, log_dir / "quick") as dep:
+            result["repeated_image_ttft"] = repeated_image_ttft(dep.address, image_px, pairs=2)
+            result["kill_test"] = kill_test(dep, image_px, requests=8, concurrency=4, kill_after=3)
+        result["repeated_image_ttft"]["cache_references"] = _cache_references(log_dir / "quick")
+        return result
     with deployment(model_dir, log_dir / "ttft") as dep:
-        result["repeated_image_ttft"] = repeated_image_ttft(dep.address, image_px, pairs=3 if quick else 10)
+        result["repeated_image_ttft"] = repeated_image_ttft(dep.address, image_px, pairs=10)
     result["repeated_image_ttft"]["cache_references"] = _cache_references(log_dir / "ttft")
     with deployment(model_dir, log_dir / "kill") as dep:
-        result["kill_test"] = kill_test(dep, image_px, requests=12 if quick else 48, concurrency=4,
-                                        kill_after=4 if quick else 16)
+        result["kill_test"] = kill_test(dep, image_px, requests=48, concurrency=4, kill_after=16)
     return result
 
 

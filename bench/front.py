@@ -84,13 +84,16 @@ def progress(message: str) -> None:
 
 
 def ensure_aiperf(venv: Path) -> Path:
-    """The aiperf executable, installed into its own venv on first use."""
+    """The aiperf executable, installed into its own venv on first use: a venv without pip of its own (this
+    interpreter's pip installs into it: no ensurepip) and no byte-compiling of aiperf's ~1 GB of
+    dependencies at install time (Python compiles only what aiperf imports, on first use)."""
     aiperf = venv / "bin" / "aiperf"
     if aiperf.exists():
         return aiperf
-    progress(f"installing aiperf {AIPERF_VERSION} into {venv} (first run only; a few minutes) ...")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", f"aiperf=={AIPERF_VERSION}"], check=True)
+    progress(f"installing aiperf {AIPERF_VERSION} into {venv} (first run only; a minute or more) ...")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                    "--no-compile", f"aiperf=={AIPERF_VERSION}"], check=True)
     return aiperf
 
 

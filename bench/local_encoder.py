@@ -4,11 +4,12 @@ vs by the processor's local encoder (--local-encode-max-patches), same model, sa
     python bench/local_encoder.py                       # bench-size Qwen2-VL, 112/224/448 px, concurrency 1 and 8
     python bench/local_encoder.py --quick               # tiny model, a smoke run (~1 min)
 
-Two `triptych up` deployments, one after the other: "service" (the default, threshold 0) and "local"
-(a threshold that takes every image of the run). Each request carries its own image (seeded noise,
-so no cache can answer it) and asks for --new-tokens tokens; TTFT is the client's time to the first
-streamed token. Writes JSON: per mode, image size (with its patches) and concurrency the TTFT p50 /
-p90 / mean, and local/service ratios, the numbers the default of --local-encode-max-patches comes from.
+Two `triptych up` deployments, one after the other (--quick starts both at once): "service" (the
+default, threshold 0) and "local" (a threshold that takes every image of the run). Each request
+carries its own image (seeded noise, so no cache can answer it) and asks for --new-tokens tokens;
+TTFT is the client's time to the first streamed token. Writes JSON: per mode, image size (with its
+patches) and concurrency the TTFT p50 / p90 / mean, and local/service ratios, the numbers the default
+of --local-encode-max-patches comes from.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,8", help="requests in flight, comma-separated")
     p.add_argument("--requests", type=int, default=16, help="requests per cell")
     p.add_argument("--new-tokens", type=int, default=2, help="tokens per request (TTFT is the first)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 112 px, 2 requests, concurrency 1,2")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 112 px, 2 requests, concurrency 1,2, "
+                                                      "both deployments started at once")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "local_encoder.json")
     p.add_argument("--logs-dir", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -129,14 +132,19 @@ def encode_calls(log: Path) -> int:
                if line.startswith("[encoder]"))
 
 
-def run_mode(mode: str, model: Path, sizes: dict[int, int], levels: list[int], args: argparse.Namespace,
-             seed_base: int) -> tuple[list[Row], int]:
-    """One deployment; every image size at every concurrency. Images are distinct across the whole run.
-    Returns the rows and the encoder's Encode calls."""
+def start(mode: str, model: Path, sizes: dict[int, int], args: argparse.Namespace) -> TriptychUp:
+    """The mode's deployment: "local" with a threshold that takes every image of the run, "service" with 0."""
     threshold = max(sizes.values()) if mode == "local" else 0
+    return TriptychUp(model, args.logs_dir / f"local_encoder-{mode}.log", service_env(None),
+                      ["--local-encode-max-patches", str(threshold)])
+
+
+def run_mode(mode: str, up: TriptychUp, sizes: dict[int, int], levels: list[int], args: argparse.Namespace,
+             seed_base: int) -> tuple[list[Row], int]:
+    """Every image size at every concurrency on the mode's deployment (stopped at the end). Images are
+    distinct across the whole run. Returns the rows and the encoder's Encode calls."""
     rows: list[Row] = []
-    log = args.logs_dir / f"local_encoder-{mode}.log"
-    with TriptychUp(model, log, service_env(None), ["--local-encode-max-patches", str(threshold)]) as up:
+    with up:
         seed = seed_base
         for image_px, patches in sizes.items():
             warmup = [_png(image_px, seed=seed + i) for i in range(2)]  # first-call costs of this size
@@ -150,7 +158,20 @@ def run_mode(mode: str, model: Path, sizes: dict[int, int], levels: list[int], a
                                 _quantile(ttfts, 0.9), statistics.fmean(ttfts)))
                 print(f"{mode:8s} {image_px:4d}px {patches:5d} patches c={concurrency:<3d} "
                       f"TTFT p50 {rows[-1].ttft_p50_s * 1e3:7.1f} ms", flush=True)
-    return rows, encode_calls(log)
+    return rows, encode_calls(up.log_path)
+
+
+def start_both(model: Path, sizes: dict[int, int], args: argparse.Namespace) -> dict[str, TriptychUp]:
+    """--quick: both deployments started at once (their start-ups, not their figures, dominate a smoke
+    run; one measures while the other idles). If one fails to start, the other is stopped."""
+    with ThreadPoolExecutor(len(MODES)) as pool:
+        futures = {mode: pool.submit(start, mode, model, sizes, args) for mode in MODES}
+    ups = {mode: f.result() for mode, f in futures.items() if f.exception() is None}
+    if len(ups) < len(MODES):
+        for up in ups.values():
+            up.stop()
+        raise next(f.exception() for f in futures.values() if f.exception() is not None)
+    return ups
 
 
 def ratios(rows: list[Row]) -> list[dict]:
@@ -169,9 +190,15 @@ def run(args: argparse.Namespace) -> dict:
     seeds_per_mode = len(sizes) * (2 + len(levels) * args.requests)
     rows: list[Row] = []
     calls: dict[str, int] = {}
-    for index, mode in enumerate(MODES):
-        mode_rows, calls[mode] = run_mode(mode, model, sizes, levels, args, seed_base=1000 + index * seeds_per_mode)
-        rows += mode_rows
+    started = start_both(model, sizes, args) if args.quick else {}
+    try:
+        for index, mode in enumerate(MODES):
+            up = started.get(mode) or start(mode, model, sizes, args)  # the full run: one deployment at a time
+            mode_rows, calls[mode] = run_mode(mode, up, sizes, levels, args, seed_base=1000 + index * seeds_per_mode)
+            rows += mode_rows
+    finally:
+        for up in started.values():  # a failed mode leaves the other's deployment up
+            up.stop()
     return {
         "settings": {"model": str(model), "model_size": args.model_size, "image_px": list(sizes),
                      "concurrency": levels, "requests": args.requests, "new_tokens": args.new_tokens,

@@ -1,4 +1,4 @@
-"""bench/encoder.py runs end to end (--quick: tiny Qwen2-VL and LLaVA, concurrency 1 and 2, 4 images) and
+"""bench/encoder.py runs end to end (--quick: tiny Qwen2-VL and LLaVA, concurrency 2, 4 images) and
 writes the figures docs/benchmarks.md reads: images/s per batching mode and concurrency, items per
 forward, queue wait, and the cache's warm vs cold latency."""
 
@@ -28,13 +28,13 @@ def test_encoder_bench_smoke(tmp_path):
     report = json.loads(out.read_text())
     batching = report["sections"]["batching"]["results"]
     assert {(r["family"], r["mode"], r["concurrency"]) for r in batching} == {
-        (f, m, c) for f in ("qwen2_vl", "llava") for m in ("off", "auto", "always") for c in (1, 2)}
+        (f, m, 2) for f in ("qwen2_vl", "llava") for m in ("off", "auto", "always")}
     for r in batching:
         assert r["images"] == 4 and r["images_per_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0, r
         assert r["forwards"] >= 1 and r["items_per_forward_mean"] >= 1 and r["queue_wait_mean_ms"] >= 0, r
         if r["mode"] == "off":
             assert r["items_per_forward_max"] == 1, r
-    assert len(report["sections"]["batching"]["speedup_vs_off"]) == 8
+    assert len(report["sections"]["batching"]["speedup_vs_off"]) == 4  # auto and always, per family
     for r in report["sections"]["cache"]["results"]:
         assert r["images"] == 2 and r["cold_p50_s"] > 0 and r["warm_p50_s"] > 0 and r["reference_p50_s"] > 0, r
         assert r["cache"]["hits"] == 4 and r["cache"]["entries"] == 3, r

@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_triton_bench_smoke(tmp_path):
     out = tmp_path / "triton.json"
     argv = [sys.executable, "bench/triton.py", "--quick", "--model", str(tiny_checkpoint("qwen2_vl")),
-            "--concurrency", "1,2", "--out", str(out)]
+            "--concurrency", "2", "--out", str(out)]  # 2 in flight: Triton's batcher may merge them
     run = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     report = json.loads(out.read_text())
     rows = report["results"]
     assert {(r["backend"], r["concurrency"]) for r in rows} == {
-        (b, c) for b in ("torch", "triton-http", "triton-shm") for c in (1, 2)}
+        (b, 2) for b in ("torch", "triton-http", "triton-shm")}
     for r in rows:
         assert r["images"] == 4 and r["images_per_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0, r
         assert r["images_per_s_vs_torch"] > 0, r
