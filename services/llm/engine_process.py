@@ -177,6 +177,12 @@ def main(conn: Connection) -> None:
     conn.send(Hello(os.getpid(), vocab_size))
     log.info("engine process %d: %s loaded, %d torch threads", os.getpid(), spec.model.name, spec.torch_threads)
     _Serve(engine, conn).run()
+    # Everything is answered and sent: exit without the interpreter's teardown of torch and the model
+    # (~1 s, which the LLM service waits for at every stop and restart); the kernel frees the rest.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _load(spec: EngineSpec) -> tuple[Engine, int]:
